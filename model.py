@@ -1,0 +1,704 @@
+"""
+Qwen2.5 in one file: config, model, KV cache, generation, LoRA and the tokenizer.
+
+It loads the Hugging Face Hub's safetensors weights directly and keeps Hugging Face's
+parameter names, so a checkpoint's keys map one to one onto `state_dict()` keys:
+
+    model.embed_tokens.weight                              (vocab, C)
+    model.layers.{i}.input_layernorm.weight                (C,)
+    model.layers.{i}.self_attn.{q,k,v}_proj.{weight,bias}  q: (nh*hs, C), k/v: (nkv*hs, C)
+    model.layers.{i}.self_attn.o_proj.weight               (C, nh*hs)
+    model.layers.{i}.post_attention_layernorm.weight       (C,)
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight        gate/up: (F, C), down: (C, F)
+    model.norm.weight                                      (C,)
+    lm_head.weight                                         (vocab, C), absent from the file when tied
+
+Shape letters: B batch, T new positions, S key positions (cache included), C hidden size,
+nh query heads, nkv key/value heads, hs head size, F MLP size.
+
+Run `python model.py --help` to talk to a model.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Qwen2Config:
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    tie_word_embeddings: bool = True
+    torch_dtype: str = "bfloat16"
+    bos_token_id: int | None = 151643
+    eos_token_id: int | list | None = 151645
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Qwen2Config":
+        """Read a Hub config.json (Hugging Face field names), refusing what we do not implement."""
+        if d.get("model_type", "qwen2") != "qwen2":
+            raise ValueError(f"config.json: model_type {d.get('model_type')!r} is not supported (only 'qwen2')")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+        if d.get("use_sliding_window", False):
+            raise ValueError("config.json: use_sliding_window=true is not supported (only full attention)")
+        d = dict(d)
+        # transformers 5 writes rope_parameters {rope_theta, rope_type}; older files rope_theta (+ rope_scaling)
+        rope = d.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"config.json: rope_type {rope['rope_type']!r} is not supported (only 'default')")
+        if d.get("rope_scaling"):
+            raise ValueError(f"config.json: rope_scaling {d['rope_scaling']!r} is not supported")
+        if "rope_theta" in rope:
+            d["rope_theta"] = rope["rope_theta"]
+        if "dtype" in d and "torch_dtype" not in d:  # transformers 5 renamed torch_dtype to dtype
+            d["torch_dtype"] = d["dtype"]
+        if d.get("head_dim") not in (None, d.get("hidden_size", 0) // d.get("num_attention_heads", 1)):
+            raise ValueError(f"config.json: head_dim {d['head_dim']} != hidden_size / num_attention_heads")
+        names = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise ValueError("config.json: hidden_size must divide by num_attention_heads, "
+                             "and num_attention_heads by num_key_value_heads")
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str) -> "Qwen2Config":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu",
+                 use_sliding_window=False, head_dim=self.head_dim)
+        return d
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)  # cast back first, then scale (as Hugging Face does)
+
+
+def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
+    """cos, sin of shape (B, T, hs) for integer positions (B, T); frequencies in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hs/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x (B, nh, T, hs); cos, sin (B, T, hs) -> (B, 1, T, hs) to broadcast over heads
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position seen so far, written in place (gpt-fast style)."""
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_head: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k, v):
+        """Write k, v (B, nkv, T, hs) at positions start..start+T; return all keys and values so far."""
+        end = start + k.size(2)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, start: int):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start, k, v)  # (B, nkv, S, hs)
+        # GQA: each key/value head serves n_head // n_kv_head query heads
+        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, S, hs)
+        v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, S, hs)
+        if mask is None:  # no padding, no cache: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask (B, 1, T, S) bool
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hs)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: nn.Module | None = MLP(cfg)
+        # An optional extra branch beside the MLP, fed the same normed input. memory.py puts its
+        # product-key memory here (additive: mlp + memory; replacement: mlp set to None).
+        self.memory: nn.Module | None = None
+
+    def forward(self, x, cos, sin, mask, start: int):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start)
+        h = self.post_attention_layernorm(x)
+        if self.memory is None:
+            return x + self.mlp(h)
+        if self.mlp is None:
+            return x + self.memory(h)
+        return x + (self.mlp(h) + self.memory(h))
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class Qwen2(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.Module()  # Hugging Face nests the transformer under `model.`
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_weights(self, std: float = 0.02):
+        """Random init as Hugging Face does (normal(0, 0.02), zero biases, unit norms); for models trained from scratch."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        return self
+
+    def forward(self, idx, attention_mask=None, start: int = 0):
+        """
+        idx (B, T) token ids -> logits (B, T, vocab) in fp32.
+        attention_mask (B, start+T): 1 for real tokens, 0 for padding, over every position the model has seen
+        (the cache's and the new ones); positions count real tokens only, so left or right padding gives each
+        sequence the logits it would get alone. start: how many positions the KV cache already holds.
+        """
+        return self.lm_head(self.hidden_states(idx, attention_mask, start)).float()
+
+    def hidden_states(self, idx, attention_mask=None, start: int = 0):
+        """The final normed hidden states (B, T, C), before lm_head."""
+        B, T = idx.shape
+        if idx.dtype != torch.long:
+            raise TypeError(f"idx must be a LongTensor, got {idx.dtype}")
+        if attention_mask is None and start == 0:
+            mask = None
+            position_ids = torch.arange(T, device=idx.device).expand(B, T)
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, start + T, dtype=torch.long, device=idx.device)
+            if attention_mask.shape != (B, start + T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, start + T)}")
+            mask, position_ids = attention_bias(attention_mask.bool(), start)
+        x = self.model.embed_tokens(idx)  # (B, T, C)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask, start)
+        return self.model.norm(x)
+
+    # --- KV cache and generation -------------------------------------------------------------------
+
+    def setup_cache(self, batch_size: int, max_len: int):
+        p = self.lm_head.weight
+        for block in self.model.layers:
+            a = block.self_attn
+            a.kv_cache = KVCache(batch_size, max_len, a.n_kv_head, a.head_dim, p.dtype, p.device)
+
+    def clear_cache(self):
+        for block in self.model.layers:
+            block.self_attn.kv_cache = None
+
+    @torch.inference_mode()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 0.0, top_k=None, top_p=None,
+                 eos_token_id=None, attention_mask=None, repetition_penalty: float = 1.0, pad_token_id=None,
+                 stream=None):
+        """
+        Append up to max_new_tokens to idx (B, T) and return (B, T + n). Greedy at temperature 0, else sampled
+        (after top_k, then top_p). A batch must be left-padded, with attention_mask marking the real tokens.
+        Each sequence stops at its first eos (an id or a list of ids) and is padded with pad_token_id (default:
+        the first eos) after it; generation ends early when every sequence has stopped.
+        repetition_penalty follows Hugging Face (divide positive logits, multiply negative ones, of every token id
+        already in the sequence), counting real tokens only, never padding.
+        stream: optional callable receiving each step's new tokens (B,) as they are made.
+        """
+        B, T = idx.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(idx)
+        elif (attention_mask[:, -1] == 0).any():
+            raise ValueError("generate needs left padding: the last position of every row must be a real token")
+        eos = torch.tensor([] if eos_token_id is None else
+                           [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                           dtype=torch.long, device=idx.device)
+        if pad_token_id is None:
+            pad_token_id = int(eos[0]) if len(eos) else 0
+        seen = None
+        if repetition_penalty != 1.0:  # (B, vocab) bool: token ids present among the real tokens
+            seen = torch.zeros(B, self.config.vocab_size, dtype=torch.bool, device=idx.device)
+            seen.scatter_(1, idx * attention_mask.long(), attention_mask.bool())
+        self.setup_cache(B, T + max_new_tokens)
+        try:
+            mask = attention_mask.long()
+            logits = self(idx, mask)[:, -1]  # prefill: (B, vocab)
+            done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+            out = [idx]
+            for i in range(max_new_tokens):
+                nxt = sample_next(logits, temperature, top_k, top_p, seen, repetition_penalty)  # (B,)
+                nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+                out.append(nxt[:, None])
+                if stream is not None:
+                    stream(nxt)
+                if seen is not None:
+                    seen.scatter_(1, nxt[:, None], ~done[:, None])
+                done |= torch.isin(nxt, eos)
+                if done.all() or i == max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                logits = self(nxt[:, None], mask, start=T + i)[:, -1]  # decode one token: (B, vocab)
+        finally:
+            self.clear_cache()
+        return torch.cat(out, dim=1)
+
+    # --- loading and saving -----------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype=None, device=None) -> "Qwen2":
+        """Load a local Hub-format directory or a Hub repo id (downloaded with huggingface_hub)."""
+        path = resolve_model_dir(name_or_path)
+        cfg = Qwen2Config.from_json(os.path.join(path, "config.json"))
+        if dtype is None:
+            dtype = getattr(torch, cfg.torch_dtype) if isinstance(cfg.torch_dtype, str) else torch.float32
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        state = load_safetensors_dir(path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_hub_state_dict(state, dtype=dtype, device=device)
+        return model
+
+    def load_hub_state_dict(self, state: dict, dtype=None, device=None):
+        """Load Hugging Face-named tensors, checking the key set and every shape; a mismatch names the tensor."""
+        expected = self.hub_state_shapes()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected) - {"lm_head.weight"})
+        if missing:
+            raise ValueError(f"weights: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        if unexpected:
+            raise ValueError(f"weights: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        for k, shape in expected.items():
+            if tuple(state[k].shape) != shape:
+                raise ValueError(f"weights: tensor {k} has shape {tuple(state[k].shape)}, expected {shape}")
+        if self.config.tie_word_embeddings and "lm_head.weight" in state:
+            if not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
+                raise ValueError("weights: lm_head.weight differs from model.embed_tokens.weight but config ties them")
+        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items() if k in expected}
+        self.load_state_dict(state, strict=False, assign=True)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # the tensors with no checkpoint counterpart: none in a plain Qwen2; buffers are made lazily
+        return self
+
+    def hub_state_shapes(self) -> dict:
+        """{name: shape} of the tensors a Hub checkpoint holds for this config (lm_head only when untied)."""
+        shapes = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            shapes.pop("lm_head.weight", None)
+        return shapes
+
+    def save_pretrained(self, out_dir: str):
+        """Write a Hub-format directory (config.json + model.safetensors) that transformers and we can load."""
+        from safetensors.torch import save_file
+        os.makedirs(out_dir, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k in self.hub_state_shapes()}
+        cfg = self.config.to_dict()
+        cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        atomic_write(os.path.join(out_dir, "model.safetensors"),
+                     lambda p: save_file(state, p, metadata={"format": "pt"}))
+        atomic_write(os.path.join(out_dir, "config.json"), lambda p: write_json(p, cfg))
+
+
+def attention_bias(attention_mask, start: int):
+    """
+    From a padding mask (B, S) over all key positions, make the boolean attention mask (B, 1, T, S) for the
+    T newest positions (keys must be real and not in the future) and their RoPE positions (B, T), which count
+    real tokens only. A padding query may attend to itself, so no row is empty (its output is never used).
+    """
+    B, S = attention_mask.shape
+    T = S - start
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
+    q_pos = torch.arange(start, S, device=attention_mask.device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=attention_mask.device)[None, :]  # (1, S)
+    mask = (k_pos <= q_pos) & attention_mask[:, None, :]  # (B, T, S)
+    mask = mask | (k_pos == q_pos)  # never an empty row
+    return mask[:, None], position_ids  # (B, 1, T, S)
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, seen=None, repetition_penalty=1.0):
+    """Pick the next token (B,) from logits (B, vocab)."""
+    if seen is not None and repetition_penalty != 1.0:
+        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), num_samples=1).squeeze(1)
+
+
+# -----------------------------------------------------------------------------
+# LoRA (Hu et al. 2021), as in loralib / peft: W x + (B A dropout(x)) * alpha / r
+
+
+class LoRALinear(nn.Linear):
+    """
+    An nn.Linear (same `weight`, `bias`, so base keys keep their Hub names) plus a low-rank update:
+    lora_A (r, in) kaiming-uniform, lora_B (out, r) zeros, so at step 0 it equals the base layer.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight, self.bias = base.weight, base.bias  # share, do not copy
+        self.r, self.lora_alpha, self.scaling = r, alpha, alpha / r
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device))  # (r, in), fp32
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device))  # (out, r), fp32
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scaling
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear with W + B A * scaling folded in (explicit; never done behind the user's back)."""
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        out.weight = nn.Parameter(self.weight + (self.lora_B @ self.lora_A * self.scaling).to(self.weight.dtype),
+                                  requires_grad=self.weight.requires_grad)
+        out.bias = self.bias
+        return out
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(model: Qwen2, r: int = 16, alpha: float = 32, dropout: float = 0.05, targets=LORA_TARGETS):
+    """Replace every targeted nn.Linear of every block by a LoRALinear sharing its weights. The base keys keep
+    their names; the adapters add e.g. `model.layers.0.self_attn.q_proj.lora_A` (r, in) and `.lora_B` (out, r)."""
+    for block in model.model.layers:
+        for parent in (block.self_attn, block.mlp):
+            if parent is None:
+                continue
+            for name in targets:
+                if isinstance(getattr(parent, name, None), nn.Linear):
+                    setattr(parent, name, LoRALinear(getattr(parent, name), r, alpha, dropout))
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict:
+    """Only the adapters: {'model.layers.0.self_attn.q_proj.lora_A': (r, in), ...}."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight, leaving a plain Qwen2 (in place; also returned)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, name, child.merged())
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Files: Hub download, safetensors, atomic writes
+
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+             "merges.txt", "*.safetensors", "model.safetensors.index.json"]
+
+
+def resolve_model_dir(name_or_path: str) -> str:
+    """A local directory as is; otherwise a Hub repo id, fetched (config, tokenizer, safetensors only)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise FileNotFoundError(f"model directory not found: {name_or_path}")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name_or_path, allow_patterns=HUB_FILES)
+    except Exception as e:  # offline, unknown repo, ...
+        raise FileNotFoundError(f"could not fetch {name_or_path!r} from the Hugging Face Hub: {e}") from e
+
+
+def load_safetensors_dir(path: str) -> dict:
+    """All tensors of model.safetensors, or of the shards named by model.safetensors.index.json."""
+    from safetensors.torch import load_file
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    state = {}
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"weights file missing: {file}")
+        try:
+            state.update(load_file(file))
+        except Exception as e:
+            raise ValueError(f"weights file {file} is unreadable (truncated or corrupt?): {e}") from e
+    return state
+
+
+def atomic_write(path: str, write):
+    """Call write(tmp_path), then rename onto path, so a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+# Qwen2's pre-tokenizer: contractions, words, single digits, punctuation runs, newlines, spaces
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+class Tokenizer:
+    """A thin wrapper over `tokenizers.Tokenizer` with the ChatML chat format of Qwen2.5."""
+
+    def __init__(self, tok, config: dict):
+        self.tok = tok
+        self.config = config
+
+        def token_id(field):
+            t = config.get(field)
+            t = t.get("content") if isinstance(t, dict) else t
+            return None if t is None else tok.token_to_id(t)
+
+        self.eos_id = token_id("eos_token")
+        self.pad_id = token_id("pad_token")
+        self.special_ids = {tok.token_to_id(t.content) for t in tok.get_added_tokens_decoder().values() if t.special}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+        path = resolve_model_dir(name_or_path)
+        cfg_path = os.path.join(path, "tokenizer_config.json")
+        config = {}
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                config = json.load(f)
+        if os.path.exists(os.path.join(path, "tokenizer.json")):
+            tok = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        elif os.path.exists(os.path.join(path, "vocab.json")) and os.path.exists(os.path.join(path, "merges.txt")):
+            tok = build_bpe_tokenizer(path, config)
+        else:
+            raise FileNotFoundError(f"no tokenizer.json (nor vocab.json + merges.txt) in {path}")
+        return cls(tok, config)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end a reply: eos, and <|endoftext|> where the vocabulary has it (as generation_config says)."""
+        ids = [self.eos_id, self.token_to_id("<|endoftext|>")]
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """ChatML as Qwen2.5's template writes it (no tools): a default system turn unless one is given."""
+        text = ""
+        if not messages or messages[0]["role"] != "system":
+            text += f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
+        for m in messages:
+            text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+        if add_generation_prompt:
+            text += "<|im_start|>assistant\n"
+        return text
+
+
+def build_bpe_tokenizer(path: str, config: dict):
+    """The byte-level BPE that tokenizer.json describes, built from vocab.json + merges.txt + added tokens."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
+        merges = [tuple(line.split(" ")) for line in f.read().split("\n") if line and not line.startswith("#version")]
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    for i, t in sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0])):
+        added = AddedToken(t["content"], single_word=t.get("single_word", False), lstrip=t.get("lstrip", False),
+                           rstrip=t.get("rstrip", False), normalized=t.get("normalized", False),
+                           special=t.get("special", False))
+        tok.add_special_tokens([added]) if t.get("special", False) else tok.add_tokens([added])
+        if tok.token_to_id(t["content"]) != int(i):
+            raise ValueError(f"tokenizer_config.json: added token {t['content']!r} got id "
+                             f"{tok.token_to_id(t['content'])}, expected {i}")
+    return tok
+
+
+# -----------------------------------------------------------------------------
+# Talk to a model: python model.py --model Qwen/Qwen2.5-0.5B-Instruct --prompt "..."
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Chat with a Qwen2.5 model (streamed output).")
+    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="Hub repo id or local model directory")
+    p.add_argument("--prompt", default="Give me a short introduction to large language models.",
+                   help="the user message")
+    p.add_argument("--system", default=None, help="system message (default: Qwen's own)")
+    p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on GPU, float32 on CPU")
+    args = p.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    torch.manual_seed(args.seed)
+    try:
+        model = Qwen2.from_pretrained(args.model, dtype=dtype, device=device).eval()
+        tok = Tokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if args.raw:
+        text = args.prompt
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": args.prompt}]
+        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    idx = torch.tensor([tok.encode(text)], device=device)
+    eos = tok.stop_ids
+    printed = []
+
+    def stream(nxt):  # decode the whole continuation each time so multi-byte characters print whole
+        if int(nxt[0]) in eos:
+            return
+        printed.append(int(nxt[0]))
+        text = tok.decode(printed)
+        if not text.endswith("\ufffd"):
+            print(text[len(stream.shown):], end="", flush=True)
+            stream.shown = text
+
+    stream.shown = ""
+    model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   eos_token_id=eos or None, repetition_penalty=args.repetition_penalty, stream=stream)
+    print()
+
+
+if __name__ == "__main__":
+    main()

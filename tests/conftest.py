@@ -1,0 +1,32 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the project's top-level files (model.py, memory.py, ...)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/tiny.py
+
+from tiny import write_checkpoint  # noqa: E402
+
+SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Qwen2 (tied embeddings, GQA 4 query / 2 kv heads) in the Hub layout."""
+    return write_checkpoint(str(tmp_path_factory.mktemp("tiny_qwen2")))
+
+
+@pytest.fixture(scope="session")
+def tiny_untied_mha_dir(tmp_path_factory):
+    """A tiny random Qwen2 with an untied lm_head and plain multi-head attention."""
+    return write_checkpoint(str(tmp_path_factory.mktemp("tiny_untied")), tie=False, kv_heads=4, seed=1)
+
+
+@pytest.fixture
+def shared_data():
+    """../shared/data (real Qwen2.5 tokenizer files, real eval rows); skip where it is absent."""
+    if not os.path.isdir(SHARED):
+        pytest.skip("../shared/data is not present")
+    return SHARED

@@ -1,0 +1,64 @@
+"""Builders for tiny offline test artifacts: a random Qwen2 checkpoint in the Hub layout and a trained tokenizer."""
+
+import json
+import os
+
+import torch
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Medical exam question: Which vitamin deficiency causes scurvy? Answer: C. Vitamin C",
+    "Question: What is the capital of France?\nAnswer: Paris",
+    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+    "system user assistant 0 1 2 3 4 5 6 7 8 9 A. B. C. D. Explanation: the heart pumps blood.",
+    "Memory layers store facts in rows; sparse finetuning updates only a few of them.",
+    "Perplexity is the exponential of the mean negative log-likelihood per token.",
+]
+
+
+def write_tokenizer(path: str, vocab_size: int = 384):
+    """Train a small byte-level BPE with Qwen's special tokens; write tokenizer.json + tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIALS), special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 20, trainer=trainer)
+    tok.add_special_tokens(SPECIALS)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                       "single_word": False, "special": True} for t in SPECIALS}
+    cfg = {"added_tokens_decoder": added, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+           "bos_token": None, "model_max_length": 4096, "tokenizer_class": "Qwen2Tokenizer"}
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return tok.get_vocab_size()
+
+
+def write_checkpoint(path: str, tie: bool = True, hidden: int = 64, layers: int = 4, heads: int = 4,
+                     kv_heads: int = 2, intermediate: int = 128, vocab: int = 384, seed: int = 0,
+                     dtype=torch.float32):
+    """A random Qwen2ForCausalLM saved by transformers, with non-zero biases and norm weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    os.makedirs(path, exist_ok=True)
+    n_tok = write_tokenizer(path, vocab)
+    cfg = Qwen2Config(vocab_size=max(vocab, n_tok), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-6,
+                      tie_word_embeddings=tie, eos_token_id=n_tok - 1, bos_token_id=n_tok - 3,
+                      pad_token_id=n_tok - 3)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.08)
+    model.to(dtype).save_pretrained(path)
+    return path
