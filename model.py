@@ -63,6 +63,8 @@ class Qwen2Config:
             raise ValueError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
         if d.get("use_sliding_window", False):
             raise ValueError("config.json: use_sliding_window=true is not supported (only full attention)")
+        if any(t != "full_attention" for t in d.get("layer_types") or []):
+            raise ValueError(f"config.json: layer_types {d['layer_types']!r} is not supported (only full_attention)")
         d = dict(d)
         # transformers 5 writes rope_parameters {rope_theta, rope_type}; older files rope_theta (+ rope_scaling)
         rope = d.get("rope_parameters") or {}

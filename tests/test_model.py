@@ -1,0 +1,349 @@
+"""model.py against transformers' Qwen2ForCausalLM on the same tiny checkpoints (no network)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from model import Qwen2, Qwen2Config
+from tiny import write_checkpoint
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def hf_model(path, dtype=torch.float32):
+    from transformers import Qwen2ForCausalLM
+    return Qwen2ForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def ours(path, dtype=None):
+    return Qwen2.from_pretrained(path, dtype=dtype).eval()
+
+
+def random_ids(n_rows, n_cols, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n_rows, n_cols), generator=g)
+
+
+def hf_positions(mask):
+    """The positions transformers' generate gives a padded batch: count real tokens only."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    return write_checkpoint(str(tmp_path_factory.mktemp("tiny_bf16")), dtype=torch.bfloat16, seed=2)
+
+
+# --- logits ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["tiny_model_dir", "tiny_untied_mha_dir"])
+def test_logits_match_transformers_fp32(which, request):
+    path = request.getfixturevalue(which)
+    ref, model = hf_model(path), ours(path)
+    cfg = model.config
+    assert cfg.tie_word_embeddings == (which == "tiny_model_dir")
+    assert (cfg.num_key_value_heads < cfg.num_attention_heads) == (which == "tiny_model_dir")
+    idx = random_ids(3, 40, cfg.vocab_size)
+    with torch.no_grad():
+        got, want = model(idx), ref(idx).logits
+    assert got.dtype == torch.float32 and got.shape == (3, 40, cfg.vocab_size)
+    assert (got - want).abs().max().item() <= 1e-4
+    # the hidden states are what lm_head reads
+    with torch.no_grad():
+        assert torch.allclose(model.lm_head(model.hidden_states(idx)), got, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_gives_unpadded_logits(side, tiny_model_dir):
+    ref, model = hf_model(tiny_model_dir), ours(tiny_model_dir)
+    lengths = [12, 7, 3]
+    T, pad = max(lengths), 0
+    rows = [random_ids(1, n, model.config.vocab_size, seed=i)[0] for i, n in enumerate(lengths)]
+    idx = torch.full((len(rows), T), pad)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+        idx[i, sl], mask[i, sl] = r, 1
+    with torch.no_grad():
+        got = model(idx, attention_mask=mask)
+        want = ref(idx, attention_mask=mask, position_ids=hf_positions(mask)).logits
+        for i, r in enumerate(rows):
+            alone = model(r[None])[0]
+            real = mask[i].bool()
+            assert (got[i, real] - alone).abs().max().item() <= 1e-4, f"row {i}"
+            assert (got[i, real] - want[i, real]).abs().max().item() <= 1e-4, f"row {i}"
+
+
+def test_bf16_checkpoint_loads_as_bf16_and_matches_transformers(bf16_dir):
+    model = ours(bf16_dir)  # dtype defaults to the checkpoint's
+    assert model.config.torch_dtype == "bfloat16"
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    ref = hf_model(bf16_dir, dtype=torch.bfloat16)
+    idx = random_ids(2, 32, model.config.vocab_size)
+    with torch.no_grad():
+        got, want = model(idx), ref(idx).logits.float()
+        exact = ours(bf16_dir, dtype=torch.float32)(idx)
+    assert got.dtype == torch.float32  # logits are always returned in fp32
+    # bf16 has 8 bits of mantissa: allow a few bf16 ulps of the logit scale, and check we are as close to the
+    # fp32 computation as transformers' bf16 is
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() <= 0.02 * scale
+    assert (got - exact).abs().mean().item() <= 1.5 * (want - exact).abs().mean().item() + 1e-3
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.95
+
+
+def test_sharded_checkpoint_loads(tiny_model_dir, tmp_path):
+    ref = hf_model(tiny_model_dir)
+    ref.save_pretrained(tmp_path, max_shard_size="40KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert not (tmp_path / "model.safetensors").exists()
+    idx = random_ids(2, 16, ref.config.vocab_size)
+    with torch.no_grad():
+        assert (ours(str(tmp_path))(idx) - ref(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_save_pretrained_round_trip_loads_in_transformers(tiny_untied_mha_dir, tmp_path):
+    model = ours(tiny_untied_mha_dir)
+    model.save_pretrained(str(tmp_path))
+    ref = hf_model(str(tmp_path))
+    again = ours(str(tmp_path))
+    idx = random_ids(2, 20, model.config.vocab_size)
+    with torch.no_grad():
+        got = model(idx)
+        assert (ref(idx).logits - got).abs().max().item() <= 1e-4
+        assert torch.equal(again(idx), got)
+
+
+# --- generation -----------------------------------------------------------------------------------
+
+
+def hf_generate(ref, idx, mask, n, **kw):
+    with torch.no_grad():
+        return ref.generate(input_ids=idx, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                            temperature=None, top_p=None, top_k=None, **kw)
+
+
+def left_padded(rows, pad):
+    T = max(len(r) for r in rows)
+    idx = torch.full((len(rows), T), pad)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        idx[i, T - len(r):], mask[i, T - len(r):] = torch.tensor(r), 1
+    return idx, mask
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_generation_matches_transformers(penalty, tiny_model_dir):
+    ref, model = hf_model(tiny_model_dir), ours(tiny_model_dir)
+    V, pad = model.config.vocab_size, 0
+    # single sequence, no eos
+    idx = random_ids(1, 9, V)
+    want = hf_generate(ref, idx, torch.ones_like(idx), 20, eos_token_id=None, pad_token_id=pad,
+                       repetition_penalty=penalty)
+    got = model.generate(idx, 20, repetition_penalty=penalty)
+    assert got.shape == (1, 29) and torch.equal(got, want)
+    # left-padded batch, no eos
+    rows = [random_ids(1, n, V, seed=s)[0].tolist() for s, n in enumerate([9, 4, 6])]
+    idx, mask = left_padded(rows, pad)
+    want = hf_generate(ref, idx, mask, 16, eos_token_id=None, pad_token_id=pad, repetition_penalty=penalty)
+    got = model.generate(idx, 16, attention_mask=mask, repetition_penalty=penalty)
+    assert torch.equal(got, want)
+    # with eos: pick a token row 0 produces mid-way, so that row stops early and the others go on
+    eos = int(got[0, idx.size(1) + 5])
+    want = hf_generate(ref, idx, mask, 16, eos_token_id=eos, pad_token_id=pad, repetition_penalty=penalty)
+    got = model.generate(idx, 16, attention_mask=mask, eos_token_id=eos, pad_token_id=pad,
+                         repetition_penalty=penalty)
+    assert (got[0, idx.size(1):] == eos).any()
+    assert torch.equal(got, want)
+
+
+def test_generation_stops_when_all_rows_hit_eos(tiny_model_dir):
+    model = ours(tiny_model_dir)
+    idx = random_ids(1, 5, model.config.vocab_size)
+    first = int(model.generate(idx, 1)[0, -1])
+    out = model.generate(idx, 10, eos_token_id=[first, 999])
+    assert out.shape == (1, 6) and int(out[0, -1]) == first
+
+
+def test_decode_with_cache_equals_full_forward(tiny_model_dir):
+    """Each cached one-token step gives the logits a full forward over the whole padded sequence gives."""
+    model = ours(tiny_model_dir)
+    rows = [random_ids(1, n, model.config.vocab_size, seed=s)[0].tolist() for s, n in enumerate([6, 3])]
+    idx, mask = left_padded(rows, 0)
+    B, T = idx.shape
+    steps = 8
+    with torch.no_grad():
+        model.setup_cache(B, T + steps)
+        try:
+            logits = model(idx, mask)[:, -1]
+            for i in range(steps):
+                full = model.__class__.forward  # a full forward, without the cache
+                nxt = logits.argmax(-1, keepdim=True)
+                idx, mask = torch.cat([idx, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+                logits = model(nxt, mask, start=T + i)[:, -1]
+                caches = [b.self_attn.kv_cache for b in model.model.layers]
+                for b in model.model.layers:
+                    b.self_attn.kv_cache = None
+                want = full(model, idx, mask)[:, -1]
+                for b, c in zip(model.model.layers, caches):
+                    b.self_attn.kv_cache = c
+                assert (logits - want).abs().max().item() <= 1e-4, f"step {i}"
+        finally:
+            model.clear_cache()
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def test_config_reads_both_rope_forms():
+    base = dict(model_type="qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    old = Qwen2Config.from_dict({**base, "rope_theta": 123.0, "torch_dtype": "bfloat16"})
+    new = Qwen2Config.from_dict({**base, "rope_parameters": {"rope_theta": 456.0, "rope_type": "default"},
+                                 "dtype": "float32"})
+    assert (old.rope_theta, old.torch_dtype) == (123.0, "bfloat16")
+    assert (new.rope_theta, new.torch_dtype) == (456.0, "float32")
+    assert Qwen2Config.from_dict(old.to_dict()) == old
+
+
+def test_config_of_the_real_model(shared_data):
+    cfg = Qwen2Config.from_json(os.path.join(shared_data, "qwen2.5-0.5b-instruct", "config.json"))
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == \
+        (896, 24, 14, 2)
+    assert (cfg.head_dim, cfg.rope_theta, cfg.tie_word_embeddings, cfg.torch_dtype) == \
+        (64, 1e6, True, "bfloat16")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn'"),
+    ({"use_sliding_window": True, "sliding_window": 128}, "use_sliding_window"),
+    ({"model_type": "llama"}, "model_type 'llama'"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding_attention"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads"),
+])
+def test_config_refuses_what_we_do_not_implement(extra, message):
+    base = dict(model_type="qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4)
+    with pytest.raises(ValueError, match=message):
+        Qwen2Config.from_dict({**base, **extra})
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_copy(tiny_model_dir, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, dst)
+    return dst
+
+
+def rewrite_weights(path, edit):
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(path / "model.safetensors"))
+    edit(state)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model directory not found: .*nowhere"):
+        Qwen2.from_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_missing_files_are_clear_errors(tiny_copy):
+    os.remove(tiny_copy / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        Qwen2.from_pretrained(str(tiny_copy))
+    os.remove(tiny_copy / "config.json")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Qwen2.from_pretrained(str(tiny_copy))
+
+
+def test_missing_tensor_is_named(tiny_copy):
+    rewrite_weights(tiny_copy, lambda s: s.pop("model.layers.2.self_attn.k_proj.bias"))
+    with pytest.raises(ValueError, match=r"missing tensor model\.layers\.2\.self_attn\.k_proj\.bias"):
+        Qwen2.from_pretrained(str(tiny_copy))
+
+
+def test_unexpected_tensor_is_named(tiny_copy):
+    rewrite_weights(tiny_copy, lambda s: s.update({"model.layers.0.mlp.extra": torch.zeros(3)}))
+    with pytest.raises(ValueError, match=r"unexpected tensor model\.layers\.0\.mlp\.extra"):
+        Qwen2.from_pretrained(str(tiny_copy))
+
+
+def test_wrong_shape_is_named(tiny_copy):
+    def edit(s):
+        s["model.layers.1.mlp.up_proj.weight"] = s["model.layers.1.mlp.up_proj.weight"][:-1].contiguous()
+    rewrite_weights(tiny_copy, edit)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has shape \(127, 64\), "
+                                         r"expected \(128, 64\)"):
+        Qwen2.from_pretrained(str(tiny_copy))
+
+
+def test_truncated_safetensors_is_a_clear_error(tiny_copy):
+    f = tiny_copy / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors is unreadable \(truncated or corrupt"):
+        Qwen2.from_pretrained(str(tiny_copy))
+
+
+def test_missing_shard_is_a_clear_error(tiny_model_dir, tmp_path):
+    hf_model(tiny_model_dir).save_pretrained(tmp_path, max_shard_size="40KB")
+    shard = sorted(p for p in os.listdir(tmp_path) if p.endswith(".safetensors"))[-1]
+    os.remove(tmp_path / shard)
+    with pytest.raises(FileNotFoundError, match=f"weights file missing: .*{shard}"):
+        Qwen2.from_pretrained(str(tmp_path))
+
+
+def test_unsupported_config_is_a_clear_error(tiny_copy):
+    cfg = json.loads((tiny_copy / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_theta": 1e4, "rope_type": "linear", "factor": 2.0}
+    (tiny_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json: rope_type 'linear' is not supported"):
+        Qwen2.from_pretrained(str(tiny_copy))
+
+
+def test_idx_must_be_long(tiny_model_dir):
+    with pytest.raises(TypeError, match="LongTensor"):
+        ours(tiny_model_dir)(torch.zeros(1, 3, dtype=torch.int32))
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def run_cli(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), *args], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def test_cli_help():
+    r = run_cli("--help")
+    assert r.returncode == 0 and "--max-new-tokens" in r.stdout and "--model" in r.stdout
+
+
+def test_cli_talks_to_a_local_model(tiny_model_dir):
+    r = run_cli("--model", tiny_model_dir, "--prompt", "hi", "--max-new-tokens", "5")
+    assert r.returncode == 0, r.stderr
+    # what it prints is what greedy generation makes
+    from model import Tokenizer
+    tok, model = Tokenizer.from_pretrained(tiny_model_dir), ours(tiny_model_dir)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    idx = torch.tensor([tok.encode(text)])
+    new = model.generate(idx, 5, eos_token_id=tok.stop_ids)[0, idx.size(1):].tolist()
+    new = [t for t in new if t not in tok.stop_ids]
+    assert r.stdout.strip() == tok.decode(new).strip()
+
+
+def test_cli_bad_model_dir_is_one_line_error(tmp_path):
+    r = run_cli("--model", str(tmp_path / "nowhere"), "--max-new-tokens", "1")
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [f"error: model directory not found: {tmp_path / 'nowhere'}"]
