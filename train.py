@@ -1,0 +1,633 @@
+"""
+Finetune Qwen2.5 with Sparse Memory Finetuning (SMF), LoRA or full finetuning, as the paper did.
+
+    python train.py --method smf        # stage 1 retrofit (OASST1) -> background reads -> stage 2 SMF (MedMCQA)
+    python train.py --method retrofit   # stage 1 alone; reuse it with --method smf --memory-from RUN_DIR
+    python train.py --method lora       # r 16, alpha 32, dropout 0.05 on q,k,v,o,gate,up,down, lr 2e-4
+    python train.py --method full       # every base weight, lr 5e-5
+
+Defaults reproduce the paper (effective batch 16, 3 epochs on MedMCQA "single" questions, cosine schedule with
+100 warmup steps, grad clip 1.0, max length 1024). The run directory (--out, default runs/<method>-seed<seed>):
+
+    args.json                every resolved argument, library versions, base model revision, git commit
+    config.json              how to rebuild the model: method, base model, memory / LoRA configuration
+    model.safetensors        only what the method trained (SMF: the memory layers; LoRA: adapters; full: all)
+    log.jsonl                one line per optimizer step (loss, lr, grad norm, tokens, seconds, SMF rows per layer)
+    checkpoint.safetensors   everything --resume needs (trained tensors, optimizer, RNG, step) in one file
+    background.safetensors   (SMF) read statistics of every memory slot on OASST1
+    retrofit/                (SMF) the stage-1 run directory, itself a `--method retrofit` run
+    peft/, merged/, hf/      optional exports (LoRA: --export-peft, --export-merged; full: always hf/)
+
+Every file is written atomically (write, then rename). On the CPU a run resumed with --resume ends bit-identical
+to one that was never interrupted. Evaluate a run with `python eval.py --model runs/<run>`.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import data
+import memory
+from eval import load_model, run_tasks
+from model import LORA_TARGETS, Tokenizer, add_lora, atomic_write, lora_state_dict, merge_lora, write_json
+
+METHODS = ("smf", "retrofit", "lora", "full")
+DEFAULT_LR = {"smf": 5e-4, "retrofit": 5e-4, "lora": 2e-4, "full": 5e-5}
+DEFAULT_DATA = {"smf": "medmcqa", "lora": "medmcqa", "full": "medmcqa", "retrofit": "oasst1"}
+
+
+class RunError(Exception):
+    """A problem with the user's input or the run; printed as one line, exit status 1."""
+
+
+# -----------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="base model: Hub id or local directory")
+    p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                   help="local file for a dataset (medmcqa, oasst1) in the Hub's column schema; repeatable")
+    p.add_argument("--out", default=None, help="run directory (default runs/<method>-seed<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g = p.add_argument_group("optimization (shared)")
+    g.add_argument("--lr", type=float, default=None, help="default: smf/retrofit 5e-4, lora 2e-4, full 5e-5")
+    g.add_argument("--epochs", type=float, default=None, help="epochs over the training data (default: 3; retrofit 2)")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
+    g.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    g.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay to 0")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    g.add_argument("--max-len", type=int, default=1024, help="tokens per example (longer ones are truncated)")
+    g.add_argument("--limit", type=int, default=None, help="use only the first N training examples")
+    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (and at the end)")
+    g.add_argument("--stop-at-step", type=int, default=None,
+                   help="stop after this step's checkpoint, as if interrupted (to test --resume)")
+    g = p.add_argument_group("SMF: memory layers (stage 1 builds them)")
+    g.add_argument("--memory-from", default=None, help="reuse the memory of a finished retrofit (or smf) run")
+    g.add_argument("--memory-mode", default="additive", choices=["additive", "replacement"])
+    g.add_argument("--memory-layers", default=None, help="comma-separated layer ids (default: L/4, L/2, 3L/4)")
+    g.add_argument("--n-keys", type=int, default=128, help="keys per half: n_keys^2 slots per layer")
+    g.add_argument("--mem-heads", type=int, default=4)
+    g.add_argument("--mem-topk", type=int, default=16, help="slots read per head per token")
+    g.add_argument("--mem-k-dim", type=int, default=256)
+    g.add_argument("--retrofit-epochs", type=float, default=2, help="stage-1 epochs inside --method smf")
+    g.add_argument("--retrofit-lr", type=float, default=5e-4, help="stage-1 lr inside --method smf")
+    g.add_argument("--retrofit-limit", type=int, default=50000, help="OASST1 conversations for stage 1")
+    g.add_argument("--retrofit-max-steps", type=int, default=None, help="stage-1 steps inside --method smf")
+    g.add_argument("--background-batches", type=int, default=2000,
+                   help="single-example OASST1 batches for the background read statistics")
+    g = p.add_argument_group("SMF: stage 2 (sparse finetuning)")
+    g.add_argument("--top-t", type=int, default=512, help="memory rows updated per layer per step")
+    g.add_argument("--rank", default="kl", choices=["counts", "tfidf", "kl"], help="how rows are ranked")
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "paper"],
+                   help="adamw: lazy masked AdamW (only chosen rows and their state change); sgd: plain SGD "
+                        "(Lin et al.); paper: dense AdamW with other rows' gradients zeroed (moments leak)")
+    g.add_argument("--select-per-micro-batch", action="store_true",
+                   help="re-select rows on every micro-batch as the paper's code did (more than top-t rows "
+                        "may change per step); default: one selection per optimizer step")
+    g.add_argument("--train-alpha", action="store_true", help="also train the memory scale alpha (additive)")
+    g.add_argument("--log-rows", action="store_true", help="also log the ids of the rows chosen at every step")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-r", type=int, default=16)
+    g.add_argument("--lora-alpha", type=float, default=32)
+    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--lora-targets", default=",".join(LORA_TARGETS))
+    g.add_argument("--export-peft", action="store_true", help="also write the adapter in peft's format to peft/")
+    g.add_argument("--export-merged", action="store_true", help="also write the merged model (Hub format) to merged/")
+    g = p.add_argument_group("evaluation during training")
+    g.add_argument("--eval-every", type=int, default=0, help="run eval.py's probes every N steps (0: never)")
+    g.add_argument("--eval-tasks", default="medmcqa,wikitext,triviaqa")
+    g.add_argument("--eval-limit", type=int, default=200)
+    args = p.parse_args(argv)
+
+    args.data = dict(parse_data_flag(p, d) for d in args.data)
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.method]
+    if args.epochs is None:
+        args.epochs = args.retrofit_epochs if args.method == "retrofit" else 3
+    if args.method == "retrofit" and args.limit is None:
+        args.limit = args.retrofit_limit
+    if args.out is None:
+        args.out = os.path.join("runs", f"{args.method}-seed{args.seed}")
+    if args.memory_layers is not None:
+        try:
+            args.memory_layers = [int(x) for x in args.memory_layers.split(",")]
+        except ValueError:
+            p.error(f"--memory-layers must be comma-separated integers, got {args.memory_layers!r}")
+    args.lora_targets = [t for t in args.lora_targets.split(",") if t]
+    if bad := [t for t in args.lora_targets if t not in LORA_TARGETS]:
+        p.error(f"--lora-targets: unknown module {bad[0]!r} (choose from {','.join(LORA_TARGETS)})")
+    for name in ("batch_size", "grad_accum", "top_t", "max_len", "save_every", "lora_r", "n_keys", "mem_heads",
+                 "mem_topk"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        p.error("--max-steps must be at least 1")
+    if args.memory_from and args.method != "smf":
+        p.error("--memory-from only applies to --method smf")
+    if (args.export_peft or args.export_merged) and args.method != "lora":
+        p.error("--export-peft and --export-merged only apply to --method lora")
+    if args.train_alpha and args.memory_mode == "replacement":
+        p.error("--train-alpha needs --memory-mode additive (replacement memory has no alpha)")
+    return args
+
+
+# flags that may differ between a run and its resumption; every other flag must be the same
+RESUME_FREE = {"resume", "stop_at_step", "device", "eval_every", "eval_tasks", "eval_limit", "save_every"}
+
+
+def check_resume_args(args, args_path):
+    if not os.path.exists(args_path):
+        raise RunError(f"--resume: no run to resume in {args.out} (no args.json)")
+    with open(args_path) as f:
+        saved = json.load(f)
+    for k, v in vars(args).items():
+        if k not in RESUME_FREE and k in saved and json.loads(json.dumps(v)) != saved[k]:
+            raise RunError(f"--resume: --{k.replace('_', '-')} is {v!r} but the run was started with {saved[k]!r}")
+
+
+def parse_data_flag(p, flag):
+    name, sep, path = flag.partition("=")
+    if not sep or not path:
+        p.error(f"--data expects NAME=PATH, got {flag!r}")
+    if name not in ("medmcqa", "oasst1"):
+        p.error(f"--data: unknown dataset {name!r} for training (choose medmcqa or oasst1)")
+    if not os.path.exists(path):
+        p.error(f"--data {name}: file not found: {path}")
+    return name, path
+
+
+# -----------------------------------------------------------------------------
+# Device, data, records
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def training_examples(name, args, tok, limit):
+    """Tokenized examples [(ids, loss_mask)]: MedMCQA text (loss on every token) or OASST1 chats (loss on replies)."""
+    rows = data.load_rows(name, path=args.data.get(name), split="train")
+    if name == "medmcqa":
+        texts = [data.medmcqa_train_text(r) for r in rows[:limit]]
+        return [data.encode_text(tok, t, args.max_len) for t in texts]
+    chats = data.oasst1_conversations(rows)[:limit]
+    return [data.encode_chat(tok, c, args.max_len) for c in chats]
+
+
+def run_info(args):
+    """Library versions, base revision and git commit, for args.json."""
+    def git(*cmd):
+        try:
+            here = os.path.dirname(os.path.abspath(__file__))
+            return subprocess.run(["git", *cmd], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:
+            return None
+    import huggingface_hub, safetensors, tokenizers
+    return {"python": platform.python_version(), "torch": torch.__version__, "tokenizers": tokenizers.__version__,
+            "safetensors": safetensors.__version__, "huggingface_hub": huggingface_hub.__version__,
+            "git_commit": git("rev-parse", "HEAD") or None, "git_dirty": bool(git("status", "--porcelain")),
+            "command": " ".join(sys.argv)}
+
+
+def lr_at(step, total, peak, warmup):
+    """Linear warmup to peak over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -----------------------------------------------------------------------------
+# One training stage: the loop shared by every method
+
+
+@dataclass
+class Stage:
+    out: str                      # run directory
+    model: torch.nn.Module
+    examples: list                # [(ids, loss_mask)]
+    lr: float
+    epochs: float
+    max_steps: int | None
+    dense: dict                   # name -> Parameter trained by torch.optim.AdamW
+    saved: callable               # () -> {name: tensor}: what model.safetensors holds
+    config: dict                  # config.json
+    smf: dict | None = None       # SMF stage 2: memories, background, optimizer settings
+    log_extra: dict = field(default_factory=dict)
+
+
+def train(stage: Stage, args, device, tok):
+    model, ex = stage.model, stage.examples
+    if not ex:
+        raise RunError(f"no training examples for {stage.out}")
+    n_micro = math.ceil(len(ex) / args.batch_size)  # micro-batches per epoch
+    total = stage.max_steps or max(1, int(stage.epochs * n_micro) // args.grad_accum)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    dense_opt = None
+    if stage.dense:
+        dense_opt = torch.optim.AdamW(list(stage.dense.values()), lr=stage.lr, betas=(0.9, 0.999), eps=1e-8,
+                                      weight_decay=args.weight_decay)
+    smf_opt = None
+    if stage.smf is not None:
+        smf_opt = memory.SparseMemoryOptimizer(stage.smf["memories"], lr=stage.lr, weight_decay=args.weight_decay,
+                                               mode=args.optimizer)
+    optimizers = [o for o in (dense_opt, smf_opt) if o is not None]
+
+    ckpt_path = os.path.join(stage.out, "checkpoint.safetensors")
+    log_path = os.path.join(stage.out, "log.jsonl")
+    step = 0
+    if os.path.exists(ckpt_path):
+        step = load_checkpoint(ckpt_path, model, dense_opt, smf_opt, device)
+        truncate_log(log_path, step)
+        print(f"resuming {stage.out} at step {step}/{total}", file=sys.stderr)
+    if step >= total:
+        return
+    write_json(os.path.join(stage.out, "config.json"), stage.config)
+
+    def micro_batch(m):  # the m-th micro-batch of the endless, epoch-by-epoch shuffled stream
+        epoch, i = divmod(m, n_micro)
+        order = data.epoch_order(len(ex), args.seed, epoch)
+        idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+        return {k: v.to(device) for k, v in data.collate([ex[j] for j in idx], tok.pad_id).items()}
+
+    model.train()
+    bar = tqdm(total=total, initial=step, desc=os.path.basename(stage.out.rstrip("/")), dynamic_ncols=True)
+    while step < total:
+        t0 = time.time()
+        lr = lr_at(step, total, stage.lr, args.warmup)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        batches = [micro_batch(m) for m in range(step * args.grad_accum, (step + 1) * args.grad_accum)]
+        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)  # loss tokens in this step
+        loss_sum, counts, selected = 0.0, None, None
+        for b in batches:
+            with autocast:
+                logits = model(b["idx"], b["attention_mask"])  # (B, T, vocab) fp32
+            # next-token loss, summed here and divided by the step's token count: the gradient of the step's
+            # mean token loss, whatever the split into micro-batches
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
+                                   ignore_index=-100, reduction="sum") / max(1, n_tokens)
+            if not torch.isfinite(loss):
+                raise RunError(f"loss is {loss.item()} at step {step} in {stage.out}; stopping. The last good "
+                               f"checkpoint is kept: lower --lr or check the data, then --resume")
+            loss.backward()
+            loss_sum += loss.item()
+            if stage.smf is not None:  # SMF: count which memory slots this micro-batch read (real tokens only)
+                reads = memory.read_counts(model, b["attention_mask"])
+                if args.select_per_micro_batch:  # the paper code: choose rows now, for this micro-batch alone
+                    selected = memory.select_per_micro_batch(stage.smf["memories"], reads, stage.smf["background"],
+                                                             args.rank, args.top_t, selected)
+                counts = reads if counts is None else {k: counts[k] + reads[k] for k in counts}
+        record = {"step": step + 1, "loss": loss_sum, "lr": lr, "tokens": n_tokens}
+        if stage.smf is not None:
+            if not args.select_per_micro_batch:  # SMF: one choice of rows per optimizer step, from all its reads
+                selected = memory.select_rows(counts, stage.smf["background"], args.rank, args.top_t)
+            stats = smf_opt.step(selected, max_grad_norm=args.grad_clip or None)
+            record["grad_norm"] = stats["grad_norm"]
+            record["rows"] = {str(k): v for k, v in stats["rows"].items()}
+            if args.log_rows:
+                record["selected"] = {str(k): v.tolist() for k, v in selected.items()}
+        if dense_opt is not None:
+            params = list(stage.dense.values())
+            norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip else \
+                torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            record["grad_norm" if stage.smf is None else "alpha_grad_norm"] = float(norm)
+            dense_opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        step += 1
+        record["seconds"] = round(time.time() - t0, 4)
+        append_log(log_path, record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{n_tokens / max(1e-9, record['seconds']):.0f}")
+        if args.eval_every and step % args.eval_every == 0:
+            model.eval()
+            results = run_tasks(model, tok, args.eval_tasks.split(","), data_paths={}, limit=args.eval_limit)
+            append_log(os.path.join(stage.out, "eval.jsonl"), {"step": step, **results})
+            model.train()
+        if step % args.save_every == 0 or step == total or step == args.stop_at_step:
+            save_checkpoint(ckpt_path, step, model, stage, dense_opt, smf_opt)
+        if step == args.stop_at_step and step < total:
+            bar.close()
+            print(f"stopped at step {step} as asked (--stop-at-step); continue with --resume", file=sys.stderr)
+            sys.exit(0)
+    bar.close()
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: one safetensors file (trained tensors, optimizer state, RNG) plus model.safetensors
+
+
+def save_checkpoint(path, step, model, stage, dense_opt, smf_opt):
+    trained = {k: v.detach().contiguous().cpu() for k, v in stage.saved().items()}
+    tensors = {f"model.{k}": v for k, v in trained.items()}
+    if dense_opt is not None:
+        for i, state in dense_opt.state_dict()["state"].items():
+            for k, v in state.items():
+                tensors[f"adamw.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    if smf_opt is not None:
+        for k, v in smf_opt.state_dict().items():
+            tensors[f"smf_opt.{k}"] = v.detach().cpu().contiguous()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = {"step": str(step)}
+    atomic_write(os.path.join(stage.out, "model.safetensors"), lambda p: save_file(trained, p))
+    atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
+
+
+def load_checkpoint(path, model, dense_opt, smf_opt, device):
+    try:
+        with safe_open(path, "pt") as f:
+            step = int(f.metadata()["step"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise RunError(f"checkpoint {path} is unreadable: {e}") from e
+    trained = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    own = model.state_dict()
+    if bad := sorted(set(trained) - set(own)):
+        raise RunError(f"checkpoint {path}: tensor {bad[0]} does not belong to this model (different flags?)")
+    with torch.no_grad():
+        for k, v in trained.items():
+            if own[k].shape != v.shape:
+                raise RunError(f"checkpoint {path}: tensor {k} has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}")
+            own[k].copy_(v)
+    if dense_opt is not None:
+        sd = dense_opt.state_dict()
+        sd["state"] = {}
+        for k, v in tensors.items():
+            if k.startswith("adamw."):
+                _, i, name = k.split(".", 2)
+                sd["state"].setdefault(int(i), {})[name] = v.to(device) if name != "step" else v
+        dense_opt.load_state_dict(sd)
+    if smf_opt is not None:
+        smf_opt.load_state_dict({k[len("smf_opt."):]: v.to(device) for k, v in tensors.items()
+                                 if k.startswith("smf_opt.")})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return step
+
+
+def append_log(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path, step):
+    """Keep the log lines up to the checkpoint's step, so a resumed run's log reads as one run."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write(path, lambda p: open(p, "w").writelines(lines))
+
+
+def is_finished(run_dir):
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return json.load(f).get("finished", False)
+    except (OSError, ValueError):
+        return False
+
+
+def finish(stage):
+    """Mark a stage finished: eval.py and --memory-from accept only finished runs."""
+    stage.config["finished"] = True
+    write_json(os.path.join(stage.out, "config.json"), stage.config)
+
+
+# -----------------------------------------------------------------------------
+# The methods
+
+
+def base_config_dict(model):
+    return model.config.to_dict()
+
+
+def memory_config_from_args(args):
+    return memory.MemoryConfig(layers=args.memory_layers, n_keys=args.n_keys, heads=args.mem_heads,
+                               topk=args.mem_topk, k_dim=args.mem_k_dim, mode=args.memory_mode)
+
+
+def retrofit(args, out, device, tok):
+    """Stage 1: add fresh memory layers and train all their parameters densely on OASST1, base frozen."""
+    os.makedirs(out, exist_ok=True)
+    model, _, _ = load_model(args.model, dtype=frozen_dtype(device), device=device)
+    torch.manual_seed(args.seed)
+    mem_cfg = memory_config_from_args(args)
+    memories = memory.add_memory(model, mem_cfg)
+    model.requires_grad_(False)
+    dense = {}
+    for i, mem in memories.items():
+        for name, p in mem.named_parameters():
+            p.requires_grad_(True)
+            dense[f"model.layers.{i}.memory.{name}"] = p
+    alone = args.method == "retrofit"  # stage 1 on its own takes the shared flags, inside smf the --retrofit-* ones
+    examples = training_examples("oasst1", args, tok, args.limit if alone else args.retrofit_limit)
+    config = {"method": "retrofit", "base_model": args.model, "base_config": base_config_dict(model),
+              "memory": mem_cfg.to_dict(), "lora": None}
+    stage = Stage(out=out, model=model, examples=examples,
+                  lr=args.lr if alone else args.retrofit_lr,
+                  epochs=args.epochs if alone else args.retrofit_epochs,
+                  max_steps=args.max_steps if alone else args.retrofit_max_steps,
+                  dense=dense, saved=lambda: memory.memory_state_dict(model), config=config)
+    train(stage, args, device, tok)
+    background_path = os.path.join(out, "background.safetensors")
+    if not os.path.exists(background_path):
+        stats = background_statistics(model, tok, args, device)
+        stats.save(background_path)
+    finish(stage)
+    return model
+
+
+@torch.inference_mode()
+def background_statistics(model, tok, args, device):
+    """Read counts and document frequency of every memory slot over single-example OASST1 batches."""
+    rows = data.load_rows("oasst1", path=args.data.get("oasst1"), split="train")
+    chats = data.oasst1_conversations(rows)
+    order = data.epoch_order(len(chats), args.seed, epoch=-1)[:args.background_batches]
+    stats = memory.BackgroundStats()
+    model.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    for j in tqdm(order, desc="background reads", dynamic_ncols=True):
+        ids, _ = data.encode_chat(tok, chats[j], args.max_len)
+        idx = torch.tensor([ids], device=device)
+        with autocast:
+            model(idx)
+        stats.update(memory.read_counts(model))
+    model.train()
+    return stats
+
+
+def frozen_dtype(device):
+    """Frozen base weights: bf16 on GPU (autocast computes in bf16 anyway), fp32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def sparse_finetune(args, device, tok, memory_dir):
+    """Stage 2: only the memory values train, and on each step only the top-t rows per layer that the batch
+    read most (ranked against the background reads) change."""
+    if not is_finished(memory_dir):
+        raise RunError(f"--memory-from {memory_dir}: not a finished retrofit or smf run (no finished config.json)")
+    with open(os.path.join(memory_dir, "config.json")) as f:
+        mem_run = json.load(f)
+    if mem_run.get("memory") is None:
+        raise RunError(f"--memory-from {memory_dir}: the run has no memory layers (method {mem_run.get('method')})")
+    model, _, _ = load_model(args.model, dtype=frozen_dtype(device), device=device)
+    if mem_run.get("base_config") != base_config_dict(model):
+        diff = sorted(k for k in base_config_dict(model) if base_config_dict(model)[k] != mem_run.get("base_config", {}).get(k))
+        raise RunError(f"--memory-from {memory_dir}: its base model differs from --model {args.model} ({', '.join(diff) or 'config'})")
+    memories = memory.add_memory(model, memory.MemoryConfig.from_dict(mem_run["memory"]))
+    load_memory_tensors(model, os.path.join(memory_dir, "model.safetensors"))
+    background_path = os.path.join(memory_dir, "background.safetensors")
+    if not os.path.exists(background_path):
+        raise RunError(f"--memory-from {memory_dir}: background.safetensors is missing")
+    background = memory.BackgroundStats.load(background_path)
+    model.requires_grad_(False)
+    dense = {}
+    for i, mem in memories.items():
+        mem.values.weight.requires_grad_(True)
+        mem.sparse_grad = True  # the values gradient holds only the rows read
+        if args.train_alpha:
+            mem.alpha.requires_grad_(True)
+            dense[f"model.layers.{i}.memory.alpha"] = mem.alpha
+    os.makedirs(args.out, exist_ok=True)
+    if os.path.abspath(background_path) != os.path.abspath(os.path.join(args.out, "background.safetensors")):
+        shutil.copyfile(background_path, os.path.join(args.out, "background.safetensors"))
+    config = {"method": "smf", "base_model": args.model, "base_config": base_config_dict(model),
+              "memory": mem_run["memory"], "lora": None, "memory_from": os.path.abspath(memory_dir)}
+    stage = Stage(out=args.out, model=model, examples=training_examples("medmcqa", args, tok, args.limit),
+                  lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, dense=dense,
+                  saved=lambda: memory.memory_state_dict(model), config=config,
+                  smf={"memories": memories, "background": background})
+    train(stage, args, device, tok)
+    finish(stage)
+
+
+def load_memory_tensors(model, path):
+    """Load every memory tensor of a run's model.safetensors into a model with the same memory layers."""
+    from safetensors.torch import load_file
+    try:
+        tensors = load_file(path)
+    except Exception as e:
+        raise RunError(f"cannot read {path}: {e}") from e
+    own = memory.memory_state_dict(model)
+    if set(tensors) != set(own):
+        missing = sorted(set(own) - set(tensors)) or sorted(set(tensors) - set(own))
+        raise RunError(f"{path}: memory tensors do not match this model's memory layers (e.g. {missing[0]})")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            if own[k].shape != v.shape:
+                raise RunError(f"{path}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+            own[k].copy_(v)
+
+
+def finetune_baseline(args, device, tok):
+    """LoRA (adapters only) or full finetuning (every weight) on MedMCQA with AdamW."""
+    os.makedirs(args.out, exist_ok=True)
+    weights_dtype = torch.float32 if args.method == "full" else frozen_dtype(device)
+    model, _, _ = load_model(args.model, dtype=weights_dtype, device=device)
+    torch.manual_seed(args.seed)
+    lora_cfg = None
+    if args.method == "lora":
+        lora_cfg = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                    "targets": args.lora_targets}
+        model.requires_grad_(False)
+        add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
+        dense = {k: p for k, p in model.named_parameters() if k.endswith((".lora_A", ".lora_B"))}
+        saved = lambda: lora_state_dict(model)  # noqa: E731
+    else:
+        dense = dict(model.named_parameters())  # tied embeddings appear once
+        saved = lambda: {k: v for k, v in model.state_dict().items() if k in model.hub_state_shapes()}  # noqa: E731
+    config = {"method": args.method, "base_model": args.model, "base_config": base_config_dict(model),
+              "memory": None, "lora": lora_cfg}
+    stage = Stage(out=args.out, model=model, examples=training_examples("medmcqa", args, tok, args.limit),
+                  lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, dense=dense, saved=saved, config=config)
+    train(stage, args, device, tok)
+    model.eval()
+    if args.method == "full":
+        export_hub_dir(model, args.model, os.path.join(args.out, "hf"))
+    if args.export_peft:
+        from model import save_peft_adapter
+        save_peft_adapter(model, os.path.join(args.out, "peft"), args.model)
+    if args.export_merged:
+        export_hub_dir(merge_lora(model), args.model, os.path.join(args.out, "merged"))
+    finish(stage)
+
+
+def export_hub_dir(model, base, out):
+    """A Hub-format model directory (config, weights, tokenizer files) that transformers and model.py load."""
+    from model import resolve_model_dir
+    model.save_pretrained(out)
+    src = resolve_model_dir(base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json"):
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    args_path = os.path.join(args.out, "args.json")
+    if args.resume:
+        check_resume_args(args, args_path)
+    elif os.path.exists(args_path):
+        raise RunError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
+    else:
+        os.makedirs(args.out, exist_ok=True)
+        write_json(args_path, {**vars(args), "device": str(device), **run_info(args)})
+    torch.manual_seed(args.seed)
+    tok = Tokenizer.from_pretrained(args.model)
+    if args.method == "retrofit":
+        retrofit(args, args.out, device, tok)
+    elif args.method == "smf":
+        memory_dir = args.memory_from
+        if memory_dir is None:  # stage 1 in a sub-run of its own, skipped if it already finished
+            memory_dir = os.path.join(args.out, "retrofit")
+            if not is_finished(memory_dir):
+                retrofit(args, memory_dir, device, tok)
+        sparse_finetune(args, device, tok, memory_dir)
+    else:
+        finetune_baseline(args, device, tok)
+    print(f"done: {args.out}  (evaluate: python eval.py --model {args.out})")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (RunError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the last checkpoint is intact; continue with --resume")
