@@ -462,13 +462,19 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def add_lora(model: Qwen2, r: int = 16, alpha: float = 32, dropout: float = 0.05, targets=LORA_TARGETS):
     """Replace every targeted nn.Linear of every block by a LoRALinear sharing its weights. The base keys keep
     their names; the adapters add e.g. `model.layers.0.self_attn.q_proj.lora_A` (r, in) and `.lora_B` (out, r)."""
+    unknown = set(targets) - set(LORA_TARGETS)
+    if unknown:
+        raise ValueError(f"add_lora: unknown target modules {sorted(unknown)} (choose from {list(LORA_TARGETS)})")
     for block in model.model.layers:
         for parent in (block.self_attn, block.mlp):
             if parent is None:
                 continue
             for name in targets:
-                if isinstance(getattr(parent, name, None), nn.Linear):
-                    setattr(parent, name, LoRALinear(getattr(parent, name), r, alpha, dropout))
+                layer = getattr(parent, name, None)
+                if isinstance(layer, LoRALinear):
+                    raise ValueError(f"add_lora: {name} already has an adapter")
+                if isinstance(layer, nn.Linear):
+                    setattr(parent, name, LoRALinear(layer, r, alpha, dropout))
     return model
 
 
@@ -483,6 +489,67 @@ def merge_lora(model: nn.Module) -> nn.Module:
         for name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 setattr(module, name, child.merged())
+    return model
+
+
+# peft's file format, so an adapter trained here loads with PeftModel.from_pretrained (and back):
+# adapter_model.safetensors with keys `base_model.model.<our module name>.lora_{A,B}.weight`, adapter_config.json.
+PEFT_PREFIX = "base_model.model."
+
+
+def save_peft_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str):
+    """Write the adapters as peft does (adapter_model.safetensors + adapter_config.json), without peft."""
+    from safetensors.torch import save_file
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not layers:
+        raise ValueError("save_peft_adapter: the model has no LoRA adapters")
+    settings = {(m.r, m.lora_alpha, m.lora_dropout.p) for m in layers.values()}
+    if len(settings) != 1:
+        raise ValueError(f"save_peft_adapter: adapters differ in (r, alpha, dropout): {sorted(settings)}")
+    (r, alpha, dropout), = settings
+    state = {}
+    for name, m in layers.items():
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous()  # (r, in)
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous()  # (out, r)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write(os.path.join(out_dir, "adapter_model.safetensors"),
+                 lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(os.path.join(out_dir, "adapter_config.json"), lambda p: write_json(p, config))
+
+
+def load_peft_adapter(model: Qwen2, adapter_dir: str) -> Qwen2:
+    """The reverse: add_lora with the adapter's settings, then load its tensors (key set and shapes checked)."""
+    from safetensors.torch import load_file
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    for key, plain in [("peft_type", "LORA"), ("bias", "none"), ("use_rslora", False), ("use_dora", False),
+                       ("fan_in_fan_out", False), ("layers_to_transform", None), ("modules_to_save", None),
+                       ("rank_pattern", {}), ("alpha_pattern", {})]:
+        if cfg.get(key, plain) not in (plain, None, {}):
+            raise ValueError(f"adapter_config.json: {key}={cfg[key]!r} is not supported")
+    if not isinstance(cfg["target_modules"], list):
+        raise ValueError(f"adapter_config.json: target_modules must be a list, got {cfg['target_modules']!r}")
+    add_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), cfg["target_modules"])
+    state = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    ours = lora_state_dict(model)  # {'model.layers.0.self_attn.q_proj.lora_A': ...}
+    want = {f"{PEFT_PREFIX}{k}.weight": k for k in ours}
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or unexpected:
+        raise ValueError(f"adapter: missing {missing[:3]}, unexpected {unexpected[:3]} tensors")
+    with torch.no_grad():
+        for key, name in want.items():
+            if state[key].shape != ours[name].shape:
+                raise ValueError(f"adapter: tensor {key} has shape {tuple(state[key].shape)}, "
+                                 f"expected {tuple(ours[name].shape)}")
+            ours[name].copy_(state[key])
     return model
 
 
