@@ -1,0 +1,549 @@
+"""
+Sparse Memory Finetuning (SMF), everything specific to it, top to bottom:
+
+1. ProductKeyMemory: a product-key memory layer (Lample et al. 2019) with the "Memory+" output
+   (Berges et al. 2024), put beside (additive) or in place of (replacement) the MLP of a few Qwen2 blocks.
+2. Read counting: which memory slots (rows of the `values` table) a batch reads, real tokens only.
+3. Ranking: score each slot by how much more this batch reads it than a background corpus does
+   (`counts`, `tfidf`, `kl`) and pick the top-t slots per layer.
+4. SparseMemoryOptimizer: update only the picked rows of the `values` tables (lazy AdamW, plain SGD,
+   or the paper code's dense AdamW with the other rows' gradients zeroed, for comparison).
+
+A training step of stage 2 (only `values` trainable) reads:
+
+    logits = model(idx, attention_mask)                      # every memory keeps its slot indices
+    counts = read_counts(model, attention_mask)              # {layer: (n_slots,)} reads by real tokens
+    loss.backward()
+    selected = select_rows(counts, background, "kl", 512)    # {layer: slot ids}
+    optimizer.step(selected, max_grad_norm=1.0)              # only those rows (and their state) change
+    optimizer.zero_grad()
+
+Shape letters: B batch, T positions, N = B*T tokens, C hidden size, h heads, k topk, n n_keys per half,
+dk key dim per head (two halves of dk/2), D value dim, S = n*n slots, R rows updated.
+"""
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class MemoryConfig:
+    layers: list[int] | None = None  # None -> [L//4, L//2, 3L//4]: 6, 12, 18 of Qwen2.5-0.5B's 24
+    n_keys: int = 128  # half-keys per half; n_keys**2 = 16,384 slots per layer
+    heads: int = 4
+    topk: int = 16  # slots read per head and token
+    k_dim: int = 256  # query / key size per head (two halves of 128)
+    v_dim: int | None = None  # None -> the model's hidden size (896)
+    mode: str = "additive"  # "additive": x + mlp(h) + alpha * mem(h); "replacement": x + mem(h)
+    alpha_init: float = 0.01  # the paper's init of the learnable scale (additive only)
+
+    def __post_init__(self):
+        if self.mode not in ("additive", "replacement"):
+            raise ValueError(f"MemoryConfig: mode {self.mode!r} is unknown (use 'additive' or 'replacement')")
+        if self.k_dim % 2:
+            raise ValueError(f"MemoryConfig: k_dim {self.k_dim} must be even (two half-keys)")
+        if not 1 <= self.topk <= self.n_keys:
+            raise ValueError(f"MemoryConfig: topk {self.topk} must be in 1..n_keys ({self.n_keys})")
+        if self.heads < 1:
+            raise ValueError(f"MemoryConfig: heads {self.heads} must be >= 1")
+
+    def resolve(self, n_layers: int, hidden: int) -> "MemoryConfig":
+        """A copy with `layers` and `v_dim` filled in for a model of n_layers blocks and this hidden size."""
+        layers = self.layers if self.layers is not None else [n_layers // 4, n_layers // 2, 3 * n_layers // 4]
+        layers = sorted(set(int(i) for i in layers))
+        if not layers or layers[0] < 0 or layers[-1] >= n_layers:
+            raise ValueError(f"MemoryConfig: layers {layers} must lie in 0..{n_layers - 1}")
+        return MemoryConfig(**{**asdict(self), "layers": layers, "v_dim": self.v_dim or hidden})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MemoryConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"MemoryConfig: unknown field {sorted(unknown)[0]!r}")
+        return cls(**d)
+
+
+# -----------------------------------------------------------------------------
+# The memory layer
+
+
+class ProductKeyMemory(nn.Module):
+    """
+    out = W2((sum over heads and their top-k slots of s_i * values[i]) * silu(W1 x)), times alpha if additive.
+
+    Parameters (always fp32, whatever the model's dtype) and their init:
+
+    | name            | shape           | init                                              |
+    |-----------------|-----------------|---------------------------------------------------|
+    | query.weight    | (h*dk, C)       | Xavier uniform (Meta's memory code)               |
+    | query.bias      | (h*dk,)         | zeros                                             |
+    | keys            | (h, 2, n, dk/2) | uniform(-1/sqrt(dk/2), 1/sqrt(dk/2)) (Meta's)     |
+    | values.weight   | (n*n, D)        | normal(0, std D**-0.5), i.e. variance 1/D (Meta's)|
+    | w1.weight       | (D, C)          | normal(0, std C**-0.5) (our choice: unit gain)    |
+    | w2.weight       | (C, D)          | normal(0, std D**-0.5) (our choice: unit gain)    |
+    | alpha           | ()              | alpha_init = 0.01 (paper); additive mode only     |
+
+    w1 and w2 have no bias. With unit-gain w1, w2, mem(x) has entries of order 1 for normed inputs, so at
+    alpha = 0.01 the memory adds about 1% of an MLP-sized signal to the residual stream.
+    """
+
+    def __init__(self, hidden: int, cfg: MemoryConfig):
+        super().__init__()
+        if cfg.v_dim is None:
+            raise ValueError("ProductKeyMemory: cfg.v_dim is None; call cfg.resolve(n_layers, hidden) first")
+        self.cfg, self.hidden = cfg, hidden
+        self.n_slots = cfg.n_keys ** 2
+        self.query = nn.Linear(hidden, cfg.heads * cfg.k_dim, bias=True)
+        self.keys = nn.Parameter(torch.empty(cfg.heads, 2, cfg.n_keys, cfg.k_dim // 2))
+        self.values = nn.Embedding(self.n_slots, cfg.v_dim)
+        self.w1 = nn.Linear(hidden, cfg.v_dim, bias=False)
+        self.w2 = nn.Linear(cfg.v_dim, hidden, bias=False)
+        self.alpha = nn.Parameter(torch.tensor(float(cfg.alpha_init))) if cfg.mode == "additive" else None
+        self.sparse_grad = False  # True: the values gradient holds only the rows read (stage 2)
+        self.last_indices = None  # (B, T, h*k) slot ids read by the last forward, detached
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        half = self.cfg.k_dim // 2
+        nn.init.xavier_uniform_(self.query.weight)
+        nn.init.zeros_(self.query.bias)
+        nn.init.uniform_(self.keys, -1 / math.sqrt(half), 1 / math.sqrt(half))
+        nn.init.normal_(self.values.weight, std=self.cfg.v_dim ** -0.5)
+        nn.init.normal_(self.w1.weight, std=self.hidden ** -0.5)
+        nn.init.normal_(self.w2.weight, std=self.cfg.v_dim ** -0.5)
+        if self.alpha is not None:
+            self.alpha.fill_(self.cfg.alpha_init)
+
+    def lookup(self, x):
+        """x (N, C) fp32 -> scores, indices (N, h, k): each head's top-k slots and their scores, best first."""
+        N = x.shape[0]
+        h, n, k, half = self.cfg.heads, self.cfg.n_keys, self.cfg.topk, self.cfg.k_dim // 2
+        q = self.query(x).view(N, h, 2, half)  # (N, h, 2, dk/2): each head's query as two halves
+        s = torch.einsum("nhid,hikd->nhik", q, self.keys)  # (N, h, 2, n): each half against its half-keys
+        s1, i1 = s[:, :, 0].topk(k, dim=-1)  # (N, h, k) best first halves
+        s2, i2 = s[:, :, 1].topk(k, dim=-1)  # (N, h, k) best second halves
+        # the k*k candidate slots (a, b) score s1[a] + s2[b]; slot id a * n + b
+        cand_scores = (s1[..., :, None] + s2[..., None, :]).view(N, h, k * k)  # (N, h, k*k)
+        cand_ids = (i1[..., :, None] * n + i2[..., None, :]).view(N, h, k * k)  # (N, h, k*k)
+        scores, best = cand_scores.topk(k, dim=-1)  # (N, h, k)
+        return scores, cand_ids.gather(-1, best)  # (N, h, k), (N, h, k)
+
+    def forward(self, x):
+        """x (B, T, C) in any dtype -> (B, T, C) in x's dtype; computed in fp32 (autocast off)."""
+        B, T, C = x.shape
+        if C != self.hidden:
+            raise ValueError(f"ProductKeyMemory: input has size {C} in its last dim, expected {self.hidden}")
+        h, k = self.cfg.heads, self.cfg.topk
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.float().reshape(B * T, C)  # (N, C)
+            scores, indices = self.lookup(xf)  # (N, h, k) each
+            weights = scores.softmax(dim=-1).view(B * T, h * k)  # (N, h*k): softmax per head, heads summed below
+            indices = indices.view(B * T, h * k)  # (N, h*k)
+            self.last_indices = indices.detach().view(B, T, h * k)  # a reference, no copy: counted on demand
+            read = self.read_values(indices, weights)  # (N, D) = sum_i s_i v_i over heads and slots
+            out = self.w2(read * F.silu(self.w1(xf)))  # (N, C)
+            if self.alpha is not None:
+                out = self.alpha * out
+        return out.view(B, T, C).to(x.dtype)
+
+    def read_values(self, indices, weights):
+        """A weighted embedding bag: row i of the result is sum_j weights[i, j] * values[indices[i, j]]."""
+        table = self.values.weight
+        if not (self.sparse_grad and torch.is_grad_enabled() and table.requires_grad):
+            return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
+        # Sparse gradient over the distinct rows read. F.embedding_bag(sparse=True) would make a sparse
+        # gradient with one (D,) row per read, duplicates included (N*h*k rows: larger than the dense table
+        # for a 512-token batch), so instead read through the distinct rows, whose gradient is (U, D).
+        rows, local = indices.unique(return_inverse=True)  # (U,), (N, h*k) positions into rows
+        return F.embedding_bag(local, _GatherRows.apply(table, rows), per_sample_weights=weights, mode="sum")
+
+
+class _GatherRows(torch.autograd.Function):
+    """table[rows] whose backward is a sparse (S, D) gradient holding only those rows."""
+
+    @staticmethod
+    def forward(ctx, table, rows):
+        ctx.save_for_backward(rows)
+        ctx.table_shape = table.shape
+        return table[rows]  # (U, D)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (U, D)
+        (rows,) = ctx.saved_tensors
+        return torch.sparse_coo_tensor(rows[None], grad, ctx.table_shape, is_coalesced=True,
+                                       check_invariants=False), None
+
+
+# -----------------------------------------------------------------------------
+# Putting memory into a model, saving and loading it
+
+
+def add_memory(model, cfg: MemoryConfig) -> dict:
+    """Give each of cfg.layers its own ProductKeyMemory (fp32, on the model's device); in place.
+    Replacement mode removes those blocks' MLPs. Returns {layer: memory}."""
+    blocks = model.model.layers
+    cfg = cfg.resolve(len(blocks), model.config.hidden_size)
+    device = model.model.embed_tokens.weight.device
+    memories = {}
+    for i in cfg.layers:
+        if blocks[i].memory is not None:
+            raise ValueError(f"add_memory: layer {i} already has a memory")
+        memories[i] = ProductKeyMemory(model.config.hidden_size, cfg).to(device)
+        blocks[i].memory = memories[i]
+        if cfg.mode == "replacement":
+            blocks[i].mlp = None
+    return memories
+
+
+def memory_layers(model) -> dict:
+    """{layer: ProductKeyMemory} of every block that has one."""
+    return {i: b.memory for i, b in enumerate(model.model.layers) if b.memory is not None}
+
+
+def memory_state_dict(model) -> dict:
+    """Every memory tensor under its state_dict name: {'model.layers.6.memory.values.weight': (S, D), ...}."""
+    return {k: v for k, v in model.state_dict().items() if ".memory." in k}
+
+
+def load_memory_state_dict(model, state: dict):
+    """Load memory_state_dict() output into a model given the same add_memory; a mismatch names the tensor."""
+    expected = memory_state_dict(model)
+    for name in sorted(set(expected) ^ set(state)):
+        raise ValueError(f"memory weights: {'missing' if name in expected else 'unexpected'} tensor {name}")
+    for name, t in expected.items():
+        if state[name].shape != t.shape:
+            raise ValueError(f"memory weights: tensor {name} has shape {tuple(state[name].shape)}, "
+                             f"expected {tuple(t.shape)}")
+    with torch.no_grad():
+        for name, t in expected.items():
+            t.copy_(state[name])  # state_dict tensors share storage with the parameters
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Read counting and background statistics
+
+
+def read_counts(model, attention_mask=None) -> dict:
+    """
+    {layer: LongTensor (S,)}: how many times the last forward read each slot, over real tokens only
+    (attention_mask (B, T), 1 = real; None = all real), counting every head's top-k reads.
+    """
+    counts = {}
+    for i, mem in memory_layers(model).items():
+        if mem.last_indices is None:
+            raise RuntimeError(f"read_counts: the memory of layer {i} has not been run yet")
+        ids = mem.last_indices  # (B, T, h*k)
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(ids.shape[:2]):
+                raise ValueError(f"read_counts: attention_mask has shape {tuple(attention_mask.shape)}, "
+                                 f"expected {tuple(ids.shape[:2])}")
+            ids = ids[attention_mask.bool()]  # (real tokens, h*k)
+        counts[i] = torch.bincount(ids.flatten(), minlength=mem.n_slots)
+    return counts
+
+
+class BackgroundStats:
+    """Per layer: read counts (S,) and document frequency (S,) = in how many batches each slot was read."""
+
+    def __init__(self, counts: dict | None = None, doc_freq: dict | None = None, n_batches: int = 0):
+        self.counts = counts or {}
+        self.doc_freq = doc_freq or {}
+        self.n_batches = n_batches
+
+    def update(self, counts: dict):
+        """Add one batch's read_counts()."""
+        for i, c in counts.items():
+            c = c.detach().long().cpu()
+            if i not in self.counts:
+                self.counts[i], self.doc_freq[i] = torch.zeros_like(c), torch.zeros_like(c)
+            if c.shape != self.counts[i].shape:
+                raise ValueError(f"BackgroundStats: layer {i} counts have shape {tuple(c.shape)}, "
+                                 f"expected {tuple(self.counts[i].shape)}")
+            self.counts[i] += c
+            self.doc_freq[i] += (c > 0).long()
+        self.n_batches += 1
+
+    def save(self, path: str):
+        from safetensors.torch import save_file
+        tensors = {f"counts.{i}": c.contiguous() for i, c in self.counts.items()}
+        tensors.update({f"doc_freq.{i}": d.contiguous() for i, d in self.doc_freq.items()})
+        save_file(tensors, path, metadata={"n_batches": str(self.n_batches), "layers": json.dumps(sorted(self.counts))})
+
+    @classmethod
+    def load(cls, path: str) -> "BackgroundStats":
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if "n_batches" not in meta:
+                raise ValueError(f"{path}: not a BackgroundStats file (no n_batches in its metadata)")
+            layers = json.loads(meta["layers"])
+            counts = {i: f.get_tensor(f"counts.{i}") for i in layers}
+            doc_freq = {i: f.get_tensor(f"doc_freq.{i}") for i in layers}
+        return cls(counts, doc_freq, int(meta["n_batches"]))
+
+
+# -----------------------------------------------------------------------------
+# Ranking: which rows to train
+
+
+RANKS = ("kl", "tfidf", "counts")
+
+
+def row_scores(c, background: "BackgroundStats | None", layer: int, rank: str):
+    """Score (S,) fp64 of every slot of one layer from this batch's reads c (S,); higher = more specific."""
+    c = c.double()
+    if rank == "counts":
+        return c
+    if background is None or layer not in background.counts:
+        raise ValueError(f"select_rows: rank {rank!r} needs background statistics for layer {layer}")
+    p_b = c / c.sum()  # this batch's read distribution
+    if rank == "tfidf":  # term frequency * inverse document frequency
+        df = background.doc_freq[layer].to(c.device).double()
+        return p_b * torch.log((background.n_batches + 1) / (df + 1))
+    bg = background.counts[layer].to(c.device).double() + 1  # add-one smoothing
+    p_bg = bg / bg.sum()
+    return p_b * torch.log((p_b + 1e-8) / (p_bg + 1e-8))  # this slot's term of KL(p_b || p_bg)
+
+
+def select_rows(counts: dict, background: "BackgroundStats | None" = None, rank: str = "kl",
+                top_t: int = 512) -> dict:
+    """
+    {layer: LongTensor of slot ids, best first}: per layer the top_t slots by `rank` among the slots read
+    at least once; exactly min(top_t, slots read) of them. Unread slots are never chosen.
+
+    We select once per optimizer step, from the reads of all its micro-batches summed (so at most top_t rows
+    change per step). The paper's code re-selects on every micro-batch, so with gradient accumulation up to
+    (micro-batches * top_t) rows change per step; keep_grad_rows() and union_rows() reproduce that.
+    """
+    if rank not in RANKS:
+        raise ValueError(f"select_rows: rank {rank!r} is unknown (use one of {', '.join(RANKS)})")
+    if not isinstance(top_t, int) or top_t < 1:
+        raise ValueError(f"select_rows: top_t must be an integer >= 1, got {top_t!r}")
+    selected = {}
+    for i, c in counts.items():
+        read = c > 0
+        n = min(top_t, int(read.sum()))
+        if n == 0:
+            selected[i] = torch.zeros(0, dtype=torch.long, device=c.device)
+            continue
+        scores = row_scores(c, background, i, rank).masked_fill(~read, -math.inf)
+        selected[i] = scores.topk(n).indices
+    return selected
+
+
+def union_rows(a: dict, b: dict) -> dict:
+    """Layer by layer union of two selections (sorted slot ids)."""
+    return {i: torch.cat([s[i] for s in (a, b) if i in s]).unique() for i in sorted(a.keys() | b.keys())}
+
+
+@contextmanager
+def keep_grad_rows(memories: dict, selected: dict):
+    """
+    The paper's per-micro-batch selection: inside this block, each backward pass keeps only the `selected`
+    rows of its own values gradient (before it is added to .grad). Usage per micro-batch:
+
+        sel = select_rows(read_counts(model, mask), background, rank, top_t)
+        with keep_grad_rows(memories, sel):
+            loss.backward()
+        step_rows = union_rows(step_rows, sel)        # then optimizer.step(step_rows)
+    """
+    handles = []
+    for i, mem in memories.items():
+        keep = torch.zeros(mem.n_slots, dtype=torch.bool, device=mem.values.weight.device)
+        keep[selected[i]] = True
+
+        def mask(grad, keep=keep):
+            if grad.is_sparse:
+                grad = grad.coalesce()
+                on = keep[grad.indices()[0]]
+                return torch.sparse_coo_tensor(grad.indices()[:, on], grad.values()[on], grad.shape,
+                                               check_invariants=False)
+            return grad * keep[:, None]
+
+        handles.append(mem.values.weight.register_hook(mask))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# -----------------------------------------------------------------------------
+# The masked update
+
+
+def grad_rows(grad, rows):
+    """The gradient (R, D) of the given rows of a table, from a dense (S, D) or sparse COO gradient (or None)."""
+    if grad is None:
+        raise RuntimeError("SparseMemoryOptimizer: a value table has no gradient (no backward before step?)")
+    if not grad.is_sparse:
+        return grad[rows]
+    grad = grad.coalesce()  # sums the duplicate rows of several micro-batches
+    where = torch.full((grad.shape[0],), -1, dtype=torch.long, device=grad.device)
+    where[rows] = torch.arange(len(rows), device=grad.device)  # slot id -> position in rows, -1 if not wanted
+    pos = where[grad.indices()[0]]  # (nnz,)
+    out = grad.values().new_zeros(len(rows), grad.shape[1])  # rows not read have zero gradient
+    out[pos[pos >= 0]] = grad.values()[pos >= 0]
+    return out
+
+
+def adamw_rows_(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    """
+    One AdamW step (Loshchilov & Hutter) on rows p (R, D), in place on p, m, v, with each row's own step
+    count step (R,) (already incremented) for the bias correction; the same operations as
+    torch.optim.AdamW's single-tensor code, so a row updated at every step follows it exactly.
+    """
+    p.mul_(1 - lr * weight_decay)  # decoupled weight decay
+    m.lerp_(g, 1 - beta1)  # first moment
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # second moment
+    step = step.double()[:, None]  # (R, 1)
+    step_size = (lr / (1 - beta1 ** step)).float()  # (R, 1)
+    bias_correction2_sqrt = (1 - beta2 ** step).sqrt().float()  # (R, 1)
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    p.add_(-step_size * m / denom)
+
+
+class SparseMemoryOptimizer:
+    """
+    Updates only the selected rows of each memory's `values` table. Modes:
+
+    "adamw" (default): lazy AdamW. A selected row gets an AdamW step with its own step count; a row not
+        selected keeps its value, moments and step count bit-identical. Weight decay only on updated rows.
+    "sgd": plain SGD on the selected rows (Lin et al.'s choice), p -= lr * g (weight decay added to g).
+    "paper": the paper code's behaviour: dense AdamW over the whole table after zeroing the gradients of
+        the rows not selected. Earlier rows keep moving on their momentum: "only the selected rows change"
+        does not hold.
+
+    Gradient clipping (max_grad_norm) is over the selected rows' gradients of all layers together.
+
+    State is kept only for rows ever updated ("adamw"): per layer `slots` (R,), `exp_avg`, `exp_avg_sq`
+    (R, D) fp32 and `step` (R,) int64, grown by doubling as new rows appear. Dense moments would be
+    2 x 16,384 x 896 x 4 B = 117 MB per layer from step one; a short run touching a few thousand rows holds
+    a fraction of that, and a long run that touches every row ends at the dense size. "paper" mode holds
+    the dense state (all rows), as its AdamW does. Only the values tables are handled here: train other
+    parameters (alpha, ...) with their own optimizer.
+    """
+
+    MODES = ("adamw", "sgd", "paper")
+
+    def __init__(self, memories: dict, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, mode: str = "adamw"):
+        if mode not in self.MODES:
+            raise ValueError(f"SparseMemoryOptimizer: mode {mode!r} is unknown (use one of {', '.join(self.MODES)})")
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError("SparseMemoryOptimizer: need lr, eps, weight_decay >= 0 and betas in [0, 1)")
+        self.memories, self.mode = dict(memories), mode
+        self.param_groups = [{"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}]
+        self.state = {i: self._empty_state(mem) for i, mem in self.memories.items()} if mode != "sgd" else {}
+
+    @staticmethod
+    def _empty_state(mem):
+        w = mem.values.weight
+        return {"where": torch.full((mem.n_slots,), -1, dtype=torch.long, device=w.device),  # slot -> state row
+                "slots": w.new_zeros(0, dtype=torch.long), "exp_avg": w.new_zeros(0, w.shape[1]),
+                "exp_avg_sq": w.new_zeros(0, w.shape[1]), "step": w.new_zeros(0, dtype=torch.long),
+                "n": 0}  # rows with state: the first n entries of slots, exp_avg, exp_avg_sq, step
+
+    def _state_rows(self, st, rows):
+        """Where each of rows (R,) keeps its state; rows seen for the first time get zeroed state."""
+        new = rows[st["where"][rows] < 0]
+        if len(new):
+            n, need = st["n"], st["n"] + len(new)
+            if need > st["exp_avg"].shape[0]:  # grow by doubling (at most to every slot)
+                cap = min(len(st["where"]), max(need, 2 * st["exp_avg"].shape[0]))
+                for key in ("slots", "exp_avg", "exp_avg_sq", "step"):
+                    t = st[key]
+                    st[key] = torch.cat([t, t.new_zeros(cap - t.shape[0], *t.shape[1:])])
+            st["where"][new] = torch.arange(n, need, device=rows.device)
+            st["slots"][n:need] = new
+            st["n"] = need
+        return st["where"][rows]
+
+    @torch.no_grad()
+    def step(self, selected: dict, max_grad_norm: float | None = None) -> dict:
+        """Update the rows selected[layer] of each table; returns the gradient norm (before clipping) and
+        how many rows of each layer changed."""
+        group = self.param_groups[0]
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        rows, grads = {}, {}
+        for i, mem in self.memories.items():
+            r = selected.get(i)
+            r = torch.zeros(0, dtype=torch.long) if r is None else r
+            r = r.to(mem.values.weight.device, torch.long)
+            if r.numel() and (r.min() < 0 or r.max() >= mem.n_slots):
+                raise ValueError(f"SparseMemoryOptimizer: layer {i} slot ids must lie in 0..{mem.n_slots - 1}")
+            if len(r.unique()) != len(r):
+                raise ValueError(f"SparseMemoryOptimizer: layer {i} selection has repeated slot ids")
+            rows[i], grads[i] = r, grad_rows(mem.values.weight.grad, r)  # (R,), (R, D)
+        total = torch.stack([g.float().pow(2).sum() for g in grads.values()]).sum().sqrt() if grads else torch.zeros(())
+        if max_grad_norm is not None:  # as torch.nn.utils.clip_grad_norm_
+            coef = (max_grad_norm / (total + 1e-6)).clamp(max=1.0)
+            for g in grads.values():
+                g.mul_(coef)
+        changed = {}
+        for i, mem in self.memories.items():
+            table, r, g = mem.values.weight, rows[i], grads[i]
+            if self.mode == "paper":  # every row, with zero gradient outside the selection
+                g = torch.zeros_like(table).index_copy_(0, r, g)
+                r = torch.arange(mem.n_slots, device=table.device)
+            old = table[r]  # (R, D)
+            p = old.clone()
+            if self.mode == "sgd":
+                p.add_(g if wd == 0 else g.add(p, alpha=wd), alpha=-lr)
+            else:
+                st = self.state[i]
+                pos = self._state_rows(st, r)  # (R,)
+                m, v, step = st["exp_avg"][pos], st["exp_avg_sq"][pos], st["step"][pos] + 1
+                adamw_rows_(p, g, m, v, step, lr, beta1, beta2, eps, wd)
+                st["exp_avg"][pos], st["exp_avg_sq"][pos], st["step"][pos] = m, v, step
+            table.index_copy_(0, r, p)
+            changed[i] = int((p != old).any(dim=1).sum())
+        return {"grad_norm": float(total), "rows": changed}
+
+    def zero_grad(self):
+        for mem in self.memories.values():
+            mem.values.weight.grad = None
+
+    def state_dict(self) -> dict:
+        """Tensors only (safetensors-friendly): per layer `{i}.slots`, `{i}.exp_avg`, `{i}.exp_avg_sq`, `{i}.step`
+        for the rows that have state, and `lr`."""
+        out = {"lr": torch.tensor(float(self.param_groups[0]["lr"]), dtype=torch.float64)}
+        for i, st in self.state.items():
+            n = st["n"]
+            for key in ("slots", "exp_avg", "exp_avg_sq", "step"):
+                out[f"{i}.{key}"] = st[key][:n].clone()
+        return out
+
+    def load_state_dict(self, d: dict):
+        expected = {"lr"} | {f"{i}.{key}" for i in self.state for key in ("slots", "exp_avg", "exp_avg_sq", "step")}
+        for name in sorted(expected ^ set(d)):
+            raise ValueError(f"SparseMemoryOptimizer.load_state_dict: {'missing' if name in expected else 'unexpected'}"
+                             f" tensor {name} (mode {self.mode!r})")
+        self.param_groups[0]["lr"] = float(d["lr"])
+        for i, mem in self.memories.items():
+            if i not in self.state:
+                continue
+            st = self._empty_state(mem)
+            slots = d[f"{i}.slots"].to(st["where"].device, torch.long)
+            if d[f"{i}.exp_avg"].shape != (len(slots), mem.values.weight.shape[1]):
+                raise ValueError(f"SparseMemoryOptimizer.load_state_dict: tensor {i}.exp_avg has shape "
+                                 f"{tuple(d[f'{i}.exp_avg'].shape)}, expected {(len(slots), mem.values.weight.shape[1])}")
+            for key in ("slots", "exp_avg", "exp_avg_sq", "step"):
+                st[key] = d[f"{i}.{key}"].to(st[key].device, st[key].dtype).clone()
+            st["where"][slots] = torch.arange(len(slots), device=slots.device)
+            st["n"] = len(slots)
+            self.state[i] = st
