@@ -1,0 +1,321 @@
+"""
+Datasets and prompts: MedMCQA (the task), TriviaQA and WikiText (the forgetting probes), OASST1 (stage-1 data).
+
+Rows come from the Hugging Face Hub (dataset repos, parquet files read with pyarrow, cached by huggingface_hub,
+so `HF_HUB_OFFLINE=1` serves them from the cache) or from a local file in the Hub's column schema:
+
+    name      Hub repo (config)                         default split  columns used (optional in brackets)
+    medmcqa   openlifescienceai/medmcqa                 validation     question opa opb opc opd cop [choice_type exp id]
+    triviaqa  mandarjoshi/trivia_qa (rc.nocontext)      validation     question answer{aliases, value}
+    wikitext  Salesforce/wikitext (wikitext-103-v1)     test           text
+    oasst1    OpenAssistant/oasst1                      train          message_id parent_id role text [lang deleted
+                                                                       review_result]
+
+A local file is a `.parquet`, a `.jsonl` (one JSON object per line), or for WikiText any other text file (one
+row per line); a local directory is searched like a Hub snapshot (`{config}/{split}-*.parquet`).
+
+Prompt formats (REFERENCE.md sections 3 and 4; the exact strings are in the functions below):
+
+    MedMCQA eval context   "Medical exam question:\\nQuestion: {question}\\nA. {opa}\\nB. {opb}\\nC. {opc}\\nD. {opd}\\nAnswer:"
+    MedMCQA continuations  " A. {opa}", " B. {opb}", " C. {opc}", " D. {opd}"
+    MedMCQA training text  eval context + " {X}. {option}" + "\\nExplanation: {exp}" (the last part only when exp is
+                           non-empty), i.e. the eval prompt followed by its correct continuation; loss on all tokens
+    TriviaQA prompt        "Question: {question}\\nAnswer:"
+    OASST1                 ChatML via Tokenizer.apply_chat_template (Qwen's default system turn); loss on the
+                           assistant replies only (each reply's text and its closing <|im_end|>)
+
+Tokenized examples are (ids, loss_mask) pairs; `collate` right-pads them into a batch whose `labels` hold the
+token id where the loss applies and -100 elsewhere, aligned with `idx` (the caller shifts: logits[:, t] predicts
+labels[:, t + 1], as in Hugging Face).
+"""
+
+import fnmatch
+import json
+import os
+import sys
+
+import torch
+
+# -----------------------------------------------------------------------------
+# Where each dataset lives
+
+HUB = {  # name: (repo id, folder in the repo = the dataset config)
+    "medmcqa": ("openlifescienceai/medmcqa", "data"),
+    "triviaqa": ("mandarjoshi/trivia_qa", "rc.nocontext"),
+    "wikitext": ("Salesforce/wikitext", "wikitext-103-v1"),
+    "oasst1": ("OpenAssistant/oasst1", "data"),
+}
+DEFAULT_SPLIT = {"medmcqa": "validation", "triviaqa": "validation", "wikitext": "test", "oasst1": "train"}
+REQUIRED = {
+    "medmcqa": ["question", "opa", "opb", "opc", "opd", "cop"],
+    "triviaqa": ["question", "answer"],
+    "wikitext": ["text"],
+    "oasst1": ["message_id", "parent_id", "role", "text"],
+}
+OPTIONAL = {
+    "medmcqa": ["id", "choice_type", "exp", "subject_name", "topic_name"],
+    "triviaqa": ["question_id"],
+    "wikitext": [],
+    "oasst1": ["lang", "deleted", "review_result", "message_tree_id", "rank"],
+}
+
+
+def warn(msg: str):
+    print(f"data: {msg}", file=sys.stderr)
+
+
+def hub_files(name: str, split: str, config: str | None = None, revision: str | None = None) -> list[str]:
+    """Download (or find in the cache) the parquet files of one split; return their local paths, sorted."""
+    from huggingface_hub import snapshot_download
+    repo, folder = HUB[name]
+    folder = config or folder
+    pattern = f"{folder}/{split}-*.parquet"
+    try:
+        root = snapshot_download(repo, repo_type="dataset", revision=revision, allow_patterns=[pattern])
+    except Exception as e:  # offline without a cache, unknown revision, ...
+        raise FileNotFoundError(f"could not fetch {repo} {pattern} from the Hugging Face Hub: {e}") from e
+    files = split_files(root, folder, split)
+    if not files:
+        raise FileNotFoundError(f"{repo}: no file matches {pattern} (is the split or config name right?)")
+    return files
+
+
+def split_files(root: str, folder: str, split: str) -> list[str]:
+    """`{root}/{folder}/{split}-*.parquet`, the Hub's layout of a parquet dataset."""
+    d = os.path.join(root, folder)
+    if not os.path.isdir(d):
+        return []
+    return [os.path.join(d, f) for f in sorted(os.listdir(d)) if fnmatch.fnmatch(f, f"{split}-*.parquet")]
+
+
+# -----------------------------------------------------------------------------
+# Reading rows
+
+
+def read_parquet(path: str, columns: list[str]) -> list[dict]:
+    """The rows of a parquet file, only the named columns that it has."""
+    import pyarrow.parquet as pq
+    try:
+        have = pq.read_schema(path).names
+        return pq.read_table(path, columns=[c for c in columns if c in have]).to_pylist()
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable parquet file: {e}") from e
+
+
+def read_jsonl(path: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {i} is not JSON: {e}") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {i} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def read_text_lines(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [{"text": line} for line in f.read().split("\n")]
+
+
+def load_rows(name: str, path: str | None = None, split: str | None = None, limit: int | None = None, *,
+              config: str | None = None, single_only: bool = True) -> list[dict]:
+    """
+    The rows of one dataset split as dicts with the Hub's column names; the first `limit` after filtering.
+    path: a local .parquet / .jsonl (WikiText: also plain text) file or a folder in the Hub layout; None = the Hub.
+    split: default DEFAULT_SPLIT[name]; config: the Hub folder (e.g. "wikitext-2-raw-v1"), default as in HUB.
+    Filtering: MedMCQA keeps choice_type == "single" when single_only (the paper's train and eval sets; a file
+    without choice_type keeps every row and says so); WikiText keeps the non-empty rows, stripped (the probe
+    joins the first N with "\\n\\n"); OASST1 and TriviaQA keep every row (OASST1's `limit` counts message rows:
+    prefer slicing the result of oasst1_conversations).
+    """
+    if name not in HUB:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(HUB)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"{name}: limit must be at least 1, got {limit}")
+    split = split or DEFAULT_SPLIT[name]
+    columns = REQUIRED[name] + OPTIONAL[name]
+    if path is None:
+        source = f"{HUB[name][0]} split {split}"
+        rows = [r for f in hub_files(name, split, config) for r in read_parquet(f, columns)]
+    else:
+        source = path
+        if os.path.isdir(path):
+            files = split_files(path, config or HUB[name][1], split)
+            if not files:
+                raise FileNotFoundError(f"{path}: no {config or HUB[name][1]}/{split}-*.parquet in this folder")
+            rows = [r for f in files for r in read_parquet(f, columns)]
+        elif not os.path.exists(path):
+            raise FileNotFoundError(f"{name}: no such file: {path}")
+        elif path.endswith(".parquet"):
+            rows = read_parquet(path, columns)
+        elif path.endswith(".jsonl"):
+            rows = read_jsonl(path)
+        elif name == "wikitext":
+            rows = read_text_lines(path)
+        else:
+            raise ValueError(f"{path}: unsupported file type for {name} (use .parquet or .jsonl)")
+    if not rows:
+        raise ValueError(f"{source}: no rows")
+    for i, row in enumerate(rows):
+        missing = [c for c in REQUIRED[name] if c not in row]
+        if missing:
+            raise ValueError(f"{source}: row {i} lacks column(s) {', '.join(missing)} "
+                             f"(needed for {name}: {', '.join(REQUIRED[name])})")
+    if name == "medmcqa" and single_only:
+        if all("choice_type" in r for r in rows):
+            rows = [r for r in rows if r["choice_type"] == "single"]
+        else:
+            warn(f"{source}: no choice_type column; keeping every row (cannot keep only single-answer questions)")
+    if name == "wikitext":
+        rows = [{"text": r["text"].strip()} for r in rows if r["text"] is not None and r["text"].strip()]
+    rows = rows[:limit] if limit is not None else rows
+    if not rows:
+        raise ValueError(f"{source}: no {name} rows left after filtering")
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Prompts
+
+LETTERS = "ABCD"
+
+
+def medmcqa_context(row) -> str:
+    return (f"Medical exam question:\nQuestion: {row['question']}\nA. {row['opa']}\nB. {row['opb']}\n"
+            f"C. {row['opc']}\nD. {row['opd']}\nAnswer:")
+
+
+def medmcqa_answer_index(row) -> int:
+    cop = row["cop"]
+    if cop not in (0, 1, 2, 3):
+        raise ValueError(f"MedMCQA row {row.get('id', '')!r}: cop must be 0..3 (the test split has no answers), "
+                         f"got {cop!r}")
+    return int(cop)
+
+
+def medmcqa_eval_item(row) -> tuple[str, list[str], int]:
+    """(context, [" A. {opa}", " B. {opb}", " C. {opc}", " D. {opd}"], index of the correct continuation)."""
+    options = [row["opa"], row["opb"], row["opc"], row["opd"]]
+    return medmcqa_context(row), [f" {x}. {o}" for x, o in zip(LETTERS, options)], medmcqa_answer_index(row)
+
+
+def medmcqa_train_text(row) -> str:
+    """The eval context, the correct continuation, then "\\nExplanation: {exp}" when the row has one."""
+    context, continuations, target = medmcqa_eval_item(row)
+    text = context + continuations[target]
+    exp = (row.get("exp") or "").strip()
+    return text + f"\nExplanation: {exp}" if exp else text
+
+
+def triviaqa_prompt(row) -> str:
+    return f"Question: {row['question']}\nAnswer:"
+
+
+def triviaqa_aliases(row) -> list[str]:
+    """answer.aliases plus answer.value, deduplicated, as written (the probe normalizes them);
+    normalized_aliases is not used (some exports lack it, and the probe normalizes in its own way)."""
+    answer = row["answer"] or {}
+    aliases = list(answer.get("aliases") or []) + [answer.get("value") or ""]
+    aliases = list(dict.fromkeys(a for a in aliases if a))
+    if not aliases:
+        raise ValueError(f"TriviaQA row {row.get('question_id', row['question'])!r} has no answer aliases")
+    return aliases
+
+
+def oasst1_conversations(rows, lang: str | None = "en") -> list[list[dict]]:
+    """
+    Flatten OASST1 message trees: one conversation per assistant reply, made of that reply and its chain of
+    ancestors back to the tree's root prompt, as [{"role": "user"|"assistant", "content": text}, ...] (alternating,
+    starting with the user). Taken: replies whose whole chain is present in `rows`, not deleted, not rejected by
+    review (review_result False), with lang == `lang` for every message (lang None: any language). So a tree
+    with several replies per prompt gives several conversations that share their beginning.
+    """
+    def usable(r):
+        return (not r.get("deleted")) and r.get("review_result") is not False and bool(r.get("text"))
+
+    if lang is not None and not all("lang" in r for r in rows):
+        warn(f"OASST1 rows without a lang column; keeping every language (asked for {lang!r})")
+        lang = None
+    by_id = {r["message_id"]: r for r in rows if usable(r) and (lang is None or r["lang"] == lang)}
+    conversations = []
+    for r in rows:
+        if r["role"] != "assistant" or r["message_id"] not in by_id:
+            continue
+        chain, m = [], r
+        while m is not None:
+            chain.append(m)
+            if m["parent_id"] is None:
+                break
+            m = by_id.get(m["parent_id"])
+            if m is None:  # an ancestor was filtered out or is absent
+                chain = None
+                break
+        if chain is None:
+            continue
+        chain.reverse()
+        roles = [m["role"] for m in chain]
+        if roles != ["prompter", "assistant"] * (len(chain) // 2):
+            continue
+        conversations.append([{"role": "user" if m["role"] == "prompter" else "assistant", "content": m["text"]}
+                              for m in chain])
+    return conversations
+
+
+# -----------------------------------------------------------------------------
+# Tokenization and batching
+
+
+def encode_text(tok, text: str, max_len: int) -> tuple[list[int], list[int]]:
+    """Plain text, no special tokens added; loss on every token; the first max_len tokens."""
+    ids = tok.encode(text)[:max_len]
+    return ids, [1] * len(ids)
+
+
+def encode_chat(tok, messages: list[dict], max_len: int) -> tuple[list[int], list[int]]:
+    """
+    The chat template of the whole conversation, tokenized at once (so the ids are exactly what the model sees);
+    loss_mask is 1 on the tokens of each assistant reply and its closing <|im_end|> (found by the characters each
+    token starts at), 0 on system and user turns and on the "<|im_start|>assistant\\n" headers. The first max_len
+    tokens (a long conversation may lose its last reply, and then has no loss token).
+    """
+    text = tok.apply_chat_template(messages)
+    spans = []  # character ranges [a, b) the loss is on
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            head = tok.apply_chat_template(messages[:i], add_generation_prompt=True)
+            end = head + m["content"] + "<|im_end|>"
+            if not text.startswith(end):
+                raise ValueError("apply_chat_template is not a prefix-stable concatenation of turns")
+            spans.append((len(head), len(end)))
+    enc = tok.tok.encode(text, add_special_tokens=False)
+    mask = [int(any(a <= start < b for a, b in spans)) for start, _ in enc.offsets]
+    return enc.ids[:max_len], mask[:max_len]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A permutation of range(n), the same for the same (seed, epoch), different across epochs."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def collate(examples, pad_id: int) -> dict:
+    """[(ids, loss_mask), ...] -> right-padded LongTensors idx, attention_mask, labels (B, T)."""
+    T = max(len(ids) for ids, _ in examples)
+    idx = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), T), dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    for b, (ids, loss_mask) in enumerate(examples):
+        if len(ids) != len(loss_mask):
+            raise ValueError(f"example {b}: {len(ids)} ids but {len(loss_mask)} loss_mask entries")
+        n = len(ids)
+        idx[b, :n] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[b, :n] = 1
+        keep = torch.tensor(loss_mask, dtype=torch.bool)
+        labels[b, :n] = torch.where(keep, idx[b, :n], torch.full_like(idx[b, :n], -100))
+    return {"idx": idx, "attention_mask": attention_mask, "labels": labels}

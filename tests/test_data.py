@@ -1,0 +1,275 @@
+"""data.py: Hub and local loading in the Hub schemas, filtering, prompt strings, OASST1 flattening, loss masks,
+shuffling and batching (no network: the Hub download is replaced by a local folder in the Hub layout)."""
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import data
+from model import Tokenizer
+
+MEDMCQA = [
+    {"id": "q1", "question": "Which vitamin prevents scurvy?", "opa": "Vitamin A", "opb": "Vitamin B12",
+     "opc": "Vitamin C", "opd": "Vitamin D", "cop": 2, "choice_type": "single", "exp": "Ascorbic acid.",
+     "subject_name": "Biochemistry", "topic_name": None},
+    {"id": "q2", "question": "Pick all that apply", "opa": "x", "opb": "y", "opc": "z", "opd": "w", "cop": 0,
+     "choice_type": "multi", "exp": None, "subject_name": "Anatomy", "topic_name": None},
+    {"id": "q3", "question": "The heart has how many chambers?", "opa": "2", "opb": "3", "opc": "4", "opd": "5",
+     "cop": 2, "choice_type": "single", "exp": "", "subject_name": "Anatomy", "topic_name": "Heart"},
+]
+TRIVIA = [
+    {"question": "What is the capital of France?", "question_id": "t1",
+     "answer": {"value": "Paris", "aliases": ["Paris", "City of Light"], "normalized_aliases": ["paris", "city of light"],
+                "normalized_value": "paris"}},
+    {"question": "Which animal is a dik-dik?", "question_id": "t2",
+     "answer": {"value": "Antelope", "aliases": ["Antelopes"], "normalized_aliases": ["antelopes"],
+                "normalized_value": "antelope"}},
+]
+WIKI = [{"text": ""}, {"text": " = Robert Boulter = \n"}, {"text": ""}, {"text": " He is an actor . \n"},
+        {"text": "   \n"}, {"text": " In 2006 , he starred . \n"}]
+
+
+def write_parquet(path, rows):
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return Tokenizer.from_pretrained(tiny_model_dir)
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_medmcqa_local_file_keeps_single_choice(tmp_path, fmt):
+    path = (write_parquet if fmt == "parquet" else write_jsonl)(tmp_path / f"m.{fmt}", MEDMCQA)
+    rows = data.load_rows("medmcqa", path)
+    assert [r["id"] for r in rows] == ["q1", "q3"]
+    assert rows[0]["opc"] == "Vitamin C" and rows[0]["cop"] == 2
+    assert [r["id"] for r in data.load_rows("medmcqa", path, limit=1)] == ["q1"]
+    assert [r["id"] for r in data.load_rows("medmcqa", path, single_only=False)] == ["q1", "q2", "q3"]
+
+
+def test_medmcqa_without_choice_type_keeps_every_row_and_says_so_once(tmp_path, capsys):
+    rows = [{k: v for k, v in r.items() if k not in ("choice_type", "id", "exp")} for r in MEDMCQA]
+    got = data.load_rows("medmcqa", write_jsonl(tmp_path / "m.jsonl", rows))
+    assert len(got) == 3
+    err = capsys.readouterr().err
+    assert err.count("no choice_type column") == 1 and "m.jsonl" in err
+    # the training text works without exp; the explanation part is simply absent
+    assert data.medmcqa_train_text(got[0]).endswith("Answer: C. Vitamin C")
+
+
+def test_triviaqa_parquet_keeps_nested_answer(tmp_path):
+    rows = data.load_rows("triviaqa", write_parquet(tmp_path / "t.parquet", TRIVIA))
+    assert rows[0]["answer"]["aliases"] == ["Paris", "City of Light"]
+    assert data.triviaqa_aliases(rows[1]) == ["Antelopes", "Antelope"]  # aliases, then value; normalized_* unused
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "txt"])
+def test_wikitext_keeps_nonempty_rows_stripped(tmp_path, fmt):
+    if fmt == "txt":
+        path = tmp_path / "wiki.test.raw"
+        path.write_text("".join(r["text"] or "\n" for r in WIKI))
+    else:
+        path = (write_parquet if fmt == "parquet" else write_jsonl)(tmp_path / f"w.{fmt}", WIKI)
+    rows = data.load_rows("wikitext", str(path))
+    assert [r["text"] for r in rows] == ["= Robert Boulter =", "He is an actor .", "In 2006 , he starred ."]
+    assert len(data.load_rows("wikitext", str(path), limit=2)) == 2
+
+
+def test_hub_download_is_a_dataset_snapshot_of_the_split(tmp_path, monkeypatch):
+    """The Hub path: snapshot_download(repo, repo_type="dataset", allow_patterns=[folder/split-*.parquet]),
+    then every shard of the split, in order."""
+    import huggingface_hub
+    snap = tmp_path / "snapshot"
+    (snap / "rc.nocontext").mkdir(parents=True)
+    write_parquet(snap / "rc.nocontext" / "validation-00000-of-00002.parquet", TRIVIA[:1])
+    write_parquet(snap / "rc.nocontext" / "validation-00001-of-00002.parquet", TRIVIA[1:])
+    write_parquet(snap / "rc.nocontext" / "train-00000-of-00001.parquet", TRIVIA[:1])
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kw):
+        calls.append((repo_id, kw))
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    rows = data.load_rows("triviaqa")
+    assert [r["question_id"] for r in rows] == ["t1", "t2"]
+    assert calls[0][0] == "mandarjoshi/trivia_qa"
+    assert calls[0][1]["repo_type"] == "dataset"
+    assert calls[0][1]["allow_patterns"] == ["rc.nocontext/validation-*.parquet"]
+    # a folder in the Hub layout works as a local path too
+    assert len(data.load_rows("triviaqa", str(snap), split="train")) == 1
+    # a split the snapshot lacks, and a Hub that cannot be reached, are clear errors
+    with pytest.raises(FileNotFoundError, match="no file matches rc.nocontext/test"):
+        data.load_rows("triviaqa", split="test")
+
+    def offline(repo_id, **kw):
+        raise OSError("offline and not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="could not fetch OpenAssistant/oasst1 data/train"):
+        data.load_rows("oasst1")
+
+
+def test_loading_errors_name_the_path_and_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file: .*nope.jsonl"):
+        data.load_rows("medmcqa", str(tmp_path / "nope.jsonl"))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "opa": "a"}])
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 0 lacks column\(s\) opb, opc, opd, cop"):
+        data.load_rows("medmcqa", bad)
+    bad = write_parquet(tmp_path / "bad.parquet", [{"query": "q"}])
+    with pytest.raises(ValueError, match="bad.parquet: row 0 lacks column.*question"):
+        data.load_rows("triviaqa", bad)
+    only_multi = write_jsonl(tmp_path / "multi.jsonl", MEDMCQA[1:2])
+    with pytest.raises(ValueError, match="multi.jsonl: no medmcqa rows left after filtering"):
+        data.load_rows("medmcqa", only_multi)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl: no rows"):
+        data.load_rows("wikitext", str(empty))
+    with pytest.raises(ValueError, match="limit must be at least 1"):
+        data.load_rows("wikitext", str(empty), limit=0)
+    garbled = tmp_path / "garbled.jsonl"
+    garbled.write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(ValueError, match="garbled.jsonl: line 2 is not JSON"):
+        data.load_rows("wikitext", str(garbled))
+    with pytest.raises(ValueError, match="unsupported file type"):
+        data.load_rows("medmcqa", _touch(tmp_path / "m.csv"))
+    with pytest.raises(ValueError, match="unknown dataset 'mmlu'"):
+        data.load_rows("mmlu")
+    with pytest.raises(ValueError, match="not a readable parquet file"):
+        data.load_rows("wikitext", _touch(tmp_path / "broken.parquet"))
+
+
+def _touch(path):
+    path.write_text("x")
+    return str(path)
+
+
+# --- prompts ----------------------------------------------------------------------------------------
+
+
+def test_prompt_strings_are_exact():
+    context, conts, target = data.medmcqa_eval_item(MEDMCQA[0])
+    assert context == ("Medical exam question:\nQuestion: Which vitamin prevents scurvy?\nA. Vitamin A\n"
+                       "B. Vitamin B12\nC. Vitamin C\nD. Vitamin D\nAnswer:")
+    assert conts == [" A. Vitamin A", " B. Vitamin B12", " C. Vitamin C", " D. Vitamin D"] and target == 2
+    assert data.medmcqa_train_text(MEDMCQA[0]) == context + " C. Vitamin C\nExplanation: Ascorbic acid."
+    assert data.medmcqa_train_text(MEDMCQA[2]).endswith("\nAnswer: C. 4")  # empty exp: no explanation line
+    assert data.triviaqa_prompt(TRIVIA[0]) == "Question: What is the capital of France?\nAnswer:"
+    with pytest.raises(ValueError, match="cop must be 0..3"):
+        data.medmcqa_eval_item({**MEDMCQA[0], "cop": -1})
+    with pytest.raises(ValueError, match="no answer aliases"):
+        data.triviaqa_aliases({"question": "q", "answer": {"value": "", "aliases": []}})
+
+
+def oasst_rows():
+    def m(mid, parent, role, text, lang="en", **kw):
+        return {"message_id": mid, "parent_id": parent, "role": role, "text": text, "lang": lang,
+                "deleted": False, "review_result": True, **kw}
+    return [
+        m("p1", None, "prompter", "Hi?"),
+        m("a1", "p1", "assistant", "Hello!"),
+        m("a2", "p1", "assistant", "Hey."),
+        m("p2", "a1", "prompter", "How are you?"),
+        m("a3", "p2", "assistant", "Fine."),
+        m("a4", "p2", "assistant", "Deleted reply.", deleted=True),
+        m("a5", "p2", "assistant", "Rejected reply.", review_result=False),
+        m("p3", None, "prompter", "Hola?", lang="es"),
+        m("a6", "p3", "assistant", "Hola."),  # the reply says en, its prompt es: the chain is not all English
+        m("a7", "missing", "assistant", "Orphan."),  # its parent is not in the rows
+    ]
+
+
+def test_oasst1_conversations_are_each_reply_with_its_chain():
+    convs = data.oasst1_conversations(oasst_rows())
+    assert convs == [
+        [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello!"}],
+        [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hey."}],
+        [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello!"},
+         {"role": "user", "content": "How are you?"}, {"role": "assistant", "content": "Fine."}],
+    ]
+    every_lang = data.oasst1_conversations(oasst_rows(), lang=None)
+    assert len(every_lang) == 4 and every_lang[-1][0]["content"] == "Hola?"
+
+
+def test_oasst1_loads_from_parquet(tmp_path):
+    path = write_parquet(tmp_path / "o.parquet", oasst_rows())
+    assert len(data.oasst1_conversations(data.load_rows("oasst1", path))) == 3
+
+
+# --- tokenization, shuffling, batching ---------------------------------------------------------------
+
+
+def test_encode_text_is_plain_tokens_with_full_loss(tok):
+    ids, mask = data.encode_text(tok, "The quick brown fox", max_len=1000)
+    assert ids == tok.encode("The quick brown fox") and mask == [1] * len(ids)
+    ids3, mask3 = data.encode_text(tok, "The quick brown fox", max_len=3)
+    assert ids3 == ids[:3] and mask3 == [1, 1, 1]
+
+
+def test_encode_chat_loss_only_on_assistant_replies(tok):
+    messages = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Because."}]
+    ids, mask = data.encode_chat(tok, messages, max_len=1000)
+    assert ids == tok.encode(tok.apply_chat_template(messages))  # the exact tokens of the whole template
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Hello!<|im_end|>Because.<|im_end|>"
+    # the masked-in tokens form exactly two runs (the two replies), each ending on <|im_end|>
+    im_end = tok.token_to_id("<|im_end|>")
+    runs = [j for j in range(len(mask)) if mask[j] and (j + 1 == len(mask) or not mask[j + 1])]
+    assert len(runs) == 2 and all(ids[j] == im_end for j in runs)
+    short_ids, short_mask = data.encode_chat(tok, messages, max_len=10)
+    assert short_ids == ids[:10] and short_mask == mask[:10]
+
+
+def test_epoch_order_is_a_deterministic_permutation():
+    a = data.epoch_order(50, seed=1, epoch=0)
+    assert sorted(a) == list(range(50))
+    assert a == data.epoch_order(50, seed=1, epoch=0)
+    assert a != data.epoch_order(50, seed=1, epoch=1)
+    assert a != data.epoch_order(50, seed=2, epoch=0)
+
+
+def test_collate_right_pads_and_masks_labels():
+    batch = data.collate([([5, 6, 7], [0, 1, 1]), ([8], [1])], pad_id=0)
+    assert batch["idx"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert all(v.dtype == torch.long for v in batch.values())
+    with pytest.raises(ValueError, match="example 0: 2 ids but 1 loss_mask"):
+        data.collate([([1, 2], [1])], pad_id=0)
+
+
+# --- the real rows in ../shared/data/eval --------------------------------------------------------------
+
+
+def test_real_eval_rows_parse(shared_data, capsys):
+    d = os.path.join(shared_data, "eval")
+    med = data.load_rows("medmcqa", os.path.join(d, "medmcqa_validation.jsonl"))
+    assert len(med) == 4183  # no choice_type column: every row kept, and said once
+    assert capsys.readouterr().err.count("no choice_type") == 1
+    items = [data.medmcqa_eval_item(r) for r in med]
+    assert {t for _, _, t in items} == {0, 1, 2, 3}
+    tqa = data.load_rows("triviaqa", os.path.join(d, "triviaqa_sample.jsonl"))
+    assert len(tqa) == 3000
+    aliases = [data.triviaqa_aliases(r) for r in tqa]  # no normalized_aliases in this file; no error
+    assert all(r["answer"]["value"] in a for r, a in zip(tqa, aliases))
+    wiki = data.load_rows("wikitext", os.path.join(d, "wikitext-103-v1_test.jsonl"), limit=1000)
+    assert len(wiki) == 1000 and wiki[0]["text"] == "= Robert Boulter ="
+    raw = data.load_rows("wikitext", os.path.join(d, "wikitext-2-raw-v1_test.raw"), limit=3)
+    assert raw[0]["text"] == "= Robert Boulter =" and "Menier" in raw[1]["text"]
