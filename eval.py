@@ -1,0 +1,467 @@
+"""
+The three probes of the paper (REFERENCE.md section 4), on a Hub model, a local model directory or a run directory:
+
+    medmcqa   accuracy; each of the 4 continuations " A. {opa}" .. " D. {opd}" scored by the mean log-probability
+              of its tokens after "Medical exam question:\\nQuestion: ...\\nAnswer:"; argmax
+    wikitext  token perplexity of the first N non-empty rows joined by "\\n\\n": windows of 1024 tokens, stride 512,
+              each window scoring only the tokens no earlier window scored; exp(total NLL / scored tokens)
+    triviaqa  accuracy; greedy decoding of 32 tokens after "Question: {q}\\nAnswer:" (stopping at the tokenizer's
+              stop ids, with the checkpoint's generation_config repetition_penalty as Hugging Face's generate
+              applies it); correct if a normalized alias is a substring of the normalized prediction
+
+    python eval.py --model Qwen/Qwen2.5-0.5B-Instruct --tasks medmcqa,wikitext,triviaqa --limit 1000 --out results.json
+
+The eval_* functions take rows (data.load_rows) and a loaded model, so train.py can call them during training.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+import memory
+from model import Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, load_safetensors_dir, lora_state_dict, \
+    resolve_model_dir, write_json, HUB_FILES
+
+TASKS = ("medmcqa", "wikitext", "triviaqa")
+
+# -----------------------------------------------------------------------------
+# Loading a model: Hub id, model directory, or run directory
+
+
+def resolve_device(device=None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def resolve_dtype(dtype, device: str) -> torch.dtype:
+    """None: bfloat16 on GPU, float32 on CPU. Strings: float32/fp32, bfloat16/bf16, float16/fp16."""
+    if dtype is None:
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    return getattr(torch, names.get(dtype, dtype))
+
+
+def base_model_dir(name_or_path: str, revision: str | None = None) -> str:
+    """A local directory as is; a Hub id at the given revision (as train.py recorded it), fetched or cached."""
+    if revision is None or os.path.isdir(name_or_path):
+        return resolve_model_dir(name_or_path)
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name_or_path, revision=revision, allow_patterns=HUB_FILES)
+    except Exception as e:
+        raise FileNotFoundError(f"could not fetch {name_or_path!r} at revision {revision} from the Hub: {e}") from e
+
+
+def is_run_dir(path: str) -> bool:
+    cfg = os.path.join(path, "config.json")
+    if not (os.path.isdir(path) and os.path.exists(cfg)):
+        return False
+    with open(cfg) as f:
+        return "method" in json.load(f)
+
+
+def check_state(expected: dict, state: dict, path: str):
+    """The file must hold exactly the tensors the method trained, each with the model's shape."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing:
+        raise ValueError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise ValueError(f"{path}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(f"{path}: tensor {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+
+
+def load_model(name_or_dir: str, dtype=None, device=None):
+    """
+    -> (model in eval mode, tokenizer, info). name_or_dir: a Hub id, a model directory (Hub layout), or a run
+    directory of train.py (config.json with "method"): the base model is rebuilt from "base_model" (at
+    "base_revision"), memory layers (smf, retrofit) or LoRA adapters (lora) are added, and the run's
+    model.safetensors is loaded, its key set and every shape checked; for "full" it holds every Hub tensor.
+    Adapters and memory stay in fp32 (their own parameters), the base in `dtype` (default: bf16 GPU, fp32 CPU).
+    info: {"path", "method", "base_model", "dtype", "device", "repetition_penalty", "generation_config"}.
+    """
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    method, run = None, {}
+    if is_run_dir(name_or_dir):
+        with open(os.path.join(name_or_dir, "config.json")) as f:
+            run = json.load(f)
+        method = run["method"]
+        if run.get("finished") is False:
+            raise ValueError(f"{name_or_dir}: the run has not finished (continue it with train.py --resume)")
+        if "base_model" not in run:
+            raise ValueError(f"{name_or_dir}/config.json has no base_model")
+        base = base_model_dir(run["base_model"], run.get("base_revision"))
+        weights = os.path.join(name_or_dir, "model.safetensors")
+        if not os.path.exists(weights):
+            raise FileNotFoundError(f"run directory without weights: {weights}")
+        state = load_safetensors_dir(name_or_dir)
+        if method == "full":  # every Hub tensor is in the run's file; only the base's config.json is needed
+            with torch.device("meta"):
+                model = Qwen2(Qwen2Config.from_json(os.path.join(base, "config.json")))
+            model.load_hub_state_dict(state, dtype=dtype, device=device)
+        else:
+            model = Qwen2.from_pretrained(base, dtype=dtype, device=device)
+            if method in ("smf", "retrofit"):
+                memory.add_memory(model, memory.MemoryConfig.from_dict(run["memory"]))
+                expected = memory.memory_state_dict(model)
+            elif method == "lora":
+                lora = run["lora"]
+                add_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"], targets=lora["targets"])
+                expected = lora_state_dict(model)
+            else:
+                raise ValueError(f"{name_or_dir}/config.json: unknown method {method!r} "
+                                 "(expected smf, retrofit, lora or full)")
+            check_state(expected, state, weights)
+            result = model.load_state_dict(state, strict=False)  # copies into the existing fp32 tensors
+            assert not result.unexpected_keys
+    else:
+        base = resolve_model_dir(name_or_dir)
+        model = Qwen2.from_pretrained(base, dtype=dtype, device=device)
+    model.eval()
+    tok = Tokenizer.from_pretrained(base)
+    gen_path = os.path.join(base, "generation_config.json")
+    gen = {}
+    if os.path.exists(gen_path):
+        with open(gen_path) as f:
+            gen = json.load(f)
+    info = {"path": name_or_dir, "method": method, "base_model": run.get("base_model", name_or_dir),
+            "dtype": str(dtype).removeprefix("torch."), "device": device,
+            "repetition_penalty": float(gen.get("repetition_penalty", 1.0)), "generation_config": gen}
+    return model, tok, info
+
+
+# -----------------------------------------------------------------------------
+# Helpers
+
+
+def progress(iterable, desc: str, total: int, show: bool):
+    if not show:
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, dynamic_ncols=True)
+
+
+def model_device(model) -> torch.device:
+    return model.lm_head.weight.device
+
+
+def pad_right(seqs: list[list[int]], pad_id: int, device):
+    """-> idx (B, T) and attention_mask (B, T), or None for the mask when no row needs padding."""
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        idx[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, :len(s)] = 1
+    if bool(mask.all()):
+        return idx.to(device), None
+    return idx.to(device), mask.to(device)
+
+
+def token_logprobs(model, h, targets, chunk: int = 512):
+    """log p(target) for hidden states h (N, C) predicting targets (N,), lm_head applied `chunk` rows at a time
+    so the (N, vocab) fp32 logits are never all in memory."""
+    out = []
+    for i in range(0, h.size(0), chunk):
+        logits = model.lm_head(h[i:i + chunk]).float()  # (n, vocab)
+        out.append(-F.cross_entropy(logits, targets[i:i + chunk], reduction="none"))
+    return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
+
+
+# -----------------------------------------------------------------------------
+# MedMCQA: mean log-probability of each continuation
+
+
+@torch.inference_mode()
+def score_continuations(model, tok, pairs, batch_size: int = 64, show: bool = False):
+    """
+    Mean token log-probability of each continuation given its context, for [(context, continuation), ...].
+    As the paper's code: context + continuation tokenized together; the scored tokens are those after the
+    context's own token count. Sequences are sorted by length and run in right-padded batches of batch_size.
+    """
+    device = model_device(model)
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    contexts = {c: len(tok.encode(c)) for c, _ in pairs}
+    seqs = tok.encode_batch([c + x for c, x in pairs])
+    starts = [contexts[c] for c, _ in pairs]  # index of the first scored token
+    for (c, x), s, n in zip(pairs, seqs, starts):
+        if len(s) <= n or n == 0:
+            raise ValueError(f"continuation {x!r} gives no token to score after its context")
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    scores = [0.0] * len(seqs)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in progress(batches, "medmcqa", len(batches), show):
+        idx, mask = pad_right([seqs[i] for i in batch], pad, device)
+        h = model.hidden_states(idx, mask)  # (B, T, C)
+        rows, cols, targets = [], [], []
+        for b, i in enumerate(batch):
+            pos = range(starts[i] - 1, len(seqs[i]) - 1)  # hidden state at t predicts token t + 1
+            rows += [b] * len(pos)
+            cols += list(pos)
+            targets += seqs[i][starts[i]:]
+        lp = token_logprobs(model, h[rows, cols], torch.tensor(targets, device=device))  # (N,)
+        k = 0
+        for i in batch:
+            n = len(seqs[i]) - starts[i]
+            scores[i] = lp[k:k + n].mean().item()
+            k += n
+    return scores
+
+
+def eval_medmcqa(model, tok, rows, batch_size: int = 16, samples: list | None = None, show: bool = False) -> dict:
+    """Accuracy over rows (data.load_rows("medmcqa", ...)); batch_size counts questions (4 sequences each)."""
+    items = [data.medmcqa_eval_item(r) for r in rows]
+    pairs = [(context, x) for context, continuations, _ in items for x in continuations]
+    scores = score_continuations(model, tok, pairs, 4 * batch_size, show)
+    correct = 0
+    for i, (context, continuations, target) in enumerate(items):
+        s = scores[4 * i:4 * i + 4]
+        pred = max(range(4), key=lambda j: s[j])
+        correct += pred == target
+        if samples is not None:
+            samples.append({"task": "medmcqa", "index": i, "prompt": context, "choices": continuations,
+                            "scores": s, "prediction": pred, "target": target, "correct": pred == target})
+    return {"acc": correct / len(items), "n": len(items)}
+
+
+# -----------------------------------------------------------------------------
+# WikiText: sliding-window token perplexity
+
+
+def windows(n_tokens: int, max_length: int = 1024, stride: int = 512) -> list[tuple[int, int, int]]:
+    """[(begin, end, n_new)]: window tokens[begin:end] scores its last n_new tokens, those no earlier window
+    scored, except the window's own first token, which has no context in the window (with stride < max_length
+    that is only the text's first token; with stride == max_length, every window's first)."""
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + max_length, n_tokens)
+        out.append((begin, end, end - prev_end))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+@torch.inference_mode()
+def eval_wikitext(model, tok, rows, batch_size: int = 16, samples: list | None = None, show: bool = False,
+                  max_length: int = 1024, stride: int = 512) -> dict:
+    """Token perplexity of "\\n\\n".join(row texts) with the sliding-window recipe; batch_size counts windows."""
+    device = model_device(model)
+    ids = tok.encode("\n\n".join(r["text"] for r in rows))
+    if len(ids) < 2:
+        raise ValueError("wikitext: the text has fewer than 2 tokens")
+    spans = windows(len(ids), max_length, stride)
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    total_nll, total_tokens = 0.0, 0
+    numbered = list(enumerate(spans))
+    batches = [numbered[i:i + batch_size] for i in range(0, len(numbered), batch_size)]
+    for batch in progress(batches, "wikitext", len(batches), show):
+        idx, mask = pad_right([ids[b:e] for _, (b, e, _) in batch], pad, device)
+        h = model.hidden_states(idx, mask)  # (B, T, C)
+        for j, (w, (b, e, n_new)) in enumerate(batch):
+            first = max(e - b - n_new, 1)  # first scored position in the window
+            lp = token_logprobs(model, h[j, first - 1:e - b - 1], idx[j, first:e - b])
+            nll, n = -lp.sum().item(), e - b - first
+            total_nll += nll
+            total_tokens += n
+            if samples is not None:
+                samples.append({"task": "wikitext", "index": w, "begin": b, "end": e,
+                                "scored_tokens": n, "nll": nll})
+    return {"ppl": math.exp(total_nll / total_tokens), "tokens": total_tokens}
+
+
+# -----------------------------------------------------------------------------
+# TriviaQA: greedy answer, alias substring match
+
+
+def normalize_answer(s: str) -> str:
+    """Lowercase; drop the articles a, an, the; every character outside [a-z0-9 .-] becomes a space; collapse
+    spaces; strip (REFERENCE.md section 4). Non-ASCII letters are outside the set, so "café" becomes "caf"."""
+    s = s.lower()
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    s = re.sub(r"[^a-z0-9 .\-]", " ", s)
+    return re.sub(r" +", " ", s).strip()
+
+
+def triviaqa_correct(prediction: str, aliases: list[str]) -> bool:
+    """Any normalized alias (non-empty: an alias made only of emoji or articles normalizes to "", which would
+    match everything) is a substring of the normalized prediction."""
+    pred = normalize_answer(prediction)
+    return any(a and a in pred for a in map(normalize_answer, aliases))
+
+
+@torch.inference_mode()
+def generate_answers(model, tok, prompts: list[str], batch_size: int = 16, max_new_tokens: int = 32,
+                     repetition_penalty: float = 1.0, show: bool = False, desc: str = "triviaqa") -> list[str]:
+    """Greedy continuations of each prompt (left-padded batches, sorted by length), decoded up to the first stop
+    id without special tokens, stripped."""
+    device = model_device(model)
+    stop = tok.stop_ids
+    pad = tok.pad_id if tok.pad_id is not None else stop[0]
+    seqs = tok.encode_batch(prompts)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    out = [""] * len(seqs)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in progress(batches, desc, len(batches), show):
+        T = max(len(seqs[i]) for i in batch)
+        idx = torch.full((len(batch), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), T), dtype=torch.long)
+        for b, i in enumerate(batch):
+            idx[b, T - len(seqs[i]):] = torch.tensor(seqs[i])
+            mask[b, T - len(seqs[i]):] = 1
+        gen = model.generate(idx.to(device), max_new_tokens, temperature=0.0, eos_token_id=stop,
+                             attention_mask=mask.to(device), repetition_penalty=repetition_penalty,
+                             pad_token_id=pad)[:, T:].tolist()
+        for b, i in enumerate(batch):
+            new = gen[b]
+            cut = next((k for k, t in enumerate(new) if t in stop), len(new))
+            out[i] = tok.decode(new[:cut], skip_special_tokens=True).strip()
+    return out
+
+
+def eval_triviaqa(model, tok, rows, batch_size: int = 16, samples: list | None = None, show: bool = False,
+                  repetition_penalty: float = 1.0, max_new_tokens: int = 32) -> dict:
+    prompts = [data.triviaqa_prompt(r) for r in rows]
+    aliases = [data.triviaqa_aliases(r) for r in rows]
+    preds = generate_answers(model, tok, prompts, batch_size, max_new_tokens, repetition_penalty, show)
+    correct = 0
+    for i, (prompt, pred, al) in enumerate(zip(prompts, preds, aliases)):
+        ok = triviaqa_correct(pred, al)
+        correct += ok
+        if samples is not None:
+            samples.append({"task": "triviaqa", "index": i, "prompt": prompt, "prediction": pred,
+                            "target": al, "correct": ok})
+    return {"acc": correct / len(rows), "n": len(rows)}
+
+
+# -----------------------------------------------------------------------------
+# All tasks
+
+
+def load_task_rows(tasks, limit: int | None = None, data_paths: dict | None = None) -> dict:
+    """{task: rows} with each probe's default split and filtering; data_paths {task: local file} overrides the Hub."""
+    data_paths = data_paths or {}
+    for t in tasks:
+        if t not in TASKS:
+            raise ValueError(f"unknown task {t!r}; expected one of {', '.join(TASKS)}")
+    return {t: data.load_rows(t, data_paths.get(t), limit=limit) for t in tasks}
+
+
+def run_tasks(model, tok, tasks, limit: int | None = None, data_paths: dict | None = None, batch_size: int = 16,
+              repetition_penalty: float = 1.0, samples: list | None = None, show: bool = False) -> dict:
+    """
+    {task: metrics + "seconds"}. tasks: a list of task names (rows loaded here with load_task_rows(tasks, limit,
+    data_paths)) or a {task: rows} dict (loaded once by the caller; limit and data_paths are then unused).
+    repetition_penalty: TriviaQA's greedy decoding; pass load_model's info["repetition_penalty"] to follow the
+    paper (1.1 for Qwen2.5-Instruct). samples: a list that receives one dict per example (per window for WikiText).
+    """
+    task_rows = tasks if isinstance(tasks, dict) else load_task_rows(tasks, limit, data_paths)
+    was_training = model.training
+    model.eval()
+    results = {}
+    for task, rows in task_rows.items():
+        t0 = time.time()
+        if task == "medmcqa":
+            r = eval_medmcqa(model, tok, rows, batch_size, samples, show)
+        elif task == "wikitext":
+            r = eval_wikitext(model, tok, rows, batch_size, samples, show)
+        elif task == "triviaqa":
+            r = eval_triviaqa(model, tok, rows, batch_size, samples, show, repetition_penalty)
+        else:
+            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        r["seconds"] = round(time.time() - t0, 2)
+        results[task] = r
+    model.train(was_training)
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = [f"{'task':<10}{'metric':<8}{'value':>10}{'n':>10}{'seconds':>10}"]
+    for task, r in results.items():
+        metric = "ppl" if "ppl" in r else "acc"
+        n = r.get("n", r.get("tokens"))
+        lines.append(f"{task:<10}{metric:<8}{r[metric]:>10.4f}{n:>10}{r['seconds']:>10.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a model on MedMCQA, WikiText and TriviaQA with the paper's "
+                                            "protocol (REFERENCE.md section 4).")
+    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct",
+                   help="Hub id, local model directory, or run directory written by train.py")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of medmcqa,wikitext,triviaqa")
+    p.add_argument("--limit", type=int, default=1000,
+                   help="first N examples per task (MedMCQA: single-answer validation questions; WikiText: "
+                        "non-empty rows; TriviaQA: validation questions)")
+    p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                   help="read a task from a local .parquet/.jsonl (WikiText: also plain text) file in the Hub's "
+                        "column schema instead of the Hub; repeatable")
+    p.add_argument("--out", default=None, help="write the results JSON here")
+    p.add_argument("--log-samples", default=None, metavar="FILE",
+                   help="write one JSON line per example (WikiText: per window) with prompt, prediction or "
+                        "per-choice scores, target and correctness")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="questions (MedMCQA, 4 sequences each), 1024-token windows (WikiText) or prompts "
+                        "(TriviaQA) per forward")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+                   help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--no-repetition-penalty", action="store_true",
+                   help="TriviaQA: greedy decoding without the checkpoint's generation_config repetition_penalty "
+                        "(which the paper's Hugging Face generate applied; 1.1 for Qwen2.5-Instruct)")
+    p.add_argument("--seed", type=int, default=0, help="torch seed (the probes are deterministic; for completeness)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        p.error(f"unknown task {unknown[0]!r}; choose from {','.join(TASKS)}" if unknown else "no task given")
+    data_paths = {}
+    for item in args.data:
+        name, sep, path = item.partition("=")
+        if not sep or name not in TASKS or not path:
+            p.error(f"--data {item!r}: expected NAME=PATH with NAME one of {','.join(TASKS)}")
+        data_paths[name] = path
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be at least 1")
+    torch.manual_seed(args.seed)
+    try:
+        task_rows = load_task_rows(tasks, args.limit, data_paths)  # data errors before the model loads
+        model, tok, info = load_model(args.model, args.dtype, args.device)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    rp = 1.0 if args.no_repetition_penalty else info["repetition_penalty"]
+    samples = [] if args.log_samples else None
+    results = run_tasks(model, tok, task_rows, batch_size=args.batch_size, repetition_penalty=rp,
+                        samples=samples, show=not args.quiet)
+    print(format_table(results))
+    results["meta"] = {"model": args.model, "method": info["method"], "base_model": info["base_model"],
+                       "tasks": tasks, "limit": args.limit, "data": data_paths, "dtype": info["dtype"],
+                       "device": info["device"], "batch_size": args.batch_size, "repetition_penalty": rp,
+                       "seed": args.seed}
+    if args.out:
+        atomic_write(args.out, lambda path: write_json(path, results))
+    if args.log_samples:
+        def write_samples(path):
+            with open(path, "w", encoding="utf-8") as f:
+                for s in samples:
+                    f.write(json.dumps(s, ensure_ascii=False) + "\n")
+        atomic_write(args.log_samples, write_samples)
+
+
+if __name__ == "__main__":
+    main()
