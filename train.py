@@ -23,6 +23,7 @@ to one that was never interrupted. Evaluate a run with `python eval.py --model r
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -531,6 +532,7 @@ def sparse_finetune(args, device, tok, memory_dir):
                   smf={"memories": memories, "background": background})
     train(stage, args, device, tok)
     finish(stage)
+    return model
 
 
 def load_memory_tensors(model, path):
@@ -580,8 +582,9 @@ def finetune_baseline(args, device, tok):
         from model import save_peft_adapter
         save_peft_adapter(model, os.path.join(args.out, "peft"), args.model)
     if args.export_merged:
-        export_hub_dir(merge_lora(model), args.model, os.path.join(args.out, "merged"))
+        export_hub_dir(merge_lora(copy.deepcopy(model)), args.model, os.path.join(args.out, "merged"))
     finish(stage)
+    return model
 
 
 def export_hub_dir(model, base, out):
@@ -598,6 +601,7 @@ def export_hub_dir(model, base, out):
 
 
 def main(argv=None):
+    """Run the pipeline; returns the trained model (for tests and notebooks)."""
     args = parse_args(argv)
     device = resolve_device(args.device)
     args_path = os.path.join(args.out, "args.json")
@@ -611,17 +615,18 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     tok = Tokenizer.from_pretrained(args.model)
     if args.method == "retrofit":
-        retrofit(args, args.out, device, tok)
+        model = retrofit(args, args.out, device, tok)
     elif args.method == "smf":
         memory_dir = args.memory_from
         if memory_dir is None:  # stage 1 in a sub-run of its own, skipped if it already finished
             memory_dir = os.path.join(args.out, "retrofit")
             if not is_finished(memory_dir):
                 retrofit(args, memory_dir, device, tok)
-        sparse_finetune(args, device, tok, memory_dir)
+        model = sparse_finetune(args, device, tok, memory_dir)
     else:
-        finetune_baseline(args, device, tok)
+        model = finetune_baseline(args, device, tok)
     print(f"done: {args.out}  (evaluate: python eval.py --model {args.out})")
+    return model
 
 
 if __name__ == "__main__":

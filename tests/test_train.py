@@ -1,0 +1,198 @@
+"""train.py end to end on a tiny model and tiny local data (CPU, seconds each)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from eval import load_model
+from model import Qwen2
+from tiny_data import medmcqa_rows, oasst1_rows, write_jsonl, write_parquet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEM = ["--n-keys", "8", "--mem-heads", "2", "--mem-topk", "4", "--mem-k-dim", "16", "--memory-layers", "1,2"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train_data")
+    return {"medmcqa": write_parquet(str(d / "medmcqa_train.parquet"), medmcqa_rows(40)),
+            "oasst1": write_jsonl(str(d / "oasst1.jsonl"), oasst1_rows(30))}
+
+
+def common(model_dir, files, out, *extra):
+    return ["--model", model_dir, "--data", f"medmcqa={files['medmcqa']}", "--data", f"oasst1={files['oasst1']}",
+            "--out", str(out), "--device", "cpu", "--batch-size", "2", "--grad-accum", "2", "--max-len", "64",
+            "--warmup", "1", *extra]
+
+
+def read_log(run):
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def retrofit_run(tiny_model_dir, files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "retrofit"
+    train.main(common(tiny_model_dir, files, out, "--method", "retrofit", "--max-steps", "3",
+                      "--background-batches", "6", *MEM))
+    return str(out)
+
+
+def test_retrofit_trains_memory_and_saves_background(retrofit_run, tiny_model_dir):
+    cfg = json.load(open(os.path.join(retrofit_run, "config.json")))
+    assert cfg["method"] == "retrofit" and cfg["finished"] and cfg["memory"]["layers"] == [1, 2]
+    saved = load_file(os.path.join(retrofit_run, "model.safetensors"))
+    assert saved and all(".memory." in k for k in saved)
+    assert {k.split(".memory.")[0] for k in saved} == {"model.layers.1", "model.layers.2"}
+    bg = load_file(os.path.join(retrofit_run, "background.safetensors"))
+    assert bg  # read statistics were taken
+    assert len(read_log(retrofit_run)) == 3
+    args = json.load(open(os.path.join(retrofit_run, "args.json")))
+    assert args["method"] == "retrofit" and "torch" in args and "git_commit" in args
+
+
+def test_smf_changes_only_selected_value_rows(retrofit_run, tiny_model_dir, files, tmp_path):
+    """Stage 2 step by step: each step changes at most top-t value rows per layer, exactly those chosen;
+    nothing but the values changes; the base model is untouched."""
+    out = tmp_path / "smf"
+    args = common(tiny_model_dir, files, out, "--method", "smf", "--memory-from", retrofit_run, "--max-steps", "3",
+                  "--top-t", "5", "--log-rows", "--lr", "1e-2")
+    before = load_file(os.path.join(retrofit_run, "model.safetensors"))
+    snapshots = [before]
+    for k in (1, 2):
+        with pytest.raises(SystemExit) as e:
+            train.main(args + ["--stop-at-step", str(k)] + (["--resume"] if k > 1 else []))
+        assert e.value.code == 0
+        snapshots.append(load_file(os.path.join(out, "model.safetensors")))
+    train.main(args + ["--resume"])
+    snapshots.append(load_file(os.path.join(out, "model.safetensors")))
+    log = read_log(out)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    for step, (a, b) in enumerate(zip(snapshots, snapshots[1:])):
+        assert set(a) == set(b)
+        for k in a:
+            if not k.endswith("values.weight"):
+                assert torch.equal(a[k], b[k]), f"{k} changed in stage 2"
+                continue
+            layer = k.split(".")[2]
+            chosen = sorted(log[step]["selected"][layer])
+            changed = (a[k] != b[k]).any(dim=1).nonzero().flatten().tolist()
+            assert 0 < len(chosen) <= 5
+            assert set(changed) <= set(chosen)
+            assert len(changed) >= 1
+            assert log[step]["rows"][layer] == len(changed)
+
+
+def test_smf_full_pipeline_loss_goes_down_and_evaluates(tiny_model_dir, files, tmp_path):
+    out = tmp_path / "smf"
+    model = train.main(common(tiny_model_dir, files, out, "--method", "smf", "--retrofit-max-steps", "2",
+                              "--background-batches", "4", "--max-steps", "12", "--limit", "4", "--lr", "3e-2",
+                              "--top-t", "16", *MEM))
+    assert os.path.exists(out / "retrofit" / "config.json") and os.path.exists(out / "background.safetensors")
+    base = Qwen2.from_pretrained(tiny_model_dir)
+    own = dict(model.named_parameters())
+    for k, v in base.state_dict().items():  # base weights bit-identical after both stages
+        assert torch.equal(own[k], v), k
+    log = read_log(out)
+    first, last = sum(r["loss"] for r in log[:3]) / 3, sum(r["loss"] for r in log[-3:]) / 3
+    assert last < first - 0.05, (first, last)
+    # the run directory round-trips through eval.py
+    res = subprocess.run([sys.executable, "eval.py", "--model", str(out), "--tasks", "medmcqa",
+                          "--data", f"medmcqa={files['medmcqa']}", "--limit", "4", "--out", str(tmp_path / "r.json")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert json.load(open(tmp_path / "r.json"))["medmcqa"]["n"] == 4
+    reloaded, _, _ = load_model(str(out))
+    idx = torch.randint(0, 300, (2, 12))
+    model.eval()
+    assert torch.equal(reloaded(idx), model(idx))
+
+
+def test_lora_exports_and_leaves_base_untouched(tiny_model_dir, files, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import Qwen2ForCausalLM
+    out = tmp_path / "lora"
+    model = train.main(common(tiny_model_dir, files, out, "--method", "lora", "--max-steps", "3", "--lr", "1e-2",
+                              "--export-peft", "--export-merged"))
+    saved = load_file(os.path.join(out, "model.safetensors"))
+    assert saved and all(k.endswith((".lora_A", ".lora_B")) for k in saved)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if k.endswith("lora_B"))  # it trained
+    base = Qwen2.from_pretrained(tiny_model_dir)
+    for k, v in base.state_dict().items():
+        assert torch.equal(dict(model.named_parameters())[k], v), k
+    idx = torch.randint(0, 300, (2, 12))
+    reloaded, _, _ = load_model(str(out))
+    reloaded.eval()
+    ours = reloaded(idx)
+    merged = Qwen2.from_pretrained(str(out / "merged")).eval()
+    torch.testing.assert_close(merged(idx), ours, atol=1e-5, rtol=1e-5)
+    hf = Qwen2ForCausalLM.from_pretrained(tiny_model_dir).eval()
+    pm = peft.PeftModel.from_pretrained(hf, str(out / "peft")).eval()
+    torch.testing.assert_close(pm(idx).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_full_saves_hub_dir_loaded_by_transformers(tiny_model_dir, files, tmp_path):
+    from transformers import Qwen2ForCausalLM
+    out = tmp_path / "full"
+    model = train.main(common(tiny_model_dir, files, out, "--method", "full", "--max-steps", "2", "--lr", "1e-3"))
+    model.eval()
+    idx = torch.randint(0, 300, (2, 12))
+    hf = Qwen2ForCausalLM.from_pretrained(str(out / "hf")).eval()
+    torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-4, rtol=1e-4)
+    base = Qwen2.from_pretrained(tiny_model_dir)
+    assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+
+
+@pytest.mark.parametrize("method", ["lora", "smf"])
+def test_resume_is_bit_identical(method, retrofit_run, tiny_model_dir, files, tmp_path):
+    extra = ["--method", method, "--max-steps", "4", "--lr", "1e-2"]
+    if method == "smf":
+        extra += ["--memory-from", retrofit_run, "--top-t", "5", "--optimizer", "adamw"]
+    train.main(common(tiny_model_dir, files, tmp_path / "a", *extra))
+    with pytest.raises(SystemExit):
+        train.main(common(tiny_model_dir, files, tmp_path / "b", *extra, "--stop-at-step", "2"))
+    train.main(common(tiny_model_dir, files, tmp_path / "b", *extra, "--resume"))
+    for name in ("model.safetensors", "checkpoint.safetensors"):
+        a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
+        assert set(a) == set(b)
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}: {k} differs after resume"
+    strip = lambda log: [{k: v for k, v in r.items() if k != "seconds"} for r in log]  # noqa: E731
+    assert strip(read_log(tmp_path / "a")) == strip(read_log(tmp_path / "b"))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_bad_input_gives_one_line_errors(tiny_model_dir, files, tmp_path, retrofit_run):
+    r = run_cli("--method", "magic")
+    assert r.returncode != 0 and "invalid choice: 'magic'" in r.stderr
+    r = run_cli("--method", "lora", "--model", tiny_model_dir, "--data", f"medmcqa={tmp_path}/nope.jsonl")
+    assert r.returncode != 0 and "file not found" in r.stderr and "nope.jsonl" in r.stderr
+    # a memory built on another base model
+    from tiny import write_checkpoint
+    other = write_checkpoint(str(tmp_path / "other"), hidden=32, heads=2, kv_heads=1, intermediate=64)
+    r = run_cli(*common(other, files, tmp_path / "x", "--method", "smf", "--memory-from", retrofit_run))
+    assert r.returncode != 0 and "differs from --model" in r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    # a run directory is not overwritten without --resume
+    out = tmp_path / "y"
+    os.makedirs(out)
+    json.dump({}, open(out / "args.json", "w"))
+    r = run_cli(*common(tiny_model_dir, files, out, "--method", "lora"))
+    assert r.returncode != 0 and "already holds a run" in r.stderr
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_model_dir, files, tmp_path):
+    out = tmp_path / "nan"
+    r = run_cli(*common(tiny_model_dir, files, out, "--method", "full", "--max-steps", "6", "--lr", "1e6",
+                        "--grad-clip", "0", "--save-every", "1"))
+    assert r.returncode != 0 and "loss is" in r.stderr and "last good checkpoint" in r.stderr
+    assert os.path.exists(out / "checkpoint.safetensors")  # the last good one is kept
