@@ -168,12 +168,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v)  # (B, nkv, S, hs)
-        # GQA: each key/value head serves n_head // n_kv_head query heads
-        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, S, hs)
-        v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, S, hs)
-        if mask is None:  # no padding, no cache: plain causal attention
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
+        rep = self.n_head // self.n_kv_head  # GQA: each key/value head serves `rep` query heads
+        if mask is None:  # no padding: causal attention (T > 1 only happens without a cache offset)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=rep > 1)
+        elif T == 1:  # one new token with padding: the rep query heads of a kv head become rep query rows
+            y = F.scaled_dot_product_attention(q.view(B, self.n_kv_head, rep, self.head_dim), k, v,
+                                               attn_mask=mask)  # mask (B, 1, 1, S) -> y (B, nkv, rep, hs)
+            y = y.view(B, self.n_head, 1, self.head_dim)  # (B, nh, 1, hs)
+        else:  # padded prefill: a mask with GQA is fastest as plain multi-head attention on most backends
+            k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hs)
+            v = v.repeat_interleave(rep, dim=1)  # (B, nh, S, hs)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask (B, 1, T, S) bool
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hs)
         return self.o_proj(y)
@@ -252,9 +256,9 @@ class Qwen2(nn.Module):
         B, T = idx.shape
         if idx.dtype != torch.long:
             raise TypeError(f"idx must be a LongTensor, got {idx.dtype}")
-        if attention_mask is None and start == 0:
+        if attention_mask is None and (start == 0 or T == 1):  # no padding: causal, or one token sees all
             mask = None
-            position_ids = torch.arange(T, device=idx.device).expand(B, T)
+            position_ids = torch.arange(start, start + T, device=idx.device).expand(B, T)
         else:
             if attention_mask is None:
                 attention_mask = torch.ones(B, start + T, dtype=torch.long, device=idx.device)
@@ -304,12 +308,13 @@ class Qwen2(nn.Module):
             pad_token_id = int(eos[0]) if len(eos) else 0
         seen = None
         if repetition_penalty != 1.0:  # (B, vocab) bool: token ids present among the real tokens
-            seen = torch.zeros(B, self.config.vocab_size, dtype=torch.bool, device=idx.device)
-            seen.scatter_(1, idx * attention_mask.long(), attention_mask.bool())
+            counts = torch.zeros(B, self.config.vocab_size, dtype=torch.long, device=idx.device)
+            seen = counts.scatter_add_(1, idx, attention_mask.long()) > 0
+        # without padding no mask is needed at all: causal prefill, then each new token sees the whole cache
+        mask = attention_mask.long() if not bool(attention_mask.all()) else None
         self.setup_cache(B, T + max_new_tokens)
         try:
-            mask = attention_mask.long()
-            logits = self(idx, mask)[:, -1]  # prefill: (B, vocab)
+            logits = self.lm_head(self.hidden_states(idx, mask)[:, -1]).float()  # prefill: (B, vocab)
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
             out = [idx]
             for i in range(max_new_tokens):
@@ -319,11 +324,12 @@ class Qwen2(nn.Module):
                 if stream is not None:
                     stream(nxt)
                 if seen is not None:
-                    seen.scatter_(1, nxt[:, None], ~done[:, None])
+                    seen[torch.arange(B, device=idx.device), nxt] = True
                 done |= torch.isin(nxt, eos)
                 if done.all() or i == max_new_tokens - 1:
                     break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                if mask is not None:
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T + i + 1)
                 logits = self(nxt[:, None], mask, start=T + i)[:, -1]  # decode one token: (B, vocab)
         finally:
             self.clear_cache()

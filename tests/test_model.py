@@ -173,31 +173,38 @@ def test_generation_stops_when_all_rows_hit_eos(tiny_model_dir):
     assert out.shape == (1, 6) and int(out[0, -1]) == first
 
 
-def test_decode_with_cache_equals_full_forward(tiny_model_dir):
-    """Each cached one-token step gives the logits a full forward over the whole padded sequence gives."""
+@pytest.mark.parametrize("lengths", [[6, 3], [5, 5]])
+def test_decode_with_cache_equals_full_forward(lengths, tiny_model_dir):
+    """Each cached one-token step gives the logits a full forward over the whole sequence gives
+    (with padding: the boolean-mask path; without: no mask at all)."""
     model = ours(tiny_model_dir)
-    rows = [random_ids(1, n, model.config.vocab_size, seed=s)[0].tolist() for s, n in enumerate([6, 3])]
+    rows = [random_ids(1, n, model.config.vocab_size, seed=s)[0].tolist() for s, n in enumerate(lengths)]
     idx, mask = left_padded(rows, 0)
+    padded = not bool(mask.all())
     B, T = idx.shape
     steps = 8
     with torch.no_grad():
         model.setup_cache(B, T + steps)
         try:
-            logits = model(idx, mask)[:, -1]
+            logits = model(idx, mask if padded else None)[:, -1]
             for i in range(steps):
-                full = model.__class__.forward  # a full forward, without the cache
                 nxt = logits.argmax(-1, keepdim=True)
                 idx, mask = torch.cat([idx, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-                logits = model(nxt, mask, start=T + i)[:, -1]
+                logits = model(nxt, mask if padded else None, start=T + i)[:, -1]
                 caches = [b.self_attn.kv_cache for b in model.model.layers]
-                for b in model.model.layers:
-                    b.self_attn.kv_cache = None
-                want = full(model, idx, mask)[:, -1]
+                model.clear_cache()
+                want = model(idx, mask if padded else None)[:, -1]  # a full forward, without the cache
                 for b, c in zip(model.model.layers, caches):
                     b.self_attn.kv_cache = c
                 assert (logits - want).abs().max().item() <= 1e-4, f"step {i}"
         finally:
             model.clear_cache()
+
+
+def test_generate_refuses_right_padding(tiny_model_dir):
+    idx, mask = torch.tensor([[5, 6, 0]]), torch.tensor([[1, 1, 0]])
+    with pytest.raises(ValueError, match="left padding"):
+        ours(tiny_model_dir).generate(idx, 2, attention_mask=mask)
 
 
 # --- config ---------------------------------------------------------------------------------------
