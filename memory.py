@@ -24,7 +24,6 @@ dk key dim per head (two halves of dk/2), D value dim, S = n*n slots, R rows upd
 
 import json
 import math
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -113,6 +112,7 @@ class ProductKeyMemory(nn.Module):
         self.alpha = nn.Parameter(torch.tensor(float(cfg.alpha_init))) if cfg.mode == "additive" else None
         self.sparse_grad = False  # True: the values gradient holds only the rows read (stage 2)
         self.last_indices = None  # (B, T, h*k) slot ids read by the last forward, detached
+        self.grad_hook = None  # a pending one-shot mask of the values gradient (select_per_micro_batch)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -327,7 +327,7 @@ def select_rows(counts: dict, background: "BackgroundStats | None" = None, rank:
 
     We select once per optimizer step, from the reads of all its micro-batches summed (so at most top_t rows
     change per step). The paper's code re-selects on every micro-batch, so with gradient accumulation up to
-    (micro-batches * top_t) rows change per step; keep_grad_rows() and union_rows() reproduce that.
+    (micro-batches * top_t) rows change per step; select_per_micro_batch() reproduces that.
     """
     if rank not in RANKS:
         raise ValueError(f"select_rows: rank {rank!r} is unknown (use one of {', '.join(RANKS)})")
@@ -350,36 +350,51 @@ def union_rows(a: dict, b: dict) -> dict:
     return {i: torch.cat([s[i] for s in (a, b) if i in s]).unique() for i in sorted(a.keys() | b.keys())}
 
 
-@contextmanager
-def keep_grad_rows(memories: dict, selected: dict):
+def select_per_micro_batch(memories: dict, counts: dict, background: "BackgroundStats | None" = None,
+                           rank: str = "kl", top_t: int = 512, selected: dict | None = None) -> dict:
     """
-    The paper's per-micro-batch selection: inside this block, each backward pass keeps only the `selected`
-    rows of its own values gradient (before it is added to .grad). Usage per micro-batch:
+    The paper code's selection, kept for comparison: rows are chosen on every micro-batch from its own reads,
+    and that micro-batch's gradient is kept only on its own rows. Call it after the micro-batch's forward and
+    BEFORE its loss.backward(): it hooks each value table so that the next backward keeps only these rows.
+    Returns the union with `selected` (the rows chosen so far in this optimizer step), for
+    SparseMemoryOptimizer.step; with k micro-batches up to k * top_t rows per layer change per step.
 
-        sel = select_rows(read_counts(model, mask), background, rank, top_t)
-        with keep_grad_rows(memories, sel):
-            loss.backward()
-        step_rows = union_rows(step_rows, sel)        # then optimizer.step(step_rows)
+        for b in micro_batches:
+            logits = model(b["idx"], b["attention_mask"])
+            step_rows = select_per_micro_batch(memories, read_counts(model, b["attention_mask"]), bg,
+                                               "kl", 512, step_rows)
+            loss(logits, b).backward()
+        optimizer.step(step_rows)
     """
-    handles = []
+    mine = select_rows(counts, background, rank, top_t)
     for i, mem in memories.items():
-        keep = torch.zeros(mem.n_slots, dtype=torch.bool, device=mem.values.weight.device)
-        keep[selected[i]] = True
+        keep_rows_in_next_grad(mem, mine[i])
+    return mine if selected is None else union_rows(selected, mine)
 
-        def mask(grad, keep=keep):
-            if grad.is_sparse:
-                grad = grad.coalesce()
-                on = keep[grad.indices()[0]]
-                return torch.sparse_coo_tensor(grad.indices()[:, on], grad.values()[on], grad.shape,
-                                               check_invariants=False)
-            return grad * keep[:, None]
 
-        handles.append(mem.values.weight.register_hook(mask))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+def keep_rows_in_next_grad(mem: ProductKeyMemory, rows):
+    """Mask the next gradient computed for mem.values (dense or sparse) to `rows`, once."""
+    if mem.grad_hook is not None:
+        raise RuntimeError("select_per_micro_batch: the previous micro-batch's backward never ran; call it "
+                           "between a micro-batch's forward and its loss.backward()")
+    keep = torch.zeros(mem.n_slots, dtype=torch.bool, device=mem.values.weight.device)
+    keep[rows] = True
+    forward_ids = mem.last_indices  # the forward this selection belongs to
+
+    def mask(grad):
+        mem.grad_hook.remove()
+        mem.grad_hook = None
+        if mem.last_indices is not forward_ids:
+            raise RuntimeError("select_per_micro_batch: a new forward ran before the backward of the micro-batch "
+                               "it selected for; call it between a micro-batch's forward and its loss.backward()")
+        if grad.is_sparse:
+            grad = grad.coalesce()
+            on = keep[grad.indices()[0]]
+            return torch.sparse_coo_tensor(grad.indices()[:, on], grad.values()[on], grad.shape,
+                                           check_invariants=False)
+        return grad * keep[:, None]
+
+    mem.grad_hook = mem.values.weight.register_hook(mask)
 
 
 # -----------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memory import (BackgroundStats, MemoryConfig, ProductKeyMemory, SparseMemoryOptimizer, add_memory,
-                    keep_grad_rows, load_memory_state_dict, memory_layers, memory_state_dict, read_counts,
-                    row_scores, select_rows, union_rows)
+                    load_memory_state_dict, memory_layers, memory_state_dict, read_counts,
+                    row_scores, select_per_micro_batch, select_rows)
 from model import Qwen2
 
 SMALL = dict(n_keys=16, heads=2, topk=4, k_dim=16)  # 256 slots per layer: fast, still product-key shaped
@@ -262,20 +262,37 @@ def test_select_rows_refuses_bad_input():
         select_rows({0: c}, None, "kl")
 
 
-def test_keep_grad_rows_masks_each_micro_batch_then_union():
-    mem = make_memory()
-    mem.sparse_grad = True
-    selections = []
-    for _ in range(2):  # two micro-batches, each keeping only the gradient of its own selection
-        out = mem(torch.randn(1, 4, 24))
-        sel = mem.last_indices[0, 1, :3].unique()  # a few rows this micro-batch read
-        with keep_grad_rows({0: mem}, {0: sel}):
+def test_select_per_micro_batch_keeps_each_micro_batchs_own_rows():
+    xs = [torch.randn(1, 6, 24), torch.randn(1, 6, 24)]
+    ref_mem = make_memory(seed=2)
+    ref_grad, sels = torch.zeros_like(ref_mem.values.weight), []
+    for x in xs:  # the reference: each micro-batch's own gradient, masked to its own top-3 rows, then summed
+        ref_mem.values.weight.grad = None
+        ref_mem(x).pow(2).sum().backward()
+        sel = select_rows({0: read_counts_of(ref_mem)}, None, "counts", 3)[0]
+        ref_grad[sel] += ref_mem.values.weight.grad[sel]
+        sels.append(sel)
+    for sparse in (False, True):
+        mem = make_memory(seed=2)
+        mem.sparse_grad = sparse
+        step_rows = None
+        for x in xs:
+            out = mem(x)
+            step_rows = select_per_micro_batch({0: mem}, {0: read_counts_of(mem)}, None, "counts", 3, step_rows)
             out.pow(2).sum().backward()
-        selections.append({0: sel})
-    union = union_rows(*selections)[0]
-    grad = mem.values.weight.grad.coalesce()
-    assert torch.equal(grad.indices()[0].unique(), union)
-    assert torch.all(grad.values().abs().sum(1) > 0)
+        grad = mem.values.weight.grad
+        torch.testing.assert_close(grad.to_dense() if sparse else grad, ref_grad, rtol=1e-6, atol=1e-7)
+        assert torch.equal(step_rows[0], torch.cat(sels).unique())
+    # called after backward instead of before: the next micro-batch's backward refuses the stale selection
+    mem = make_memory(seed=2)
+    mem(xs[0]).sum().backward()
+    select_per_micro_batch({0: mem}, {0: read_counts_of(mem)}, None, "counts", 3)
+    with pytest.raises(RuntimeError, match="a new forward ran before the backward"):
+        mem(xs[1]).sum().backward()
+
+
+def read_counts_of(mem):
+    return torch.bincount(mem.last_indices.flatten(), minlength=mem.n_slots)
 
 
 # --- the masked update ---------------------------------------------------------------------------------
@@ -303,7 +320,8 @@ def test_adamw_on_a_row_selected_every_step_equals_torch_adamw(weight_decay):
         torch_opt.step()
     # bit-identical on our machine (same operations as torch's single-tensor AdamW); a tight tolerance for CI
     torch.testing.assert_close(mem.values.weight.detach()[7:8], ref.detach(), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(opt.state_dict()["0.exp_avg"][0], torch_opt.state[ref]["exp_avg"][0], rtol=1e-6, atol=1e-9)
+    exp_avg = opt.state_dict()["0.exp_avg"][0]  # row 7 was the first to get state
+    torch.testing.assert_close(exp_avg, torch_opt.state[ref]["exp_avg"][0], rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("mode", ["adamw", "sgd"])
