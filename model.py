@@ -87,8 +87,14 @@ class Qwen2Config:
 
     @classmethod
     def from_json(cls, path: str) -> "Qwen2Config":
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"config file not found: {path}")
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_dict(d)
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -384,6 +390,9 @@ class Qwen2(nn.Module):
     def save_pretrained(self, out_dir: str):
         """Write a Hub-format directory (config.json + model.safetensors) that transformers and we can load."""
         from safetensors.torch import save_file
+        if any(isinstance(m, LoRALinear) for m in self.modules()):
+            raise ValueError("save_pretrained: the model has LoRA adapters; merge_lora(model) first, "
+                             "or save_peft_adapter for the adapters alone")
         os.makedirs(out_dir, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k in self.hub_state_shapes()}
         cfg = self.config.to_dict()
@@ -585,7 +594,10 @@ def load_safetensors_dir(path: str) -> dict:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = json.load(f).get("weight_map")
+        if not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        files = sorted(set(weight_map.values()))
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:

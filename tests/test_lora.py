@@ -165,3 +165,15 @@ def test_add_lora_refuses_bad_targets(tiny_model_dir):
     model = add_lora(base_model(tiny_model_dir), targets=("q_proj",))
     with pytest.raises(ValueError, match="already has an adapter"):
         add_lora(model, targets=("q_proj",))
+
+
+def test_save_pretrained_refuses_unmerged_adapters(tiny_model_dir, tmp_path):
+    model = add_lora(base_model(tiny_model_dir), r=2, alpha=4, dropout=0.0)
+    with pytest.raises(ValueError, match="merge_lora"):
+        model.save_pretrained(str(tmp_path))
+    perturb_lora_B(model)
+    idx = ids(model.config.vocab_size)
+    with torch.no_grad():
+        want = model.eval()(idx)
+        merge_lora(model).save_pretrained(str(tmp_path))
+        assert (base_model(str(tmp_path))(idx) - want).abs().max().item() <= 1e-5

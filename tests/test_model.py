@@ -269,8 +269,11 @@ def test_missing_files_are_clear_errors(tiny_copy):
     os.remove(tiny_copy / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         Qwen2.from_pretrained(str(tiny_copy))
+    (tiny_copy / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        Qwen2.from_pretrained(str(tiny_copy))
     os.remove(tiny_copy / "config.json")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match="config file not found: .*config.json"):
         Qwen2.from_pretrained(str(tiny_copy))
 
 
