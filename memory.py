@@ -529,7 +529,8 @@ class SparseMemoryOptimizer:
             changed[i] = int((p != old).any(dim=1).sum())
         return {"grad_norm": float(total), "rows": changed}
 
-    def zero_grad(self):
+    def zero_grad(self, set_to_none: bool = True):
+        """Drop the value tables' gradients (always set to None, as a sparse gradient cannot be zeroed in place)."""
         for mem in self.memories.values():
             mem.values.weight.grad = None
 
