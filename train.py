@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import data
 import memory
-from eval import load_model, run_tasks
+from eval import load_model, load_task_rows, run_tasks
 from model import LORA_TARGETS, Tokenizer, add_lora, atomic_write, lora_state_dict, merge_lora, write_json
 
 METHODS = ("smf", "retrofit", "lora", "full")
@@ -119,10 +119,13 @@ def parse_args(argv=None):
     g = p.add_argument_group("evaluation during training")
     g.add_argument("--eval-every", type=int, default=0, help="run eval.py's probes every N steps (0: never)")
     g.add_argument("--eval-tasks", default="medmcqa,wikitext,triviaqa")
-    g.add_argument("--eval-limit", type=int, default=200)
+    g.add_argument("--eval-limit", type=int, default=200, help="examples per probe")
+    g.add_argument("--eval-data", action="append", default=[], metavar="NAME=PATH",
+                   help="local file for a probe (medmcqa, wikitext, triviaqa), as in eval.py; repeatable")
     args = p.parse_args(argv)
 
-    args.data = dict(parse_data_flag(p, d) for d in args.data)
+    args.data = dict(parse_data_flag(p, d, ("medmcqa", "oasst1")) for d in args.data)
+    args.eval_data = dict(parse_data_flag(p, d, ("medmcqa", "wikitext", "triviaqa")) for d in args.eval_data)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.method]
     if args.epochs is None:
@@ -168,12 +171,12 @@ def check_resume_args(args, args_path):
             raise RunError(f"--resume: --{k.replace('_', '-')} is {v!r} but the run was started with {saved[k]!r}")
 
 
-def parse_data_flag(p, flag):
+def parse_data_flag(p, flag, names):
     name, sep, path = flag.partition("=")
     if not sep or not path:
         p.error(f"--data expects NAME=PATH, got {flag!r}")
-    if name not in ("medmcqa", "oasst1"):
-        p.error(f"--data: unknown dataset {name!r} for training (choose medmcqa or oasst1)")
+    if name not in names:
+        p.error(f"--data: unknown dataset {name!r} here (choose from {', '.join(names)})")
     if not os.path.exists(path):
         p.error(f"--data {name}: file not found: {path}")
     return name, path
@@ -198,7 +201,12 @@ def training_examples(name, args, tok, limit):
         texts = [data.medmcqa_train_text(r) for r in rows[:limit]]
         return [data.encode_text(tok, t, args.max_len) for t in texts]
     chats = data.oasst1_conversations(rows)[:limit]
-    return [data.encode_chat(tok, c, args.max_len) for c in chats]
+    examples = [data.encode_chat(tok, c, args.max_len) for c in chats]
+    kept = [e for e in examples if any(e[1][1:])]  # a reply truncated away leaves nothing to learn
+    if len(kept) < len(examples):
+        print(f"oasst1: dropped {len(examples) - len(kept)} of {len(examples)} conversations whose reply starts "
+              f"after --max-len {args.max_len} tokens", file=sys.stderr)
+    return kept
 
 
 def run_info(args):
@@ -239,8 +247,9 @@ class Stage:
     dense: dict                   # name -> Parameter trained by torch.optim.AdamW
     saved: callable               # () -> {name: tensor}: what model.safetensors holds
     config: dict                  # config.json
-    smf: dict | None = None       # SMF stage 2: memories, background, optimizer settings
-    log_extra: dict = field(default_factory=dict)
+    smf: dict | None = None       # SMF stage 2: memories, background
+    eval_rows: dict | None = None  # {task: rows} for --eval-every
+    repetition_penalty: float = 1.0
 
 
 def train(stage: Stage, args, device, tok):
@@ -270,7 +279,9 @@ def train(stage: Stage, args, device, tok):
         print(f"resuming {stage.out} at step {step}/{total}", file=sys.stderr)
     if step >= total:
         return
-    write_json(os.path.join(stage.out, "config.json"), stage.config)
+    write_json(os.path.join(stage.out, "config.json"), {**stage.config, "finished": False})
+    if args.eval_every:
+        stage.eval_rows = load_task_rows(args.eval_tasks.split(","), args.eval_limit, args.eval_data)
 
     def micro_batch(m):  # the m-th micro-batch of the endless, epoch-by-epoch shuffled stream
         epoch, i = divmod(m, n_micro)
@@ -288,7 +299,7 @@ def train(stage: Stage, args, device, tok):
                 group["lr"] = lr
         batches = [micro_batch(m) for m in range(step * args.grad_accum, (step + 1) * args.grad_accum)]
         n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)  # loss tokens in this step
-        loss_sum, counts, selected = 0.0, None, None
+        loss_sum, counts, selected = 0.0, None, {}
         for b in batches:
             with autocast:
                 logits = model(b["idx"], b["attention_mask"])  # (B, T, vocab) fp32
@@ -299,14 +310,19 @@ def train(stage: Stage, args, device, tok):
             if not torch.isfinite(loss):
                 raise RunError(f"loss is {loss.item()} at step {step} in {stage.out}; stopping. The last good "
                                f"checkpoint is kept: lower --lr or check the data, then --resume")
-            loss.backward()
-            loss_sum += loss.item()
-            if stage.smf is not None:  # SMF: count which memory slots this micro-batch read (real tokens only)
+            if stage.smf is None:
+                loss.backward()
+            else:  # SMF: count which memory slots this micro-batch read (real tokens only)
                 reads = memory.read_counts(model, b["attention_mask"])
-                if args.select_per_micro_batch:  # the paper code: choose rows now, for this micro-batch alone
-                    selected = memory.select_per_micro_batch(stage.smf["memories"], reads, stage.smf["background"],
-                                                             args.rank, args.top_t, selected)
                 counts = reads if counts is None else {k: counts[k] + reads[k] for k in counts}
+                if args.select_per_micro_batch:  # the paper's code: choose rows for this micro-batch alone
+                    chosen = memory.select_rows(reads, stage.smf["background"], args.rank, args.top_t)
+                    with memory.keep_grad_rows(stage.smf["memories"], chosen):
+                        loss.backward()
+                    selected = memory.union_rows(selected, chosen)
+                else:
+                    loss.backward()
+            loss_sum += loss.item()
         record = {"step": step + 1, "loss": loss_sum, "lr": lr, "tokens": n_tokens}
         if stage.smf is not None:
             if not args.select_per_micro_batch:  # SMF: one choice of rows per optimizer step, from all its reads
@@ -323,7 +339,7 @@ def train(stage: Stage, args, device, tok):
             record["grad_norm" if stage.smf is None else "alpha_grad_norm"] = float(norm)
             dense_opt.step()
         for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
         step += 1
         record["seconds"] = round(time.time() - t0, 4)
         append_log(log_path, record)
@@ -331,7 +347,7 @@ def train(stage: Stage, args, device, tok):
         bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{n_tokens / max(1e-9, record['seconds']):.0f}")
         if args.eval_every and step % args.eval_every == 0:
             model.eval()
-            results = run_tasks(model, tok, args.eval_tasks.split(","), data_paths={}, limit=args.eval_limit)
+            results = run_tasks(model, tok, stage.eval_rows, repetition_penalty=stage.repetition_penalty)
             append_log(os.path.join(stage.out, "eval.jsonl"), {"step": step, **results})
             model.train()
         if step % args.save_every == 0 or step == total or step == args.stop_at_step:
@@ -442,7 +458,7 @@ def memory_config_from_args(args):
 def retrofit(args, out, device, tok):
     """Stage 1: add fresh memory layers and train all their parameters densely on OASST1, base frozen."""
     os.makedirs(out, exist_ok=True)
-    model, _, _ = load_model(args.model, dtype=frozen_dtype(device), device=device)
+    model, _, info = load_model(args.model, dtype=frozen_dtype(device), device=device)
     torch.manual_seed(args.seed)
     mem_cfg = memory_config_from_args(args)
     memories = memory.add_memory(model, mem_cfg)
@@ -460,7 +476,8 @@ def retrofit(args, out, device, tok):
                   lr=args.lr if alone else args.retrofit_lr,
                   epochs=args.epochs if alone else args.retrofit_epochs,
                   max_steps=args.max_steps if alone else args.retrofit_max_steps,
-                  dense=dense, saved=lambda: memory.memory_state_dict(model), config=config)
+                  dense=dense, saved=lambda: memory.memory_state_dict(model), config=config,
+                  repetition_penalty=info["repetition_penalty"])
     train(stage, args, device, tok)
     background_path = os.path.join(out, "background.safetensors")
     if not os.path.exists(background_path):
@@ -503,7 +520,7 @@ def sparse_finetune(args, device, tok, memory_dir):
         mem_run = json.load(f)
     if mem_run.get("memory") is None:
         raise RunError(f"--memory-from {memory_dir}: the run has no memory layers (method {mem_run.get('method')})")
-    model, _, _ = load_model(args.model, dtype=frozen_dtype(device), device=device)
+    model, _, info = load_model(args.model, dtype=frozen_dtype(device), device=device)
     if mem_run.get("base_config") != base_config_dict(model):
         diff = sorted(k for k in base_config_dict(model) if base_config_dict(model)[k] != mem_run.get("base_config", {}).get(k))
         raise RunError(f"--memory-from {memory_dir}: its base model differs from --model {args.model} ({', '.join(diff) or 'config'})")
@@ -529,7 +546,8 @@ def sparse_finetune(args, device, tok, memory_dir):
     stage = Stage(out=args.out, model=model, examples=training_examples("medmcqa", args, tok, args.limit),
                   lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, dense=dense,
                   saved=lambda: memory.memory_state_dict(model), config=config,
-                  smf={"memories": memories, "background": background})
+                  smf={"memories": memories, "background": background},
+                  repetition_penalty=info["repetition_penalty"])
     train(stage, args, device, tok)
     finish(stage)
     return model
@@ -557,7 +575,7 @@ def finetune_baseline(args, device, tok):
     """LoRA (adapters only) or full finetuning (every weight) on MedMCQA with AdamW."""
     os.makedirs(args.out, exist_ok=True)
     weights_dtype = torch.float32 if args.method == "full" else frozen_dtype(device)
-    model, _, _ = load_model(args.model, dtype=weights_dtype, device=device)
+    model, _, info = load_model(args.model, dtype=weights_dtype, device=device)
     torch.manual_seed(args.seed)
     lora_cfg = None
     if args.method == "lora":
@@ -573,7 +591,8 @@ def finetune_baseline(args, device, tok):
     config = {"method": args.method, "base_model": args.model, "base_config": base_config_dict(model),
               "memory": None, "lora": lora_cfg}
     stage = Stage(out=args.out, model=model, examples=training_examples("medmcqa", args, tok, args.limit),
-                  lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, dense=dense, saved=saved, config=config)
+                  lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, dense=dense, saved=saved, config=config,
+                  repetition_penalty=info["repetition_penalty"])
     train(stage, args, device, tok)
     model.eval()
     if args.method == "full":
