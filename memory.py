@@ -503,7 +503,8 @@ class SparseMemoryOptimizer:
                 raise ValueError(f"SparseMemoryOptimizer: layer {i} slot ids must lie in 0..{mem.n_slots - 1}")
             if len(r.unique()) != len(r):
                 raise ValueError(f"SparseMemoryOptimizer: layer {i} selection has repeated slot ids")
-            rows[i], grads[i] = r, grad_rows(mem.values.weight.grad, r)  # (R,), (R, D)
+            table = mem.values.weight
+            rows[i], grads[i] = r, grad_rows(table.grad, r) if len(r) else table.new_zeros(0, table.shape[1])
         total = torch.stack([g.float().pow(2).sum() for g in grads.values()]).sum().sqrt() if grads else torch.zeros(())
         if max_grad_norm is not None:  # as torch.nn.utils.clip_grad_norm_
             coef = (max_grad_norm / (total + 1e-6)).clamp(max=1.0)
@@ -555,9 +556,11 @@ class SparseMemoryOptimizer:
                 continue
             st = self._empty_state(mem)
             slots = d[f"{i}.slots"].to(st["where"].device, torch.long)
-            if d[f"{i}.exp_avg"].shape != (len(slots), mem.values.weight.shape[1]):
-                raise ValueError(f"SparseMemoryOptimizer.load_state_dict: tensor {i}.exp_avg has shape "
-                                 f"{tuple(d[f'{i}.exp_avg'].shape)}, expected {(len(slots), mem.values.weight.shape[1])}")
+            shape = (len(slots), mem.values.weight.shape[1])
+            for key in ("exp_avg", "exp_avg_sq"):
+                if tuple(d[f"{i}.{key}"].shape) != shape:
+                    raise ValueError(f"SparseMemoryOptimizer.load_state_dict: tensor {i}.{key} has shape "
+                                     f"{tuple(d[f'{i}.{key}'].shape)}, expected {shape}")
             for key in ("slots", "exp_avg", "exp_avg_sq", "step"):
                 st[key] = d[f"{i}.{key}"].to(st[key].device, st[key].dtype).clone()
             st["where"][slots] = torch.arange(len(slots), device=slots.device)

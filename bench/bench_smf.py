@@ -175,7 +175,8 @@ def main():
         return
 
     print(f"# part 1: one step, small random model on {args.device}: hidden {args.hidden}, {args.layers} layers, "
-          f"vocab {args.vocab}, batch {args.batch} x {args.seq} tokens, {args.threads} CPU thread(s); SMF memory at layers "
+          f"vocab {args.vocab}, batch {args.batch} x {args.seq} tokens, {args.threads} CPU thread(s); "
+          f"SMF memory at layers "
           f"{[args.layers // 4, args.layers // 2, 3 * args.layers // 4]}, 16,384 slots, top-t 512, kl")
     results = []
     for method in ("smf", "lora"):

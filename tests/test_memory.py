@@ -466,3 +466,15 @@ def test_optimizer_refuses_bad_input():
         opt.step({0: torch.tensor([1, 1])})
     with pytest.raises(ValueError, match="unexpected tensor"):
         opt.load_state_dict({**opt.state_dict(), "7.slots": torch.zeros(0, dtype=torch.long)})
+
+
+def test_lazy_state_holds_only_rows_ever_updated():
+    mem = table_memory()
+    opt = SparseMemoryOptimizer({0: mem}, lr=1e-3)
+    assert opt.step({0: torch.zeros(0, dtype=torch.long)})["rows"] == {0: 0}  # nothing read: no gradient needed
+    for rows in ([4, 9, 2], [9, 30], [2]):
+        mem.values.weight.grad = torch.randn(64, 5)
+        opt.step({0: torch.tensor(rows)})
+    state = opt.state_dict()
+    assert state["0.slots"].tolist() == [4, 9, 2, 30] and state["0.exp_avg"].shape == (4, 5)
+    assert state["0.step"].tolist() == [1, 2, 2, 1]
