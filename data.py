@@ -16,7 +16,8 @@ row per line); a local directory is searched like a Hub snapshot (`{config}/{spl
 
 Prompt formats (REFERENCE.md sections 3 and 4; the exact strings are in the functions below):
 
-    MedMCQA eval context   "Medical exam question:\\nQuestion: {question}\\nA. {opa}\\nB. {opb}\\nC. {opc}\\nD. {opd}\\nAnswer:"
+    MedMCQA eval context   "Medical exam question:\\nQuestion: {question}\\nA. {opa}\\nB. {opb}\\nC. {opc}\\n"
+                           "D. {opd}\\nAnswer:"
     MedMCQA continuations  " A. {opa}", " B. {opb}", " C. {opc}", " D. {opd}"
     MedMCQA training text  eval context + " {X}. {option}" + "\\nExplanation: {exp}" (the last part only when exp is
                            non-empty), i.e. the eval prompt followed by its correct continuation; loss on all tokens

@@ -74,10 +74,10 @@ def is_run_dir(path: str) -> bool:
 def check_state(expected: dict, state: dict, path: str):
     """The file must hold exactly the tensors the method trained, each with the model's shape."""
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing:
-        raise ValueError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if unexpected:
-        raise ValueError(f"{path}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for kind, names in (("missing", missing), ("unexpected", unexpected)):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            raise ValueError(f"{path}: {kind} tensor {names[0]}{more}")
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise ValueError(f"{path}: tensor {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")

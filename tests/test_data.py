@@ -23,7 +23,8 @@ MEDMCQA = [
 ]
 TRIVIA = [
     {"question": "What is the capital of France?", "question_id": "t1",
-     "answer": {"value": "Paris", "aliases": ["Paris", "City of Light"], "normalized_aliases": ["paris", "city of light"],
+     "answer": {"value": "Paris", "aliases": ["Paris", "City of Light"],
+                "normalized_aliases": ["paris", "city of light"],
                 "normalized_value": "paris"}},
     {"question": "Which animal is a dik-dik?", "question_id": "t2",
      "answer": {"value": "Antelope", "aliases": ["Antelopes"], "normalized_aliases": ["antelopes"],

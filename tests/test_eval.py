@@ -351,7 +351,8 @@ def test_cli_end_to_end(rp_model_dir, data_files, tmp_path):
     assert by_task["medmcqa"][1]["target"] == 2 and len(by_task["medmcqa"][1]["scores"]) == 4
     assert sum(x["correct"] for x in by_task["medmcqa"]) == round(4 * results["medmcqa"]["acc"])
     assert by_task["triviaqa"][0]["prompt"] == "Question: What is the capital of France?\nAnswer:"
-    assert by_task["triviaqa"][0]["prediction"] == unbatched_answers(model, tok, [by_task["triviaqa"][0]["prompt"]], 1.5)[0]
+    first = by_task["triviaqa"][0]
+    assert first["prediction"] == unbatched_answers(model, tok, [first["prompt"]], 1.5)[0]
     assert sum(x["scored_tokens"] for x in by_task["wikitext"]) == results["wikitext"]["tokens"]
 
 
