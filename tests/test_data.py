@@ -274,3 +274,26 @@ def test_real_eval_rows_parse(shared_data, capsys):
     assert len(wiki) == 1000 and wiki[0]["text"] == "= Robert Boulter ="
     raw = data.load_rows("wikitext", os.path.join(d, "wikitext-2-raw-v1_test.raw"), limit=3)
     assert raw[0]["text"] == "= Robert Boulter =" and "Menier" in raw[1]["text"]
+
+
+def test_hub_path_works_offline_from_the_hub_cache(tmp_path):
+    """The real huggingface_hub code path with HF_HUB_OFFLINE=1: files already in the cache (laid out as
+    huggingface_hub caches a dataset repo) are found without any network call."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "datasets--openlifescienceai--medmcqa"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit / "data").mkdir(parents=True)
+    write_parquet(repo / "snapshots" / commit / "data" / "validation-00000-of-00001.parquet", MEDMCQA)
+    code = "import data; print([r['id'] for r in data.load_rows('medmcqa')])"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['q1', 'q3']"
+    # a dataset that is not in the cache: a clear error, not a hang
+    code = "import data; data.load_rows('wikitext')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode != 0 and "FileNotFoundError: could not fetch Salesforce/wikitext" in proc.stderr
