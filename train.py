@@ -299,7 +299,7 @@ def train(stage: Stage, args, device, tok):
                 group["lr"] = lr
         batches = [micro_batch(m) for m in range(step * args.grad_accum, (step + 1) * args.grad_accum)]
         n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)  # loss tokens in this step
-        loss_sum, counts, selected = 0.0, None, {}
+        loss_sum, counts, selected = 0.0, None, None
         for b in batches:
             with autocast:
                 logits = model(b["idx"], b["attention_mask"])  # (B, T, vocab) fp32
@@ -310,18 +310,13 @@ def train(stage: Stage, args, device, tok):
             if not torch.isfinite(loss):
                 raise RunError(f"loss is {loss.item()} at step {step} in {stage.out}; stopping. The last good "
                                f"checkpoint is kept: lower --lr or check the data, then --resume")
-            if stage.smf is None:
-                loss.backward()
-            else:  # SMF: count which memory slots this micro-batch read (real tokens only)
+            if stage.smf is not None:  # SMF: count which memory slots this micro-batch read (real tokens only)
                 reads = memory.read_counts(model, b["attention_mask"])
                 counts = reads if counts is None else {k: counts[k] + reads[k] for k in counts}
-                if args.select_per_micro_batch:  # the paper's code: choose rows for this micro-batch alone
-                    chosen = memory.select_rows(reads, stage.smf["background"], args.rank, args.top_t)
-                    with memory.keep_grad_rows(stage.smf["memories"], chosen):
-                        loss.backward()
-                    selected = memory.union_rows(selected, chosen)
-                else:
-                    loss.backward()
+                if args.select_per_micro_batch:  # the paper's code: rows chosen per micro-batch (before backward)
+                    selected = memory.select_per_micro_batch(stage.smf["memories"], reads, stage.smf["background"],
+                                                             args.rank, args.top_t, selected)
+            loss.backward()
             loss_sum += loss.item()
         record = {"step": step + 1, "loss": loss_sum, "lr": lr, "tokens": n_tokens}
         if stage.smf is not None:

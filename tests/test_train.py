@@ -196,3 +196,17 @@ def test_nan_loss_stops_with_a_clear_message(tiny_model_dir, files, tmp_path):
                         "--grad-clip", "0", "--save-every", "1"))
     assert r.returncode != 0 and "loss is" in r.stderr and "last good checkpoint" in r.stderr
     assert os.path.exists(out / "checkpoint.safetensors")  # the last good one is kept
+
+
+def test_smf_paper_options_run(retrofit_run, tiny_model_dir, files, tmp_path):
+    """The paper code's behaviour: per-micro-batch selection (up to grad_accum * top_t rows per step) and the
+    dense AdamW whose moments keep moving rows chosen earlier (more rows change than are chosen)."""
+    out = tmp_path / "paper"
+    train.main(common(tiny_model_dir, files, out, "--method", "smf", "--memory-from", retrofit_run,
+                      "--max-steps", "3", "--top-t", "3", "--select-per-micro-batch", "--optimizer", "paper",
+                      "--log-rows", "--lr", "1e-2"))
+    log = read_log(out)
+    sizes = [len(rows) for r in log for rows in r["selected"].values()]
+    assert max(sizes) > 3 and max(sizes) <= 2 * 3  # two micro-batches chose different rows
+    # from step 2 on, rows chosen earlier but not now still move (the leak of dense moments)
+    assert any(r["rows"][layer] > len(r["selected"][layer]) for r in log[1:] for layer in r["rows"])
