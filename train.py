@@ -44,7 +44,8 @@ from tqdm import tqdm
 import data
 import memory
 from eval import load_model, load_task_rows, run_tasks
-from model import LORA_TARGETS, Tokenizer, add_lora, atomic_write, lora_state_dict, merge_lora, write_json
+from model import (LORA_TARGETS, Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, lora_state_dict, merge_lora,
+                   resolve_model_dir, save_peft_adapter, write_json)
 
 METHODS = ("smf", "retrofit", "lora", "full")
 DEFAULT_LR = {"smf": 5e-4, "retrofit": 5e-4, "lora": 2e-4, "full": 5e-5}
@@ -66,6 +67,12 @@ def parse_args(argv=None):
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="base model: Hub id or local directory")
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
                    help="local file for a dataset (medmcqa, oasst1) in the Hub's column schema; repeatable")
+    p.add_argument("--task", default="medmcqa",
+                   help="finetuning data: medmcqa (question, options, answer, explanation) or text:PATH (a .jsonl "
+                        "of {\"text\": ...} or a plain-text file, one example per line; loss on every token)")
+    p.add_argument("--init", default="pretrained", choices=["pretrained", "random"],
+                   help="random: build the model from --model's config.json with random weights (full only; "
+                        "pretraining a small model from scratch)")
     p.add_argument("--out", default=None, help="run directory (default runs/<method>-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--seed", type=int, default=0)
@@ -92,6 +99,8 @@ def parse_args(argv=None):
     g.add_argument("--mem-heads", type=int, default=4)
     g.add_argument("--mem-topk", type=int, default=16, help="slots read per head per token")
     g.add_argument("--mem-k-dim", type=int, default=256)
+    g.add_argument("--retrofit-task", default="oasst1",
+                   help="stage-1 and background data: oasst1 (chat, loss on replies) or text:PATH")
     g.add_argument("--retrofit-epochs", type=float, default=2, help="stage-1 epochs inside --method smf")
     g.add_argument("--retrofit-lr", type=float, default=5e-4, help="stage-1 lr inside --method smf")
     g.add_argument("--retrofit-limit", type=int, default=50000, help="OASST1 conversations for stage 1")
@@ -148,6 +157,16 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_steps is not None and args.max_steps < 1:
         p.error("--max-steps must be at least 1")
+    for flag in ("task", "retrofit_task"):
+        value = getattr(args, flag)
+        if value.startswith("text:"):
+            if not os.path.exists(value[5:]):
+                p.error(f"--{flag.replace('_', '-')}: file not found: {value[5:]}")
+        elif value not in ({"task": "medmcqa", "retrofit_task": "oasst1"}[flag],):
+            p.error(f"--{flag.replace('_', '-')}: unknown task {value!r} (expected "
+                    f"{'medmcqa' if flag == 'task' else 'oasst1'} or text:PATH)")
+    if args.init == "random" and args.method != "full":
+        p.error("--init random only applies to --method full (pretraining from scratch)")
     if args.memory_from and args.method != "smf":
         p.error("--memory-from only applies to --method smf")
     if (args.export_peft or args.export_merged) and args.method != "lora":
@@ -194,10 +213,14 @@ def resolve_device(name):
     return torch.device(name)
 
 
-def training_examples(name, args, tok, limit):
-    """Tokenized examples [(ids, loss_mask)]: MedMCQA text (loss on every token) or OASST1 chats (loss on replies)."""
-    rows = data.load_rows(name, path=args.data.get(name), split="train")
-    if name == "medmcqa":
+def training_examples(task, args, tok, limit):
+    """Tokenized examples [(ids, loss_mask)]: MedMCQA text or plain text (loss on every token), or OASST1 chats
+    (loss on the assistant replies)."""
+    if task.startswith("text:"):
+        texts = [r["text"] for r in data.load_rows("wikitext", path=task[5:], limit=limit)]
+        return [data.encode_text(tok, t, args.max_len) for t in texts]
+    rows = data.load_rows(task, path=args.data.get(task), split="train")
+    if task == "medmcqa":
         texts = [data.medmcqa_train_text(r) for r in rows[:limit]]
         return [data.encode_text(tok, t, args.max_len) for t in texts]
     chats = data.oasst1_conversations(rows)[:limit]
@@ -464,7 +487,7 @@ def retrofit(args, out, device, tok):
             p.requires_grad_(True)
             dense[f"model.layers.{i}.memory.{name}"] = p
     alone = args.method == "retrofit"  # stage 1 on its own takes the shared flags, inside smf the --retrofit-* ones
-    examples = training_examples("oasst1", args, tok, args.limit if alone else args.retrofit_limit)
+    examples = training_examples(args.retrofit_task, args, tok, args.limit if alone else args.retrofit_limit)
     config = {"method": "retrofit", "base_model": args.model, "base_config": base_config_dict(model),
               "memory": mem_cfg.to_dict(), "lora": None}
     stage = Stage(out=out, model=model, examples=examples,
@@ -484,16 +507,15 @@ def retrofit(args, out, device, tok):
 
 @torch.inference_mode()
 def background_statistics(model, tok, args, device):
-    """Read counts and document frequency of every memory slot over single-example OASST1 batches."""
-    rows = data.load_rows("oasst1", path=args.data.get("oasst1"), split="train")
-    chats = data.oasst1_conversations(rows)
-    order = data.epoch_order(len(chats), args.seed, epoch=-1)[:args.background_batches]
+    """Read counts and document frequency of every memory slot over --background-batches single-example batches
+    of the stage-1 data (OASST1 by default), drawn in a seeded order."""
+    examples = training_examples(args.retrofit_task, args, tok, limit=None)
+    order = data.epoch_order(len(examples), args.seed, epoch=10**6)[:args.background_batches]  # its own order
     stats = memory.BackgroundStats()
     model.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     for j in tqdm(order, desc="background reads", dynamic_ncols=True):
-        ids, _ = data.encode_chat(tok, chats[j], args.max_len)
-        idx = torch.tensor([ids], device=device)
+        idx = torch.tensor([examples[j][0]], device=device)  # (1, T)
         with autocast:
             model(idx)
         stats.update(memory.read_counts(model))
@@ -538,7 +560,7 @@ def sparse_finetune(args, device, tok, memory_dir):
         shutil.copyfile(background_path, os.path.join(args.out, "background.safetensors"))
     config = {"method": "smf", "base_model": args.model, "base_config": base_config_dict(model),
               "memory": mem_run["memory"], "lora": None, "memory_from": os.path.abspath(memory_dir)}
-    stage = Stage(out=args.out, model=model, examples=training_examples("medmcqa", args, tok, args.limit),
+    stage = Stage(out=args.out, model=model, examples=training_examples(args.task, args, tok, args.limit),
                   lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, dense=dense,
                   saved=lambda: memory.memory_state_dict(model), config=config,
                   smf={"memories": memories, "background": background},
@@ -569,8 +591,14 @@ def load_memory_tensors(model, path):
 def finetune_baseline(args, device, tok):
     """LoRA (adapters only) or full finetuning (every weight) on MedMCQA with AdamW."""
     os.makedirs(args.out, exist_ok=True)
-    weights_dtype = torch.float32 if args.method == "full" else frozen_dtype(device)
-    model, _, info = load_model(args.model, dtype=weights_dtype, device=device)
+    if args.init == "random":  # pretraining from scratch: --model only gives config.json and the tokenizer
+        torch.manual_seed(args.seed)
+        model = Qwen2(Qwen2Config.from_json(os.path.join(resolve_model_dir(args.model), "config.json")))
+        model = model.init_weights().to(device)
+        info = {"repetition_penalty": 1.0}
+    else:
+        weights_dtype = torch.float32 if args.method == "full" else frozen_dtype(device)
+        model, _, info = load_model(args.model, dtype=weights_dtype, device=device)
     torch.manual_seed(args.seed)
     lora_cfg = None
     if args.method == "lora":
@@ -585,7 +613,7 @@ def finetune_baseline(args, device, tok):
         saved = lambda: {k: v for k, v in model.state_dict().items() if k in model.hub_state_shapes()}  # noqa: E731
     config = {"method": args.method, "base_model": args.model, "base_config": base_config_dict(model),
               "memory": None, "lora": lora_cfg}
-    stage = Stage(out=args.out, model=model, examples=training_examples("medmcqa", args, tok, args.limit),
+    stage = Stage(out=args.out, model=model, examples=training_examples(args.task, args, tok, args.limit),
                   lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, dense=dense, saved=saved, config=config,
                   repetition_penalty=info["repetition_penalty"])
     train(stage, args, device, tok)
@@ -593,7 +621,6 @@ def finetune_baseline(args, device, tok):
     if args.method == "full":
         export_hub_dir(model, args.model, os.path.join(args.out, "hf"))
     if args.export_peft:
-        from model import save_peft_adapter
         save_peft_adapter(model, os.path.join(args.out, "peft"), args.model)
     if args.export_merged:
         export_hub_dir(merge_lora(copy.deepcopy(model)), args.model, os.path.join(args.out, "merged"))
@@ -603,7 +630,6 @@ def finetune_baseline(args, device, tok):
 
 def export_hub_dir(model, base, out):
     """A Hub-format model directory (config, weights, tokenizer files) that transformers and model.py load."""
-    from model import resolve_model_dir
     model.save_pretrained(out)
     src = resolve_model_dir(base)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json"):

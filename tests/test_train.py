@@ -210,3 +210,21 @@ def test_smf_paper_options_run(retrofit_run, tiny_model_dir, files, tmp_path):
     assert max(sizes) > 3 and max(sizes) <= 2 * 3  # two micro-batches chose different rows
     # from step 2 on, rows chosen earlier but not now still move (the leak of dense moments)
     assert any(r["rows"][layer] > len(r["selected"][layer]) for r in log[1:] for layer in r["rows"])
+
+
+def test_pretrain_from_random_init_then_finetune_on_text(tiny_model_dir, tmp_path):
+    """--init random builds the model from config.json alone; --task text:PATH trains on plain text."""
+    import shutil
+    cfg_dir = tmp_path / "cfg"
+    os.makedirs(cfg_dir)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tiny_model_dir, name), cfg_dir / name)
+    text = write_jsonl(str(tmp_path / "text.jsonl"), [{"text": f"the {i} apple is red"} for i in range(8)])
+    out = tmp_path / "pre"
+    train.main(["--method", "full", "--init", "random", "--model", str(cfg_dir), "--task", f"text:{text}",
+                "--out", str(out), "--device", "cpu", "--batch-size", "4", "--grad-accum", "1", "--max-steps", "15",
+                "--warmup", "1", "--lr", "3e-3"])
+    log = read_log(out)
+    assert log[-1]["loss"] < log[0]["loss"] - 1.0
+    reloaded, _, info = load_model(str(out / "hf"))
+    assert info["method"] is None and reloaded.config.hidden_size == 64
