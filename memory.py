@@ -489,9 +489,11 @@ class SparseMemoryOptimizer:
         return st["where"][rows]
 
     @torch.no_grad()
-    def step(self, selected: dict, max_grad_norm: float | None = None) -> dict:
+    def step(self, selected: dict, max_grad_norm: float | None = None, reduce=None) -> dict:
         """Update the rows selected[layer] of each table; returns the gradient norm (before clipping) and
-        how many rows of each layer changed."""
+        how many rows of each layer changed. reduce: optional in-place function applied to each layer's
+        selected-rows gradient (R, D) before clipping; data-parallel training passes an all-reduce (sum over
+        ranks), so only the t chosen rows per layer cross the network, never the whole table."""
         group = self.param_groups[0]
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         rows, grads = {}, {}
@@ -505,6 +507,8 @@ class SparseMemoryOptimizer:
                 raise ValueError(f"SparseMemoryOptimizer: layer {i} selection has repeated slot ids")
             table = mem.values.weight
             rows[i], grads[i] = r, grad_rows(table.grad, r) if len(r) else table.new_zeros(0, table.shape[1])
+            if reduce is not None:
+                reduce(grads[i])
         total = torch.stack([g.float().pow(2).sum() for g in grads.values()]).sum().sqrt() if grads else torch.zeros(())
         if max_grad_norm is not None:  # as torch.nn.utils.clip_grad_norm_
             coef = (max_grad_norm / (total + 1e-6)).clamp(max=1.0)
