@@ -320,3 +320,124 @@ def collate(examples, pad_id: int) -> dict:
         keep = torch.tensor(loss_mask, dtype=torch.bool)
         labels[b, :n] = torch.where(keep, idx[b, :n], torch.full_like(idx[b, :n], -100))
     return {"idx": idx, "attention_mask": attention_mask, "labels": labels}
+
+
+# -----------------------------------------------------------------------------
+# Synthetic world: an offline stand-in for "old knowledge" and "new knowledge" (experiments/forgetting.py)
+#
+# Fictional entities with made-up names, each with one value per attribute. Old entities are written as prose
+# and question-answer lines for pretraining; new entities only as question-answer lines, the facts a finetune
+# must learn. Held-out prose renders the old entities with templates that no training text uses, for perplexity.
+# Everything is a function of the seed; nothing is downloaded.
+#
+#     question  "Q: What is the colour of Zorbin? A:"     answer  " teal"  (one of WORLD_ATTRIBUTES["colour"])
+
+WORLD_ATTRIBUTES = {
+    "city": ["Paris", "Tokyo", "Cairo", "Lima", "Oslo", "Delhi", "Rome", "Quito", "Dakar", "Hanoi"],
+    "colour": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink", "brown"],
+    "profession": ["baker", "doctor", "pilot", "farmer", "teacher", "painter", "sailor", "lawyer", "singer",
+                   "miner"],
+    "pet": ["cat", "dog", "horse", "parrot", "rabbit", "turtle", "goat", "snake", "mouse", "frog"],
+}
+WORLD_TEMPLATES = {  # the first ones are training text, the last WORLD_HELDOUT_TEMPLATES per attribute held out
+    "city": ["{name} lives in {v}.", "{name} has a home in {v}.", "The city of {name} is {v}.",
+             "{name} moved to {v} long ago.", "You can find {name} in {v}.", "{name} was raised in {v}."],
+    "colour": ["The favourite colour of {name} is {v}.", "{name} likes the colour {v}.",
+               "{name} always wears {v}.", "{name} painted the door {v}.", "Most things {name} owns are {v}.",
+               "{name} loves anything {v}."],
+    "profession": ["{name} works as a {v}.", "{name} is a {v} by trade.", "The job of {name} is {v}.",
+                   "{name} trained to be a {v}.", "Everyone knows {name} the {v}.", "{name} earns a living as a {v}."],
+    "pet": ["{name} has a pet {v}.", "{name} keeps a {v} at home.", "The pet of {name} is a {v}.",
+            "{name} walks a {v} every day.", "A {v} sleeps next to {name}.", "{name} feeds the {v} each morning."],
+}
+WORLD_HELDOUT_TEMPLATES = 2
+WORLD_QUESTION = "Q: What is the {attr} of {name}? A:"
+_SYLLABLES = ["ka", "zor", "bin", "mel", "tra", "vu", "qi", "lon", "dre", "sa", "fen", "mox", "pi", "ru", "gal",
+              "tek", "ny", "os", "hul", "wen", "jar", "ce", "bo", "xi"]
+
+
+def synthetic_world(seed: int = 0, n_old: int = 60, n_new: int = 30) -> dict:
+    """{"old": [entity], "new": [entity]}, entity = {"name": str, attribute: value, ...}; distinct names of
+    2-3 syllables, values uniform at random, all from the seed."""
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda n: int(torch.randint(n, (1,), generator=g))  # noqa: E731
+    names = []
+    while len(names) < n_old + n_new:
+        name = "".join(_SYLLABLES[pick(len(_SYLLABLES))] for _ in range(2 + pick(2))).capitalize()
+        if name not in names:
+            names.append(name)
+    entities = [{"name": n, **{a: vs[pick(len(vs))] for a, vs in WORLD_ATTRIBUTES.items()}} for n in names]
+    return {"old": entities[:n_old], "new": entities[n_old:]}
+
+
+def world_qa(entity: dict, attr: str) -> tuple[str, str]:
+    """(question, answer continuation with its leading space) for one fact."""
+    return WORLD_QUESTION.format(attr=attr, name=entity["name"]), " " + entity[attr]
+
+
+def world_qa_texts(entities: list[dict]) -> list[str]:
+    """One training line per fact: question and answer, "Q: What is the pet of Zorbin? A: frog"."""
+    return ["".join(world_qa(e, a)) for e in entities for a in WORLD_ATTRIBUTES]
+
+
+def world_pretrain_texts(world: dict, seed: int = 0, n_docs: int = 2000) -> list[str]:
+    """Pretraining documents about the old entities: each is one entity's attributes in a random order, each in a
+    random training template, followed by the question-answer lines of a random half of its attributes (so the
+    question format is known before any finetune). Entities are drawn round-robin, so each gets n_docs/n_old."""
+    g = torch.Generator().manual_seed(seed + 1)
+    attrs = list(WORLD_ATTRIBUTES)
+    docs = []
+    for d in range(n_docs):
+        e = world["old"][d % len(world["old"])]
+        order = [attrs[i] for i in torch.randperm(len(attrs), generator=g).tolist()]
+        n_train = len(WORLD_TEMPLATES[attrs[0]]) - WORLD_HELDOUT_TEMPLATES
+        sents = [WORLD_TEMPLATES[a][int(torch.randint(n_train, (1,), generator=g))].format(name=e["name"], v=e[a])
+                 for a in order]
+        qa = ["".join(world_qa(e, a)) for a in order[:len(order) // 2]]
+        docs.append(" ".join(sents) + "\n" + "\n".join(qa))
+    return docs
+
+
+def world_heldout_texts(world: dict) -> list[str]:
+    """Held-out prose about the old entities: every fact in each held-out template (never in any training text)."""
+    out = []
+    for e in world["old"]:
+        for a, templates in WORLD_TEMPLATES.items():
+            out += [t.format(name=e["name"], v=e[a]) for t in templates[-WORLD_HELDOUT_TEMPLATES:]]
+    return out
+
+
+def world_fact_items(entities: list[dict]) -> list[tuple[str, list[str], int]]:
+    """Multiple-choice probe items (question, [" value" for every value of the attribute], index of the true one);
+    chance is 1 / len(WORLD_ATTRIBUTES[attr])."""
+    items = []
+    for e in entities:
+        for a, values in WORLD_ATTRIBUTES.items():
+            q, _ = world_qa(e, a)
+            items.append((q, [" " + v for v in values], values.index(e[a])))
+    return items
+
+
+WORLD_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen's, so model.Tokenizer reads them alike
+
+
+def train_world_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 1024) -> int:
+    """Train a byte-level BPE on texts; write tokenizer.json and a tokenizer_config.json with Qwen's special tokens
+    (eos <|im_end|>, pad <|endoftext|>). Returns the vocabulary size, specials included."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(WORLD_SPECIALS), special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens(WORLD_SPECIALS)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                       "single_word": False, "special": True} for t in WORLD_SPECIALS}
+    cfg = {"added_tokens_decoder": added, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+           "bos_token": None, "model_max_length": 4096, "tokenizer_class": "Qwen2Tokenizer"}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return tok.get_vocab_size()

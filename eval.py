@@ -465,3 +465,26 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# -----------------------------------------------------------------------------
+# Synthetic facts probe (experiments/forgetting.py): the true attribute value ranked among all its values
+
+
+def eval_world_facts(model, tok, items, batch_size: int = 64, samples: list | None = None) -> dict:
+    """Accuracy over data.world_fact_items(...) [(question, candidates, target)]: the prediction is the candidate
+    with the highest mean token log-probability after the question (score_continuations, as for MedMCQA).
+    "chance" is the mean of 1 / len(candidates)."""
+    pairs = [(q, c) for q, cands, _ in items for c in cands]
+    scores = score_continuations(model, tok, pairs, batch_size)
+    correct, k = 0, 0
+    for i, (q, cands, target) in enumerate(items):
+        s = scores[k:k + len(cands)]
+        k += len(cands)
+        pred = max(range(len(cands)), key=lambda j: s[j])
+        correct += pred == target
+        if samples is not None:
+            samples.append({"task": "world_facts", "index": i, "prompt": q, "prediction": cands[pred].strip(),
+                            "target": cands[target].strip(), "correct": pred == target})
+    return {"acc": correct / len(items), "n": len(items),
+            "chance": sum(1 / len(c) for _, c, _ in items) / len(items)}
