@@ -36,9 +36,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -54,6 +56,10 @@ DEFAULT_DATA = {"smf": "medmcqa", "lora": "medmcqa", "full": "medmcqa", "retrofi
 
 class RunError(Exception):
     """A problem with the user's input or the run; printed as one line, exit status 1."""
+
+
+class StopRun(Exception):
+    """--stop-at-step reached: leave as if interrupted, exit status 0."""
 
 
 # -----------------------------------------------------------------------------
@@ -213,6 +219,41 @@ def resolve_device(name):
     return torch.device(name)
 
 
+@dataclass
+class DataParallel:
+    """Where this process stands under torchrun: rank r of world processes, each with its own data shard.
+    With one process (plain `python train.py`) every method below is a no-op."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:  # rank 0 alone logs, shows progress and writes files
+        return self.rank == 0
+
+    def sum_(self, t):
+        """All-reduce (sum) a tensor in place across ranks."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_data_parallel(args):
+    """Join the process group torchrun set up (WORLD_SIZE > 1): NCCL with one GPU per process, else gloo on CPU."""
+    device = resolve_device(args.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DataParallel(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DataParallel(dist.get_rank(), world), device
+
+
 def training_examples(task, args, tok, limit):
     """Tokenized examples [(ids, loss_mask)]: MedMCQA text or plain text (loss on every token), or OASST1 chats
     (loss on the assistant replies)."""
@@ -275,11 +316,12 @@ class Stage:
     repetition_penalty: float = 1.0
 
 
-def train(stage: Stage, args, device, tok):
+def train(stage: Stage, args, device, tok, dp: DataParallel):
     model, ex = stage.model, stage.examples
-    if not ex:
-        raise RunError(f"no training examples for {stage.out}")
-    n_micro = math.ceil(len(ex) / args.batch_size)  # micro-batches per epoch
+    global_batch = args.batch_size * dp.world  # one micro-batch across all ranks; rank r takes its r-th slice
+    if len(ex) < global_batch and dp.world > 1:
+        raise RunError(f"{len(ex)} training examples are fewer than one micro-batch across ranks ({global_batch})")
+    n_micro = max(1, len(ex) // global_batch)  # micro-batches per epoch (an incomplete last one is dropped)
     total = stage.max_steps or max(1, int(stage.epochs * n_micro) // args.grad_accum)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
@@ -297,23 +339,34 @@ def train(stage: Stage, args, device, tok):
     log_path = os.path.join(stage.out, "log.jsonl")
     step = 0
     if os.path.exists(ckpt_path):
-        step = load_checkpoint(ckpt_path, model, dense_opt, smf_opt, device)
-        truncate_log(log_path, step)
-        print(f"resuming {stage.out} at step {step}/{total}", file=sys.stderr)
+        step = load_checkpoint(ckpt_path, model, dense_opt, smf_opt, device, dp)
+        if dp.main:
+            truncate_log(log_path, step)
+            print(f"resuming {stage.out} at step {step}/{total}", file=sys.stderr)
     if step >= total:
         return
-    write_json(os.path.join(stage.out, "config.json"), {**stage.config, "finished": False})
+    if dp.main:
+        write_json(os.path.join(stage.out, "config.json"), {**stage.config, "finished": False})
     if args.eval_every:
         stage.eval_rows = load_task_rows(args.eval_tasks.split(","), args.eval_limit, args.eval_data)
+    # Data parallel: DDP averages the dense gradients across ranks as backward runs. SMF instead sums its
+    # read counts across ranks (so every rank selects the same rows) and then only the selected rows'
+    # gradients (SparseMemoryOptimizer's reduce hook): a DDP wrapper would all-reduce whole value tables.
+    forward = model
+    if dp.world > 1 and stage.smf is None:
+        forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def micro_batch(m):  # the m-th micro-batch of the endless, epoch-by-epoch shuffled stream
+    def micro_batch(m):  # this rank's part of the m-th micro-batch of the endless, epoch-by-epoch shuffled stream
         epoch, i = divmod(m, n_micro)
         order = data.epoch_order(len(ex), args.seed, epoch)
-        idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-        return {k: v.to(device) for k, v in data.collate([ex[j] for j in idx], tok.pad_id).items()}
+        ids = order[i * global_batch:(i + 1) * global_batch]
+        n_loss = sum(sum(ex[j][1][1:]) for j in ids)  # loss tokens across all ranks (predicting token 1..)
+        mine = ids[dp.rank * args.batch_size:(dp.rank + 1) * args.batch_size]
+        return {k: v.to(device) for k, v in data.collate([ex[j] for j in mine], tok.pad_id).items()}, n_loss
 
     model.train()
-    bar = tqdm(total=total, initial=step, desc=os.path.basename(stage.out.rstrip("/")), dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=os.path.basename(stage.out.rstrip("/")), dynamic_ncols=True,
+               disable=not dp.main)
     while step < total:
         t0 = time.time()
         lr = lr_at(step, total, stage.lr, args.warmup)
@@ -321,37 +374,48 @@ def train(stage: Stage, args, device, tok):
             for group in opt.param_groups:
                 group["lr"] = lr
         batches = [micro_batch(m) for m in range(step * args.grad_accum, (step + 1) * args.grad_accum)]
-        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)  # loss tokens in this step
-        loss_sum, counts, selected = 0.0, None, None
-        for b in batches:
-            with autocast:
-                logits = model(b["idx"], b["attention_mask"])  # (B, T, vocab) fp32
-            # next-token loss, summed here and divided by the step's token count: the gradient of the step's
-            # mean token loss, whatever the split into micro-batches
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
-                                   ignore_index=-100, reduction="sum") / max(1, n_tokens)
-            if not torch.isfinite(loss):
-                raise RunError(f"loss is {loss.item()} at step {step} in {stage.out}; stopping. The last good "
-                               f"checkpoint is kept: lower --lr or check the data, then --resume")
-            if stage.smf is not None:  # SMF: count which memory slots this micro-batch read (real tokens only)
-                reads = memory.read_counts(model, b["attention_mask"])
-                counts = reads if counts is None else {k: counts[k] + reads[k] for k in counts}
-                if args.select_per_micro_batch:  # the paper's code: rows chosen per micro-batch (before backward)
-                    selected = memory.select_per_micro_batch(stage.smf["memories"], reads, stage.smf["background"],
-                                                             args.rank, args.top_t, selected)
-            loss.backward()
-            loss_sum += loss.item()
+        n_tokens = sum(n for _, n in batches)  # loss tokens in this optimizer step, all ranks together
+        loss_sum, counts, selected = torch.zeros((), device=device), None, None
+        for k, (b, _) in enumerate(batches):
+            sync = forward.no_sync() if forward is not model and k < len(batches) - 1 else nullcontext()
+            with sync:
+                with autocast:
+                    logits = forward(b["idx"], b["attention_mask"])  # (B, T, vocab) fp32
+                # next-token loss, summed here and divided by the step's token count: the gradient of the
+                # step's mean token loss, whatever the split into micro-batches and ranks
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
+                                       ignore_index=-100, reduction="sum") / max(1, n_tokens)
+                if stage.smf is not None:  # SMF: which memory slots this micro-batch read (real tokens, all ranks)
+                    reads = {i: dp.sum_(c) for i, c in memory.read_counts(model, b["attention_mask"]).items()}
+                    counts = reads if counts is None else {i: counts[i] + reads[i] for i in counts}
+                    if args.select_per_micro_batch:  # the paper's code: rows chosen per micro-batch, before backward
+                        selected = memory.select_per_micro_batch(stage.smf["memories"], reads,
+                                                                 stage.smf["background"], args.rank, args.top_t,
+                                                                 selected)
+                (loss * dp.world if forward is not model else loss).backward()  # DDP averages over ranks
+            loss_sum += loss.detach()
+        loss_sum = dp.sum_(loss_sum).item()
+        if not math.isfinite(loss_sum):
+            raise RunError(f"loss is {loss_sum} at step {step + 1} in {stage.out}; stopping before the update. The "
+                           f"last good checkpoint is kept: lower --lr or check the data, then --resume")
         record = {"step": step + 1, "loss": loss_sum, "lr": lr, "tokens": n_tokens}
         if stage.smf is not None:
             if not args.select_per_micro_batch:  # SMF: one choice of rows per optimizer step, from all its reads
                 selected = memory.select_rows(counts, stage.smf["background"], args.rank, args.top_t)
-            stats = smf_opt.step(selected, max_grad_norm=args.grad_clip or None)
+            check_same_rows(selected, dp)
+            stats = smf_opt.step(selected, max_grad_norm=args.grad_clip or None, reduce=dp.sum_)
             record["grad_norm"] = stats["grad_norm"]
             record["rows"] = {str(k): v for k, v in stats["rows"].items()}
             if args.log_rows:
                 record["selected"] = {str(k): v.tolist() for k, v in selected.items()}
+                if dp.world > 1:  # evidence that every rank chose the same rows
+                    append_log(os.path.join(stage.out, f"selected.rank{dp.rank}.jsonl"),
+                               {"step": step + 1, **record["selected"]})
         if dense_opt is not None:
             params = list(stage.dense.values())
+            if forward is model:  # not wrapped in DDP (SMF's alpha): sum its gradient across ranks here
+                for p in params:
+                    dp.sum_(p.grad)
             norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip else \
                 torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
             record["grad_norm" if stage.smf is None else "alpha_grad_norm"] = float(norm)
@@ -360,20 +424,24 @@ def train(stage: Stage, args, device, tok):
             opt.zero_grad()
         step += 1
         record["seconds"] = round(time.time() - t0, 4)
-        append_log(log_path, record)
+        if dp.main:
+            append_log(log_path, record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{n_tokens / max(1e-9, record['seconds']):.0f}")
         if args.eval_every and step % args.eval_every == 0:
-            model.eval()
-            results = run_tasks(model, tok, stage.eval_rows, repetition_penalty=stage.repetition_penalty)
-            append_log(os.path.join(stage.out, "eval.jsonl"), {"step": step, **results})
-            model.train()
+            if dp.main:
+                model.eval()
+                results = run_tasks(model, tok, stage.eval_rows, repetition_penalty=stage.repetition_penalty)
+                append_log(os.path.join(stage.out, "eval.jsonl"), {"step": step, **results})
+                model.train()
+            dp.barrier()
         if step % args.save_every == 0 or step == total or step == args.stop_at_step:
-            save_checkpoint(ckpt_path, step, model, stage, dense_opt, smf_opt)
+            save_checkpoint(ckpt_path, step, model, stage, dense_opt, smf_opt, dp)
         if step == args.stop_at_step and step < total:
             bar.close()
-            print(f"stopped at step {step} as asked (--stop-at-step); continue with --resume", file=sys.stderr)
-            sys.exit(0)
+            if dp.main:
+                print(f"stopped at step {step} as asked (--stop-at-step); continue with --resume", file=sys.stderr)
+            raise StopRun()
     bar.close()
 
 
@@ -381,7 +449,41 @@ def train(stage: Stage, args, device, tok):
 # Checkpoints: one safetensors file (trained tensors, optimizer state, RNG) plus model.safetensors
 
 
-def save_checkpoint(path, step, model, stage, dense_opt, smf_opt):
+def check_same_rows(selected, dp):
+    """Every rank must choose the same rows (their read counts are summed first); a cheap fingerprint proves it."""
+    if dp.world == 1:
+        return
+    fp = torch.stack([torch.stack([r.numel() * torch.ones((), dtype=torch.long, device=r.device),
+                                   (r.sort().values * torch.arange(1, r.numel() + 1, device=r.device)).sum()])
+                      for r in selected.values()]).flatten()
+    seen = [torch.zeros_like(fp) for _ in range(dp.world)]
+    dist.all_gather(seen, fp)
+    if any(not torch.equal(seen[0], s) for s in seen):
+        raise RunError("data-parallel ranks selected different memory rows (their read counts disagree)")
+
+
+def rng_states(dp, device):
+    """Every rank's CPU (and CUDA) RNG state, gathered so that rank 0 can write them all."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    if dp.world == 1:
+        return {f"rng.{k}.0": v for k, v in states.items()}
+    out = {}
+    for k, v in states.items():
+        v = v.to(device)
+        seen = [torch.zeros_like(v) for _ in range(dp.world)]
+        dist.all_gather(seen, v)
+        out.update({f"rng.{k}.{r}": s.cpu() for r, s in enumerate(seen)})
+    return out
+
+
+def save_checkpoint(path, step, model, stage, dense_opt, smf_opt, dp):
+    device = next(model.parameters()).device
+    rng = rng_states(dp, device)  # a collective: every rank takes part
+    if not dp.main:
+        dp.barrier()
+        return
     trained = {k: v.detach().contiguous().cpu() for k, v in stage.saved().items()}
     tensors = {f"model.{k}": v for k, v in trained.items()}
     if dense_opt is not None:
@@ -391,21 +493,23 @@ def save_checkpoint(path, step, model, stage, dense_opt, smf_opt):
     if smf_opt is not None:
         for k, v in smf_opt.state_dict().items():
             tensors[f"smf_opt.{k}"] = v.detach().cpu().contiguous()
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    meta = {"step": str(step)}
+    tensors.update(rng)
+    meta = {"step": str(step), "world_size": str(dp.world)}
     atomic_write(os.path.join(stage.out, "model.safetensors"), lambda p: save_file(trained, p))
     atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
+    dp.barrier()
 
 
-def load_checkpoint(path, model, dense_opt, smf_opt, device):
+def load_checkpoint(path, model, dense_opt, smf_opt, device, dp):
     try:
         with safe_open(path, "pt") as f:
-            step = int(f.metadata()["step"])
+            step, world = int(f.metadata()["step"]), int(f.metadata()["world_size"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise RunError(f"checkpoint {path} is unreadable: {e}") from e
+    if world != dp.world:
+        raise RunError(f"checkpoint {path} was written by {world} process(es); resume it with the same number "
+                       f"(now {dp.world})")
     trained = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     own = model.state_dict()
     if bad := sorted(set(trained) - set(own)):
@@ -426,9 +530,9 @@ def load_checkpoint(path, model, dense_opt, smf_opt, device):
     if smf_opt is not None:
         smf_opt.load_state_dict({k[len("smf_opt."):]: v.to(device) for k, v in tensors.items()
                                  if k.startswith("smf_opt.")})
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    torch.set_rng_state(tensors[f"rng.cpu.{dp.rank}"])
+    if device.type == "cuda" and f"rng.cuda.{dp.rank}" in tensors:
+        torch.cuda.set_rng_state(tensors[f"rng.cuda.{dp.rank}"], device)
     return step
 
 
@@ -454,10 +558,12 @@ def is_finished(run_dir):
         return False
 
 
-def finish(stage):
+def finish(stage, dp):
     """Mark a stage finished: eval.py and --memory-from accept only finished runs."""
     stage.config["finished"] = True
-    write_json(os.path.join(stage.out, "config.json"), stage.config)
+    if dp.main:
+        write_json(os.path.join(stage.out, "config.json"), stage.config)
+    dp.barrier()
 
 
 # -----------------------------------------------------------------------------
@@ -473,9 +579,11 @@ def memory_config_from_args(args):
                                topk=args.mem_topk, k_dim=args.mem_k_dim, mode=args.memory_mode)
 
 
-def retrofit(args, out, device, tok):
+def retrofit(args, out, device, tok, dp):
     """Stage 1: add fresh memory layers and train all their parameters densely on OASST1, base frozen."""
-    os.makedirs(out, exist_ok=True)
+    if dp.main:
+        os.makedirs(out, exist_ok=True)
+    dp.barrier()
     model, _, info = load_model(args.model, dtype=frozen_dtype(device), device=device)
     torch.manual_seed(args.seed)
     mem_cfg = memory_config_from_args(args)
@@ -496,17 +604,18 @@ def retrofit(args, out, device, tok):
                   max_steps=args.max_steps if alone else args.retrofit_max_steps,
                   dense=dense, saved=lambda: memory.memory_state_dict(model), config=config,
                   repetition_penalty=info["repetition_penalty"])
-    train(stage, args, device, tok)
+    train(stage, args, device, tok, dp)
     background_path = os.path.join(out, "background.safetensors")
     if not os.path.exists(background_path):
-        stats = background_statistics(model, tok, args, device)
-        stats.save(background_path)
-    finish(stage)
+        stats = background_statistics(model, tok, args, device, dp)
+        if dp.main:
+            atomic_write(background_path, stats.save)
+    finish(stage, dp)
     return model
 
 
 @torch.inference_mode()
-def background_statistics(model, tok, args, device):
+def background_statistics(model, tok, args, device, dp):
     """Read counts and document frequency of every memory slot over --background-batches single-example batches
     of the stage-1 data (OASST1 by default), drawn in a seeded order."""
     examples = training_examples(args.retrofit_task, args, tok, limit=None)
@@ -514,11 +623,16 @@ def background_statistics(model, tok, args, device):
     stats = memory.BackgroundStats()
     model.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    for j in tqdm(order, desc="background reads", dynamic_ncols=True):
+    for j in tqdm(order[dp.rank::dp.world], desc="background reads", dynamic_ncols=True, disable=not dp.main):
         idx = torch.tensor([examples[j][0]], device=device)  # (1, T)
         with autocast:
             model(idx)
         stats.update(memory.read_counts(model))
+    if dp.world > 1:  # each rank read its share of the batches: sum them
+        for table in (stats.counts, stats.doc_freq):
+            for i, c in table.items():
+                c.copy_(dp.sum_(c.to(device)).cpu())
+        stats.n_batches = int(dp.sum_(torch.tensor(stats.n_batches, device=device)))
     model.train()
     return stats
 
@@ -528,7 +642,7 @@ def frozen_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def sparse_finetune(args, device, tok, memory_dir):
+def sparse_finetune(args, device, tok, memory_dir, dp):
     """Stage 2: only the memory values train, and on each step only the top-t rows per layer that the batch
     read most (ranked against the background reads) change."""
     if not is_finished(memory_dir):
@@ -555,9 +669,9 @@ def sparse_finetune(args, device, tok, memory_dir):
         if args.train_alpha:
             mem.alpha.requires_grad_(True)
             dense[f"model.layers.{i}.memory.alpha"] = mem.alpha
-    os.makedirs(args.out, exist_ok=True)
-    if os.path.abspath(background_path) != os.path.abspath(os.path.join(args.out, "background.safetensors")):
-        shutil.copyfile(background_path, os.path.join(args.out, "background.safetensors"))
+    own_copy = os.path.join(args.out, "background.safetensors")
+    if dp.main and os.path.abspath(background_path) != os.path.abspath(own_copy):
+        atomic_write(own_copy, lambda p: shutil.copyfile(background_path, p))
     config = {"method": "smf", "base_model": args.model, "base_config": base_config_dict(model),
               "memory": mem_run["memory"], "lora": None, "memory_from": os.path.abspath(memory_dir)}
     stage = Stage(out=args.out, model=model, examples=training_examples(args.task, args, tok, args.limit),
@@ -565,8 +679,8 @@ def sparse_finetune(args, device, tok, memory_dir):
                   saved=lambda: memory.memory_state_dict(model), config=config,
                   smf={"memories": memories, "background": background},
                   repetition_penalty=info["repetition_penalty"])
-    train(stage, args, device, tok)
-    finish(stage)
+    train(stage, args, device, tok, dp)
+    finish(stage, dp)
     return model
 
 
@@ -588,9 +702,8 @@ def load_memory_tensors(model, path):
             own[k].copy_(v)
 
 
-def finetune_baseline(args, device, tok):
+def finetune_baseline(args, device, tok, dp):
     """LoRA (adapters only) or full finetuning (every weight) on MedMCQA with AdamW."""
-    os.makedirs(args.out, exist_ok=True)
     if args.init == "random":  # pretraining from scratch: --model only gives config.json and the tokenizer
         torch.manual_seed(args.seed)
         model = Qwen2(Qwen2Config.from_json(os.path.join(resolve_model_dir(args.model), "config.json")))
@@ -616,15 +729,15 @@ def finetune_baseline(args, device, tok):
     stage = Stage(out=args.out, model=model, examples=training_examples(args.task, args, tok, args.limit),
                   lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, dense=dense, saved=saved, config=config,
                   repetition_penalty=info["repetition_penalty"])
-    train(stage, args, device, tok)
+    train(stage, args, device, tok, dp)
     model.eval()
-    if args.method == "full":
+    if dp.main and args.method == "full":
         export_hub_dir(model, args.model, os.path.join(args.out, "hf"))
-    if args.export_peft:
+    if dp.main and args.export_peft:
         save_peft_adapter(model, os.path.join(args.out, "peft"), args.model)
-    if args.export_merged:
+    if dp.main and args.export_merged:
         export_hub_dir(merge_lora(copy.deepcopy(model)), args.model, os.path.join(args.out, "merged"))
-    finish(stage)
+    finish(stage, dp)
     return model
 
 
@@ -643,35 +756,44 @@ def export_hub_dir(model, base, out):
 def main(argv=None):
     """Run the pipeline; returns the trained model (for tests and notebooks)."""
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    args_path = os.path.join(args.out, "args.json")
-    if args.resume:
-        check_resume_args(args, args_path)
-    elif os.path.exists(args_path):
-        raise RunError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
-    else:
-        os.makedirs(args.out, exist_ok=True)
-        write_json(args_path, {**vars(args), "device": str(device), **run_info(args)})
-    torch.manual_seed(args.seed)
-    tok = Tokenizer.from_pretrained(args.model)
-    if args.method == "retrofit":
-        model = retrofit(args, args.out, device, tok)
-    elif args.method == "smf":
-        memory_dir = args.memory_from
-        if memory_dir is None:  # stage 1 in a sub-run of its own, skipped if it already finished
-            memory_dir = os.path.join(args.out, "retrofit")
-            if not is_finished(memory_dir):
-                retrofit(args, memory_dir, device, tok)
-        model = sparse_finetune(args, device, tok, memory_dir)
-    else:
-        model = finetune_baseline(args, device, tok)
-    print(f"done: {args.out}  (evaluate: python eval.py --model {args.out})")
+    dp, device = setup_data_parallel(args)
+    try:
+        args_path = os.path.join(args.out, "args.json")
+        if args.resume:
+            check_resume_args(args, args_path)
+        elif os.path.exists(args_path):
+            raise RunError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
+        dp.barrier()  # every rank has checked before rank 0 writes
+        if dp.main and not args.resume:
+            os.makedirs(args.out, exist_ok=True)
+            write_json(args_path, {**vars(args), "device": str(device), "world_size": dp.world, **run_info(args)})
+        dp.barrier()
+        torch.manual_seed(args.seed)
+        tok = Tokenizer.from_pretrained(args.model)
+        if args.method == "retrofit":
+            model = retrofit(args, args.out, device, tok, dp)
+        elif args.method == "smf":
+            memory_dir = args.memory_from
+            if memory_dir is None:  # stage 1 in a sub-run of its own, skipped if it already finished
+                memory_dir = os.path.join(args.out, "retrofit")
+                if not is_finished(memory_dir):
+                    retrofit(args, memory_dir, device, tok, dp)
+            model = sparse_finetune(args, device, tok, memory_dir, dp)
+        else:
+            model = finetune_baseline(args, device, tok, dp)
+    finally:
+        if dp.world > 1:
+            dist.destroy_process_group()
+    if dp.main:
+        print(f"done: {args.out}  (evaluate: python eval.py --model {args.out})")
     return model
 
 
 if __name__ == "__main__":
     try:
         main()
+    except StopRun:
+        sys.exit(0)
     except (RunError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

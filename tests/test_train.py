@@ -66,9 +66,8 @@ def test_smf_changes_only_selected_value_rows(retrofit_run, tiny_model_dir, file
     before = load_file(os.path.join(retrofit_run, "model.safetensors"))
     snapshots = [before]
     for k in (1, 2):
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(train.StopRun):
             train.main(args + ["--stop-at-step", str(k)] + (["--resume"] if k > 1 else []))
-        assert e.value.code == 0
         snapshots.append(load_file(os.path.join(out, "model.safetensors")))
     train.main(args + ["--resume"])
     snapshots.append(load_file(os.path.join(out, "model.safetensors")))
@@ -155,7 +154,7 @@ def test_resume_is_bit_identical(method, retrofit_run, tiny_model_dir, files, tm
     if method == "smf":
         extra += ["--memory-from", retrofit_run, "--top-t", "5", "--optimizer", "adamw"]
     train.main(common(tiny_model_dir, files, tmp_path / "a", *extra))
-    with pytest.raises(SystemExit):
+    with pytest.raises(train.StopRun):
         train.main(common(tiny_model_dir, files, tmp_path / "b", *extra, "--stop-at-step", "2"))
     train.main(common(tiny_model_dir, files, tmp_path / "b", *extra, "--resume"))
     for name in ("model.safetensors", "checkpoint.safetensors"):
