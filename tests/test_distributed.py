@@ -1,0 +1,92 @@
+"""torchrun with 2 CPU processes (gloo): per-rank batch b must equal one process with batch 2b."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tiny_data import medmcqa_rows, oasst1_rows, write_jsonl, write_parquet
+
+pytestmark = pytest.mark.distributed
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEM = ["--n-keys", "8", "--mem-heads", "2", "--mem-topk", "4", "--mem-k-dim", "16", "--memory-layers", "1,2"]
+
+
+def run(nproc, *args):
+    """The README's command: torchrun --standalone --nproc_per_node=N train.py ... (1 process: plain python)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*launcher, "train.py", *args], cwd=ROOT, capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ddp")
+    med = write_parquet(str(d / "medmcqa.parquet"), medmcqa_rows(40))  # 32 single-answer rows
+    oa = write_jsonl(str(d / "oasst1.jsonl"), oasst1_rows(32))
+    base = ["--model", tiny_model_dir, "--data", f"medmcqa={med}", "--data", f"oasst1={oa}", "--device", "cpu",
+            "--max-len", "128", "--warmup", "1", "--grad-accum", "2"]
+    return d, base
+
+
+def compare_runs(a, b, atol=2e-5):
+    ta, tb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
+    assert set(ta) == set(tb)
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], atol=atol, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_ranks_equal_one_process_with_double_batch(method, setup):
+    d, base = setup
+    extra = ["--method", method, "--max-steps", "3", "--lr", "1e-3", "--lora-dropout", "0"]
+    run(2, *base, *extra, "--batch-size", "2", "--out", str(d / f"{method}2"))
+    run(1, *base, *extra, "--batch-size", "4", "--out", str(d / f"{method}1"))
+    compare_runs(d / f"{method}2", d / f"{method}1")
+    la, lb = read(d / f"{method}2" / "log.jsonl"), read(d / f"{method}1" / "log.jsonl")
+    assert [r["tokens"] for r in la] == [r["tokens"] for r in lb]
+    for ra, rb in zip(la, lb):
+        assert abs(ra["loss"] - rb["loss"]) < 1e-4
+
+
+def test_smf_ranks_select_the_same_rows(setup):
+    d, base = setup
+    # stage 1 with 2 ranks: the background reads are split across ranks and summed
+    run(2, *base, "--method", "retrofit", "--max-steps", "2", "--batch-size", "2", "--background-batches", "10",
+        *MEM, "--out", str(d / "retrofit2"))
+    bg = load_file(str(d / "retrofit2" / "background.safetensors"))
+    from safetensors import safe_open
+    with safe_open(str(d / "retrofit2" / "background.safetensors"), "pt") as f:
+        assert int(f.metadata()["n_batches"]) == 10
+    # every token of every batch read heads * topk slots, each counted once across the ranks
+    from model import Tokenizer
+    import data
+    tok = Tokenizer.from_pretrained(base[1])
+    chats = data.oasst1_conversations(data.load_rows("oasst1", path=base[5].split("=", 1)[1]))
+    n_tokens_all = [len(data.encode_chat(tok, c, 128)[0]) for c in chats]
+    order = data.epoch_order(len(n_tokens_all), 0, epoch=10**6)[:10]
+    assert int(bg["counts.1"].sum()) == sum(n_tokens_all[j] for j in order) * 2 * 4
+    # stage 2: 2 ranks x batch 2 against 1 process x batch 4, same memory
+    extra = ["--method", "smf", "--memory-from", str(d / "retrofit2"), "--max-steps", "3", "--top-t", "5",
+             "--lr", "1e-2", "--log-rows"]
+    run(2, *base, *extra, "--batch-size", "2", "--out", str(d / "smf2"))
+    run(1, *base, *extra, "--batch-size", "4", "--out", str(d / "smf1"))
+    r0, r1 = read(d / "smf2" / "selected.rank0.jsonl"), read(d / "smf2" / "selected.rank1.jsonl")
+    assert r0 == r1 and len(r0) == 3
+    one = read(d / "smf1" / "log.jsonl")
+    assert [{k: sorted(v) for k, v in r["selected"].items()} for r in one] == \
+        [{k: sorted(v) for k, v in r.items() if k != "step"} for r in r0]
+    compare_runs(d / "smf2", d / "smf1")
