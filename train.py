@@ -93,7 +93,9 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     g.add_argument("--max-len", type=int, default=1024, help="tokens per example (longer ones are truncated)")
-    g.add_argument("--limit", type=int, default=None, help="use only the first N training examples")
+    g.add_argument("--limit", type=int, default=None,
+                   help="use only the first N training examples (default: medmcqa 60000 as the paper; retrofit "
+                        "--retrofit-limit; text: all)")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (and at the end)")
     g.add_argument("--stop-at-step", type=int, default=None,
                    help="stop after this step's checkpoint, as if interrupted (to test --resume)")
@@ -147,6 +149,8 @@ def parse_args(argv=None):
         args.epochs = args.retrofit_epochs if args.method == "retrofit" else 3
     if args.method == "retrofit" and args.limit is None:
         args.limit = args.retrofit_limit
+    if args.method != "retrofit" and args.task == "medmcqa" and args.limit is None:
+        args.limit = 60000  # the paper: 60k single-answer MedMCQA train questions (we take the first 60k)
     if args.out is None:
         args.out = os.path.join("runs", f"{args.method}-seed{args.seed}")
     if args.memory_layers is not None:
