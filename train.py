@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -660,7 +660,11 @@ def sparse_finetune(args, device, tok, memory_dir, dp):
         diff = sorted(k for k in base_config_dict(model) if base_config_dict(model)[k] != mem_run.get("base_config", {}).get(k))
         raise RunError(f"--memory-from {memory_dir}: its base model differs from --model {args.model} ({', '.join(diff) or 'config'})")
     memories = memory.add_memory(model, memory.MemoryConfig.from_dict(mem_run["memory"]))
-    load_memory_tensors(model, os.path.join(memory_dir, "model.safetensors"))
+    weights = os.path.join(memory_dir, "model.safetensors")
+    try:
+        memory.load_memory_state_dict(model, load_file(weights))
+    except Exception as e:  # unreadable file, missing or misshapen tensor (named)
+        raise RunError(f"--memory-from {memory_dir}: {weights}: {e}") from e
     background_path = os.path.join(memory_dir, "background.safetensors")
     if not os.path.exists(background_path):
         raise RunError(f"--memory-from {memory_dir}: background.safetensors is missing")
@@ -686,24 +690,6 @@ def sparse_finetune(args, device, tok, memory_dir, dp):
     train(stage, args, device, tok, dp)
     finish(stage, dp)
     return model
-
-
-def load_memory_tensors(model, path):
-    """Load every memory tensor of a run's model.safetensors into a model with the same memory layers."""
-    from safetensors.torch import load_file
-    try:
-        tensors = load_file(path)
-    except Exception as e:
-        raise RunError(f"cannot read {path}: {e}") from e
-    own = memory.memory_state_dict(model)
-    if set(tensors) != set(own):
-        missing = sorted(set(own) - set(tensors)) or sorted(set(tensors) - set(own))
-        raise RunError(f"{path}: memory tensors do not match this model's memory layers (e.g. {missing[0]})")
-    with torch.no_grad():
-        for k, v in tensors.items():
-            if own[k].shape != v.shape:
-                raise RunError(f"{path}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-            own[k].copy_(v)
 
 
 def finetune_baseline(args, device, tok, dp):

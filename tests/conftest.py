@@ -1,7 +1,11 @@
 import os
 import sys
 
-import pytest
+# The tests use tiny models, for which one thread is fastest, and spawn subprocesses (train.py, eval.py, torchrun):
+# several multi-threaded torch processes on two cores slowed the suite tenfold. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's top-level files (model.py, memory.py, ...)
