@@ -339,7 +339,7 @@ WORLD_ATTRIBUTES = {
                    "miner"],
     "pet": ["cat", "dog", "horse", "parrot", "rabbit", "turtle", "goat", "snake", "mouse", "frog"],
 }
-WORLD_TEMPLATES = {  # the first ones are training text, the last WORLD_HELDOUT_TEMPLATES per attribute held out
+WORLD_TEMPLATES = {  # every template is training text for some entities; world_heldout_template says which not
     "city": ["{name} lives in {v}.", "{name} has a home in {v}.", "The city of {name} is {v}.",
              "{name} moved to {v} long ago.", "You can find {name} in {v}.", "{name} was raised in {v}."],
     "colour": ["The favourite colour of {name} is {v}.", "{name} likes the colour {v}.",
@@ -350,7 +350,6 @@ WORLD_TEMPLATES = {  # the first ones are training text, the last WORLD_HELDOUT_
     "pet": ["{name} has a pet {v}.", "{name} keeps a {v} at home.", "The pet of {name} is a {v}.",
             "{name} walks a {v} every day.", "A {v} sleeps next to {name}.", "{name} feeds the {v} each morning."],
 }
-WORLD_HELDOUT_TEMPLATES = 2
 WORLD_QUESTION = "Q: What is the {attr} of {name}? A:"
 _SYLLABLES = ["ka", "zor", "bin", "mel", "tra", "vu", "qi", "lon", "dre", "sa", "fen", "mox", "pi", "ru", "gal",
               "tek", "ny", "os", "hul", "wen", "jar", "ce", "bo", "xi"]
@@ -380,31 +379,36 @@ def world_qa_texts(entities: list[dict]) -> list[str]:
     return ["".join(world_qa(e, a)) for e in entities for a in WORLD_ATTRIBUTES]
 
 
+def world_heldout_template(i: int, attr: str) -> int:
+    """The template of attribute attr that no pretraining text uses for the i-th old entity (others' texts do)."""
+    return (i + list(WORLD_ATTRIBUTES).index(attr)) % len(WORLD_TEMPLATES[attr])
+
+
 def world_pretrain_texts(world: dict, seed: int = 0, n_docs: int = 2000) -> list[str]:
     """Pretraining documents about the old entities: each is one entity's attributes in a random order, each in a
-    random training template, followed by the question-answer lines of a random half of its attributes (so the
-    question format is known before any finetune). Entities are drawn round-robin, so each gets n_docs/n_old."""
+    random template other than its held-out one, followed by the question-answer lines of a random half of its
+    attributes (so the question format is known before any finetune). Entities are drawn round-robin."""
     g = torch.Generator().manual_seed(seed + 1)
     attrs = list(WORLD_ATTRIBUTES)
     docs = []
     for d in range(n_docs):
-        e = world["old"][d % len(world["old"])]
-        order = [attrs[i] for i in torch.randperm(len(attrs), generator=g).tolist()]
-        n_train = len(WORLD_TEMPLATES[attrs[0]]) - WORLD_HELDOUT_TEMPLATES
-        sents = [WORLD_TEMPLATES[a][int(torch.randint(n_train, (1,), generator=g))].format(name=e["name"], v=e[a])
-                 for a in order]
+        i = d % len(world["old"])
+        e = world["old"][i]
+        order = [attrs[k] for k in torch.randperm(len(attrs), generator=g).tolist()]
+        sents = []
+        for a in order:
+            allowed = [t for k, t in enumerate(WORLD_TEMPLATES[a]) if k != world_heldout_template(i, a)]
+            sents.append(allowed[int(torch.randint(len(allowed), (1,), generator=g))].format(name=e["name"], v=e[a]))
         qa = ["".join(world_qa(e, a)) for a in order[:len(order) // 2]]
         docs.append(" ".join(sents) + "\n" + "\n".join(qa))
     return docs
 
 
 def world_heldout_texts(world: dict) -> list[str]:
-    """Held-out prose about the old entities: every fact in each held-out template (never in any training text)."""
-    out = []
-    for e in world["old"]:
-        for a, templates in WORLD_TEMPLATES.items():
-            out += [t.format(name=e["name"], v=e[a]) for t in templates[-WORLD_HELDOUT_TEMPLATES:]]
-    return out
+    """Held-out prose about the old entities, one document per entity (laid out like the prose line of a
+    pretraining document): each fact in the one template that entity's pretraining text never used for it."""
+    return [" ".join(WORLD_TEMPLATES[a][world_heldout_template(i, a)].format(name=e["name"], v=e[a])
+                     for a in WORLD_ATTRIBUTES) for i, e in enumerate(world["old"])]
 
 
 def world_fact_items(entities: list[dict]) -> list[tuple[str, list[str], int]]:

@@ -488,3 +488,24 @@ def eval_world_facts(model, tok, items, batch_size: int = 64, samples: list | No
                             "target": cands[target].strip(), "correct": pred == target})
     return {"acc": correct / len(items), "n": len(items),
             "chance": sum(1 / len(c) for _, c, _ in items) / len(items)}
+
+
+@torch.inference_mode()
+def eval_documents_ppl(model, tok, texts: list[str], batch_size: int = 32) -> dict:
+    """Token perplexity over separate short documents, each scored from its own start (no document is context for
+    another; a document's first token has no context and is not scored). For the synthetic world's held-out prose,
+    whose documents are shorter than the model's context."""
+    device = model_device(model)
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    seqs = [s for s in tok.encode_batch(texts) if len(s) >= 2]
+    nll, n = 0.0, 0
+    for i in range(0, len(seqs), batch_size):
+        batch = seqs[i:i + batch_size]
+        idx, mask = pad_right(batch, pad, device)
+        h = model.hidden_states(idx, mask)  # (B, T, C)
+        rows = [b for b, s in enumerate(batch) for _ in range(len(s) - 1)]
+        cols = [t for s in batch for t in range(len(s) - 1)]  # hidden state at t predicts token t + 1
+        targets = torch.tensor([x for s in batch for x in s[1:]], device=device)
+        nll -= token_logprobs(model, h[rows, cols], targets).sum().item()
+        n += len(targets)
+    return {"ppl": math.exp(nll / n), "tokens": n}
