@@ -40,6 +40,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -97,6 +99,9 @@ def parse_args(argv=None):
                    help="use only the first N training examples (default: medmcqa 60000 as the paper; retrofit "
                         "--retrofit-limit; text: all)")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (and at the end)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="full finetuning under torchrun: shard weights, gradients and optimizer state across ranks "
+                        "(PyTorch's fully_shard) instead of replicating them (DDP), for models that do not fit one GPU")
     g.add_argument("--stop-at-step", type=int, default=None,
                    help="stop after this step's checkpoint, as if interrupted (to test --resume)")
     g = p.add_argument_group("SMF: memory layers (stage 1 builds them)")
@@ -175,6 +180,10 @@ def parse_args(argv=None):
         elif value not in ({"task": "medmcqa", "retrofit_task": "oasst1"}[flag],):
             p.error(f"--{flag.replace('_', '-')}: unknown task {value!r} (expected "
                     f"{'medmcqa' if flag == 'task' else 'oasst1'} or text:PATH)")
+    if args.fsdp and args.method != "full":
+        p.error("--fsdp only applies to --method full")
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        p.error("--fsdp needs torchrun with 2 or more processes (torchrun --nproc_per_node=N train.py ...)")
     if args.init == "random" and args.method != "full":
         p.error("--init random only applies to --method full (pretraining from scratch)")
     if args.memory_from and args.method != "smf":
@@ -318,6 +327,7 @@ class Stage:
     smf: dict | None = None       # SMF stage 2: memories, background
     eval_rows: dict | None = None  # {task: rows} for --eval-every
     repetition_penalty: float = 1.0
+    fsdp: bool = False            # the model is sharded with fully_shard (full finetuning, --fsdp)
 
 
 def train(stage: Stage, args, device, tok, dp: DataParallel):
@@ -343,7 +353,7 @@ def train(stage: Stage, args, device, tok, dp: DataParallel):
     log_path = os.path.join(stage.out, "log.jsonl")
     step = 0
     if os.path.exists(ckpt_path):
-        step = load_checkpoint(ckpt_path, model, dense_opt, smf_opt, device, dp)
+        step = load_checkpoint(ckpt_path, model, stage, dense_opt, smf_opt, device, dp)
         if dp.main:
             truncate_log(log_path, step)
             print(f"resuming {stage.out} at step {step}/{total}", file=sys.stderr)
@@ -353,12 +363,13 @@ def train(stage: Stage, args, device, tok, dp: DataParallel):
         write_json(os.path.join(stage.out, "config.json"), {**stage.config, "finished": False})
     if args.eval_every:
         stage.eval_rows = load_task_rows(args.eval_tasks.split(","), args.eval_limit, args.eval_data)
-    # Data parallel: DDP averages the dense gradients across ranks as backward runs. SMF instead sums its
-    # read counts across ranks (so every rank selects the same rows) and then only the selected rows'
-    # gradients (SparseMemoryOptimizer's reduce hook): a DDP wrapper would all-reduce whole value tables.
+    # Data parallel: DDP (or FSDP's reduce-scatter) averages the dense gradients across ranks as backward runs.
+    # SMF instead sums its read counts across ranks (so every rank selects the same rows) and then only the
+    # selected rows' gradients (SparseMemoryOptimizer's reduce hook): DDP would all-reduce whole value tables.
     forward = model
-    if dp.world > 1 and stage.smf is None:
+    if dp.world > 1 and stage.smf is None and not stage.fsdp:
         forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    averaged = dp.world > 1 and stage.smf is None  # gradients arrive averaged over ranks: scale the loss up
 
     def micro_batch(m):  # this rank's part of the m-th micro-batch of the endless, epoch-by-epoch shuffled stream
         epoch, i = divmod(m, n_micro)
@@ -381,8 +392,10 @@ def train(stage: Stage, args, device, tok, dp: DataParallel):
         n_tokens = sum(n for _, n in batches)  # loss tokens in this optimizer step, all ranks together
         loss_sum, counts, selected = torch.zeros((), device=device), None, None
         for k, (b, _) in enumerate(batches):
-            sync = forward.no_sync() if forward is not model and k < len(batches) - 1 else nullcontext()
-            with sync:
+            last = k == len(batches) - 1  # gradients cross ranks on the step's last micro-batch only
+            if stage.fsdp:
+                model.set_requires_gradient_sync(last)
+            with forward.no_sync() if isinstance(forward, DDP) and not last else nullcontext():
                 with autocast:
                     logits = forward(b["idx"], b["attention_mask"])  # (B, T, vocab) fp32
                 # next-token loss, summed here and divided by the step's token count: the gradient of the
@@ -396,7 +409,7 @@ def train(stage: Stage, args, device, tok, dp: DataParallel):
                         selected = memory.select_per_micro_batch(stage.smf["memories"], reads,
                                                                  stage.smf["background"], args.rank, args.top_t,
                                                                  selected)
-                (loss * dp.world if forward is not model else loss).backward()  # DDP averages over ranks
+                (loss * dp.world if averaged else loss).backward()
             loss_sum += loss.detach()
         loss_sum = dp.sum_(loss_sum).item()
         if not math.isfinite(loss_sum):
@@ -417,11 +430,12 @@ def train(stage: Stage, args, device, tok, dp: DataParallel):
                                {"step": step + 1, **record["selected"]})
         if dense_opt is not None:
             params = list(stage.dense.values())
-            if forward is model:  # not wrapped in DDP (SMF's alpha): sum its gradient across ranks here
+            if dp.world > 1 and not averaged:  # SMF's alpha, outside DDP: sum its gradient across ranks here
                 for p in params:
                     dp.sum_(p.grad)
-            norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip else \
-                torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip else float("inf"))
+            if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+                norm = norm.full_tensor()
             record["grad_norm" if stage.smf is None else "alpha_grad_norm"] = float(norm)
             dense_opt.step()
         for opt in optimizers:
@@ -482,18 +496,47 @@ def rng_states(dp, device):
     return out
 
 
+def dense_optimizer_state(model, opt, stage):
+    """AdamW's state as {"adamw.<parameter name>.<step|exp_avg|exp_avg_sq>": full tensor} (a collective under
+    FSDP, where rank 0 alone receives it)."""
+    if stage.fsdp:
+        state = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
+                                                                              cpu_offload=True)).get("state", {})
+    else:
+        names = list(stage.dense)
+        state = {names[i]: s for i, s in opt.state_dict()["state"].items()}
+    return {f"adamw.{name}.{k}": torch.as_tensor(v).detach().cpu().contiguous()
+            for name, s in state.items() for k, v in s.items()}
+
+
+def load_dense_optimizer_state(model, opt, stage, tensors, device):
+    state = {}
+    for key, v in tensors.items():
+        if key.startswith("adamw."):
+            name, k = key[len("adamw."):].rsplit(".", 1)
+            state.setdefault(name, {})[k] = v if k == "step" else v.to(device)
+    if stage.fsdp:
+        sd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+        sd["state"] = state
+        set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))
+        return
+    index = {name: i for i, name in enumerate(stage.dense)}
+    sd = opt.state_dict()
+    sd["state"] = {index[name]: s for name, s in state.items()}
+    opt.load_state_dict(sd)
+
+
 def save_checkpoint(path, step, model, stage, dense_opt, smf_opt, dp):
     device = next(model.parameters()).device
-    rng = rng_states(dp, device)  # a collective: every rank takes part
+    rng = rng_states(dp, device)  # collectives first: every rank takes part
+    trained = stage.saved()
+    dense = dense_optimizer_state(model, dense_opt, stage) if dense_opt is not None else {}
     if not dp.main:
         dp.barrier()
         return
-    trained = {k: v.detach().contiguous().cpu() for k, v in stage.saved().items()}
+    trained = {k: v.detach().contiguous().cpu() for k, v in trained.items()}
     tensors = {f"model.{k}": v for k, v in trained.items()}
-    if dense_opt is not None:
-        for i, state in dense_opt.state_dict()["state"].items():
-            for k, v in state.items():
-                tensors[f"adamw.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    tensors.update(dense)
     if smf_opt is not None:
         for k, v in smf_opt.state_dict().items():
             tensors[f"smf_opt.{k}"] = v.detach().cpu().contiguous()
@@ -504,7 +547,7 @@ def save_checkpoint(path, step, model, stage, dense_opt, smf_opt, dp):
     dp.barrier()
 
 
-def load_checkpoint(path, model, dense_opt, smf_opt, device, dp):
+def load_checkpoint(path, model, stage, dense_opt, smf_opt, device, dp):
     try:
         with safe_open(path, "pt") as f:
             step, world = int(f.metadata()["step"]), int(f.metadata()["world_size"])
@@ -518,19 +561,17 @@ def load_checkpoint(path, model, dense_opt, smf_opt, device, dp):
     own = model.state_dict()
     if bad := sorted(set(trained) - set(own)):
         raise RunError(f"checkpoint {path}: tensor {bad[0]} does not belong to this model (different flags?)")
-    with torch.no_grad():
-        for k, v in trained.items():
-            if own[k].shape != v.shape:
-                raise RunError(f"checkpoint {path}: tensor {k} has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}")
-            own[k].copy_(v)
+    for k, v in trained.items():
+        if own[k].shape != v.shape:
+            raise RunError(f"checkpoint {path}: tensor {k} has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}")
+    if stage.fsdp:  # every rank takes its shards of the full tensors
+        set_model_state_dict(model, trained, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        with torch.no_grad():
+            for k, v in trained.items():
+                own[k].copy_(v)
     if dense_opt is not None:
-        sd = dense_opt.state_dict()
-        sd["state"] = {}
-        for k, v in tensors.items():
-            if k.startswith("adamw."):
-                _, i, name = k.split(".", 2)
-                sd["state"].setdefault(int(i), {})[name] = v.to(device) if name != "step" else v
-        dense_opt.load_state_dict(sd)
+        load_dense_optimizer_state(model, dense_opt, stage, tensors, device)
     if smf_opt is not None:
         smf_opt.load_state_dict({k[len("smf_opt."):]: v.to(device) for k, v in tensors.items()
                                  if k.startswith("smf_opt.")})
@@ -712,17 +753,32 @@ def finetune_baseline(args, device, tok, dp):
         dense = {k: p for k, p in model.named_parameters() if k.endswith((".lora_A", ".lora_B"))}
         saved = lambda: lora_state_dict(model)  # noqa: E731
     else:
+        hub_names = set(model.hub_state_shapes())  # tied embeddings: no lm_head.weight
+        if args.fsdp:  # each block, then the rest (embeddings, norm, head), sharded across the ranks
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+                if device.type == "cuda" else MixedPrecisionPolicy()
+            for block in model.model.layers:
+                fully_shard(block, mp_policy=mp)
+            fully_shard(model, mp_policy=mp)
         dense = dict(model.named_parameters())  # tied embeddings appear once
-        saved = lambda: {k: v for k, v in model.state_dict().items() if k in model.hub_state_shapes()}  # noqa: E731
+
+        def saved():  # every Hub tensor, gathered in full (on rank 0 under FSDP)
+            sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
+                if args.fsdp else model.state_dict()
+            return {k: v for k, v in sd.items() if k in hub_names}
     config = {"method": args.method, "base_model": args.model, "base_config": base_config_dict(model),
               "memory": None, "lora": lora_cfg}
     stage = Stage(out=args.out, model=model, examples=training_examples(args.task, args, tok, args.limit),
                   lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, dense=dense, saved=saved, config=config,
-                  repetition_penalty=info["repetition_penalty"])
+                  repetition_penalty=info["repetition_penalty"], fsdp=args.fsdp)
     train(stage, args, device, tok, dp)
     model.eval()
-    if dp.main and args.method == "full":
-        export_hub_dir(model, args.model, os.path.join(args.out, "hf"))
+    if dp.main and args.method == "full":  # from the saved weights: the same path with or without FSDP
+        with torch.device("meta"):
+            final = Qwen2(model.config)
+        final.load_hub_state_dict(load_file(os.path.join(args.out, "model.safetensors")))
+        export_hub_dir(final, args.model, os.path.join(args.out, "hf"))
     if dp.main and args.export_peft:
         save_peft_adapter(model, os.path.join(args.out, "peft"), args.model)
     if dp.main and args.export_merged:
