@@ -182,6 +182,8 @@ def parse_args(argv=None):
                     f"{'medmcqa' if flag == 'task' else 'oasst1'} or text:PATH)")
     if args.fsdp and args.method != "full":
         p.error("--fsdp only applies to --method full")
+    if args.fsdp and args.eval_every:
+        p.error("--eval-every is not supported with --fsdp (evaluate the run afterwards with eval.py)")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         p.error("--fsdp needs torchrun with 2 or more processes (torchrun --nproc_per_node=N train.py ...)")
     if args.init == "random" and args.method != "full":
