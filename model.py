@@ -253,7 +253,7 @@ class Qwen2(nn.Module):
         idx (B, T) token ids -> logits (B, T, vocab) in fp32.
         attention_mask (B, start+T): 1 for real tokens, 0 for padding, over every position the model has seen
         (the cache's and the new ones); positions count real tokens only, so left or right padding gives each
-        sequence the logits it would get alone. start: how many positions the KV cache already holds.
+        sequence, at its real positions, the logits it would get alone. start: how many positions the KV cache already holds.
         """
         return self.lm_head(self.hidden_states(idx, attention_mask, start)).float()
 
@@ -262,14 +262,19 @@ class Qwen2(nn.Module):
         B, T = idx.shape
         if idx.dtype != torch.long:
             raise TypeError(f"idx must be a LongTensor, got {idx.dtype}")
-        if attention_mask is None and (start == 0 or T == 1):  # no padding: causal, or one token sees all
+        if attention_mask is not None and attention_mask.shape != (B, start + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, start + T)}")
+        # Right padding (training batches) needs no mask: under causal attention no real token sees the padding
+        # after it, so the plain causal path (flash attention on GPU) gives real tokens the same result. The
+        # outputs at padded positions then differ from the masked path's; they are never used.
+        right_padded = attention_mask is not None and start == 0 and \
+            bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+        if (attention_mask is None and (start == 0 or T == 1)) or right_padded:  # causal, or one token sees all
             mask = None
             position_ids = torch.arange(start, start + T, device=idx.device).expand(B, T)
         else:
             if attention_mask is None:
                 attention_mask = torch.ones(B, start + T, dtype=torch.long, device=idx.device)
-            if attention_mask.shape != (B, start + T):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, start + T)}")
             mask, position_ids = attention_bias(attention_mask.bool(), start)
         x = self.model.embed_tokens(idx)  # (B, T, C)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
