@@ -253,7 +253,8 @@ class Qwen2(nn.Module):
         idx (B, T) token ids -> logits (B, T, vocab) in fp32.
         attention_mask (B, start+T): 1 for real tokens, 0 for padding, over every position the model has seen
         (the cache's and the new ones); positions count real tokens only, so left or right padding gives each
-        sequence, at its real positions, the logits it would get alone. start: how many positions the KV cache already holds.
+        sequence, at its real positions, the logits it would get alone.
+        start: how many positions the KV cache already holds.
         """
         return self.lm_head(self.hidden_states(idx, attention_mask, start)).float()
 
