@@ -68,10 +68,18 @@ class StopRun(Exception):
 # Arguments
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show real defaults; flags whose default is None, False or empty say theirs in their help text."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False, []) else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", required=True, choices=METHODS)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--method", required=True, choices=METHODS,
+                   help="smf: stage 1 (retrofit) + background reads + stage 2 (sparse finetuning); retrofit: "
+                        "stage 1 alone; lora: adapters; full: every weight")
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="base model: Hub id or local directory")
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
                    help="local file for a dataset (medmcqa, oasst1) in the Hub's column schema; repeatable")
@@ -83,7 +91,7 @@ def parse_args(argv=None):
                         "pretraining a small model from scratch)")
     p.add_argument("--out", default=None, help="run directory (default runs/<method>-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initialisation, data order and dropout")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g = p.add_argument_group("optimization (shared)")
     g.add_argument("--lr", type=float, default=None, help="default: smf/retrofit 5e-4, lora 2e-4, full 5e-5")
