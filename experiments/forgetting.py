@@ -47,8 +47,10 @@ SCALES = {
                  retrofit_steps=200, retrofit_lr=3e-3, background=200,
                  n_keys=32, mem_heads=2, mem_topk=8, mem_k_dim=64, top_t=64, lora_r=8,
                  ft_epochs=10, ft_batch=8,
-                 sweeps={"smf-adamw": [1e-2, 3e-2, 1e-1, 3e-1], "smf-sgd": [1.0, 10.0, 100.0, 1000.0],
-                         "smf-paper": [1e-2, 3e-2, 1e-1, 3e-1], "lora": [1e-3, 3e-3, 1e-2, 3e-2],
+                 # the memory's output is scaled by alpha (~0.01 after the retrofit): SMF's values need lrs far above
+                 # LoRA's or full finetuning's (a first run with adamw 0.01-0.3 and sgd 1-1000 learned nothing)
+                 sweeps={"smf-adamw": [1.0, 3.0, 10.0, 30.0, 100.0], "smf-sgd": [1e4, 1e5, 1e6, 1e7],
+                         "smf-paper": [1.0, 3.0, 10.0, 30.0, 100.0], "lora": [1e-3, 3e-3, 1e-2, 3e-2],
                          "full": [1e-4, 3e-4, 1e-3, 3e-3]}),
     "quick": dict(n_old=16, n_new=6, docs=400, vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, inter=128,
                   pretrain_steps=400, pretrain_lr=5e-3, pretrain_batch=16,
