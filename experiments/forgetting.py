@@ -1,7 +1,7 @@
 """
 Learning vs forgetting on a synthetic world, offline on a CPU: SMF (three optimizers), LoRA and full finetuning.
 
-    python experiments/forgetting.py                # about 15 minutes on 2 CPU cores; --quick: about a minute
+    python experiments/forgetting.py                # about 4 minutes on 2 CPU cores; --quick: about 30 s
 
 Steps (every training step is `python train.py ...`, every measurement eval.py's load_model and probes):
   1. data.py's synthetic world (seed): old entities as prose + question-answer lines (pretraining text), new
