@@ -1,11 +1,8 @@
 """Builders for tiny offline test artifacts: a random Qwen2 checkpoint in the Hub layout and a trained tokenizer."""
 
-import json
 import os
 
 import torch
-
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -19,23 +16,10 @@ CORPUS = [
 
 
 def write_tokenizer(path: str, vocab_size: int = 384):
-    """Train a small byte-level BPE with Qwen's special tokens; write tokenizer.json + tokenizer_config.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIALS), special_tokens=[],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS * 20, trainer=trainer)
-    tok.add_special_tokens(SPECIALS)
-    tok.save(os.path.join(path, "tokenizer.json"))
-    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                       "single_word": False, "special": True} for t in SPECIALS}
-    cfg = {"added_tokens_decoder": added, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-           "bos_token": None, "model_max_length": 4096, "tokenizer_class": "Qwen2Tokenizer"}
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    return tok.get_vocab_size()
+    """A small byte-level BPE with Qwen's special tokens (tokenizer.json + tokenizer_config.json), trained on CORPUS
+    with the same code the synthetic-world experiment uses."""
+    import data
+    return data.train_world_tokenizer(CORPUS * 20, path, vocab_size)
 
 
 def write_checkpoint(path: str, tie: bool = True, hidden: int = 64, layers: int = 4, heads: int = 4,
