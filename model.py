@@ -414,8 +414,7 @@ def attention_bias(attention_mask, start: int):
     T newest positions (keys must be real and not in the future) and their RoPE positions (B, T), which count
     real tokens only. A padding query may attend to itself, so no row is empty (its output is never used).
     """
-    B, S = attention_mask.shape
-    T = S - start
+    S = attention_mask.shape[1]  # T = S - start new positions
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
     q_pos = torch.arange(start, S, device=attention_mask.device)[:, None]  # (T, 1)
     k_pos = torch.arange(S, device=attention_mask.device)[None, :]  # (1, S)

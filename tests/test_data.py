@@ -1,15 +1,13 @@
 """data.py: Hub and local loading in the Hub schemas, filtering, prompt strings, OASST1 flattening, loss masks,
 shuffling and batching (no network: the Hub download is replaced by a local folder in the Hub layout)."""
 
-import json
 import os
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 import data
+from tiny_data import write_jsonl, write_parquet
 from model import Tokenizer
 
 MEDMCQA = [
@@ -34,16 +32,6 @@ WIKI = [{"text": ""}, {"text": " = Robert Boulter = \n"}, {"text": ""}, {"text":
         {"text": "   \n"}, {"text": " In 2006 , he starred . \n"}]
 
 
-def write_parquet(path, rows):
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return str(path)
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import data
 import eval as ev
 import memory
 from conftest import ROOT
+from tiny_data import write_jsonl
 from model import LORA_TARGETS, Qwen2, Qwen2Config, Tokenizer, add_lora, lora_state_dict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,12 +42,6 @@ WIKI_TEXT = ("The quick brown fox jumps over the lazy dog . Memory layers store 
              "updates only a few of them . Perplexity is the exponential of the mean negative log-likelihood per "
              "token .")
 
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -47,11 +47,11 @@ def write_jsonl(path: str, rows):
     with open(path, "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    return path
+    return str(path)
 
 
 def write_parquet(path: str, rows):
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
+    return str(path)
