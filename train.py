@@ -311,6 +311,12 @@ def run_info(args):
             "command": " ".join(sys.argv)}
 
 
+def hub_revision(model_dir):
+    """The commit hash of a Hub snapshot directory (.../snapshots/<hash>), None for a plain local directory."""
+    parent, name = os.path.split(os.path.normpath(model_dir))
+    return name if os.path.basename(parent) == "snapshots" else None
+
+
 def lr_at(step, total, peak, warmup):
     """Linear warmup to peak over `warmup` steps, then cosine decay to 0 at `total`."""
     if step < warmup:
@@ -651,7 +657,8 @@ def retrofit(args, out, device, tok, dp):
             dense[f"model.layers.{i}.memory.{name}"] = p
     alone = args.method == "retrofit"  # stage 1 on its own takes the shared flags, inside smf the --retrofit-* ones
     examples = training_examples(args.retrofit_task, args, tok, args.limit if alone else args.retrofit_limit)
-    config = {"method": "retrofit", "base_model": args.model, "base_config": base_config_dict(model),
+    config = {"method": "retrofit", "base_model": args.model, "base_revision": args.base_revision,
+              "base_config": base_config_dict(model),
               "memory": mem_cfg.to_dict(), "lora": None}
     stage = Stage(out=out, model=model, examples=examples,
                   lr=args.lr if alone else args.retrofit_lr,
@@ -731,7 +738,8 @@ def sparse_finetune(args, device, tok, memory_dir, dp):
     own_copy = os.path.join(args.out, "background.safetensors")
     if dp.main and os.path.abspath(background_path) != os.path.abspath(own_copy):
         atomic_write(own_copy, lambda p: shutil.copyfile(background_path, p))
-    config = {"method": "smf", "base_model": args.model, "base_config": base_config_dict(model),
+    config = {"method": "smf", "base_model": args.model, "base_revision": args.base_revision,
+              "base_config": base_config_dict(model),
               "memory": mem_run["memory"], "lora": None, "memory_from": os.path.abspath(memory_dir)}
     stage = Stage(out=args.out, model=model, examples=training_examples(args.task, args, tok, args.limit),
                   lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, dense=dense,
@@ -777,7 +785,8 @@ def finetune_baseline(args, device, tok, dp):
             sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
                 if args.fsdp else model.state_dict()
             return {k: v for k, v in sd.items() if k in hub_names}
-    config = {"method": args.method, "base_model": args.model, "base_config": base_config_dict(model),
+    config = {"method": args.method, "base_model": args.model, "base_revision": args.base_revision,
+              "base_config": base_config_dict(model),
               "memory": None, "lora": lora_cfg}
     stage = Stage(out=args.out, model=model, examples=training_examples(args.task, args, tok, args.limit),
                   lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, dense=dense, saved=saved, config=config,
@@ -814,6 +823,7 @@ def main(argv=None):
     args = parse_args(argv)
     dp, device = setup_data_parallel(args)
     try:
+        args.base_revision = hub_revision(resolve_model_dir(args.model))  # fetches a Hub id; a resume must match
         args_path = os.path.join(args.out, "args.json")
         if args.resume:
             check_resume_args(args, args_path)

@@ -227,3 +227,10 @@ def test_pretrain_from_random_init_then_finetune_on_text(tiny_model_dir, tmp_pat
     assert log[-1]["loss"] < log[0]["loss"] - 1.0
     reloaded, _, info = load_model(str(out / "hf"))
     assert info["method"] is None and reloaded.config.hidden_size == 64
+
+
+def test_hub_revision_is_recorded_from_snapshot_paths():
+    snap = "/cache/hub/models--Qwen--Qwen2.5-0.5B-Instruct/snapshots/7ae557604adf67be50417f59c2c2f167def9a775"
+    assert train.hub_revision(snap) == "7ae557604adf67be50417f59c2c2f167def9a775"
+    assert train.hub_revision(snap + "/") == "7ae557604adf67be50417f59c2c2f167def9a775"
+    assert train.hub_revision("/tmp/my-model") is None
