@@ -305,11 +305,15 @@ def triviaqa_correct(prediction: str, aliases: list[str]) -> bool:
 
 @torch.inference_mode()
 def generate_answers(model, tok, prompts: list[str], batch_size: int = 16, max_new_tokens: int = 32,
-                     repetition_penalty: float = 1.0, show: bool = False, desc: str = "triviaqa") -> list[str]:
-    """Greedy continuations of each prompt (left-padded batches, sorted by length), decoded up to the first stop
-    id without special tokens, stripped."""
+                     repetition_penalty: float = 1.0, show: bool = False, desc: str = "triviaqa",
+                     stop_ids: list[int] | None = None) -> list[str]:
+    """
+    Greedy continuations of each prompt (left-padded batches, sorted by length), as the paper's Hugging Face
+    generate made them: stop at the tokenizer's eos alone (<|im_end|>; stop_ids overrides), then decode every new
+    token without special tokens (so an <|endoftext|> mid-answer is dropped, not a stop), stripped.
+    """
     device = model_device(model)
-    stop = tok.stop_ids
+    stop = stop_ids or ([tok.eos_id] if tok.eos_id is not None else tok.stop_ids)
     pad = tok.pad_id if tok.pad_id is not None else stop[0]
     seqs = tok.encode_batch(prompts)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
@@ -327,7 +331,7 @@ def generate_answers(model, tok, prompts: list[str], batch_size: int = 16, max_n
                              pad_token_id=pad)[:, T:].tolist()
         for b, i in enumerate(batch):
             new = gen[b]
-            cut = next((k for k, t in enumerate(new) if t in stop), len(new))
+            cut = next((k for k, t in enumerate(new) if t in stop), len(new))  # eos, then padding
             out[i] = tok.decode(new[:cut], skip_special_tokens=True).strip()
     return out
 
@@ -463,8 +467,6 @@ def main(argv=None):
         atomic_write(args.log_samples, write_samples)
 
 
-if __name__ == "__main__":
-    main()
 
 
 # -----------------------------------------------------------------------------
@@ -509,3 +511,7 @@ def eval_documents_ppl(model, tok, texts: list[str], batch_size: int = 32) -> di
         nll -= token_logprobs(model, h[rows, cols], targets).sum().item()
         n += len(targets)
     return {"ppl": math.exp(nll / n), "tokens": n}
+
+
+if __name__ == "__main__":
+    main()

@@ -426,3 +426,19 @@ def test_probes_on_real_rows_with_the_real_tokenizer(real_tokenizer_model, share
     assert t["n"] == 8 and all(isinstance(s["prediction"], str) for s in samples)
     assert samples[0]["prompt"] == "Question: " + tqa[0]["question"] + "\nAnswer:"
     assert "Onion" in samples[0]["target"]
+
+
+def test_triviaqa_decoding_follows_the_paper(tiny, monkeypatch):
+    """As the paper's Hugging Face generate: eos = <|im_end|> alone; an <|endoftext|> mid-answer is dropped by
+    skip_special_tokens, not a stop; everything after eos is padding."""
+    model, tok = tiny
+    eot, eos = tok.token_to_id("<|endoftext|>"), tok.eos_id
+    a, b = tok.encode(" Paris"), tok.encode(" France")
+
+    def fake_generate(idx, max_new_tokens, **kw):
+        assert kw["eos_token_id"] == [eos]
+        new = torch.tensor([a + [eot] + b + [eos] + a] * idx.shape[0])
+        return torch.cat([idx, new], dim=1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    assert ev.generate_answers(model, tok, ["Question: x\nAnswer:", "Question: y?\nAnswer:"]) == ["Paris France"] * 2
