@@ -111,7 +111,8 @@ def parse_args(argv=None):
                    help="full finetuning under torchrun: shard weights, gradients and optimizer state across ranks "
                         "(PyTorch's fully_shard) instead of replicating them (DDP), for models that do not fit one GPU")
     g.add_argument("--stop-at-step", type=int, default=None,
-                   help="stop after this step's checkpoint, as if interrupted (to test --resume)")
+                   help="stop after this step's checkpoint, as if interrupted (to test --resume); in --method smf "
+                        "it applies to each stage in turn")
     g = p.add_argument_group("SMF: memory layers (stage 1 builds them)")
     g.add_argument("--memory-from", default=None, help="reuse the memory of a finished retrofit (or smf) run")
     g.add_argument("--memory-mode", default="additive", choices=["additive", "replacement"])
@@ -287,8 +288,10 @@ def training_examples(task, args, tok, limit):
     if task == "medmcqa":
         texts = [data.medmcqa_train_text(r) for r in rows[:limit]]
         return [data.encode_text(tok, t, args.max_len) for t in texts]
-    chats = data.oasst1_conversations(rows)[:limit]
-    examples = [data.encode_chat(tok, c, args.max_len) for c in chats]
+    chats = data.oasst1_conversations(rows)
+    if limit is not None and len(chats) < limit:
+        print(f"oasst1: only {len(chats)} conversations available (limit {limit}); using all of them", file=sys.stderr)
+    examples = [data.encode_chat(tok, c, args.max_len) for c in chats[:limit]]
     kept = [e for e in examples if any(e[1][1:])]  # a reply truncated away leaves nothing to learn
     if len(kept) < len(examples):
         print(f"oasst1: dropped {len(examples) - len(kept)} of {len(examples)} conversations whose reply starts "
@@ -368,8 +371,10 @@ def train(stage: Stage, args, device, tok, dp: DataParallel):
     ckpt_path = os.path.join(stage.out, "checkpoint.safetensors")
     log_path = os.path.join(stage.out, "log.jsonl")
     step = 0
-    if os.path.exists(ckpt_path):
+    if os.path.exists(ckpt_path):  # resume: weights, optimizer state and every rank's RNG state
         step = load_checkpoint(ckpt_path, model, stage, dense_opt, smf_opt, device, dp)
+    else:  # the training RNG (dropout) of each rank: its own stream, rank 0's as in a single process
+        torch.manual_seed(args.seed + 1_000_003 * dp.rank)
         if dp.main:
             truncate_log(log_path, step)
             print(f"resuming {stage.out} at step {step}/{total}", file=sys.stderr)
@@ -530,11 +535,12 @@ def load_dense_optimizer_state(model, opt, stage, tensors, device):
     for key, v in tensors.items():
         if key.startswith("adamw."):
             name, k = key[len("adamw."):].rsplit(".", 1)
-            state.setdefault(name, {})[k] = v if k == "step" else v.to(device)
-    if stage.fsdp:
+            state.setdefault(name, {})[k] = v if (k == "step" or stage.fsdp) else v.to(device)
+    if stage.fsdp:  # rank 0 holds the full moments (on CPU) and broadcasts them; every rank keeps its shards
         sd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
         sd["state"] = state
-        set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True,
+                                                                          broadcast_from_rank0=True))
         return
     index = {name: i for i, name in enumerate(stage.dense)}
     sd = opt.state_dict()
@@ -567,7 +573,9 @@ def load_checkpoint(path, model, stage, dense_opt, smf_opt, device, dp):
     try:
         with safe_open(path, "pt") as f:
             step, world = int(f.metadata()["step"]), int(f.metadata()["world_size"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # under FSDP only rank 0 reads the weights and AdamW moments; the others receive their shards from it
+            tensors = {k: f.get_tensor(k) for k in f.keys()
+                       if dp.main or not stage.fsdp or not k.startswith(("model.", "adamw."))}
     except Exception as e:
         raise RunError(f"checkpoint {path} is unreadable: {e}") from e
     if world != dp.world:
@@ -575,13 +583,17 @@ def load_checkpoint(path, model, stage, dense_opt, smf_opt, device, dp):
                        f"(now {dp.world})")
     trained = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     own = model.state_dict()
+    problem = None
     if bad := sorted(set(trained) - set(own)):
-        raise RunError(f"checkpoint {path}: tensor {bad[0]} does not belong to this model (different flags?)")
+        problem = f"checkpoint {path}: tensor {bad[0]} does not belong to this model (different flags?)"
     for k, v in trained.items():
-        if own[k].shape != v.shape:
-            raise RunError(f"checkpoint {path}: tensor {k} has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}")
-    if stage.fsdp:  # every rank takes its shards of the full tensors
-        set_model_state_dict(model, trained, options=StateDictOptions(full_state_dict=True, strict=False))
+        if problem is None and own[k].shape != v.shape:
+            problem = f"checkpoint {path}: tensor {k} has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}"
+    if int(dp.sum_(torch.tensor(int(problem is not None), device=device))):  # every rank stops, none waits
+        raise RunError(problem or f"checkpoint {path} does not match the model (rank 0 says why)")
+    if stage.fsdp:  # rank 0 broadcasts the full tensors; every rank keeps its shards
+        set_model_state_dict(model, trained, options=StateDictOptions(full_state_dict=True, strict=False,
+                                                                      broadcast_from_rank0=True))
     else:
         with torch.no_grad():
             for k, v in trained.items():
@@ -647,7 +659,7 @@ def retrofit(args, out, device, tok, dp):
     dp.barrier()
     model, _, info = load_model(args.model, dtype=frozen_dtype(device), device=device)
     torch.manual_seed(args.seed)
-    mem_cfg = memory_config_from_args(args)
+    mem_cfg = memory_config_from_args(args).resolve(model.config.num_hidden_layers, model.config.hidden_size)
     memories = memory.add_memory(model, mem_cfg)
     model.requires_grad_(False)
     dense = {}
