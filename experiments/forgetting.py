@@ -6,7 +6,8 @@ Learning vs forgetting on a synthetic world, offline on a CPU: SMF (three optimi
 Steps (every training step is `python train.py ...`, every measurement eval.py's load_model and probes):
   1. data.py's synthetic world (seed): old entities as prose + question-answer lines (pretraining text), new
      entities as question-answer lines (the facts to learn), held-out prose about the old entities (for each
-     entity a template its own pretraining text never used; other entities' texts use it); a byte-level BPE trained on the world's text; a tiny Qwen2 config.json.
+     entity a template its own pretraining text never used; other entities' texts use it); a byte-level BPE
+     trained on the world's text; a tiny Qwen2 config.json.
   2. pretrain:  train.py --method full --init random      on the old world            -> base (pretrain/hf)
   3. retrofit:  train.py --method retrofit                on the old world, base frozen -> memory + background reads
   4. finetune on the new facts, a learning-rate sweep per method:
