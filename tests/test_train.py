@@ -50,11 +50,59 @@ def test_retrofit_trains_memory_and_saves_background(retrofit_run, tiny_model_di
     saved = load_file(os.path.join(retrofit_run, "model.safetensors"))
     assert saved and all(".memory." in k for k in saved)
     assert {k.split(".memory.")[0] for k in saved} == {"model.layers.1", "model.layers.2"}
-    bg = load_file(os.path.join(retrofit_run, "background.safetensors"))
-    assert bg  # read statistics were taken
+    # stage 1 trained every memory tensor away from its init (rebuilt with the run's seed)
+    import memory
+    torch.manual_seed(0)
+    fresh = memory.add_memory(Qwen2.from_pretrained(tiny_model_dir), memory.MemoryConfig.from_dict(cfg["memory"]))
+    for i, mem in fresh.items():
+        for name, p in mem.state_dict().items():
+            assert not torch.equal(saved[f"model.layers.{i}.memory.{name}"], p), f"{name} of layer {i} did not train"
+    # the background reads: 6 single-example batches, every token read heads * topk slots once per memory layer
+    stats = memory.BackgroundStats.load(os.path.join(retrofit_run, "background.safetensors"))
+    assert stats.n_batches == 6
+    examples = background_examples(tiny_model_dir, retrofit_run)
+    for i in (1, 2):
+        assert int(stats.counts[i].sum()) == sum(len(ids) for ids in examples) * 2 * 4
+        assert int(stats.doc_freq[i].max()) <= 6 and int(stats.doc_freq[i].sum()) > 0
     assert len(read_log(retrofit_run)) == 3
     args = json.load(open(os.path.join(retrofit_run, "args.json")))
     assert args["method"] == "retrofit" and "torch" in args and "git_commit" in args
+
+
+def background_examples(model_dir, run):
+    """The token ids of the batches the background statistics of `run` read (train.py's own order)."""
+    import data
+    from model import Tokenizer
+    args = json.load(open(os.path.join(run, "args.json")))
+    tok = Tokenizer.from_pretrained(model_dir)
+    chats = data.oasst1_conversations(data.load_rows("oasst1", path=args["data"]["oasst1"], split="train"))
+    examples = [data.encode_chat(tok, c, args["max_len"]) for c in chats]
+    examples = [ids for ids, mask in examples if any(mask[1:])]
+    order = data.epoch_order(len(examples), args["seed"], epoch=10**6)[:args["background_batches"]]
+    return [examples[j] for j in order]
+
+
+def test_loss_equals_transformers_and_accumulation_equals_a_big_batch(tiny_model_dir, files, tmp_path):
+    """The logged loss of step 1 (before any update) is transformers' labels= loss on the same batch; and
+    2 micro-batches of 2 give the same update as one batch of 4."""
+    import data
+    from model import Tokenizer
+    from transformers import Qwen2ForCausalLM
+    base = ["--method", "full", "--lr", "1e-3", "--max-steps", "2"]
+    train.main(common(tiny_model_dir, files, tmp_path / "big", *base, "--batch-size", "4", "--grad-accum", "1"))
+    train.main(common(tiny_model_dir, files, tmp_path / "acc", *base, "--batch-size", "2", "--grad-accum", "2"))
+    a, b = load_file(str(tmp_path / "big" / "model.safetensors")), load_file(str(tmp_path / "acc" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    tok = Tokenizer.from_pretrained(tiny_model_dir)
+    rows = data.load_rows("medmcqa", path=files["medmcqa"], split="train")
+    examples = [data.encode_text(tok, data.medmcqa_train_text(r), 128) for r in rows]
+    first = [examples[j] for j in data.epoch_order(len(examples), 0, 0)[:4]]
+    batch = data.collate(first, tok.pad_id)
+    hf = Qwen2ForCausalLM.from_pretrained(tiny_model_dir)
+    ref = hf(batch["idx"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.item()
+    for run in ("big", "acc"):
+        assert abs(read_log(tmp_path / run)[0]["loss"] - ref) < 1e-5
 
 
 def test_smf_changes_only_selected_value_rows(retrofit_run, tiny_model_dir, files, tmp_path):
