@@ -399,6 +399,9 @@ class Qwen2(nn.Module):
         if any(isinstance(m, LoRALinear) for m in self.modules()):
             raise ValueError("save_pretrained: the model has LoRA adapters; merge_lora(model) first, "
                              "or save_peft_adapter for the adapters alone")
+        if any(b.memory is not None or b.mlp is None for b in self.model.layers):
+            raise ValueError("save_pretrained: the model has memory layers, which a Hub Qwen2 checkpoint cannot hold; "
+                             "save them with memory.memory_state_dict (train.py's run directory does)")
         os.makedirs(out_dir, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k in self.hub_state_shapes()}
         cfg = self.config.to_dict()

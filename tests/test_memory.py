@@ -478,3 +478,10 @@ def test_lazy_state_holds_only_rows_ever_updated():
     state = opt.state_dict()
     assert state["0.slots"].tolist() == [4, 9, 2, 30] and state["0.exp_avg"].shape == (4, 5)
     assert state["0.step"].tolist() == [1, 2, 2, 1]
+
+
+def test_save_pretrained_refuses_memory_layers(tiny_model_dir, tmp_path):
+    model = Qwen2.from_pretrained(tiny_model_dir)
+    add_memory(model, MemoryConfig(layers=[1], n_keys=4, heads=1, topk=2, k_dim=8))
+    with pytest.raises(ValueError, match="memory layers"):
+        model.save_pretrained(str(tmp_path / "out"))
