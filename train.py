@@ -24,6 +24,7 @@ to one that was never interrupted. Evaluate a run with `python eval.py --model r
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -392,9 +393,13 @@ def train(stage: Stage, args, device, tok, dp: DataParallel):
         forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     averaged = dp.world > 1 and stage.smf is None  # gradients arrive averaged over ranks: scale the loss up
 
+    @functools.lru_cache(maxsize=2)  # one shuffle per epoch, not one per micro-batch
+    def epoch_order(epoch):
+        return data.epoch_order(len(ex), args.seed, epoch)
+
     def micro_batch(m):  # this rank's part of the m-th micro-batch of the endless, epoch-by-epoch shuffled stream
         epoch, i = divmod(m, n_micro)
-        order = data.epoch_order(len(ex), args.seed, epoch)
+        order = epoch_order(epoch)
         ids = order[i * global_batch:(i + 1) * global_batch]
         n_loss = sum(sum(ex[j][1][1:]) for j in ids)  # loss tokens across all ranks (predicting token 1..)
         mine = ids[dp.rank * args.batch_size:(dp.rank + 1) * args.batch_size]
@@ -643,10 +648,6 @@ def finish(stage, dp):
 # The methods
 
 
-def base_config_dict(model):
-    return model.config.to_dict()
-
-
 def memory_config_from_args(args):
     return memory.MemoryConfig(layers=args.memory_layers, n_keys=args.n_keys, heads=args.mem_heads,
                                topk=args.mem_topk, k_dim=args.mem_k_dim, mode=args.memory_mode)
@@ -670,7 +671,7 @@ def retrofit(args, out, device, tok, dp):
     alone = args.method == "retrofit"  # stage 1 on its own takes the shared flags, inside smf the --retrofit-* ones
     examples = training_examples(args.retrofit_task, args, tok, args.limit if alone else args.retrofit_limit)
     config = {"method": "retrofit", "base_model": args.model, "base_revision": args.base_revision,
-              "base_config": base_config_dict(model),
+              "base_config": model.config.to_dict(),
               "memory": mem_cfg.to_dict(), "lora": None}
     stage = Stage(out=out, model=model, examples=examples,
                   lr=args.lr if alone else args.retrofit_lr,
@@ -726,8 +727,9 @@ def sparse_finetune(args, device, tok, memory_dir, dp):
     if mem_run.get("memory") is None:
         raise RunError(f"--memory-from {memory_dir}: the run has no memory layers (method {mem_run.get('method')})")
     model, _, info = load_model(args.model, dtype=frozen_dtype(device), device=device)
-    if mem_run.get("base_config") != base_config_dict(model):
-        diff = sorted(k for k in base_config_dict(model) if base_config_dict(model)[k] != mem_run.get("base_config", {}).get(k))
+    base_config = model.config.to_dict()
+    if mem_run.get("base_config") != base_config:
+        diff = sorted(k for k in base_config if base_config[k] != mem_run.get("base_config", {}).get(k))
         raise RunError(f"--memory-from {memory_dir}: its base model differs from --model {args.model} ({', '.join(diff) or 'config'})")
     memories = memory.add_memory(model, memory.MemoryConfig.from_dict(mem_run["memory"]))
     weights = os.path.join(memory_dir, "model.safetensors")
@@ -751,7 +753,7 @@ def sparse_finetune(args, device, tok, memory_dir, dp):
     if dp.main and os.path.abspath(background_path) != os.path.abspath(own_copy):
         atomic_write(own_copy, lambda p: shutil.copyfile(background_path, p))
     config = {"method": "smf", "base_model": args.model, "base_revision": args.base_revision,
-              "base_config": base_config_dict(model),
+              "base_config": model.config.to_dict(),
               "memory": mem_run["memory"], "lora": None, "memory_from": os.path.abspath(memory_dir)}
     stage = Stage(out=args.out, model=model, examples=training_examples(args.task, args, tok, args.limit),
                   lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, dense=dense,
@@ -798,7 +800,7 @@ def finetune_baseline(args, device, tok, dp):
                 if args.fsdp else model.state_dict()
             return {k: v for k, v in sd.items() if k in hub_names}
     config = {"method": args.method, "base_model": args.model, "base_revision": args.base_revision,
-              "base_config": base_config_dict(model),
+              "base_config": model.config.to_dict(),
               "memory": None, "lora": lora_cfg}
     stage = Stage(out=args.out, model=model, examples=training_examples(args.task, args, tok, args.limit),
                   lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, dense=dense, saved=saved, config=config,
