@@ -219,11 +219,10 @@ def triviaqa_prompt(row) -> str:
 
 
 def triviaqa_aliases(row) -> list[str]:
-    """answer.aliases plus answer.value, deduplicated, as written (the probe normalizes them);
-    normalized_aliases is not used (some exports lack it, and the probe normalizes in its own way)."""
+    """answer.aliases, deduplicated, as written (the probe normalizes them), as the paper's code reads them:
+    answer.value is not added, and normalized_aliases is not used (the probe normalizes in its own way)."""
     answer = row["answer"] or {}
-    aliases = list(answer.get("aliases") or []) + [answer.get("value") or ""]
-    aliases = list(dict.fromkeys(a for a in aliases if a))
+    aliases = list(dict.fromkeys(a for a in answer.get("aliases") or [] if a))
     if not aliases:
         raise ValueError(f"TriviaQA row {row.get('question_id', row['question'])!r} has no answer aliases")
     return aliases
@@ -266,6 +265,30 @@ def oasst1_conversations(rows, lang: str | None = "en") -> list[list[dict]]:
         conversations.append([{"role": "user" if m["role"] == "prompter" else "assistant", "content": m["text"]}
                               for m in chain])
     return conversations
+
+
+def oasst1_replies(rows, min_chars: int = 50) -> list[str]:
+    """
+    The paper code's stage-1 text (its `oasst1` preset): the text alone of every English assistant reply
+    ranked 0 or 1 among its siblings with at least min_chars characters, in the file's order. No prompt turns,
+    no chat template; deleted or review-rejected rows are kept, as in the paper's filter.
+    """
+    if rows and not all("lang" in r and "rank" in r for r in rows):
+        raise ValueError("OASST1 rows need the lang and rank columns for the paper's reply filter")
+    return [r["text"] for r in rows if r["lang"] == "en" and r["role"] == "assistant"
+            and r["rank"] in (0, 1) and len(r["text"] or "") >= min_chars]
+
+
+def seeded_subset(n: int, size: int | None, seed: int) -> list[int]:
+    """
+    Indices of a random subset of range(n) as the paper's code draws it with Hugging Face datasets
+    (`ds.shuffle(seed).select(range(size))`, i.e. numpy's default_rng(seed).permutation(n)[:size]), and all of
+    range(n) in order when size is None or not smaller than n (its `_limit` leaves the set untouched then).
+    """
+    if size is None or size >= n:
+        return list(range(n))
+    import numpy as np
+    return np.random.default_rng(seed).permutation(n)[:size].tolist()
 
 
 # -----------------------------------------------------------------------------

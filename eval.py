@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import data
 import memory
 from model import Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, load_safetensors_dir, lora_state_dict, \
-    resolve_model_dir, write_json, HUB_FILES
+    merge_lora, resolve_model_dir, write_json, HUB_FILES
 
 TASKS = ("medmcqa", "wikitext", "triviaqa")
 
@@ -89,7 +89,8 @@ def load_model(name_or_dir: str, dtype=None, device=None):
     directory of train.py (config.json with "method"): the base model is rebuilt from "base_model" (at
     "base_revision"), memory layers (smf, retrofit) or LoRA adapters (lora) are added, and the run's
     model.safetensors is loaded, its key set and every shape checked; for "full" it holds every Hub tensor.
-    Adapters and memory stay in fp32 (their own parameters), the base in `dtype` (default: bf16 GPU, fp32 CPU).
+    The base is in `dtype` (default: bf16 GPU, fp32 CPU); memory and adapters stay fp32, except as the run's
+    recipe says (the paper's: a memory of precision "bf16" is cast to bf16, LoRA adapters are merged).
     info: {"path", "method", "base_model", "dtype", "device", "repetition_penalty", "generation_config"}.
     """
     device = resolve_device(device)
@@ -127,6 +128,11 @@ def load_model(name_or_dir: str, dtype=None, device=None):
             check_state(expected, state, weights)
             result = model.load_state_dict(state, strict=False)  # copies into the existing fp32 tensors
             assert not result.unexpected_keys
+            if method in ("smf", "retrofit") and run["memory"].get("precision") == "bf16":
+                for mem in memory.memory_layers(model).values():  # the paper's code evaluates the whole model
+                    mem.to(torch.bfloat16)                        # in bf16, memory included
+            if method == "lora" and run["lora"].get("merge_for_eval"):
+                merge_lora(model)  # into the base weights in their dtype, as the paper's merge_and_unload
     else:
         base = resolve_model_dir(name_or_dir)
         model = Qwen2.from_pretrained(base, dtype=dtype, device=device)

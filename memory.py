@@ -44,6 +44,7 @@ class MemoryConfig:
     v_dim: int | None = None  # None -> the model's hidden size (896)
     mode: str = "additive"  # "additive": x + mlp(h) + alpha * mem(h); "replacement": x + mem(h)
     alpha_init: float = 0.01  # the paper's init of the learnable scale (additive only)
+    precision: str = "fp32"  # "fp32": all memory maths in fp32; "bf16": in bf16 as the paper's code runs it
 
     def __post_init__(self):
         if self.mode not in ("additive", "replacement"):
@@ -54,6 +55,8 @@ class MemoryConfig:
             raise ValueError(f"MemoryConfig: topk {self.topk} must be in 1..n_keys ({self.n_keys})")
         if self.heads < 1:
             raise ValueError(f"MemoryConfig: heads {self.heads} must be >= 1")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"MemoryConfig: precision {self.precision!r} is unknown (use 'fp32' or 'bf16')")
 
     def resolve(self, n_layers: int, hidden: int) -> "MemoryConfig":
         """A copy with `layers` and `v_dim` filled in for a model of n_layers blocks and this hidden size."""
@@ -82,20 +85,27 @@ class ProductKeyMemory(nn.Module):
     """
     out = W2((sum over heads and their top-k slots of s_i * values[i]) * silu(W1 x)), times alpha if additive.
 
-    Parameters (always fp32, whatever the model's dtype) and their init:
+    Parameters (fp32 when built) and their init, as Meta's memory code (the paper's) does it:
 
-    | name            | shape           | init                                              |
-    |-----------------|-----------------|---------------------------------------------------|
-    | query.weight    | (h*dk, C)       | Xavier uniform (Meta's memory code)               |
-    | query.bias      | (h*dk,)         | zeros                                             |
-    | keys            | (h, 2, n, dk/2) | uniform(-1/sqrt(dk/2), 1/sqrt(dk/2)) (Meta's)     |
-    | values.weight   | (n*n, D)        | normal(0, std D**-0.5), i.e. variance 1/D (Meta's)|
-    | w1.weight       | (D, C)          | normal(0, std C**-0.5) (our choice: unit gain)    |
-    | w2.weight       | (C, D)          | normal(0, std D**-0.5) (our choice: unit gain)    |
-    | alpha           | ()              | alpha_init = 0.01 (paper); additive mode only     |
+    | name            | shape           | init                                                   |
+    |-----------------|-----------------|--------------------------------------------------------|
+    | query.weight    | (h*dk, C)       | Xavier uniform                                         |
+    | query.bias      | (h*dk,)         | PyTorch's Linear default, uniform(+-1/sqrt(C))         |
+    | keys            | (h, 2, n, dk/2) | uniform(+-1/sqrt(dk)), dk the full key dim per head    |
+    | values.weight   | (n*n, D)        | normal(0, std D**-0.5)                                 |
+    | w1.weight       | (D, C)          | normal(0, std C**-0.5)  (Meta's `swilu_projection`)    |
+    | w1.bias         | (D,)            | PyTorch's Linear default, uniform(+-1/sqrt(C))         |
+    | w2.weight       | (C, D)          | normal(0, std C**-0.5)  (Meta's `value_proj`)          |
+    | w2.bias         | (C,)            | PyTorch's Linear default, uniform(+-1/sqrt(D))         |
+    | alpha           | ()              | alpha_init = 0.01 (paper); additive mode only          |
 
-    w1 and w2 have no bias. With unit-gain w1, w2, mem(x) has entries of order 1 for normed inputs, so at
-    alpha = 0.01 the memory adds about 1% of an MLP-sized signal to the residual stream.
+    w2's bias adds a constant alpha * b2 to the residual stream, so even at alpha = 0.01 the model is not
+    exactly the base model at the start (as in the paper's code).
+
+    Precision (cfg.precision): "fp32" computes everything in fp32 whatever the model's dtype. "bf16" reproduces
+    the paper's code, which runs the memory under bf16 autocast: every weight except `values` is used in bf16,
+    the softmax weights are rounded to bf16, the values are read in their own dtype (fp32 while training, bf16
+    when the whole model is cast to bf16 for evaluation), and the output is bf16.
     """
 
     def __init__(self, hidden: int, cfg: MemoryConfig):
@@ -107,8 +117,8 @@ class ProductKeyMemory(nn.Module):
         self.query = nn.Linear(hidden, cfg.heads * cfg.k_dim, bias=True)
         self.keys = nn.Parameter(torch.empty(cfg.heads, 2, cfg.n_keys, cfg.k_dim // 2))
         self.values = nn.Embedding(self.n_slots, cfg.v_dim)
-        self.w1 = nn.Linear(hidden, cfg.v_dim, bias=False)
-        self.w2 = nn.Linear(cfg.v_dim, hidden, bias=False)
+        self.w1 = nn.Linear(hidden, cfg.v_dim, bias=True)
+        self.w2 = nn.Linear(cfg.v_dim, hidden, bias=True)
         self.alpha = nn.Parameter(torch.tensor(float(cfg.alpha_init))) if cfg.mode == "additive" else None
         self.sparse_grad = False  # True: the values gradient holds only the rows read (stage 2)
         self.last_indices = None  # (B, T, h*k) slot ids read by the last forward, detached
@@ -117,22 +127,25 @@ class ProductKeyMemory(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        half = self.cfg.k_dim // 2
+        for linear in (self.query, self.w1, self.w2):
+            linear.reset_parameters()  # PyTorch's default: the biases keep it, the weights are redrawn below
         nn.init.xavier_uniform_(self.query.weight)
-        nn.init.zeros_(self.query.bias)
-        nn.init.uniform_(self.keys, -1 / math.sqrt(half), 1 / math.sqrt(half))
+        bound = 1 / math.sqrt(self.cfg.k_dim)
+        nn.init.uniform_(self.keys, -bound, bound)
         nn.init.normal_(self.values.weight, std=self.cfg.v_dim ** -0.5)
         nn.init.normal_(self.w1.weight, std=self.hidden ** -0.5)
-        nn.init.normal_(self.w2.weight, std=self.cfg.v_dim ** -0.5)
+        nn.init.normal_(self.w2.weight, std=self.hidden ** -0.5)
         if self.alpha is not None:
             self.alpha.fill_(self.cfg.alpha_init)
 
     def lookup(self, x):
-        """x (N, C) fp32 -> scores, indices (N, h, k): each head's top-k slots and their scores, best first."""
+        """x (N, C) -> scores, indices (N, h, k): each head's top-k slots and their scores, best first.
+        The maths run in x's dtype (fp32, or bf16 under cfg.precision "bf16")."""
         N = x.shape[0]
         h, n, k, half = self.cfg.heads, self.cfg.n_keys, self.cfg.topk, self.cfg.k_dim // 2
-        q = self.query(x).view(N, h, 2, half)  # (N, h, 2, dk/2): each head's query as two halves
-        s = torch.einsum("nhid,hikd->nhik", q, self.keys)  # (N, h, 2, n): each half against its half-keys
+        q = F.linear(x, self.query.weight.to(x.dtype), self.query.bias.to(x.dtype))  # (N, h*dk)
+        q = q.view(N, h, 2, half)  # (N, h, 2, dk/2): each head's query as two halves
+        s = torch.einsum("nhid,hikd->nhik", q, self.keys.to(x.dtype))  # (N, h, 2, n): each half vs its half-keys
         s1, i1 = s[:, :, 0].topk(k, dim=-1)  # (N, h, k) best first halves
         s2, i2 = s[:, :, 1].topk(k, dim=-1)  # (N, h, k) best second halves
         # the k*k candidate slots (a, b) score s1[a] + s2[b]; slot id a * n + b
@@ -142,22 +155,27 @@ class ProductKeyMemory(nn.Module):
         return scores, cand_ids.gather(-1, best)  # (N, h, k), (N, h, k)
 
     def forward(self, x):
-        """x (B, T, C) in any dtype -> (B, T, C) in x's dtype; computed in fp32 (autocast off)."""
+        """x (B, T, C) in any dtype -> (B, T, C) in x's dtype; maths in cfg.precision (autocast off)."""
         B, T, C = x.shape
         if C != self.hidden:
             raise ValueError(f"ProductKeyMemory: input has size {C} in its last dim, expected {self.hidden}")
         h, k = self.cfg.heads, self.cfg.topk
+        dt = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
         with torch.autocast(x.device.type, enabled=False):
-            xf = x.float().reshape(B * T, C)  # (N, C)
+            xf = x.to(dt).reshape(B * T, C)  # (N, C)
             scores, indices = self.lookup(xf)  # (N, h, k) each
-            weights = scores.softmax(dim=-1).view(B * T, h * k)  # (N, h*k): softmax per head, heads summed below
+            # softmax per head in fp32 (rounded back to dt, as the paper's code does); heads are summed below
+            weights = scores.float().softmax(dim=-1).to(dt).view(B * T, h * k)  # (N, h*k)
             indices = indices.view(B * T, h * k)  # (N, h*k)
             self.last_indices = indices.detach().view(B, T, h * k)  # a reference, no copy: counted on demand
-            read = self.read_values(indices, weights)  # (N, D) = sum_i s_i v_i over heads and slots
-            out = self.w2(read * F.silu(self.w1(xf)))  # (N, C)
-            if self.alpha is not None:
-                out = self.alpha * out
-        return out.view(B, T, C).to(x.dtype)
+            read = self.read_values(indices, weights.to(self.values.weight.dtype))  # (N, D) = sum_i s_i v_i
+            gate = F.silu(F.linear(xf, self.w1.weight.to(dt), self.w1.bias.to(dt)))  # (N, D)
+            out = F.linear((read * gate).to(dt), self.w2.weight.to(dt), self.w2.bias.to(dt)).view(B, T, C)
+            if self.alpha is None:
+                return out.to(x.dtype)
+            if self.cfg.precision == "bf16":  # the paper's code scales in the residual stream's dtype
+                return self.alpha.to(x.dtype) * out.to(x.dtype)
+            return (self.alpha * out).to(x.dtype)
 
     def read_values(self, indices, weights):
         """A weighted embedding bag: row i of the result is sum_j weights[i, j] * values[indices[i, j]]."""
@@ -206,6 +224,15 @@ def add_memory(model, cfg: MemoryConfig) -> dict:
         if cfg.mode == "replacement":
             blocks[i].mlp = None
     return memories
+
+
+@torch.no_grad()
+def round_to_bf16_(memories: dict):
+    """Round every weight of these memories to bf16 precision, in place, keeping their dtype: the paper's code
+    builds the memory inside its bf16 model (stage 1) or loads it into one (stage 2), then trains fp32 copies."""
+    for mem in memories.values():
+        for p in mem.parameters():
+            p.copy_(p.to(torch.bfloat16))
 
 
 def memory_layers(model) -> dict:
@@ -304,17 +331,18 @@ RANKS = ("kl", "tfidf", "counts")
 
 
 def row_scores(c, background: "BackgroundStats | None", layer: int, rank: str):
-    """Score (S,) fp64 of every slot of one layer from this batch's reads c (S,); higher = more specific."""
-    c = c.double()
+    """Score (S,) fp32 (as the paper's code) of every slot of one layer from this batch's reads c (S,);
+    higher = more specific."""
+    c = c.float()
     if rank == "counts":
         return c
     if background is None or layer not in background.counts:
         raise ValueError(f"select_rows: rank {rank!r} needs background statistics for layer {layer}")
     p_b = c / c.sum()  # this batch's read distribution
     if rank == "tfidf":  # term frequency * inverse document frequency
-        df = background.doc_freq[layer].to(c.device).double()
+        df = background.doc_freq[layer].to(c.device).float()
         return p_b * torch.log((background.n_batches + 1) / (df + 1))
-    bg = background.counts[layer].to(c.device).double() + 1  # add-one smoothing
+    bg = background.counts[layer].to(c.device).float() + 1  # add-one smoothing
     p_bg = bg / bg.sum()
     return p_b * torch.log((p_b + 1e-8) / (p_bg + 1e-8))  # this slot's term of KL(p_b || p_bg)
 
@@ -439,21 +467,24 @@ class SparseMemoryOptimizer:
     "adamw" (default): lazy AdamW. A selected row gets an AdamW step with its own step count; a row not
         selected keeps its value, moments and step count bit-identical. Weight decay only on updated rows.
     "sgd": plain SGD on the selected rows (Lin et al.'s choice), p -= lr * g (weight decay added to g).
-    "paper": the paper code's behaviour: dense AdamW over the whole table after zeroing the gradients of
-        the rows not selected. Earlier rows keep moving on their momentum: "only the selected rows change"
-        does not hold.
+    "dense_adamw": the paper code's optimizer: torch's AdamW over the whole table after zeroing the gradients
+        of the rows not selected. Rows selected earlier keep moving on their momentum (a row selected once
+        moves about 25 times further in total than under "adamw" at the same lr, and the paper's lr 5e-4 was
+        tuned with that), so "only the selected rows change" does not hold.
 
-    Gradient clipping (max_grad_norm) is over the selected rows' gradients of all layers together.
+    Gradient clipping (max_grad_norm) is over the selected rows' gradients of all layers together, and over
+    the gradients of `also` (e.g. alpha, trained by another optimizer), as one clip_grad_norm_ over every
+    trained parameter.
 
     State is kept only for rows ever updated ("adamw"): per layer `slots` (R,), `exp_avg`, `exp_avg_sq`
     (R, D) fp32 and `step` (R,) int64, grown by doubling as new rows appear. Dense moments would be
     2 x 16,384 x 896 x 4 B = 117 MB per layer from step one; a short run touching a few thousand rows holds
-    a fraction of that, and a long run that touches every row ends at the dense size. "paper" mode holds
-    the dense state (all rows), as its AdamW does. Only the values tables are handled here: train other
+    a fraction of that, and a long run that touches every row ends at the dense size. "dense_adamw" holds
+    the dense state (all rows), as torch's AdamW does. Only the values tables are handled here: train other
     parameters (alpha, ...) with their own optimizer.
     """
 
-    MODES = ("adamw", "sgd", "paper")
+    MODES = ("adamw", "sgd", "dense_adamw")
 
     def __init__(self, memories: dict, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, mode: str = "adamw"):
@@ -489,11 +520,13 @@ class SparseMemoryOptimizer:
         return st["where"][rows]
 
     @torch.no_grad()
-    def step(self, selected: dict, max_grad_norm: float | None = None, reduce=None) -> dict:
+    def step(self, selected: dict, max_grad_norm: float | None = None, reduce=None, also=()) -> dict:
         """Update the rows selected[layer] of each table; returns the gradient norm (before clipping) and
         how many rows of each layer changed. reduce: optional in-place function applied to each layer's
         selected-rows gradient (R, D) before clipping; data-parallel training passes an all-reduce (sum over
-        ranks), so only the t chosen rows per layer cross the network, never the whole table."""
+        ranks), so only the t chosen rows per layer cross the network, never the whole table.
+        also: other parameters clipped together with the values (their .grad is scaled in place; their
+        own optimizer steps them afterwards)."""
         group = self.param_groups[0]
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         rows, grads = {}, {}
@@ -509,15 +542,16 @@ class SparseMemoryOptimizer:
             rows[i], grads[i] = r, grad_rows(table.grad, r) if len(r) else table.new_zeros(0, table.shape[1])
             if reduce is not None:
                 reduce(grads[i])
-        total = torch.stack([g.float().pow(2).sum() for g in grads.values()]).sum().sqrt() if grads else torch.zeros(())
+        clipped = list(grads.values()) + [p.grad for p in also if p.grad is not None]
+        total = torch.stack([g.float().pow(2).sum() for g in clipped]).sum().sqrt() if clipped else torch.zeros(())
         if max_grad_norm is not None:  # as torch.nn.utils.clip_grad_norm_
             coef = (max_grad_norm / (total + 1e-6)).clamp(max=1.0)
-            for g in grads.values():
-                g.mul_(coef)
+            for g in clipped:
+                g.mul_(coef.to(g.device))
         changed = {}
         for i, mem in self.memories.items():
             table, r, g = mem.values.weight, rows[i], grads[i]
-            if self.mode == "paper":  # every row, with zero gradient outside the selection
+            if self.mode == "dense_adamw":  # every row, with zero gradient outside the selection
                 g = torch.zeros_like(table).index_copy_(0, r, g)
                 r = torch.arange(mem.n_slots, device=table.device)
             old = table[r]  # (R, D)

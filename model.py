@@ -248,17 +248,20 @@ class Qwen2(nn.Module):
                 nn.init.ones_(m.weight)
         return self
 
-    def forward(self, idx, attention_mask=None, start: int = 0):
+    def forward(self, idx, attention_mask=None, start: int = 0, hf_padding: bool = False):
         """
         idx (B, T) token ids -> logits (B, T, vocab) in fp32.
         attention_mask (B, start+T): 1 for real tokens, 0 for padding, over every position the model has seen
         (the cache's and the new ones); positions count real tokens only, so left or right padding gives each
         sequence, at its real positions, the logits it would get alone.
         start: how many positions the KV cache already holds.
+        hf_padding: compute the padding positions of a right-padded batch as Hugging Face's Qwen2 does in
+        training (they attend to the real tokens only, at positions 0..T-1), for when what they compute is
+        used (the paper code's memory read counts include them). Real positions are the same either way.
         """
-        return self.lm_head(self.hidden_states(idx, attention_mask, start)).float()
+        return self.lm_head(self.hidden_states(idx, attention_mask, start, hf_padding)).float()
 
-    def hidden_states(self, idx, attention_mask=None, start: int = 0):
+    def hidden_states(self, idx, attention_mask=None, start: int = 0, hf_padding: bool = False):
         """The final normed hidden states (B, T, C), before lm_head."""
         B, T = idx.shape
         if idx.dtype != torch.long:
@@ -267,10 +270,13 @@ class Qwen2(nn.Module):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, start + T)}")
         # Right padding (training batches) needs no mask: under causal attention no real token sees the padding
         # after it, so the plain causal path (flash attention on GPU) gives real tokens the same result. The
-        # outputs at padded positions then differ from the masked path's; they are never used.
+        # outputs at padded positions then differ from the masked path's; only hf_padding asks for them.
         right_padded = attention_mask is not None and start == 0 and \
             bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
-        if (attention_mask is None and (start == 0 or T == 1)) or right_padded:  # causal, or one token sees all
+        if right_padded and hf_padding:  # causal over the real keys; positions 0..T-1 for every token
+            mask = attention_bias(attention_mask.bool(), 0)[0]
+            position_ids = torch.arange(T, device=idx.device).expand(B, T)
+        elif (attention_mask is None and (start == 0 or T == 1)) or right_padded:  # causal, or one token sees all
             mask = None
             position_ids = torch.arange(start, start + T, device=idx.device).expand(B, T)
         else:
@@ -415,14 +421,16 @@ def attention_bias(attention_mask, start: int):
     """
     From a padding mask (B, S) over all key positions, make the boolean attention mask (B, 1, T, S) for the
     T newest positions (keys must be real and not in the future) and their RoPE positions (B, T), which count
-    real tokens only. A padding query may attend to itself, so no row is empty (its output is never used).
+    real tokens only. A padding query with no real key before it (left padding) attends to itself alone, so
+    no row is empty (its output is never used); after a real token (right padding) it attends to the real
+    tokens only, as in Hugging Face.
     """
     S = attention_mask.shape[1]  # T = S - start new positions
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
     q_pos = torch.arange(start, S, device=attention_mask.device)[:, None]  # (T, 1)
     k_pos = torch.arange(S, device=attention_mask.device)[None, :]  # (1, S)
     mask = (k_pos <= q_pos) & attention_mask[:, None, :]  # (B, T, S)
-    mask = mask | (k_pos == q_pos)  # never an empty row
+    mask = mask | ((k_pos == q_pos) & ~mask.any(-1, keepdim=True))  # never an empty row
     return mask[:, None], position_ids  # (B, 1, T, S)
 
 

@@ -53,6 +53,25 @@ from model import (LORA_TARGETS, Qwen2, Qwen2Config, Tokenizer, add_lora, atomic
                    resolve_model_dir, save_peft_adapter, write_json)
 
 METHODS = ("smf", "retrofit", "lora", "full")
+
+# A recipe is a named bundle of defaults; each entry is also a flag of its own (below) that overrides it.
+# "paper" reproduces the paper's public code (github.com/prakharg55/SMF-ICML, smf_rebuild/), flaws included:
+# its lr 5e-4 for SMF was tuned with the leaky dense AdamW. "clean" is SMF as the method describes it.
+RECIPES = {
+    "paper": {"memory_precision": "bf16", "oasst1_format": "replies", "background_subset": 20000,
+              "optimizer": "dense_adamw", "select_per_micro_batch": True, "count_pad_reads": True,
+              "sum_micro_batch_means": True, "warmup_from_zero": True, "pure_bf16": True, "merge_lora_for_eval": True},
+    "clean": {"memory_precision": "fp32", "oasst1_format": "chat", "background_subset": 0,
+              "optimizer": "adamw", "select_per_micro_batch": False, "count_pad_reads": False,
+              "sum_micro_batch_means": False, "warmup_from_zero": False, "pure_bf16": False,
+              "merge_lora_for_eval": False},
+}
+RECIPE_METHODS = {  # the methods each recipe flag acts on; given explicitly for another method, it is an error
+    "memory_precision": ("smf", "retrofit"), "oasst1_format": ("smf", "retrofit"), "background_subset": ("smf",),
+    "optimizer": ("smf",), "select_per_micro_batch": ("smf",), "count_pad_reads": ("smf",),
+    "sum_micro_batch_means": ("smf",), "warmup_from_zero": METHODS, "pure_bf16": ("full",),
+    "merge_lora_for_eval": ("lora",),
+}
 DEFAULT_LR = {"smf": 5e-4, "retrofit": 5e-4, "lora": 2e-4, "full": 5e-5}
 DEFAULT_DATA = {"smf": "medmcqa", "lora": "medmcqa", "full": "medmcqa", "retrofit": "oasst1"}
 
@@ -94,6 +113,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--seed", type=int, default=0, help="initialisation, data order and dropout")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--recipe", default="paper", choices=sorted(RECIPES),
+                   help="paper: the paper's code, flaws included (its lr was tuned with them); clean: our corrected "
+                        "SMF. Sets the defaults of the flags marked [recipe]; each such flag overrides it")
     g = p.add_argument_group("optimization (shared)")
     g.add_argument("--lr", type=float, default=None, help="default: smf/retrofit 5e-4, lora 2e-4, full 5e-5")
     g.add_argument("--epochs", type=float, default=None, help="epochs over the training data (default: 3; retrofit 2)")
@@ -101,12 +123,16 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
     g.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     g.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay to 0")
+    g.add_argument("--warmup-from-zero", action=argparse.BooleanOptionalAction, default=None,
+                   help="[recipe] lr = peak * s / warmup at step s = 0, 1, ... (Hugging Face's scheduler: the first "
+                        "update runs at lr 0; paper); else peak * (s + 1) / warmup (clean)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     g.add_argument("--max-len", type=int, default=1024, help="tokens per example (longer ones are truncated)")
     g.add_argument("--limit", type=int, default=None,
-                   help="use only the first N training examples (default: medmcqa 60000 as the paper; retrofit "
-                        "--retrofit-limit; text: all)")
+                   help="a seeded random N of the training examples, as the paper's code draws them (all of them, "
+                        "in order, if there are no more than N; default: medmcqa 60000; retrofit --retrofit-limit; "
+                        "text: all)")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (and at the end)")
     g.add_argument("--fsdp", action="store_true",
                    help="full finetuning under torchrun: shard weights, gradients and optimizer state across ranks "
@@ -122,23 +148,43 @@ def parse_args(argv=None):
     g.add_argument("--mem-heads", type=int, default=4)
     g.add_argument("--mem-topk", type=int, default=16, help="slots read per head per token")
     g.add_argument("--mem-k-dim", type=int, default=256)
+    g.add_argument("--memory-precision", default=None, choices=["bf16", "fp32"],
+                   help="[recipe] the memory's maths: bf16 as the paper's code runs it (memory weights rounded to "
+                        "bf16, values read in fp32 while training; the whole memory bf16 at evaluation; paper) or "
+                        "fp32 (clean)")
     g.add_argument("--retrofit-task", default="oasst1",
-                   help="stage-1 and background data: oasst1 (chat, loss on replies) or text:PATH")
+                   help="stage-1 and background data: oasst1 (see --oasst1-format) or text:PATH")
+    g.add_argument("--oasst1-format", default=None, choices=["replies", "chat"],
+                   help="[recipe] replies: the text alone of English assistant replies ranked 0 or 1 with 50+ "
+                        "characters, loss on every token (paper); chat: ChatML conversations, loss on replies (clean)")
     g.add_argument("--retrofit-epochs", type=float, default=2, help="stage-1 epochs inside --method smf")
     g.add_argument("--retrofit-lr", type=float, default=5e-4, help="stage-1 lr inside --method smf")
-    g.add_argument("--retrofit-limit", type=int, default=50000, help="OASST1 conversations for stage 1")
+    g.add_argument("--retrofit-limit", type=int, default=50000, help="stage-1 examples (a seeded random subset)")
     g.add_argument("--retrofit-max-steps", type=int, default=None, help="stage-1 steps inside --method smf")
     g.add_argument("--background-batches", type=int, default=2000,
-                   help="single-example OASST1 batches for the background read statistics")
+                   help="single-example batches of the stage-1 data for the background read statistics, computed "
+                        "at the start of stage 2")
+    g.add_argument("--background-subset", type=int, default=None,
+                   help="[recipe] N > 0: the first --background-batches examples of a seeded random N of the "
+                        "stage-1 data (all of them, in order, if no more than N; paper: 20000); 0: a seeded shuffle "
+                        "of all of it (clean)")
     g = p.add_argument_group("SMF: stage 2 (sparse finetuning)")
     g.add_argument("--top-t", type=int, default=512, help="memory rows updated per layer per step")
     g.add_argument("--rank", default="kl", choices=["counts", "tfidf", "kl"], help="how rows are ranked")
-    g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "paper"],
-                   help="adamw: lazy masked AdamW (only chosen rows and their state change); sgd: plain SGD "
-                        "(Lin et al.); paper: dense AdamW with other rows' gradients zeroed (moments leak)")
-    g.add_argument("--select-per-micro-batch", action="store_true",
-                   help="re-select rows on every micro-batch as the paper's code did (more than top-t rows "
-                        "may change per step); default: one selection per optimizer step")
+    g.add_argument("--optimizer", default=None, choices=list(memory.SparseMemoryOptimizer.MODES),
+                   help="[recipe] dense_adamw: AdamW over the whole value table with the other rows' gradients "
+                        "zeroed, so earlier rows keep moving on their moments (paper); adamw: lazy AdamW, only the "
+                        "chosen rows and their state change (clean); sgd: plain SGD (Lin et al.)")
+    g.add_argument("--select-per-micro-batch", action=argparse.BooleanOptionalAction, default=None,
+                   help="[recipe] re-select rows on every micro-batch, so more than top-t rows may change per step "
+                        "(paper); else one selection per optimizer step from all its reads (clean)")
+    g.add_argument("--count-pad-reads", action=argparse.BooleanOptionalAction, default=None,
+                   help="[recipe] padding positions count as reads, computed as Hugging Face's Qwen2 computes them "
+                        "(paper); else real tokens only (clean)")
+    g.add_argument("--sum-micro-batch-means", action=argparse.BooleanOptionalAction, default=None,
+                   help="[recipe] each micro-batch's loss is its own token mean and the step's gradient their sum, "
+                        "as Hugging Face's Trainer makes of the paper's compute_loss (paper); else the token mean "
+                        "over the whole step (clean)")
     g.add_argument("--train-alpha", action="store_true", help="also train the memory scale alpha (additive)")
     g.add_argument("--log-rows", action="store_true", help="also log the ids of the rows chosen at every step")
     g = p.add_argument_group("LoRA")
@@ -148,6 +194,13 @@ def parse_args(argv=None):
     g.add_argument("--lora-targets", default=",".join(LORA_TARGETS))
     g.add_argument("--export-peft", action="store_true", help="also write the adapter in peft's format to peft/")
     g.add_argument("--export-merged", action="store_true", help="also write the merged model (Hub format) to merged/")
+    g.add_argument("--merge-lora-for-eval", action=argparse.BooleanOptionalAction, default=None,
+                   help="[recipe] eval.py merges the adapters into the base weights in the evaluation dtype (bf16 "
+                        "on GPU) before evaluating (paper); else evaluates them unmerged (clean)")
+    g = p.add_argument_group("full finetuning")
+    g.add_argument("--pure-bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="[recipe] weights, gradients and AdamW state in bf16, no fp32 master copy (paper); else "
+                        "fp32 weights with bf16 autocast on GPU (clean)")
     g = p.add_argument_group("evaluation during training")
     g.add_argument("--eval-every", type=int, default=0, help="run eval.py's probes every N steps (0: never)")
     g.add_argument("--eval-tasks", default="medmcqa,wikitext,triviaqa")
@@ -155,6 +208,11 @@ def parse_args(argv=None):
     g.add_argument("--eval-data", action="append", default=[], metavar="NAME=PATH",
                    help="local file for a probe (medmcqa, wikitext, triviaqa), as in eval.py; repeatable")
     args = p.parse_args(argv)
+    for name, value in RECIPES[args.recipe].items():  # the recipe fills every flag left unset
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+        elif args.method not in RECIPE_METHODS[name]:
+            p.error(f"--{name.replace('_', '-')} does not apply to --method {args.method}")
 
     args.data = dict(parse_data_flag(p, d, ("medmcqa", "oasst1")) for d in args.data)
     args.eval_data = dict(parse_data_flag(p, d, ("medmcqa", "wikitext", "triviaqa")) for d in args.eval_data)
@@ -165,7 +223,7 @@ def parse_args(argv=None):
     if args.method == "retrofit" and args.limit is None:
         args.limit = args.retrofit_limit
     if args.method != "retrofit" and args.task == "medmcqa" and args.limit is None:
-        args.limit = 60000  # the paper: 60k single-answer MedMCQA train questions (we take the first 60k)
+        args.limit = 60000  # the paper: a seeded random 60k of the single-answer MedMCQA train questions
     if args.out is None:
         args.out = os.path.join("runs", f"{args.method}-seed{args.seed}")
     if args.memory_layers is not None:
@@ -176,8 +234,10 @@ def parse_args(argv=None):
     args.lora_targets = [t for t in args.lora_targets.split(",") if t]
     if bad := [t for t in args.lora_targets if t not in LORA_TARGETS]:
         p.error(f"--lora-targets: unknown module {bad[0]!r} (choose from {','.join(LORA_TARGETS)})")
+    if args.background_subset < 0:
+        p.error("--background-subset must be 0 or more")
     for name in ("batch_size", "grad_accum", "top_t", "max_len", "save_every", "lora_r", "n_keys", "mem_heads",
-                 "mem_topk"):
+                 "mem_topk", "background_batches"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_steps is not None and args.max_steps < 1:
@@ -279,24 +339,36 @@ def setup_data_parallel(args):
     return DataParallel(dist.get_rank(), world), device
 
 
-def training_examples(task, args, tok, limit):
-    """Tokenized examples [(ids, loss_mask)]: MedMCQA text or plain text (loss on every token), or OASST1 chats
-    (loss on the assistant replies)."""
+def training_examples(task, args, tok, limit, path=None, oasst1_format=None):
+    """Tokenized examples [(ids, loss_mask)] of a seeded random `limit` of the task's examples (data.seeded_subset,
+    as the paper's code draws its subsets): MedMCQA text, plain text or OASST1 replies (loss on every token), or
+    OASST1 chats (loss on the assistant replies). Examples with no token to predict are dropped, as the paper's
+    code drops sequences of one token. path, oasst1_format: default --data and --oasst1-format."""
+    path = path or args.data.get(task)
+    oasst1_format = oasst1_format or args.oasst1_format
     if task.startswith("text:"):
-        texts = [r["text"] for r in data.load_rows("wikitext", path=task[5:], limit=limit)]
-        return [data.encode_text(tok, t, args.max_len) for t in texts]
-    rows = data.load_rows(task, path=args.data.get(task), split="train")
+        items = [r["text"] for r in data.load_rows("wikitext", path=task[5:])]
+    else:
+        rows = data.load_rows(task, path=path, split="train")
+        if task == "medmcqa":
+            items = rows
+        elif oasst1_format == "replies":
+            items = data.oasst1_replies(rows)
+        else:
+            items = data.oasst1_conversations(rows)
+    if limit is not None and len(items) < limit:
+        print(f"{task}: only {len(items)} examples available (limit {limit}); using all of them", file=sys.stderr)
+    items = [items[i] for i in data.seeded_subset(len(items), limit, args.seed)]
     if task == "medmcqa":
-        texts = [data.medmcqa_train_text(r) for r in rows[:limit]]
-        return [data.encode_text(tok, t, args.max_len) for t in texts]
-    chats = data.oasst1_conversations(rows)
-    if limit is not None and len(chats) < limit:
-        print(f"oasst1: only {len(chats)} conversations available (limit {limit}); using all of them", file=sys.stderr)
-    examples = [data.encode_chat(tok, c, args.max_len) for c in chats[:limit]]
-    kept = [e for e in examples if any(e[1][1:])]  # a reply truncated away leaves nothing to learn
+        items = [data.medmcqa_train_text(r) for r in items]
+    if task == "oasst1" and oasst1_format == "chat":
+        examples = [data.encode_chat(tok, c, args.max_len) for c in items]
+    else:
+        examples = [data.encode_text(tok, t, args.max_len) for t in items]
+    kept = [e for e in examples if any(e[1][1:])]  # e.g. a reply truncated away leaves nothing to learn
     if len(kept) < len(examples):
-        print(f"oasst1: dropped {len(examples) - len(kept)} of {len(examples)} conversations whose reply starts "
-              f"after --max-len {args.max_len} tokens", file=sys.stderr)
+        print(f"{task}: dropped {len(examples) - len(kept)} of {len(examples)} examples with no token to predict "
+              f"within --max-len {args.max_len}", file=sys.stderr)
     return kept
 
 
@@ -321,10 +393,11 @@ def hub_revision(model_dir):
     return name if os.path.basename(parent) == "snapshots" else None
 
 
-def lr_at(step, total, peak, warmup):
-    """Linear warmup to peak over `warmup` steps, then cosine decay to 0 at `total`."""
+def lr_at(step, total, peak, warmup, from_zero=False):
+    """Linear warmup to peak over `warmup` steps (from lr 0 at step 0 as Hugging Face's scheduler, if
+    from_zero), then cosine decay to 0 at `total`."""
     if step < warmup:
-        return peak * (step + 1) / warmup
+        return peak * (step + int(not from_zero)) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -361,8 +434,9 @@ def train(stage: Stage, args, device, tok, dp: DataParallel):
 
     dense_opt = None
     if stage.dense:
+        fused = device.type == "cuda" and not stage.fsdp  # as the paper's Trainer (optim "adamw_torch_fused")
         dense_opt = torch.optim.AdamW(list(stage.dense.values()), lr=stage.lr, betas=(0.9, 0.999), eps=1e-8,
-                                      weight_decay=args.weight_decay)
+                                      weight_decay=args.weight_decay, fused=fused or None)
     smf_opt = None
     if stage.smf is not None:
         smf_opt = memory.SparseMemoryOptimizer(stage.smf["memories"], lr=stage.lr, weight_decay=args.weight_decay,
@@ -392,6 +466,8 @@ def train(stage: Stage, args, device, tok, dp: DataParallel):
     if dp.world > 1 and stage.smf is None and not stage.fsdp:
         forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     averaged = dp.world > 1 and stage.smf is None  # gradients arrive averaged over ranks: scale the loss up
+    pad_reads = stage.smf is not None and args.count_pad_reads  # pads run as in HF's Qwen2: their reads count
+    sum_of_means = stage.smf is not None and args.sum_micro_batch_means
 
     @functools.lru_cache(maxsize=2)  # one shuffle per epoch, not one per micro-batch
     def epoch_order(epoch):
@@ -410,43 +486,50 @@ def train(stage: Stage, args, device, tok, dp: DataParallel):
                disable=not dp.main)
     while step < total:
         t0 = time.time()
-        lr = lr_at(step, total, stage.lr, args.warmup)
+        lr = lr_at(step, total, stage.lr, args.warmup, args.warmup_from_zero)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
         batches = [micro_batch(m) for m in range(step * args.grad_accum, (step + 1) * args.grad_accum)]
         n_tokens = sum(n for _, n in batches)  # loss tokens in this optimizer step, all ranks together
         loss_sum, counts, selected = torch.zeros((), device=device), None, None
-        for k, (b, _) in enumerate(batches):
+        for k, (b, n) in enumerate(batches):
             last = k == len(batches) - 1  # gradients cross ranks on the step's last micro-batch only
             if stage.fsdp:
                 model.set_requires_gradient_sync(last)
             with forward.no_sync() if isinstance(forward, DDP) and not last else nullcontext():
                 with autocast:
-                    logits = forward(b["idx"], b["attention_mask"])  # (B, T, vocab) fp32
-                # next-token loss, summed here and divided by the step's token count: the gradient of the
-                # step's mean token loss, whatever the split into micro-batches and ranks
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
-                                       ignore_index=-100, reduction="sum") / max(1, n_tokens)
-                if stage.smf is not None:  # SMF: which memory slots this micro-batch read (real tokens, all ranks)
-                    reads = {i: dp.sum_(c) for i, c in memory.read_counts(model, b["attention_mask"]).items()}
+                    logits = forward(b["idx"], b["attention_mask"], hf_padding=pad_reads)  # (B, T, vocab) fp32
+                # next-token loss, summed here and divided by the step's token count: the gradient of the step's
+                # mean token loss, whatever the split into micro-batches and ranks; or divided by this micro-batch's
+                # own count (all ranks), making the step's gradient the sum of micro-batch means (paper, stage 2)
+                loss_tokens = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
+                                              ignore_index=-100, reduction="sum")
+                loss = loss_tokens / max(1, n if sum_of_means else n_tokens)
+                if stage.smf is not None:  # SMF: which memory slots this micro-batch read (all ranks)
+                    reads = memory.read_counts(model, None if args.count_pad_reads else b["attention_mask"])
+                    reads = {i: dp.sum_(c) for i, c in reads.items()}
                     counts = reads if counts is None else {i: counts[i] + reads[i] for i in counts}
                     if args.select_per_micro_batch:  # the paper's code: rows chosen per micro-batch, before backward
                         selected = memory.select_per_micro_batch(stage.smf["memories"], reads,
                                                                  stage.smf["background"], args.rank, args.top_t,
                                                                  selected)
                 (loss * dp.world if averaged else loss).backward()
-            loss_sum += loss.detach()
-        loss_sum = dp.sum_(loss_sum).item()
+            loss_sum += loss_tokens.detach()
+        loss_sum = dp.sum_(loss_sum).item() / max(1, n_tokens)  # the step's mean token loss, whatever the recipe
         if not math.isfinite(loss_sum):
             raise RunError(f"loss is {loss_sum} at step {step + 1} in {stage.out}; stopping before the update. The "
                            f"last good checkpoint is kept: lower --lr or check the data, then --resume")
         record = {"step": step + 1, "loss": loss_sum, "lr": lr, "tokens": n_tokens}
         if stage.smf is not None:
+            alpha = list(stage.dense.values())  # alpha under --train-alpha (outside DDP): summed across ranks here
+            for p in alpha:
+                dp.sum_(p.grad)
             if not args.select_per_micro_batch:  # SMF: one choice of rows per optimizer step, from all its reads
                 selected = memory.select_rows(counts, stage.smf["background"], args.rank, args.top_t)
             check_same_rows(selected, dp)
-            stats = smf_opt.step(selected, max_grad_norm=args.grad_clip or None, reduce=dp.sum_)
+            # values and alpha are clipped together, as one clip_grad_norm_ over every trained parameter
+            stats = smf_opt.step(selected, max_grad_norm=args.grad_clip or None, reduce=dp.sum_, also=alpha)
             record["grad_norm"] = stats["grad_norm"]
             record["rows"] = {str(k): v for k, v in stats["rows"].items()}
             if args.log_rows:
@@ -454,15 +537,13 @@ def train(stage: Stage, args, device, tok, dp: DataParallel):
                 if dp.world > 1:  # evidence that every rank chose the same rows
                     append_log(os.path.join(stage.out, f"selected.rank{dp.rank}.jsonl"),
                                {"step": step + 1, **record["selected"]})
-        if dense_opt is not None:
+        elif dense_opt is not None:
             params = list(stage.dense.values())
-            if dp.world > 1 and not averaged:  # SMF's alpha, outside DDP: sum its gradient across ranks here
-                for p in params:
-                    dp.sum_(p.grad)
             norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip else float("inf"))
             if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
                 norm = norm.full_tensor()
-            record["grad_norm" if stage.smf is None else "alpha_grad_norm"] = float(norm)
+            record["grad_norm"] = float(norm)
+        if dense_opt is not None:
             dense_opt.step()
         for opt in optimizers:
             opt.zero_grad()
@@ -648,9 +729,17 @@ def finish(stage, dp):
 # The methods
 
 
+def run_config(args, method, model, **extra):
+    """config.json: how eval.py rebuilds the model, and the recipe with every value it resolved to."""
+    recipe = {"name": args.recipe, **{k: getattr(args, k) for k in RECIPES[args.recipe]}}
+    return {"method": method, "base_model": args.model, "base_revision": args.base_revision,
+            "base_config": model.config.to_dict(), "memory": None, "lora": None, "recipe": recipe, **extra}
+
+
 def memory_config_from_args(args):
     return memory.MemoryConfig(layers=args.memory_layers, n_keys=args.n_keys, heads=args.mem_heads,
-                               topk=args.mem_topk, k_dim=args.mem_k_dim, mode=args.memory_mode)
+                               topk=args.mem_topk, k_dim=args.mem_k_dim, mode=args.memory_mode,
+                               precision=args.memory_precision)
 
 
 def retrofit(args, out, device, tok, dp):
@@ -662,6 +751,8 @@ def retrofit(args, out, device, tok, dp):
     torch.manual_seed(args.seed)
     mem_cfg = memory_config_from_args(args).resolve(model.config.num_hidden_layers, model.config.hidden_size)
     memories = memory.add_memory(model, mem_cfg)
+    if mem_cfg.precision == "bf16":  # the paper's code builds the memory inside its bf16 model
+        memory.round_to_bf16_(memories)
     model.requires_grad_(False)
     dense = {}
     for i, mem in memories.items():
@@ -670,38 +761,45 @@ def retrofit(args, out, device, tok, dp):
             dense[f"model.layers.{i}.memory.{name}"] = p
     alone = args.method == "retrofit"  # stage 1 on its own takes the shared flags, inside smf the --retrofit-* ones
     examples = training_examples(args.retrofit_task, args, tok, args.limit if alone else args.retrofit_limit)
-    config = {"method": "retrofit", "base_model": args.model, "base_revision": args.base_revision,
-              "base_config": model.config.to_dict(),
-              "memory": mem_cfg.to_dict(), "lora": None}
     stage = Stage(out=out, model=model, examples=examples,
                   lr=args.lr if alone else args.retrofit_lr,
                   epochs=args.epochs if alone else args.retrofit_epochs,
                   max_steps=args.max_steps if alone else args.retrofit_max_steps,
-                  dense=dense, saved=lambda: memory.memory_state_dict(model), config=config,
+                  dense=dense, saved=lambda: memory.memory_state_dict(model),
+                  config=run_config(args, "retrofit", model, memory=mem_cfg.to_dict(), stage1_data=stage1_data(args)),
                   repetition_penalty=info["repetition_penalty"])
     train(stage, args, device, tok, dp)
-    background_path = os.path.join(out, "background.safetensors")
-    if not os.path.exists(background_path):
-        stats = background_statistics(model, tok, args, device, dp)
-        if dp.main:
-            atomic_write(background_path, stats.save)
     finish(stage, dp)
     return model
 
 
+def stage1_data(args):
+    """What stage 1 trained on (recorded in the retrofit's config.json; stage 2 takes its background reads from it)."""
+    task = args.retrofit_task
+    if task.startswith("text:"):
+        task = "text:" + os.path.abspath(task[5:])
+    return {"task": task, "path": os.path.abspath(args.data[task]) if task in args.data else None,
+            "oasst1_format": args.oasst1_format}
+
+
 @torch.inference_mode()
-def background_statistics(model, tok, args, device, dp):
+def background_statistics(model, tok, args, device, dp, stage1):
     """Read counts and document frequency of every memory slot over --background-batches single-example batches
-    of the stage-1 data (OASST1 by default), drawn in a seeded order."""
-    examples = training_examples(args.retrofit_task, args, tok, limit=None)
-    order = data.epoch_order(len(examples), args.seed, epoch=10**6)[:args.background_batches]  # its own order
+    of the stage-1 data (stage1_data()): the first ones of a seeded random --background-subset of it (the paper's),
+    or a seeded shuffle of all of it (--background-subset 0)."""
+    examples = training_examples(stage1["task"], args, tok, args.background_subset or None, stage1["path"],
+                                 stage1["oasst1_format"])
+    if args.background_subset:
+        picked = examples[:args.background_batches]
+    else:
+        picked = [examples[j] for j in data.epoch_order(len(examples), args.seed, epoch=10**6)]
+        picked = picked[:args.background_batches]
     stats = memory.BackgroundStats()
     model.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    for j in tqdm(order[dp.rank::dp.world], desc="background reads", dynamic_ncols=True, disable=not dp.main):
-        idx = torch.tensor([examples[j][0]], device=device)  # (1, T)
+    for ids, _ in tqdm(picked[dp.rank::dp.world], desc="background reads", dynamic_ncols=True, disable=not dp.main):
         with autocast:
-            model(idx)
+            model(torch.tensor([ids], device=device))  # (1, T)
         stats.update(memory.read_counts(model))
     if dp.world > 1:  # each rank read its share of the batches: sum them
         for table in (stats.counts, stats.doc_freq):
@@ -719,7 +817,7 @@ def frozen_dtype(device):
 
 def sparse_finetune(args, device, tok, memory_dir, dp):
     """Stage 2: only the memory values train, and on each step only the top-t rows per layer that the batch
-    read most (ranked against the background reads) change."""
+    read most (ranked against background reads, taken from the stage-1 data at the start of this stage) change."""
     if not is_finished(memory_dir):
         raise RunError(f"--memory-from {memory_dir}: not a finished retrofit or smf run (no finished config.json)")
     with open(os.path.join(memory_dir, "config.json")) as f:
@@ -731,16 +829,23 @@ def sparse_finetune(args, device, tok, memory_dir, dp):
     if mem_run.get("base_config") != base_config:
         diff = sorted(k for k in base_config if base_config[k] != mem_run.get("base_config", {}).get(k))
         raise RunError(f"--memory-from {memory_dir}: its base model differs from --model {args.model} ({', '.join(diff) or 'config'})")
-    memories = memory.add_memory(model, memory.MemoryConfig.from_dict(mem_run["memory"]))
+    mem_cfg = memory.MemoryConfig.from_dict({**mem_run["memory"], "precision": args.memory_precision})
+    memories = memory.add_memory(model, mem_cfg)
     weights = os.path.join(memory_dir, "model.safetensors")
     try:
         memory.load_memory_state_dict(model, load_file(weights))
     except Exception as e:  # unreadable file, missing or misshapen tensor (named)
         raise RunError(f"--memory-from {memory_dir}: {weights}: {e}") from e
-    background_path = os.path.join(memory_dir, "background.safetensors")
-    if not os.path.exists(background_path):
-        raise RunError(f"--memory-from {memory_dir}: background.safetensors is missing")
-    background = memory.BackgroundStats.load(background_path)
+    if mem_cfg.precision == "bf16":  # the paper's code loads the memory into its bf16 model, then trains fp32 copies
+        memory.round_to_bf16_(memories)
+    background_path = os.path.join(args.out, "background.safetensors")
+    if os.path.exists(background_path):  # a resumed run keeps the statistics it started with
+        background = memory.BackgroundStats.load(background_path)
+    else:
+        stage1 = mem_run.get("stage1_data") or stage1_data(args)  # a run of an older version: from the flags
+        background = background_statistics(model, tok, args, device, dp, stage1)
+        if dp.main:
+            atomic_write(background_path, background.save)
     model.requires_grad_(False)
     dense = {}
     for i, mem in memories.items():
@@ -749,12 +854,7 @@ def sparse_finetune(args, device, tok, memory_dir, dp):
         if args.train_alpha:
             mem.alpha.requires_grad_(True)
             dense[f"model.layers.{i}.memory.alpha"] = mem.alpha
-    own_copy = os.path.join(args.out, "background.safetensors")
-    if dp.main and os.path.abspath(background_path) != os.path.abspath(own_copy):
-        atomic_write(own_copy, lambda p: shutil.copyfile(background_path, p))
-    config = {"method": "smf", "base_model": args.model, "base_revision": args.base_revision,
-              "base_config": model.config.to_dict(),
-              "memory": mem_run["memory"], "lora": None, "memory_from": os.path.abspath(memory_dir)}
+    config = run_config(args, "smf", model, memory=mem_cfg.to_dict(), memory_from=os.path.abspath(memory_dir))
     stage = Stage(out=args.out, model=model, examples=training_examples(args.task, args, tok, args.limit),
                   lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, dense=dense,
                   saved=lambda: memory.memory_state_dict(model), config=config,
@@ -770,16 +870,17 @@ def finetune_baseline(args, device, tok, dp):
     if args.init == "random":  # pretraining from scratch: --model only gives config.json and the tokenizer
         torch.manual_seed(args.seed)
         model = Qwen2(Qwen2Config.from_json(os.path.join(resolve_model_dir(args.model), "config.json")))
-        model = model.init_weights().to(device)
+        model = model.init_weights().to(device, torch.bfloat16 if args.pure_bf16 else torch.float32)
         info = {"repetition_penalty": 1.0}
-    else:
-        weights_dtype = torch.float32 if args.method == "full" else frozen_dtype(device)
+    else:  # full: fp32 master weights, or bf16 alone (--pure-bf16, the paper's); LoRA: a frozen base
+        weights_dtype = (torch.bfloat16 if args.pure_bf16 else torch.float32) if args.method == "full" \
+            else frozen_dtype(device)
         model, _, info = load_model(args.model, dtype=weights_dtype, device=device)
     torch.manual_seed(args.seed)
     lora_cfg = None
     if args.method == "lora":
         lora_cfg = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                    "targets": args.lora_targets}
+                    "targets": args.lora_targets, "merge_for_eval": args.merge_lora_for_eval}
         model.requires_grad_(False)
         add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
         dense = {k: p for k, p in model.named_parameters() if k.endswith((".lora_A", ".lora_B"))}
@@ -799,9 +900,7 @@ def finetune_baseline(args, device, tok, dp):
             sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
                 if args.fsdp else model.state_dict()
             return {k: v for k, v in sd.items() if k in hub_names}
-    config = {"method": args.method, "base_model": args.model, "base_revision": args.base_revision,
-              "base_config": model.config.to_dict(),
-              "memory": None, "lora": lora_cfg}
+    config = run_config(args, args.method, model, lora=lora_cfg)
     stage = Stage(out=args.out, model=model, examples=training_examples(args.task, args, tok, args.limit),
                   lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, dense=dense, saved=saved, config=config,
                   repetition_penalty=info["repetition_penalty"], fsdp=args.fsdp)

@@ -65,7 +65,7 @@ def test_medmcqa_without_choice_type_keeps_every_row_and_says_so_once(tmp_path, 
 def test_triviaqa_parquet_keeps_nested_answer(tmp_path):
     rows = data.load_rows("triviaqa", write_parquet(tmp_path / "t.parquet", TRIVIA))
     assert rows[0]["answer"]["aliases"] == ["Paris", "City of Light"]
-    assert data.triviaqa_aliases(rows[1]) == ["Antelopes", "Antelope"]  # aliases, then value; normalized_* unused
+    assert data.triviaqa_aliases(rows[1]) == ["Antelopes"]  # aliases only (the paper): not value, not normalized_*
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl", "txt"])

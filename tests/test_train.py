@@ -44,7 +44,7 @@ def retrofit_run(tiny_model_dir, files, tmp_path_factory):
     return str(out)
 
 
-def test_retrofit_trains_memory_and_saves_background(retrofit_run, tiny_model_dir):
+def test_retrofit_trains_every_memory_tensor(retrofit_run, tiny_model_dir):
     cfg = json.load(open(os.path.join(retrofit_run, "config.json")))
     assert cfg["method"] == "retrofit" and cfg["finished"] and cfg["memory"]["layers"] == [1, 2]
     saved = load_file(os.path.join(retrofit_run, "model.safetensors"))
@@ -57,29 +57,40 @@ def test_retrofit_trains_memory_and_saves_background(retrofit_run, tiny_model_di
     for i, mem in fresh.items():
         for name, p in mem.state_dict().items():
             assert not torch.equal(saved[f"model.layers.{i}.memory.{name}"], p), f"{name} of layer {i} did not train"
-    # the background reads: 6 single-example batches, every token read heads * topk slots once per memory layer
-    stats = memory.BackgroundStats.load(os.path.join(retrofit_run, "background.safetensors"))
-    assert stats.n_batches == 6
-    examples = background_examples(tiny_model_dir, retrofit_run)
-    for i in (1, 2):
-        assert int(stats.counts[i].sum()) == sum(len(ids) for ids in examples) * 2 * 4
-        assert int(stats.doc_freq[i].max()) <= 6 and int(stats.doc_freq[i].sum()) > 0
     assert len(read_log(retrofit_run)) == 3
     args = json.load(open(os.path.join(retrofit_run, "args.json")))
     assert args["method"] == "retrofit" and "torch" in args and "git_commit" in args
+    assert not os.path.exists(os.path.join(retrofit_run, "background.safetensors"))  # stage 2 computes it
 
 
-def background_examples(model_dir, run):
-    """The token ids of the batches the background statistics of `run` read (train.py's own order)."""
-    import data
+@pytest.mark.parametrize("recipe", ["paper", "clean"])
+def test_stage2_background_reads_the_retrofits_data(recipe, retrofit_run, tiny_model_dir, files, tmp_path):
+    """Stage 2 reads the background from the data its memory was retrofitted on (here the paper's raw OASST1
+    replies): paper, the first --background-batches of a seeded random --background-subset (numpy's
+    default_rng(seed).permutation, as datasets' shuffle); clean, a seeded shuffle of all of them. Every token
+    reads heads * topk slots once per memory layer, pads never (single-example batches)."""
+    import numpy as np
+    import memory
     from model import Tokenizer
-    args = json.load(open(os.path.join(run, "args.json")))
-    tok = Tokenizer.from_pretrained(model_dir)
-    chats = data.oasst1_conversations(data.load_rows("oasst1", path=args["data"]["oasst1"], split="train"))
-    examples = [data.encode_chat(tok, c, args["max_len"]) for c in chats]
-    examples = [ids for ids, mask in examples if any(mask[1:])]
-    order = data.epoch_order(len(examples), args["seed"], epoch=10**6)[:args["background_batches"]]
-    return [examples[j] for j in order]
+    out = tmp_path / "smf"
+    train.main(common(tiny_model_dir, files, out, "--method", "smf", "--recipe", recipe, "--memory-from",
+                      retrofit_run, "--max-steps", "1", "--background-batches", "4", "--seed", "3",
+                      *(["--background-subset", "5"] if recipe == "paper" else [])))
+    stats = memory.BackgroundStats.load(os.path.join(out, "background.safetensors"))
+    rows = [json.loads(line) for line in open(files["oasst1"])]
+    replies = [r["text"] for r in rows if r["lang"] == "en" and r["role"] == "assistant" and r["rank"] in (0, 1)
+               and len(r["text"]) >= 50]
+    assert 5 < len(replies) < 30
+    tok = Tokenizer.from_pretrained(tiny_model_dir)
+    if recipe == "paper":
+        picked = [tok.encode(replies[j]) for j in np.random.default_rng(3).permutation(len(replies))[:5]][:4]
+    else:
+        import data
+        picked = [tok.encode(replies[j]) for j in data.epoch_order(len(replies), 3, epoch=10**6)[:4]]
+    assert stats.n_batches == 4
+    for i in (1, 2):
+        assert int(stats.counts[i].sum()) == sum(len(ids) for ids in picked) * 2 * 4
+        assert int(stats.doc_freq[i].max()) <= 4 and int(stats.doc_freq[i].sum()) > 0
 
 
 def test_loss_equals_transformers_and_accumulation_equals_a_big_batch(tiny_model_dir, files, tmp_path):
@@ -88,7 +99,7 @@ def test_loss_equals_transformers_and_accumulation_equals_a_big_batch(tiny_model
     import data
     from model import Tokenizer
     from transformers import Qwen2ForCausalLM
-    base = ["--method", "full", "--lr", "1e-3", "--max-steps", "2"]
+    base = ["--method", "full", "--recipe", "clean", "--lr", "1e-3", "--max-steps", "2"]
     train.main(common(tiny_model_dir, files, tmp_path / "big", *base, "--batch-size", "4", "--grad-accum", "1"))
     train.main(common(tiny_model_dir, files, tmp_path / "acc", *base, "--batch-size", "2", "--grad-accum", "2"))
     a, b = load_file(str(tmp_path / "big" / "model.safetensors")), load_file(str(tmp_path / "acc" / "model.safetensors"))
@@ -109,8 +120,8 @@ def test_smf_changes_only_selected_value_rows(retrofit_run, tiny_model_dir, file
     """Stage 2 step by step: each step changes at most top-t value rows per layer, exactly those chosen;
     nothing but the values changes; the base model is untouched."""
     out = tmp_path / "smf"
-    args = common(tiny_model_dir, files, out, "--method", "smf", "--memory-from", retrofit_run, "--max-steps", "3",
-                  "--top-t", "5", "--log-rows", "--lr", "1e-2")
+    args = common(tiny_model_dir, files, out, "--method", "smf", "--recipe", "clean", "--memory-from", retrofit_run,
+                  "--max-steps", "3", "--top-t", "5", "--log-rows", "--lr", "1e-2")
     before = load_file(os.path.join(retrofit_run, "model.safetensors"))
     snapshots = [before]
     for k in (1, 2):
@@ -158,6 +169,10 @@ def test_smf_full_pipeline_loss_goes_down_and_evaluates(tiny_model_dir, files, t
     reloaded, _, _ = load_model(str(out))
     idx = torch.randint(0, 300, (2, 12))
     model.eval()
+    import memory
+    for mem in memory.memory_layers(model).values():  # the paper recipe evaluates the memory in bf16
+        assert mem.values.weight.dtype == torch.float32
+        mem.to(torch.bfloat16)
     assert torch.equal(reloaded(idx), model(idx))
 
 
@@ -187,7 +202,8 @@ def test_lora_exports_and_leaves_base_untouched(tiny_model_dir, files, tmp_path)
 def test_full_saves_hub_dir_loaded_by_transformers(tiny_model_dir, files, tmp_path):
     from transformers import Qwen2ForCausalLM
     out = tmp_path / "full"
-    model = train.main(common(tiny_model_dir, files, out, "--method", "full", "--max-steps", "2", "--lr", "1e-3"))
+    model = train.main(common(tiny_model_dir, files, out, "--method", "full", "--recipe", "clean", "--max-steps", "2",
+                              "--lr", "1e-3"))
     model.eval()
     idx = torch.randint(0, 300, (2, 12))
     hf = Qwen2ForCausalLM.from_pretrained(str(out / "hf")).eval()
@@ -196,11 +212,11 @@ def test_full_saves_hub_dir_loaded_by_transformers(tiny_model_dir, files, tmp_pa
     assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
 
 
-@pytest.mark.parametrize("method", ["lora", "smf"])
-def test_resume_is_bit_identical(method, retrofit_run, tiny_model_dir, files, tmp_path):
-    extra = ["--method", method, "--max-steps", "4", "--lr", "1e-2"]
+@pytest.mark.parametrize("method,recipe", [("lora", "paper"), ("smf", "paper"), ("smf", "clean"), ("full", "paper")])
+def test_resume_is_bit_identical(method, recipe, retrofit_run, tiny_model_dir, files, tmp_path):
+    extra = ["--method", method, "--recipe", recipe, "--max-steps", "4", "--lr", "1e-2"]
     if method == "smf":
-        extra += ["--memory-from", retrofit_run, "--top-t", "5", "--optimizer", "adamw"]
+        extra += ["--memory-from", retrofit_run, "--top-t", "5"]
     train.main(common(tiny_model_dir, files, tmp_path / "a", *extra))
     with pytest.raises(train.StopRun):
         train.main(common(tiny_model_dir, files, tmp_path / "b", *extra, "--stop-at-step", "2"))
@@ -245,18 +261,32 @@ def test_nan_loss_stops_with_a_clear_message(tiny_model_dir, files, tmp_path):
     assert os.path.exists(out / "checkpoint.safetensors")  # the last good one is kept
 
 
-def test_smf_paper_options_run(retrofit_run, tiny_model_dir, files, tmp_path):
-    """The paper code's behaviour: per-micro-batch selection (up to grad_accum * top_t rows per step) and the
-    dense AdamW whose moments keep moving rows chosen earlier (more rows change than are chosen)."""
+def test_smf_paper_recipe_moves_rows_outside_the_selection(retrofit_run, tiny_model_dir, files, tmp_path):
+    """--recipe paper (the default), through the CLI with --log-rows: per-micro-batch selection makes more than
+    top-t rows change in a step with grad-accum 2, and the dense AdamW keeps moving rows chosen earlier but not
+    now (rows change outside the step's logged selection). The clean recipe never does either
+    (test_smf_changes_only_selected_value_rows)."""
     out = tmp_path / "paper"
-    train.main(common(tiny_model_dir, files, out, "--method", "smf", "--memory-from", retrofit_run,
-                      "--max-steps", "3", "--top-t", "3", "--select-per-micro-batch", "--optimizer", "paper",
-                      "--log-rows", "--lr", "1e-2"))
+    args = common(tiny_model_dir, files, out, "--method", "smf", "--memory-from", retrofit_run, "--max-steps", "4",
+                  "--top-t", "3", "--log-rows", "--lr", "1e-2", "--batch-size", "1")  # 2 micro-batches of 1
+    snapshots = [load_file(os.path.join(retrofit_run, "model.safetensors"))]
+    for k in (1, 2, 3):
+        with pytest.raises(train.StopRun):
+            train.main(args + ["--stop-at-step", str(k)] + (["--resume"] if k > 1 else []))
+        snapshots.append(load_file(os.path.join(out, "model.safetensors")))
     log = read_log(out)
+    assert [r["step"] for r in log] == [1, 2, 3]
     sizes = [len(rows) for r in log for rows in r["selected"].values()]
     assert max(sizes) > 3 and max(sizes) <= 2 * 3  # two micro-batches chose different rows
-    # from step 2 on, rows chosen earlier but not now still move (the leak of dense moments)
-    assert any(r["rows"][layer] > len(r["selected"][layer]) for r in log[1:] for layer in r["rows"])
+    outside = more_than_t = False
+    for step, (a, b) in enumerate(zip(snapshots[1:], snapshots[2:]), start=1):  # steps 2 and 3 (step 1: lr 0)
+        for layer, rows in log[step]["selected"].items():
+            k = f"model.layers.{layer}.memory.values.weight"
+            changed = set((a[k] != b[k]).any(dim=1).nonzero().flatten().tolist())
+            outside |= bool(changed - set(rows))
+            more_than_t |= len(changed) > 3
+            assert log[step]["rows"][layer] == len(changed)
+    assert outside and more_than_t
 
 
 def test_pretrain_from_random_init_then_finetune_on_text(tiny_model_dir, tmp_path):

@@ -21,7 +21,8 @@ def medmcqa_rows(n: int, seed: int = 0):
 
 
 def oasst1_rows(n_trees: int, seed: int = 0):
-    """Message trees: a prompter root, an assistant reply, sometimes a follow-up turn; some non-English."""
+    """Message trees: a prompter root, an assistant reply, sometimes a follow-up turn; some non-English. Every
+    other first reply is long enough (50+ characters) for the paper's reply filter; ranks 0, 1 and 2 occur."""
     rng = random.Random(seed)
     rows = []
     for t in range(n_trees):
@@ -31,8 +32,9 @@ def oasst1_rows(n_trees: int, seed: int = 0):
                      "text": f"Tell me about the {rng.choice(FRUITS)}.", "lang": lang, "deleted": False,
                      "review_result": True, "rank": None, "synthetic": False})
         rows.append({"message_id": f"t{t}-m1", "parent_id": root, "message_tree_id": f"t{t}", "role": "assistant",
-                     "text": f"The {rng.choice(FRUITS)} is good for the {rng.choice(ORGANS)}.", "lang": lang,
-                     "deleted": False, "review_result": True, "rank": 0, "synthetic": False})
+                     "text": f"The {rng.choice(FRUITS)} is good for the {rng.choice(ORGANS)}."
+                             + (" It keeps well in a cool place for a week." if t % 2 else ""), "lang": lang,
+                     "deleted": False, "review_result": True, "rank": t % 3, "synthetic": False})
         if t % 3 == 0:
             rows.append({"message_id": f"t{t}-m2", "parent_id": f"t{t}-m1", "message_tree_id": f"t{t}",
                          "role": "prompter", "text": "Why?", "lang": lang, "deleted": False,
