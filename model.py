@@ -445,10 +445,10 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, seen=None, repe
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+    if top_p is not None:  # keep the smallest set of most likely tokens whose mass reaches top_p (as transformers)
+        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending: the tail's mass is summed first, exactly
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False  # the most likely token always stays
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), num_samples=1).squeeze(1)
 
