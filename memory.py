@@ -145,9 +145,11 @@ class ProductKeyMemory(nn.Module):
         h, n, k, half = self.cfg.heads, self.cfg.n_keys, self.cfg.topk, self.cfg.k_dim // 2
         q = F.linear(x, self.query.weight.to(x.dtype), self.query.bias.to(x.dtype))  # (N, h*dk)
         q = q.view(N, h, 2, half)  # (N, h, 2, dk/2): each head's query as two halves
-        s = torch.einsum("nhid,hikd->nhik", q, self.keys.to(x.dtype))  # (N, h, 2, n): each half vs its half-keys
-        s1, i1 = s[:, :, 0].topk(k, dim=-1)  # (N, h, k) best first halves
-        s2, i2 = s[:, :, 1].topk(k, dim=-1)  # (N, h, k) best second halves
+        keys = self.keys.to(x.dtype)  # (h, 2, n, dk/2)
+        s1 = torch.einsum("nhd,hkd->nhk", q[:, :, 0], keys[:, 0])  # (N, h, n): first halves vs first half-keys
+        s2 = torch.einsum("nhd,hkd->nhk", q[:, :, 1], keys[:, 1])  # (N, h, n): second halves
+        s1, i1 = s1.topk(k, dim=-1)  # (N, h, k) best first halves
+        s2, i2 = s2.topk(k, dim=-1)  # (N, h, k) best second halves
         # the k*k candidate slots (a, b) score s1[a] + s2[b]; slot id a * n + b
         cand_scores = (s1[..., :, None] + s2[..., None, :]).view(N, h, k * k)  # (N, h, k*k)
         cand_ids = (i1[..., :, None] * n + i2[..., None, :]).view(N, h, k * k)  # (N, h, k*k)

@@ -481,8 +481,8 @@ class LoRALinear(nn.Linear):
     def merged(self) -> nn.Linear:
         """A plain nn.Linear with W + B A * scaling folded in (explicit; never done behind the user's back)."""
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        out.weight = nn.Parameter(self.weight + (self.lora_B @ self.lora_A * self.scaling).to(self.weight.dtype),
-                                  requires_grad=self.weight.requires_grad)
+        delta = self.lora_B @ self.lora_A * self.scaling  # fp32, added then rounded once, as peft's merge
+        out.weight = nn.Parameter((self.weight + delta).to(self.weight.dtype), requires_grad=self.weight.requires_grad)
         out.bias = self.bias
         return out
 

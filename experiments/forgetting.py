@@ -1,17 +1,29 @@
 """
-Learning vs forgetting on a synthetic world, offline on a CPU: SMF (three optimizers), LoRA and full finetuning.
+Learning vs forgetting on a synthetic world, offline on a CPU: SMF (clean with AdamW or SGD, and the paper's
+recipe), LoRA and full finetuning.
 
-    python experiments/forgetting.py                # about 4 minutes on 2 CPU cores; --quick: about 30 s
+    python experiments/forgetting.py                # RUNTIME_FULL; --quick: RUNTIME_QUICK
 
 Steps (every training step is `python train.py ...`, every measurement eval.py's load_model and probes):
   1. data.py's synthetic world (seed): old entities as prose + question-answer lines (pretraining text), new
      entities as question-answer lines (the facts to learn), held-out prose about the old entities (for each
      entity a template its own pretraining text never used; other entities' texts use it); a byte-level BPE
      trained on the world's text; a tiny Qwen2 config.json.
-  2. pretrain:  train.py --method full --init random      on the old world            -> base (pretrain/hf)
-  3. retrofit:  train.py --method retrofit                on the old world, base frozen -> memory + background reads
-  4. finetune on the new facts, a learning-rate sweep per method:
-       smf-adamw (masked AdamW), smf-sgd, smf-paper (dense AdamW, other rows' gradients zeroed), lora, full
+  2. pretrain:  train.py --method full --init random --recipe clean   on the old world    -> base (pretrain/hf)
+  3. retrofit:  train.py --method retrofit --recipe clean   on the old world, base frozen   -> memory (shared by
+     every SMF finetune)
+  4. finetune on the new facts, a learning-rate sweep per method (each SMF run first takes its background reads
+     from the retrofit's data, --background-batches single-example batches of the old world):
+       smf-clean  --recipe clean                  lazy AdamW: only the chosen rows and their moments change
+       smf-sgd    --recipe clean --optimizer sgd  plain SGD on the chosen rows
+       smf-paper  --recipe paper                  the paper code's whole stage-2 recipe: dense AdamW (rows chosen
+                  earlier keep moving on their moments), rows chosen per micro-batch, pad reads counted, the sum
+                  of micro-batch means, a warmup whose first step has lr 0, the memory's maths in bf16
+       lora, full --recipe clean                  fp32 on the CPU, to compare the methods themselves; the paper
+                  recipe's pure-bf16 full finetuning and merged LoRA evaluation belong to GPU runs
+     Pretraining and the retrofit are pinned to --recipe clean (fp32), so every SMF variant starts from the same
+     base and memory. Finetunes take 2 micro-batches per step, so that smf-paper's per-micro-batch selection and
+     sum of micro-batch means act (under --recipe clean that step is the same as one micro-batch of twice the size).
   5. evaluate the base, the retrofit model and every finetune:
        new-fact acc  (learning)   the true value ranked first among the attribute's 10 values (chance 0.10)
        old-fact acc  (forgetting) the same probe on the pretraining entities
@@ -21,6 +33,7 @@ Rule for the summary: for each method, among its learning rates whose new-fact a
 with the highest old-fact accuracy (ties: lower held-out perplexity); if none reaches it, the one with the highest
 new-fact accuracy, marked "below target". The sweep table lists every run.
 Outputs in --out: results.json, results.md (both tables), the runs, and logs/ (each train.py's output).
+--quick is a smoke test of the pipeline (a tiny model, a few steps, one lr per method): it is not expected to learn.
 """
 
 import argparse
@@ -45,22 +58,24 @@ from model import merge_lora, write_json  # noqa: E402
 SCALES = {
     "full": dict(n_old=40, n_new=20, docs=2000, vocab=512, hidden=96, layers=4, heads=4, kv_heads=2, inter=256,
                  pretrain_steps=1000, pretrain_lr=3e-3, pretrain_batch=16,
-                 retrofit_steps=200, retrofit_lr=3e-3, background=200,
+                 retrofit_steps=200, retrofit_lr=3e-3, background=200,  # background: reads per SMF finetune
                  n_keys=32, mem_heads=2, mem_topk=8, mem_k_dim=64, top_t=64, lora_r=8,
-                 ft_epochs=10, ft_batch=8,
+                 ft_epochs=10, ft_batch=4, ft_accum=2,
                  # the memory's output is scaled by alpha (~0.01 after the retrofit): SMF's values need lrs far above
                  # LoRA's or full finetuning's (a first run with adamw 0.01-0.3 and sgd 1-1000 learned nothing)
-                 sweeps={"smf-adamw": [1.0, 3.0, 10.0, 30.0, 100.0], "smf-sgd": [1e4, 1e5, 1e6, 1e7],
+                 sweeps={"smf-clean": [1.0, 3.0, 10.0, 30.0, 100.0], "smf-sgd": [1e4, 1e5, 1e6, 1e7],
                          "smf-paper": [1.0, 3.0, 10.0, 30.0, 100.0], "lora": [1e-3, 3e-3, 1e-2, 3e-2],
                          "full": [1e-4, 3e-4, 1e-3, 3e-3]}),
     "quick": dict(n_old=16, n_new=6, docs=400, vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, inter=128,
                   pretrain_steps=400, pretrain_lr=5e-3, pretrain_batch=16,
                   retrofit_steps=10, retrofit_lr=3e-3, background=20,
                   n_keys=8, mem_heads=2, mem_topk=4, mem_k_dim=32, top_t=16, lora_r=4,
-                  ft_epochs=2, ft_batch=8,
-                  sweeps={"smf-adamw": [1e-2], "smf-sgd": [3.0], "smf-paper": [1e-2], "lora": [3e-3],
+                  ft_epochs=2, ft_batch=4, ft_accum=2,
+                  sweeps={"smf-clean": [1e-2], "smf-sgd": [3.0], "smf-paper": [1e-2], "lora": [3e-3],
                           "full": [3e-4]}),
 }
+QUICK_NOTE = ("--quick: a SMOKE TEST of the pipeline (a tiny model, a few steps, one lr per method). It checks that "
+              "every step runs; it is not expected to learn, and its numbers say nothing about the methods.")
 
 
 def parse_args(argv=None):
@@ -68,7 +83,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=None, help="output folder (default runs/forgetting-seed<seed>[-quick])")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="the scaled-down pipeline (a minute), for tests")
+    p.add_argument("--quick", action="store_true", help="a smoke test of the pipeline at a tiny scale (for tests): "
+                                                           "not expected to learn")
     p.add_argument("--target", type=float, default=0.9, help="new-fact accuracy each method must reach")
     args = p.parse_args(argv)
     args.out = args.out or os.path.join("runs", f"forgetting-seed{args.seed}" + ("-quick" if args.quick else ""))
@@ -135,11 +151,17 @@ def train(out, name, flags):
     return seconds
 
 
+# the train.py flags that make each finetune what the module docstring says it is
+VARIANTS = {"smf-clean": ["--recipe", "clean"], "smf-sgd": ["--recipe", "clean", "--optimizer", "sgd"],
+            "smf-paper": ["--recipe", "paper"], "lora": ["--recipe", "clean"], "full": ["--recipe", "clean"]}
+
+
 def finetune_flags(method, lr, scale, base, retrofit_dir, task):
-    common = ["--task", f"text:{task}", "--lr", lr, "--epochs", scale["ft_epochs"], "--batch-size",
-              scale["ft_batch"], "--grad-accum", 1, "--warmup", 5, "--max-len", 64, "--model", base]
-    if method.startswith("smf-"):
-        return ["--method", "smf", "--memory-from", retrofit_dir, "--optimizer", method[4:],
+    common = [*VARIANTS[method], "--task", f"text:{task}", "--lr", lr, "--epochs", scale["ft_epochs"],
+              "--batch-size", scale["ft_batch"], "--grad-accum", scale["ft_accum"], "--warmup", 5, "--max-len", 64,
+              "--model", base]
+    if method.startswith("smf-"):  # stage 2 takes its background reads from the retrofit's stage-1 data
+        return ["--method", "smf", "--memory-from", retrofit_dir, "--background-batches", scale["background"],
                 "--top-t", scale["top_t"], *common]
     if method == "lora":
         return ["--method", "lora", "--lora-r", scale["lora_r"], "--lora-alpha", 2 * scale["lora_r"],
@@ -169,8 +191,10 @@ def measure(run_dir, world, heldout_rows, base_weights=None, ref_memory=None):
          "old_acc": eval_world_facts(model, tok, data.world_fact_items(world["old"]))["acc"],
          "heldout_ppl": eval_documents_ppl(model, tok, [r["text"] for r in heldout_rows])["ppl"]}
     mems = memory.memory_layers(model)
-    if ref_memory is not None and mems:  # SMF: memory value rows that differ from the retrofit's
-        rows = sum(int((mems[i].values.weight != ref_memory[i]).any(dim=1).sum()) for i in mems)
+    if ref_memory is not None and mems:  # SMF: memory value rows that differ from the retrofit's, compared in the
+        # run's memory dtype (bf16 under --recipe paper: the retrofit's values rounded, as stage 2 rounds them)
+        rows = sum(int((mems[i].values.weight != ref_memory[i].to(mems[i].values.weight.dtype)).any(dim=1).sum())
+                   for i in mems)
         total = sum(m.values.weight.shape[0] for m in mems.values())
         r["changed"] = f"{rows} of {total} memory rows"
     elif base_weights is not None:
@@ -220,6 +244,8 @@ def main(argv=None):
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     t_start = time.time()
+    if args.quick:
+        print(QUICK_NOTE, flush=True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # see train()
     torch.manual_seed(args.seed)
     world, paths, cfg_dir = write_world(out, scale, args.seed)
@@ -228,8 +254,8 @@ def main(argv=None):
 
     print(f"pretraining a {scale['layers']}-layer, {scale['hidden']}-wide Qwen2 on {len(world['old'])} old entities "
           f"({scale['pretrain_steps']} steps)...", flush=True)
-    secs = train(out, "pretrain", ["--method", "full", "--init", "random", "--model", cfg_dir, "--task",
-                                   f"text:{paths['pretrain']}", "--lr", scale["pretrain_lr"], "--max-steps",
+    secs = train(out, "pretrain", ["--method", "full", "--init", "random", "--recipe", "clean", "--model", cfg_dir,
+                                   "--task", f"text:{paths['pretrain']}", "--lr", scale["pretrain_lr"], "--max-steps",
                                    scale["pretrain_steps"], "--batch-size", scale["pretrain_batch"],
                                    "--grad-accum", 1, "--warmup", 50, "--max-len", 128, "--weight-decay", 0.0, *seed])
     base = os.path.join(out, "pretrain", "hf")
@@ -242,12 +268,12 @@ def main(argv=None):
 
     print("retrofitting memory layers on the old world...", flush=True)
     retro = os.path.join(out, "retrofit")
-    secs = train(out, "retrofit", ["--method", "retrofit", "--model", base, "--retrofit-task",
+    secs = train(out, "retrofit", ["--method", "retrofit", "--recipe", "clean", "--model", base, "--retrofit-task",
                                    f"text:{paths['pretrain']}", "--lr", scale["retrofit_lr"], "--max-steps",
                                    scale["retrofit_steps"], "--batch-size", scale["pretrain_batch"], "--grad-accum", 1,
-                                   "--warmup", 10, "--max-len", 128, "--background-batches", scale["background"],
-                                   "--n-keys", scale["n_keys"], "--mem-heads", scale["mem_heads"], "--mem-topk",
-                                   scale["mem_topk"], "--mem-k-dim", scale["mem_k_dim"], *seed])
+                                   "--warmup", 10, "--max-len", 128, "--n-keys", scale["n_keys"], "--mem-heads",
+                                   scale["mem_heads"], "--mem-topk", scale["mem_topk"], "--mem-k-dim",
+                                   scale["mem_k_dim"], *seed])
     retro_model, _, _ = load_model(retro, dtype=torch.float32, device="cpu")
     ref_memory = {i: m.values.weight.detach().clone() for i, m in memory.memory_layers(retro_model).items()}
     table.append({"method": "retrofit", "lr": scale["retrofit_lr"], "seconds": secs,
@@ -267,7 +293,8 @@ def main(argv=None):
 
     summary = table + choose(sweep, args.target)
     wall = time.time() - t_start
-    md = (f"seed {args.seed}, {'quick' if args.quick else 'full'} scale, target new-fact acc {args.target}, "
+    md = (f"{QUICK_NOTE}\n\n" if args.quick else "") + (
+          f"seed {args.seed}, {'quick' if args.quick else 'full'} scale, target new-fact acc {args.target}, "
           f"chance 0.10, wall time {wall / 60:.1f} min\n\n"
           f"Chosen setting per method (reaches the target with the highest old-fact acc):\n\n{markdown(summary)}\n"
           f"Every run of the sweep:\n\n{markdown(table + sweep)}")

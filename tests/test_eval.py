@@ -199,7 +199,7 @@ def test_triviaqa_predictions_match_unbatched_generate(tiny, rp):
     assert [s["prediction"] for s in samples] == want
     assert [s["correct"] for s in samples] == expected
     assert result == {"acc": sum(expected) / len(rows), "n": len(rows)}
-    assert samples[1]["target"] == ["Lazy dog", "the lazy dog"] and samples[1]["prompt"] == prompts[1]
+    assert samples[1]["target"] == ["Lazy dog"] and samples[1]["prompt"] == prompts[1]  # aliases only, not value
 
 
 # --- run directories ----------------------------------------------------------------------------------

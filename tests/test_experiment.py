@@ -1,4 +1,4 @@
-"""experiments/forgetting.py end to end at the --quick scale (about a minute on 2 CPU cores), plus the synthetic
+"""experiments/forgetting.py end to end at the --quick scale (RUNTIME_TEST on 2 CPU cores), plus the synthetic
 world's invariants (data.py) that make its measurements mean something."""
 
 import json
@@ -12,7 +12,8 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import data  # noqa: E402
 
-METHODS = ["smf-adamw", "smf-sgd", "smf-paper", "lora", "full"]
+METHODS = ["smf-clean", "smf-sgd", "smf-paper", "lora", "full"]
+SMF = ["smf-clean", "smf-sgd", "smf-paper"]
 
 
 def test_world_is_deterministic_and_splits_old_from_new():
@@ -53,6 +54,13 @@ def quick_run(tmp_path_factory):
     return out, summary
 
 
+def run_files(out, name):
+    """(config.json, args.json, log.jsonl records) of the run out/name."""
+    run = os.path.join(out, name)
+    log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    return json.load(open(os.path.join(run, "config.json"))), json.load(open(os.path.join(run, "args.json"))), log
+
+
 def test_quick_pipeline_writes_every_method(quick_run):
     out, summary = quick_run
     res = json.load(open(os.path.join(out, "results.json")))
@@ -68,10 +76,46 @@ def test_quick_pipeline_writes_every_method(quick_run):
         assert json.load(open(os.path.join(run, "config.json")))["finished"]
     rows = {r["method"]: r for r in res["summary"]}
     # SMF changed some memory rows (that SMF leaves the base and all else untouched is tested in test_train.py)
-    for m in ("smf-adamw", "smf-sgd", "smf-paper"):
+    for m in SMF:
         assert "memory rows" in rows[m]["changed"] and not rows[m]["changed"].startswith("0 of")
     assert rows["retrofit"]["changed"].startswith("0 of")  # stage 1 leaves the base weights bit-identical
     assert rows["full"]["trainable"] == rows["base"]["trainable"]
+    assert md.startswith("--quick: a SMOKE TEST") and "not expected to learn" in md
+
+
+def test_quick_pipeline_runs_each_variant_with_its_recipe(quick_run):
+    import forgetting
+    out, _ = quick_run
+    res = json.load(open(os.path.join(out, "results.json")))
+    scale = forgetting.SCALES["quick"]
+    runs = {r["method"]: f"{r['method']}-lr{r['lr']:g}" for r in res["sweep"][2:]}
+    assert sorted(runs) == sorted(METHODS)
+    # the shared base and memory: fp32, clean recipe; the retrofit no longer takes background reads
+    for name in ("pretrain", "retrofit"):
+        cfg, _, _ = run_files(out, name)
+        assert cfg["finished"] and cfg["recipe"]["name"] == "clean", name
+    assert json.load(open(os.path.join(out, "retrofit", "config.json")))["memory"]["precision"] == "fp32"
+    assert not os.path.exists(os.path.join(out, "retrofit", "background.safetensors"))
+    recipes = {"smf-clean": ("clean", "adamw"), "smf-sgd": ("clean", "sgd"), "smf-paper": ("paper", "dense_adamw"),
+               "lora": ("clean", None), "full": ("clean", None)}
+    for method, (recipe, optimizer) in recipes.items():
+        cfg, args, log = run_files(out, runs[method])
+        assert cfg["finished"] and cfg["recipe"]["name"] == recipe, method
+        assert args["grad_accum"] == scale["ft_accum"] > 1  # the paper's per-micro-batch choices act
+        # the paper recipe's warmup runs its first step at lr 0; the clean one starts above 0
+        assert (log[0]["lr"] == 0) == (recipe == "paper") and log[1]["lr"] > 0, method
+        if method in SMF:  # stage 2 took its background reads from the retrofit's stage-1 data
+            assert cfg["recipe"]["optimizer"] == optimizer and args["background_batches"] == scale["background"]
+            assert cfg["memory_from"] == os.path.join(out, "retrofit")
+            assert os.path.exists(os.path.join(out, runs[method], "background.safetensors"))
+    paper, _, _ = run_files(out, runs["smf-paper"])
+    assert paper["memory"]["precision"] == "bf16" and paper["recipe"]["select_per_micro_batch"]
+    assert paper["recipe"]["count_pad_reads"] and paper["recipe"]["sum_micro_batch_means"]
+    clean, _, _ = run_files(out, runs["smf-clean"])
+    assert clean["memory"]["precision"] == "fp32" and not clean["recipe"]["select_per_micro_batch"]
+    # the clean recipe changes at most top-t rows per layer per step
+    _, _, log = run_files(out, runs["smf-clean"])
+    assert all(n <= scale["top_t"] for r in log for n in r["rows"].values()) and sum(log[-1]["rows"].values()) > 0
 
 
 def test_base_model_learned_the_old_world(quick_run):
