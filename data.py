@@ -14,7 +14,7 @@ so `HF_HUB_OFFLINE=1` serves them from the cache) or from a local file in the Hu
 A local file is a `.parquet`, a `.jsonl` (one JSON object per line), or for WikiText any other text file (one
 row per line); a local directory is searched like a Hub snapshot (`{config}/{split}-*.parquet`).
 
-Prompt formats (REFERENCE.md sections 3 and 4; the exact strings are in the functions below):
+Prompt formats (as the paper's code, github.com/prakharg55/SMF-ICML, writes them; the exact strings are below):
 
     MedMCQA eval context   "Medical exam question:\\nQuestion: {question}\\nA. {opa}\\nB. {opb}\\nC. {opc}\\n"
                            "D. {opd}\\nAnswer:"
@@ -35,6 +35,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 
 # -----------------------------------------------------------------------------
@@ -287,7 +288,6 @@ def seeded_subset(n: int, size: int | None, seed: int) -> list[int]:
     """
     if size is None or size >= n:
         return list(range(n))
-    import numpy as np
     return np.random.default_rng(seed).permutation(n)[:size].tolist()
 
 

@@ -1,5 +1,6 @@
 """
-The three probes of the paper (REFERENCE.md section 4), on a Hub model, a local model directory or a run directory:
+The three probes of the paper (as its code, github.com/prakharg55/SMF-ICML smf_rebuild/eval_tasks.py, runs them),
+on a Hub model, a local model directory or a run directory:
 
     medmcqa   accuracy; each of the 4 continuations " A. {opa}" .. " D. {opd}" scored by the mean log-probability
               of its tokens after "Medical exam question:\\nQuestion: ...\\nAnswer:"; argmax
@@ -295,7 +296,7 @@ def eval_wikitext(model, tok, rows, batch_size: int = 16, samples: list | None =
 
 def normalize_answer(s: str) -> str:
     """Lowercase; drop the articles a, an, the; every character outside [a-z0-9 .-] becomes a space; collapse
-    spaces; strip (REFERENCE.md section 4). Non-ASCII letters are outside the set, so "café" becomes "caf"."""
+    spaces; strip (as the paper's code). Non-ASCII letters are outside the set, so "café" becomes "caf"."""
     s = s.lower()
     s = re.sub(r"\b(a|an|the)\b", " ", s)
     s = re.sub(r"[^a-z0-9 .\-]", " ", s)
@@ -409,7 +410,7 @@ def format_table(results: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a model on MedMCQA, WikiText and TriviaQA with the paper's "
-                                            "protocol (REFERENCE.md section 4).")
+                                            "protocol (its code: github.com/prakharg55/SMF-ICML).")
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct",
                    help="Hub id, local model directory, or run directory written by train.py")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of medmcqa,wikitext,triviaqa")

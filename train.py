@@ -6,15 +6,18 @@ Finetune Qwen2.5 with Sparse Memory Finetuning (SMF), LoRA or full finetuning, a
     python train.py --method lora       # r 16, alpha 32, dropout 0.05 on q,k,v,o,gate,up,down, lr 2e-4
     python train.py --method full       # every base weight, lr 5e-5
 
-Defaults reproduce the paper (effective batch 16, 3 epochs on MedMCQA "single" questions, cosine schedule with
-100 warmup steps, grad clip 1.0, max length 1024). The run directory (--out, default runs/<method>-seed<seed>):
+Defaults reproduce the paper's public code (github.com/prakharg55/SMF-ICML): effective batch 16, 3 epochs on a
+seeded 60k of the MedMCQA "single" questions, cosine schedule with 100 warmup steps, grad clip 1.0, max length 1024,
+and `--recipe paper`, its exact recipe with its flaws (its lr was tuned with them); `--recipe clean` is our corrected
+SMF (RECIPES below lists every difference, each also a flag). The run directory (--out, default
+runs/<method>-seed<seed>):
 
     args.json                every resolved argument, library versions, base model revision, git commit
     config.json              how to rebuild the model: method, base model, memory / LoRA configuration
     model.safetensors        only what the method trained (SMF: the memory layers; LoRA: adapters; full: all)
     log.jsonl                one line per optimizer step (loss, lr, grad norm, tokens, seconds, SMF rows per layer)
     checkpoint.safetensors   everything --resume needs (trained tensors, optimizer, RNG, step) in one file
-    background.safetensors   (SMF) read statistics of every memory slot on OASST1
+    background.safetensors   (SMF) read statistics of every memory slot on the stage-1 data, from the start of stage 2
     retrofit/                (SMF) the stage-1 run directory, itself a `--method retrofit` run
     peft/, merged/, hf/      optional exports (LoRA: --export-peft, --export-merged; full: always hf/)
 

@@ -2,7 +2,7 @@
 Learning vs forgetting on a synthetic world, offline on a CPU: SMF (clean with AdamW or SGD, and the paper's
 recipe), LoRA and full finetuning.
 
-    python experiments/forgetting.py                # RUNTIME_FULL; --quick: RUNTIME_QUICK
+    python experiments/forgetting.py                # about 5 minutes on 2 CPU cores; --quick: about 40 s
 
 Steps (every training step is `python train.py ...`, every measurement eval.py's load_model and probes):
   1. data.py's synthetic world (seed): old entities as prose + question-answer lines (pretraining text), new

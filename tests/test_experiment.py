@@ -1,4 +1,4 @@
-"""experiments/forgetting.py end to end at the --quick scale (RUNTIME_TEST on 2 CPU cores), plus the synthetic
+"""experiments/forgetting.py end to end at the --quick scale (about 40 s on 2 CPU cores), plus the synthetic
 world's invariants (data.py) that make its measurements mean something."""
 
 import json

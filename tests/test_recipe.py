@@ -269,8 +269,8 @@ def test_paper_retrofit_equals_the_paper_codes_stage_1(retrofit_run, tiny_model_
 def test_paper_stage_2_equals_the_paper_codes_stage_2(retrofit_run, tiny_model_dir, files, tmp_path):
     out = tmp_path / "smf"
     train.main(common(tiny_model_dir, files, out, "--method", "smf", "--memory-from", retrofit_run, "--max-steps",
-                      "3", "--warmup", "2", "--top-t", "3", "--train-alpha", "--background-batches", "4",
-                      "--background-subset", "5", "--lr", "1e-2", "--seed", "1"))
+                      "3", "--warmup", "2", "--top-t", "12", "--train-alpha", "--background-batches", "4",
+                      "--background-subset", "5", "--lr", "1e-2", "--seed", "1", "--log-rows"))
     cfg = memory.MemoryConfig.from_dict(json.load(open(os.path.join(retrofit_run, "config.json")))["memory"])
     hf = PaperModel(tiny_model_dir, load_file(os.path.join(retrofit_run, "model.safetensors")), cfg)
     mlps = hf.mems
@@ -287,7 +287,7 @@ def test_paper_stage_2_equals_the_paper_codes_stage_2(retrofit_run, tiny_model_d
                 bg[i] += torch.bincount(mlps[i].indices.flatten(), minlength=cfg.n_keys ** 2)
     assert torch.equal(memory.BackgroundStats.load(os.path.join(out, "background.safetensors")).counts[1], bg[1])
     # the values and alpha train; a gradient hook keeps the rows selected on the current micro-batch
-    masks = {}
+    masks, chosen = {}, []  # chosen: per micro-batch, the rows it selected per layer
     params = []
     for i, mlp in mlps.items():
         for name in ("values.weight", "alpha"):
@@ -297,7 +297,8 @@ def test_paper_stage_2_equals_the_paper_codes_stage_2(retrofit_run, tiny_model_d
 
     def select():  # after the forward, before backward: counts over every position, padding included
         for i, mlp in mlps.items():
-            masks[i] = paper_kl_mask(torch.bincount(mlp.indices.flatten(), minlength=cfg.n_keys ** 2), bg[i], 3)
+            masks[i] = paper_kl_mask(torch.bincount(mlp.indices.flatten(), minlength=cfg.n_keys ** 2), bg[i], 12)
+        chosen.append({str(i): set(m.nonzero().flatten().tolist()) for i, m in masks.items()})
 
     def medmcqa_text(r):  # the paper's medmcqa preset
         options = [r["opa"], r["opb"], r["opc"], r["opd"]]
@@ -314,6 +315,9 @@ def test_paper_stage_2_equals_the_paper_codes_stage_2(retrofit_run, tiny_model_d
                          {f"model.layers.{i}.memory.{name}": mlp.weights()[name] for i, mlp in mlps.items()
                           for name in ("values.weight", "alpha")}, log, norms, atol=3e-5)
     assert log[0]["lr"] == 0.0 and log[1]["lr"] == pytest.approx(5e-3)  # the Trainer's warmup starts at lr 0
+    for step, record in enumerate(log):  # the step's rows: the union of its 2 micro-batches' selections
+        a, b = chosen[2 * step], chosen[2 * step + 1]
+        assert {k: set(v) for k, v in record["selected"].items()} == {k: a[k] | b[k] for k in a}
 
 
 # -----------------------------------------------------------------------------
