@@ -106,23 +106,99 @@ def read_parquet(path: str, columns: list[str]) -> list[dict]:
 
 def read_jsonl(path: str) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {i} is not JSON: {e}") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}: line {i} is not a JSON object")
-            rows.append(row)
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {i} is not JSON: {e}") from e
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}: line {i} is not a JSON object")
+                rows.append(row)
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     return rows
 
 
 def read_text_lines(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [{"text": line} for line in f.read().split("\n")]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [{"text": line} for line in f.read().split("\n")]
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+
+
+def not_utf8(path: str) -> ValueError:
+    """The error for a text file that is not UTF-8, naming its first undecodable line (counted from 1)."""
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return ValueError(f"{path}: line {i} is not UTF-8 text (byte {line[e.start]:#04x} at column "
+                                  f"{e.start + 1}); re-encode the file as UTF-8")
+    return ValueError(f"{path}: not UTF-8 text")
+
+
+def read_file(name: str, path: str, columns: list[str]) -> list[dict]:
+    """The rows of one local file: .parquet, .jsonl, or for WikiText any other text file (one row per line)."""
+    if path.endswith(".parquet"):
+        return read_parquet(path, columns)
+    if path.endswith(".jsonl"):
+        return read_jsonl(path)
+    if name == "wikitext":
+        return read_text_lines(path)
+    raise ValueError(f"{path}: unsupported file type for {name} (use .parquet or .jsonl)")
+
+
+def row_problem(name: str, row: dict) -> str | None:
+    """
+    What makes a row unusable for training or eval, naming the field, or None. The one check of row values that
+    load_rows, train.py and eval.py all go through (load_rows for every row it returns, the prompt builders below
+    for rows given directly):
+        medmcqa   question and the four options opa..opd are strings (a null option would train on "D. None");
+                  cop is 0..3 (the test split has -1: no answers)
+        triviaqa  question is a string; answer.aliases is a list of strings with at least one non-empty one
+    """
+    def not_str(field):
+        v = row.get(field)
+        return None if isinstance(v, str) else f"{field} must be a string, got {short(v)}"
+
+    if name == "medmcqa":
+        for field in ("question", "opa", "opb", "opc", "opd"):
+            if (problem := not_str(field)) is not None:
+                return problem
+        if row.get("cop") not in (0, 1, 2, 3):
+            return f"cop must be 0..3 (the test split has no answers), got {short(row.get('cop'))}"
+    elif name == "triviaqa":
+        if (problem := not_str("question")) is not None:
+            return problem
+        answer = row.get("answer")
+        if not isinstance(answer, dict):
+            return f"answer must be an object with aliases, got {short(answer)}"
+        aliases = answer.get("aliases")
+        if not isinstance(aliases, list) or not all(a is None or isinstance(a, str) for a in aliases):
+            return f"answer.aliases must be a list of strings, got {short(aliases)}"
+        if not any(aliases):
+            return f"answer.aliases: no answer aliases once empty ones are dropped, got {short(aliases)}"
+    return None
+
+
+def short(value, n: int = 60) -> str:
+    r = repr(value)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def check_row(name: str, row: dict) -> dict:
+    """row, or a ValueError naming the row (its id or question) and the field, for rows not read by load_rows."""
+    problem = row_problem(name, row)
+    if problem is not None:
+        key = row.get("id") or row.get("question_id") or row.get("question")
+        raise ValueError(f"{name} row {short(key)}: {problem}")
+    return row
 
 
 def load_rows(name: str, path: str | None = None, split: str | None = None, limit: int | None = None, *,
@@ -135,6 +211,9 @@ def load_rows(name: str, path: str | None = None, split: str | None = None, limi
     without choice_type keeps every row and says so); WikiText keeps the non-empty rows, stripped (the probe
     joins the first N with "\\n\\n"); OASST1 and TriviaQA keep every row (OASST1's `limit` counts message rows:
     prefer slicing the result of oasst1_conversations).
+    Validation stops, it never skips: every row must have the REQUIRED columns, and every row returned must pass
+    row_problem; the ValueError names the file, the row (counted from 0 in that file's rows; a .jsonl's blank
+    lines are not rows) and the field. A bad row that filtering or `limit` leaves out is not an error.
     """
     if name not in HUB:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(HUB)}")
@@ -142,44 +221,41 @@ def load_rows(name: str, path: str | None = None, split: str | None = None, limi
         raise ValueError(f"{name}: limit must be at least 1, got {limit}")
     split = split or DEFAULT_SPLIT[name]
     columns = REQUIRED[name] + OPTIONAL[name]
+    source = path or f"{HUB[name][0]} split {split}"
     if path is None:
-        source = f"{HUB[name][0]} split {split}"
-        rows = [r for f in hub_files(name, split, config) for r in read_parquet(f, columns)]
+        files = hub_files(name, split, config)
+    elif os.path.isdir(path):
+        files = split_files(path, config or HUB[name][1], split)
+        if not files:
+            raise FileNotFoundError(f"{path}: no {config or HUB[name][1]}/{split}-*.parquet in this folder")
+    elif not os.path.exists(path):
+        raise FileNotFoundError(f"{name}: no such file: {path}")
     else:
-        source = path
-        if os.path.isdir(path):
-            files = split_files(path, config or HUB[name][1], split)
-            if not files:
-                raise FileNotFoundError(f"{path}: no {config or HUB[name][1]}/{split}-*.parquet in this folder")
-            rows = [r for f in files for r in read_parquet(f, columns)]
-        elif not os.path.exists(path):
-            raise FileNotFoundError(f"{name}: no such file: {path}")
-        elif path.endswith(".parquet"):
-            rows = read_parquet(path, columns)
-        elif path.endswith(".jsonl"):
-            rows = read_jsonl(path)
-        elif name == "wikitext":
-            rows = read_text_lines(path)
-        else:
-            raise ValueError(f"{path}: unsupported file type for {name} (use .parquet or .jsonl)")
+        files = [path]
+    rows = [(f, i, r) for f in files for i, r in enumerate(read_file(name, f, columns))]  # (file, row number, row)
     if not rows:
         raise ValueError(f"{source}: no rows")
-    for i, row in enumerate(rows):
+    for f, i, row in rows:
         missing = [c for c in REQUIRED[name] if c not in row]
         if missing:
-            raise ValueError(f"{source}: row {i} lacks column(s) {', '.join(missing)} "
+            raise ValueError(f"{f}: row {i} lacks column(s) {', '.join(missing)} "
                              f"(needed for {name}: {', '.join(REQUIRED[name])})")
     if name == "medmcqa" and single_only:
-        if all("choice_type" in r for r in rows):
-            rows = [r for r in rows if r["choice_type"] == "single"]
+        if all("choice_type" in r for _, _, r in rows):
+            rows = [(f, i, r) for f, i, r in rows if r["choice_type"] == "single"]
         else:
             warn(f"{source}: no choice_type column; keeping every row (cannot keep only single-answer questions)")
     if name == "wikitext":
-        rows = [{"text": r["text"].strip()} for r in rows if r["text"] is not None and r["text"].strip()]
+        rows = [(f, i, {"text": r["text"].strip()}) for f, i, r in rows
+                if r["text"] is not None and r["text"].strip()]
     rows = rows[:limit] if limit is not None else rows
     if not rows:
         raise ValueError(f"{source}: no {name} rows left after filtering")
-    return rows
+    for f, i, row in rows:
+        problem = row_problem(name, row)
+        if problem is not None:
+            raise ValueError(f"{f}: row {i}: {problem}")
+    return [r for _, _, r in rows]
 
 
 # -----------------------------------------------------------------------------
@@ -193,18 +269,11 @@ def medmcqa_context(row) -> str:
             f"C. {row['opc']}\nD. {row['opd']}\nAnswer:")
 
 
-def medmcqa_answer_index(row) -> int:
-    cop = row["cop"]
-    if cop not in (0, 1, 2, 3):
-        raise ValueError(f"MedMCQA row {row.get('id', '')!r}: cop must be 0..3 (the test split has no answers), "
-                         f"got {cop!r}")
-    return int(cop)
-
-
 def medmcqa_eval_item(row) -> tuple[str, list[str], int]:
     """(context, [" A. {opa}", " B. {opb}", " C. {opc}", " D. {opd}"], index of the correct continuation)."""
+    check_row("medmcqa", row)
     options = [row["opa"], row["opb"], row["opc"], row["opd"]]
-    return medmcqa_context(row), [f" {x}. {o}" for x, o in zip(LETTERS, options)], medmcqa_answer_index(row)
+    return medmcqa_context(row), [f" {x}. {o}" for x, o in zip(LETTERS, options)], int(row["cop"])
 
 
 def medmcqa_train_text(row) -> str:
@@ -222,11 +291,8 @@ def triviaqa_prompt(row) -> str:
 def triviaqa_aliases(row) -> list[str]:
     """answer.aliases, deduplicated, as written (the probe normalizes them), as the paper's code reads them:
     answer.value is not added, and normalized_aliases is not used (the probe normalizes in its own way)."""
-    answer = row["answer"] or {}
-    aliases = list(dict.fromkeys(a for a in answer.get("aliases") or [] if a))
-    if not aliases:
-        raise ValueError(f"TriviaQA row {row.get('question_id', row['question'])!r} has no answer aliases")
-    return aliases
+    check_row("triviaqa", row)
+    return list(dict.fromkeys(a for a in row["answer"]["aliases"] if a))
 
 
 def oasst1_conversations(rows, lang: str | None = "en") -> list[list[dict]]:
@@ -328,20 +394,31 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The one padding function: token id lists -> ids (B, T) filled with pad_id, and attention_mask (B, T), 1 on the
+    real tokens; T is the longest length. side "right" for training and scoring (real tokens from position 0),
+    "left" for generation (every row ends with a real token). Both are LongTensors on the CPU.
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        cols = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
+        ids[b, cols] = torch.tensor(s, dtype=torch.long)
+        attention_mask[b, cols] = 1
+    return ids, attention_mask
+
+
 def collate(examples, pad_id: int) -> dict:
     """[(ids, loss_mask), ...] -> right-padded LongTensors idx, attention_mask, labels (B, T)."""
-    T = max(len(ids) for ids, _ in examples)
-    idx = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), T), dtype=torch.long)
-    labels = torch.full((len(examples), T), -100, dtype=torch.long)
     for b, (ids, loss_mask) in enumerate(examples):
         if len(ids) != len(loss_mask):
             raise ValueError(f"example {b}: {len(ids)} ids but {len(loss_mask)} loss_mask entries")
-        n = len(ids)
-        idx[b, :n] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[b, :n] = 1
-        keep = torch.tensor(loss_mask, dtype=torch.bool)
-        labels[b, :n] = torch.where(keep, idx[b, :n], torch.full_like(idx[b, :n], -100))
+    idx, attention_mask = pad([ids for ids, _ in examples], pad_id)
+    labels, _ = pad([[t if m else -100 for t, m in zip(ids, loss_mask)] for ids, loss_mask in examples], -100)
     return {"idx": idx, "attention_mask": attention_mask, "labels": labels}
 
 

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 
 import data
 import memory
-from model import Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, load_safetensors_dir, lora_state_dict, \
-    merge_lora, resolve_model_dir, write_json, HUB_FILES
+from model import Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, default_dtype, is_run_dir, \
+    load_safetensors_dir, looks_like_hub_id, lora_state_dict, merge_lora, parse_dtype, resolve_device, \
+    resolve_model_dir, write_json, DTYPES, HUB_FILES
 
 TASKS = ("medmcqa", "wikitext", "triviaqa")
 
@@ -37,39 +38,15 @@ TASKS = ("medmcqa", "wikitext", "triviaqa")
 # Loading a model: Hub id, model directory, or run directory
 
 
-def resolve_device(device=None) -> str:
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
-
-
-def resolve_dtype(dtype, device: str) -> torch.dtype:
-    """None: bfloat16 on GPU, float32 on CPU. Strings: float32/fp32, bfloat16/bf16, float16/fp16."""
-    if dtype is None:
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-    return getattr(torch, names.get(dtype, dtype))
-
-
 def base_model_dir(name_or_path: str, revision: str | None = None) -> str:
     """A local directory as is; a Hub id at the given revision (as train.py recorded it), fetched or cached."""
-    if revision is None or os.path.isdir(name_or_path):
+    if revision is None or not looks_like_hub_id(name_or_path):
         return resolve_model_dir(name_or_path)
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(name_or_path, revision=revision, allow_patterns=HUB_FILES)
     except Exception as e:
         raise FileNotFoundError(f"could not fetch {name_or_path!r} at revision {revision} from the Hub: {e}") from e
-
-
-def is_run_dir(path: str) -> bool:
-    cfg = os.path.join(path, "config.json")
-    if not (os.path.isdir(path) and os.path.exists(cfg)):
-        return False
-    with open(cfg) as f:
-        return "method" in json.load(f)
 
 
 def check_state(expected: dict, state: dict, path: str):
@@ -90,12 +67,13 @@ def load_model(name_or_dir: str, dtype=None, device=None):
     directory of train.py (config.json with "method"): the base model is rebuilt from "base_model" (at
     "base_revision"), memory layers (smf, retrofit) or LoRA adapters (lora) are added, and the run's
     model.safetensors is loaded, its key set and every shape checked; for "full" it holds every Hub tensor.
-    The base is in `dtype` (default: bf16 GPU, fp32 CPU); memory and adapters stay fp32, except as the run's
-    recipe says (the paper's: a memory of precision "bf16" is cast to bf16, LoRA adapters are merged).
+    The base is in `dtype` (a torch.dtype or a name in model.DTYPES; default model.default_dtype: bf16 GPU, fp32
+    CPU); memory and adapters stay fp32, except as the run's recipe says (the paper's: a memory of precision "bf16"
+    is cast to bf16, LoRA adapters are merged). device: a torch.device or a name ("auto", "cpu", "cuda:1", ...).
     info: {"path", "method", "base_model", "dtype", "device", "repetition_penalty", "generation_config"}.
     """
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    dtype = default_dtype(device) if dtype is None else parse_dtype(dtype)
     method, run = None, {}
     if is_run_dir(name_or_dir):
         with open(os.path.join(name_or_dir, "config.json")) as f:
@@ -145,7 +123,7 @@ def load_model(name_or_dir: str, dtype=None, device=None):
         with open(gen_path) as f:
             gen = json.load(f)
     info = {"path": name_or_dir, "method": method, "base_model": run.get("base_model", name_or_dir),
-            "dtype": str(dtype).removeprefix("torch."), "device": device,
+            "dtype": str(dtype).removeprefix("torch."), "device": str(device),
             "repetition_penalty": float(gen.get("repetition_penalty", 1.0)), "generation_config": gen}
     return model, tok, info
 
@@ -163,19 +141,6 @@ def progress(iterable, desc: str, total: int, show: bool):
 
 def model_device(model) -> torch.device:
     return model.lm_head.weight.device
-
-
-def pad_right(seqs: list[list[int]], pad_id: int, device):
-    """-> idx (B, T) and attention_mask (B, T), or None for the mask when no row needs padding."""
-    T = max(len(s) for s in seqs)
-    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        idx[b, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[b, :len(s)] = 1
-    if bool(mask.all()):
-        return idx.to(device), None
-    return idx.to(device), mask.to(device)
 
 
 def token_logprobs(model, h, targets, chunk: int = 512):
@@ -211,7 +176,8 @@ def score_continuations(model, tok, pairs, batch_size: int = 64, show: bool = Fa
     scores = [0.0] * len(seqs)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in progress(batches, "medmcqa", len(batches), show):
-        idx, mask = pad_right([seqs[i] for i in batch], pad, device)
+        idx, mask = data.pad([seqs[i] for i in batch], pad)
+        idx, mask = idx.to(device), mask.to(device)
         h = model.hidden_states(idx, mask)  # (B, T, C)
         rows, cols, targets = [], [], []
         for b, i in enumerate(batch):
@@ -276,7 +242,8 @@ def eval_wikitext(model, tok, rows, batch_size: int = 16, samples: list | None =
     numbered = list(enumerate(spans))
     batches = [numbered[i:i + batch_size] for i in range(0, len(numbered), batch_size)]
     for batch in progress(batches, "wikitext", len(batches), show):
-        idx, mask = pad_right([ids[b:e] for _, (b, e, _) in batch], pad, device)
+        idx, mask = data.pad([ids[b:e] for _, (b, e, _) in batch], pad)
+        idx, mask = idx.to(device), mask.to(device)
         h = model.hidden_states(idx, mask)  # (B, T, C)
         for j, (w, (b, e, n_new)) in enumerate(batch):
             first = max(e - b - n_new, 1)  # first scored position in the window
@@ -327,12 +294,8 @@ def generate_answers(model, tok, prompts: list[str], batch_size: int = 16, max_n
     out = [""] * len(seqs)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in progress(batches, desc, len(batches), show):
-        T = max(len(seqs[i]) for i in batch)
-        idx = torch.full((len(batch), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), T), dtype=torch.long)
-        for b, i in enumerate(batch):
-            idx[b, T - len(seqs[i]):] = torch.tensor(seqs[i])
-            mask[b, T - len(seqs[i]):] = 1
+        idx, mask = data.pad([seqs[i] for i in batch], pad, side="left")
+        T = idx.size(1)
         gen = model.generate(idx.to(device), max_new_tokens, temperature=0.0, eos_token_id=stop,
                              attention_mask=mask.to(device), repetition_penalty=repetition_penalty,
                              pad_token_id=pad)[:, T:].tolist()
@@ -420,16 +383,16 @@ def main(argv=None):
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
                    help="read a task from a local .parquet/.jsonl (WikiText: also plain text) file in the Hub's "
                         "column schema instead of the Hub; repeatable")
-    p.add_argument("--out", default=None, help="write the results JSON here")
+    p.add_argument("--out", default=None,
+                   help="write the results JSON here, rewritten as each task finishes (a failure keeps those done)")
     p.add_argument("--log-samples", default=None, metavar="FILE",
                    help="write one JSON line per example (WikiText: per window) with prompt, prediction or "
-                        "per-choice scores, target and correctness")
+                        "per-choice scores, target and correctness; rewritten as each task finishes")
     p.add_argument("--batch-size", type=int, default=16,
                    help="questions (MedMCQA, 4 sequences each), 1024-token windows (WikiText) or prompts "
                         "(TriviaQA) per forward")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
-                   help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--no-repetition-penalty", action="store_true",
                    help="TriviaQA: greedy decoding without the checkpoint's generation_config repetition_penalty "
                         "(which the paper's Hugging Face generate applied; 1.1 for Qwen2.5-Instruct)")
@@ -447,8 +410,15 @@ def main(argv=None):
         if not sep or name not in TASKS or not path:
             p.error(f"--data {item!r}: expected NAME=PATH with NAME one of {','.join(TASKS)}")
         data_paths[name] = path
-    if args.limit is not None and args.limit < 1:
-        p.error("--limit must be at least 1")
+    if args.limit < 1:
+        p.error(f"--limit must be at least 1, got {args.limit}")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    for flag, path in (("--out", args.out), ("--log-samples", args.log_samples)):  # refused now, not after a task
+        if path and os.path.isdir(path):
+            p.error(f"{flag} {path} is a folder; give a file name")
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            p.error(f"{flag} {path}: the folder it would go in does not exist")
     torch.manual_seed(args.seed)
     try:
         task_rows = load_task_rows(tasks, args.limit, data_paths)  # data errors before the model loads
@@ -456,24 +426,32 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     rp = 1.0 if args.no_repetition_penalty else info["repetition_penalty"]
-    samples = [] if args.log_samples else None
-    results = run_tasks(model, tok, task_rows, batch_size=args.batch_size, repetition_penalty=rp,
-                        samples=samples, show=not args.quiet)
+    meta = {"model": args.model, "method": info["method"], "base_model": info["base_model"], "tasks": tasks,
+            "limit": args.limit, "data": data_paths, "dtype": info["dtype"], "device": info["device"],
+            "batch_size": args.batch_size, "repetition_penalty": rp, "seed": args.seed}
+    results, samples = {}, ([] if args.log_samples else None)
+    for task, rows in task_rows.items():  # each task is written as soon as it finishes, so a failure keeps them
+        try:
+            results.update(run_tasks(model, tok, {task: rows}, batch_size=args.batch_size, repetition_penalty=rp,
+                                     samples=samples, show=not args.quiet))
+        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: e.g. CUDA out of memory
+            written = " and ".join(f for f in (args.out, args.log_samples) if f)
+            kept = f"; finished: {', '.join(results)}, in {written}" if results and written else ""
+            sys.exit(f"error: {task}: {(str(e).strip() or type(e).__name__).splitlines()[0]}{kept}")
+        write_results(args.out, args.log_samples, {**results, "meta": meta}, samples)
     print(format_table(results))
-    results["meta"] = {"model": args.model, "method": info["method"], "base_model": info["base_model"],
-                       "tasks": tasks, "limit": args.limit, "data": data_paths, "dtype": info["dtype"],
-                       "device": info["device"], "batch_size": args.batch_size, "repetition_penalty": rp,
-                       "seed": args.seed}
-    if args.out:
-        atomic_write(args.out, lambda path: write_json(path, results))
-    if args.log_samples:
+
+
+def write_results(out: str | None, log_samples: str | None, results: dict, samples: list | None):
+    """--out (the results JSON) and --log-samples (one JSON line per example), each replaced atomically."""
+    if out:
+        atomic_write(out, lambda path: write_json(path, results))
+    if log_samples:
         def write_samples(path):
             with open(path, "w", encoding="utf-8") as f:
                 for s in samples:
                     f.write(json.dumps(s, ensure_ascii=False) + "\n")
-        atomic_write(args.log_samples, write_samples)
-
-
+        atomic_write(log_samples, write_samples)
 
 
 # -----------------------------------------------------------------------------
@@ -510,8 +488,8 @@ def eval_documents_ppl(model, tok, texts: list[str], batch_size: int = 32) -> di
     nll, n = 0.0, 0
     for i in range(0, len(seqs), batch_size):
         batch = seqs[i:i + batch_size]
-        idx, mask = pad_right(batch, pad, device)
-        h = model.hidden_states(idx, mask)  # (B, T, C)
+        idx, mask = data.pad(batch, pad)
+        h = model.hidden_states(idx.to(device), mask.to(device))  # (B, T, C)
         rows = [b for b, s in enumerate(batch) for _ in range(len(s) - 1)]
         cols = [t for s in batch for t in range(len(s) - 1)]  # hidden state at t predicts token t + 1
         targets = torch.tensor([x for s in batch for x in s[1:]], device=device)

@@ -522,13 +522,14 @@ class SparseMemoryOptimizer:
         return st["where"][rows]
 
     @torch.no_grad()
-    def step(self, selected: dict, max_grad_norm: float | None = None, reduce=None, also=()) -> dict:
+    def step(self, selected: dict, max_grad_norm: float | None = None, reduce=None, also=(), check_norm=None) -> dict:
         """Update the rows selected[layer] of each table; returns the gradient norm (before clipping) and
         how many rows of each layer changed. reduce: optional in-place function applied to each layer's
         selected-rows gradient (R, D) before clipping; data-parallel training passes an all-reduce (sum over
         ranks), so only the t chosen rows per layer cross the network, never the whole table.
         also: other parameters clipped together with the values (their .grad is scaled in place; their
-        own optimizer steps them afterwards)."""
+        own optimizer steps them afterwards). check_norm: called with the gradient norm before any row changes
+        (train.py stops there on a non-finite norm)."""
         group = self.param_groups[0]
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         rows, grads = {}, {}
@@ -546,6 +547,8 @@ class SparseMemoryOptimizer:
                 reduce(grads[i])
         clipped = list(grads.values()) + [p.grad for p in also if p.grad is not None]
         total = torch.stack([g.float().pow(2).sum() for g in clipped]).sum().sqrt() if clipped else torch.zeros(())
+        if check_norm is not None:
+            check_norm(float(total))
         if max_grad_norm is not None:  # as torch.nn.utils.clip_grad_norm_
             coef = (max_grad_norm / (total + 1e-6)).clamp(max=1.0)
             for g in clipped:

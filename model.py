@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, fields
 
@@ -585,23 +586,75 @@ def load_peft_adapter(model: Qwen2, adapter_dir: str) -> Qwen2:
 
 
 # -----------------------------------------------------------------------------
+# Device and dtype: the one policy every script uses
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name="auto") -> torch.device:
+    """"auto" (or None): cuda when available, else cpu; a cuda device on a machine without CUDA is a ValueError."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device {name!r}: not a device name (expected auto, cpu, cuda, cuda:1, ...)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name}: CUDA is not available on this machine")
+    return device
+
+
+def default_dtype(device) -> torch.dtype:
+    """Weights that do not train: bfloat16 on GPU, float32 on CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def parse_dtype(name) -> torch.dtype:
+    """A torch.dtype, or one of the names in DTYPES ("bf16", "float32", ...)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# -----------------------------------------------------------------------------
 # Files: Hub download, safetensors, atomic writes
 
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
              "merges.txt", "*.safetensors", "model.safetensors.index.json"]
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """'owner/name' as the Hub spells repo ids, and not a local path: no ./, ../, / or ~ in front, nothing of that
+    name on disk, and no local folder called `owner` (so runs/typo is a missing folder, not a repo to fetch)."""
+    owner = name.partition("/")[0]
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) is not None
+            and not os.path.exists(name) and not os.path.isdir(owner))
+
+
 def resolve_model_dir(name_or_path: str) -> str:
     """A local directory as is; otherwise a Hub repo id, fetched (config, tokenizer, safetensors only)."""
     if os.path.isdir(name_or_path):
         return name_or_path
-    if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+    if not looks_like_hub_id(name_or_path):
         raise FileNotFoundError(f"model directory not found: {name_or_path}")
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(name_or_path, allow_patterns=HUB_FILES)
     except Exception as e:  # offline, unknown repo, ...
         raise FileNotFoundError(f"could not fetch {name_or_path!r} from the Hugging Face Hub: {e}") from e
+
+
+def is_run_dir(path: str) -> bool:
+    """A run directory of train.py (its config.json has a "method"), which eval.load_model rebuilds; not a model
+    folder in the Hub layout."""
+    cfg = os.path.join(path, "config.json")
+    if not (os.path.isdir(path) and os.path.exists(cfg)):
+        return False
+    with open(cfg) as f:
+        return "method" in json.load(f)
 
 
 def load_safetensors_dir(path: str) -> dict:
@@ -755,7 +808,8 @@ def build_bpe_tokenizer(path: str, config: dict):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Chat with a Qwen2.5 model (streamed output).")
-    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="Hub repo id or local model directory")
+    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct",
+                   help="Hub repo id or local model directory (a train.py run directory: its hf/ or merged/ export)")
     p.add_argument("--prompt", default="Give me a short introduction to large language models.",
                    help="the user message")
     p.add_argument("--system", default=None, help="system message (default: Qwen's own)")
@@ -767,13 +821,16 @@ def main(argv=None):
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     args = p.parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     torch.manual_seed(args.seed)
     try:
+        if is_run_dir(args.model):  # rebuilding one (base + memory or adapters) is eval.py's job
+            raise ValueError(f"{args.model} is a train.py run directory; pass a model folder (RUN/hf for full, "
+                             "RUN/merged for LoRA trained with --export-merged), or rebuild it in Python with "
+                             "eval.load_model(RUN) (SMF runs have no model folder)")
+        device = resolve_device(args.device)
+        dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(device)
         model = Qwen2.from_pretrained(args.model, dtype=dtype, device=device).eval()
         tok = Tokenizer.from_pretrained(args.model)
     except (OSError, ValueError) as e:

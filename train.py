@@ -31,9 +31,7 @@ import functools
 import json
 import math
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -42,15 +40,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.nn.parallel import DistributedDataParallel as DDP
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
 
 import data
 import memory
+from checkpoint import (Checkpoint, Lock, RunError, StepGuard, StopRun, append_log, begin_run, begin_stage,
+                        check_out_dir, finish_stage, hub_revision, is_finished, setup_ranks)
 from eval import load_model, load_task_rows, run_tasks
 from model import (LORA_TARGETS, Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, lora_state_dict, merge_lora,
                    resolve_model_dir, save_peft_adapter, write_json)
@@ -76,15 +73,7 @@ RECIPE_METHODS = {  # the methods each recipe flag acts on; given explicitly for
     "merge_lora_for_eval": ("lora",),
 }
 DEFAULT_LR = {"smf": 5e-4, "retrofit": 5e-4, "lora": 2e-4, "full": 5e-5}
-DEFAULT_DATA = {"smf": "medmcqa", "lora": "medmcqa", "full": "medmcqa", "retrofit": "oasst1"}
 
-
-class RunError(Exception):
-    """A problem with the user's input or the run; printed as one line, exit status 1."""
-
-
-class StopRun(Exception):
-    """--stop-at-step reached: leave as if interrupted, exit status 0."""
 
 
 # -----------------------------------------------------------------------------
@@ -98,7 +87,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in (None, False, []) else super()._get_help_string(action)
 
 
-def parse_args(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--method", required=True, choices=METHODS,
                    help="smf: stage 1 (retrofit) + background reads + stage 2 (sparse finetuning); retrofit: "
@@ -143,6 +132,12 @@ def parse_args(argv=None):
     g.add_argument("--stop-at-step", type=int, default=None,
                    help="stop after this step's checkpoint, as if interrupted (to test --resume); in --method smf "
                         "it applies to each stage in turn")
+    add_smf_flags(p)
+    add_baseline_flags(p)
+    return p
+
+
+def add_smf_flags(p):
     g = p.add_argument_group("SMF: memory layers (stage 1 builds them)")
     g.add_argument("--memory-from", default=None, help="reuse the memory of a finished retrofit (or smf) run")
     g.add_argument("--memory-mode", default="additive", choices=["additive", "replacement"])
@@ -190,6 +185,9 @@ def parse_args(argv=None):
                         "over the whole step (clean)")
     g.add_argument("--train-alpha", action="store_true", help="also train the memory scale alpha (additive)")
     g.add_argument("--log-rows", action="store_true", help="also log the ids of the rows chosen at every step")
+
+
+def add_baseline_flags(p):
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora-r", type=int, default=16)
     g.add_argument("--lora-alpha", type=float, default=32)
@@ -210,6 +208,10 @@ def parse_args(argv=None):
     g.add_argument("--eval-limit", type=int, default=200, help="examples per probe")
     g.add_argument("--eval-data", action="append", default=[], metavar="NAME=PATH",
                    help="local file for a probe (medmcqa, wikitext, triviaqa), as in eval.py; repeatable")
+
+
+def parse_args(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     for name, value in RECIPES[args.recipe].items():  # the recipe fills every flag left unset
         if getattr(args, name) is None:
@@ -227,8 +229,11 @@ def parse_args(argv=None):
         args.limit = args.retrofit_limit
     if args.method != "retrofit" and args.task == "medmcqa" and args.limit is None:
         args.limit = 60000  # the paper: a seeded random 60k of the single-answer MedMCQA train questions
-    if args.out is None:
-        args.out = os.path.join("runs", f"{args.method}-seed{args.seed}")
+    args.out = os.path.abspath(args.out or os.path.join("runs", f"{args.method}-seed{args.seed}"))
+    if args.memory_from:  # paths resolved, so that --resume compares them whatever their spelling
+        args.memory_from = os.path.abspath(args.memory_from)
+    if os.path.isdir(args.model):
+        args.model = os.path.abspath(args.model)
     if args.memory_layers is not None:
         try:
             args.memory_layers = [int(x) for x in args.memory_layers.split(",")]
@@ -250,6 +255,7 @@ def parse_args(argv=None):
         if value.startswith("text:"):
             if not os.path.exists(value[5:]):
                 p.error(f"--{flag.replace('_', '-')}: file not found: {value[5:]}")
+            setattr(args, flag, "text:" + os.path.abspath(value[5:]))
         elif value not in ({"task": "medmcqa", "retrofit_task": "oasst1"}[flag],):
             p.error(f"--{flag.replace('_', '-')}: unknown task {value!r} (expected "
                     f"{'medmcqa' if flag == 'task' else 'oasst1'} or text:PATH)")
@@ -267,21 +273,11 @@ def parse_args(argv=None):
         p.error("--export-peft and --export-merged only apply to --method lora")
     if args.train_alpha and args.memory_mode == "replacement":
         p.error("--train-alpha needs --memory-mode additive (replacement memory has no alpha)")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr >= 0):
+        p.error(f"--lr must be a finite number >= 0, got {args.lr}")
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be at least 1")
     return args
-
-
-# flags that may differ between a run and its resumption; every other flag must be the same
-RESUME_FREE = {"resume", "stop_at_step", "device", "eval_every", "eval_tasks", "eval_limit", "save_every"}
-
-
-def check_resume_args(args, args_path):
-    if not os.path.exists(args_path):
-        raise RunError(f"--resume: no run to resume in {args.out} (no args.json)")
-    with open(args_path) as f:
-        saved = json.load(f)
-    for k, v in vars(args).items():
-        if k not in RESUME_FREE and k in saved and json.loads(json.dumps(v)) != saved[k]:
-            raise RunError(f"--resume: --{k.replace('_', '-')} is {v!r} but the run was started with {saved[k]!r}")
 
 
 def parse_data_flag(p, flag, names):
@@ -292,54 +288,12 @@ def parse_data_flag(p, flag, names):
         p.error(f"--data: unknown dataset {name!r} here (choose from {', '.join(names)})")
     if not os.path.exists(path):
         p.error(f"--data {name}: file not found: {path}")
-    return name, path
+    return name, os.path.abspath(path)
+
 
 
 # -----------------------------------------------------------------------------
-# Device, data, records
-
-
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
-
-
-@dataclass
-class DataParallel:
-    """Where this process stands under torchrun: rank r of world processes, each with its own data shard.
-    With one process (plain `python train.py`) every method below is a no-op."""
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:  # rank 0 alone logs, shows progress and writes files
-        return self.rank == 0
-
-    def sum_(self, t):
-        """All-reduce (sum) a tensor in place across ranks."""
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-
-def setup_data_parallel(args):
-    """Join the process group torchrun set up (WORLD_SIZE > 1): NCCL with one GPU per process, else gloo on CPU."""
-    device = resolve_device(args.device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return DataParallel(), device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DataParallel(dist.get_rank(), world), device
+# Data
 
 
 def training_examples(task, args, tok, limit, path=None, oasst1_format=None):
@@ -375,27 +329,6 @@ def training_examples(task, args, tok, limit, path=None, oasst1_format=None):
     return kept
 
 
-def run_info(args):
-    """Library versions, base revision and git commit, for args.json."""
-    def git(*cmd):
-        try:
-            here = os.path.dirname(os.path.abspath(__file__))
-            return subprocess.run(["git", *cmd], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:
-            return None
-    import huggingface_hub, safetensors, tokenizers
-    return {"python": platform.python_version(), "torch": torch.__version__, "tokenizers": tokenizers.__version__,
-            "safetensors": safetensors.__version__, "huggingface_hub": huggingface_hub.__version__,
-            "git_commit": git("rev-parse", "HEAD") or None, "git_dirty": bool(git("status", "--porcelain")),
-            "command": " ".join(sys.argv)}
-
-
-def hub_revision(model_dir):
-    """The commit hash of a Hub snapshot directory (.../snapshots/<hash>), None for a plain local directory."""
-    parent, name = os.path.split(os.path.normpath(model_dir))
-    return name if os.path.basename(parent) == "snapshots" else None
-
-
 def lr_at(step, total, peak, warmup, from_zero=False):
     """Linear warmup to peak over `warmup` steps (from lr 0 at step 0 as Hugging Face's scheduler, if
     from_zero), then cosine decay to 0 at `total`."""
@@ -417,319 +350,157 @@ class Stage:
     lr: float
     epochs: float
     max_steps: int | None
-    dense: dict                   # name -> Parameter trained by torch.optim.AdamW
-    saved: callable               # () -> {name: tensor}: what model.safetensors holds
+    adamw_params: dict            # name -> Parameter stepped by torch.optim.AdamW (adapters, weights, memory, alpha)
+    trained: callable             # () -> {name: tensor}: what model.safetensors holds
     config: dict                  # config.json
-    smf: dict | None = None       # SMF stage 2: memories, background
-    eval_rows: dict | None = None  # {task: rows} for --eval-every
+    smf: dict | None = None       # SMF stage 2: {"memories": {layer: memory}, "background": BackgroundStats}
     repetition_penalty: float = 1.0
     fsdp: bool = False            # the model is sharded with fully_shard (full finetuning, --fsdp)
 
 
-def train(stage: Stage, args, device, tok, dp: DataParallel):
-    model, ex = stage.model, stage.examples
-    global_batch = args.batch_size * dp.world  # one micro-batch across all ranks; rank r takes its r-th slice
-    if len(ex) < global_batch and dp.world > 1:
-        raise RunError(f"{len(ex)} training examples are fewer than one micro-batch across ranks ({global_batch})")
-    n_micro = max(1, len(ex) // global_batch)  # micro-batches per epoch (an incomplete last one is dropped)
-    total = stage.max_steps or max(1, int(stage.epochs * n_micro) // args.grad_accum)
+class MicroBatches:
+    """The endless, epoch-by-epoch shuffled stream of micro-batches: micro-batch m of all ranks together holds
+    batch_size * world examples, and rank r takes the r-th slice. An incomplete last micro-batch is dropped."""
+
+    def __init__(self, examples, args, ranks, pad_id, device):
+        self.ex, self.args, self.ranks, self.pad_id, self.device = examples, args, ranks, pad_id, device
+        self.size = args.batch_size * ranks.world
+        if len(examples) < self.size and ranks.world > 1:
+            raise RunError(f"{len(examples)} training examples are fewer than one micro-batch across ranks "
+                           f"({self.size})")
+        self.per_epoch = max(1, len(examples) // self.size)
+
+    @functools.lru_cache(maxsize=2)  # one shuffle per epoch, not one per micro-batch
+    def order(self, epoch):
+        return data.epoch_order(len(self.ex), self.args.seed, epoch)
+
+    def __call__(self, m):
+        """(this rank's micro-batch m on the device, its loss tokens across all ranks)"""
+        epoch, i = divmod(m, self.per_epoch)
+        ids = self.order(epoch)[i * self.size:(i + 1) * self.size]
+        n_loss = sum(sum(self.ex[j][1][1:]) for j in ids)  # loss tokens across all ranks (predicting token 1..)
+        mine = ids[self.ranks.rank * self.args.batch_size:(self.ranks.rank + 1) * self.args.batch_size]
+        batch = data.collate([self.ex[j] for j in mine], self.pad_id)
+        return {k: v.to(self.device) for k, v in batch.items()}, n_loss
+
+
+def train(stage: Stage, args, device, tok, ranks):
+    model, smf = stage.model, stage.smf
+    stream = MicroBatches(stage.examples, args, ranks, tok.pad_id, device)
+    total = stage.max_steps or max(1, int(stage.epochs * stream.per_epoch) // args.grad_accum)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-    dense_opt = None
-    if stage.dense:
+    adamw = smf_opt = None
+    if stage.adamw_params:
         fused = device.type == "cuda" and not stage.fsdp  # as the paper's Trainer (optim "adamw_torch_fused")
-        dense_opt = torch.optim.AdamW(list(stage.dense.values()), lr=stage.lr, betas=(0.9, 0.999), eps=1e-8,
-                                      weight_decay=args.weight_decay, fused=fused or None)
-    smf_opt = None
-    if stage.smf is not None:
-        smf_opt = memory.SparseMemoryOptimizer(stage.smf["memories"], lr=stage.lr, weight_decay=args.weight_decay,
+        adamw = torch.optim.AdamW(list(stage.adamw_params.values()), lr=stage.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=args.weight_decay, fused=fused or None)
+    if smf is not None:
+        smf_opt = memory.SparseMemoryOptimizer(smf["memories"], lr=stage.lr, weight_decay=args.weight_decay,
                                                mode=args.optimizer)
-    optimizers = [o for o in (dense_opt, smf_opt) if o is not None]
-
-    ckpt_path = os.path.join(stage.out, "checkpoint.safetensors")
-    log_path = os.path.join(stage.out, "log.jsonl")
-    step = 0
-    if os.path.exists(ckpt_path):  # resume: weights, optimizer state and every rank's RNG state
-        step = load_checkpoint(ckpt_path, model, stage, dense_opt, smf_opt, device, dp)
-    else:  # the training RNG (dropout) of each rank: its own stream, rank 0's as in a single process
-        torch.manual_seed(args.seed + 1_000_003 * dp.rank)
-        if dp.main:
-            truncate_log(log_path, step)
-            print(f"resuming {stage.out} at step {step}/{total}", file=sys.stderr)
+    optimizers = [o for o in (adamw, smf_opt) if o is not None]
+    saver = Checkpoint(stage.out, model, stage.trained, stage.adamw_params, adamw, smf_opt, ranks, stage.fsdp)
+    step = saver.load(device)  # weights, optimizer state and every rank's RNG state, if there is a checkpoint
+    if step == 0:  # the training RNG (dropout) of each rank: its own stream, rank 0's as in a single process
+        torch.manual_seed(args.seed + 1_000_003 * ranks.rank)
+    begin_stage(stage.out, step, total, ranks)
     if step >= total:
         return
-    if dp.main:
+    if ranks.main:
         write_json(os.path.join(stage.out, "config.json"), {**stage.config, "finished": False})
-    if args.eval_every:
-        stage.eval_rows = load_task_rows(args.eval_tasks.split(","), args.eval_limit, args.eval_data)
+    eval_rows = load_task_rows(args.eval_tasks.split(","), args.eval_limit, args.eval_data) if args.eval_every else None
     # Data parallel: DDP (or FSDP's reduce-scatter) averages the dense gradients across ranks as backward runs.
     # SMF instead sums its read counts across ranks (so every rank selects the same rows) and then only the
     # selected rows' gradients (SparseMemoryOptimizer's reduce hook): DDP would all-reduce whole value tables.
-    forward = model
-    if dp.world > 1 and stage.smf is None and not stage.fsdp:
-        forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    averaged = dp.world > 1 and stage.smf is None  # gradients arrive averaged over ranks: scale the loss up
-    pad_reads = stage.smf is not None and args.count_pad_reads  # pads run as in HF's Qwen2: their reads count
-    sum_of_means = stage.smf is not None and args.sum_micro_batch_means
-
-    @functools.lru_cache(maxsize=2)  # one shuffle per epoch, not one per micro-batch
-    def epoch_order(epoch):
-        return data.epoch_order(len(ex), args.seed, epoch)
-
-    def micro_batch(m):  # this rank's part of the m-th micro-batch of the endless, epoch-by-epoch shuffled stream
-        epoch, i = divmod(m, n_micro)
-        order = epoch_order(epoch)
-        ids = order[i * global_batch:(i + 1) * global_batch]
-        n_loss = sum(sum(ex[j][1][1:]) for j in ids)  # loss tokens across all ranks (predicting token 1..)
-        mine = ids[dp.rank * args.batch_size:(dp.rank + 1) * args.batch_size]
-        return {k: v.to(device) for k, v in data.collate([ex[j] for j in mine], tok.pad_id).items()}, n_loss
-
+    wrapped = ranks.wrap(model, device, ddp=smf is None and not stage.fsdp)
+    averaged = ranks.world > 1 and smf is None  # gradients arrive averaged over ranks: scale the loss up
+    pad_reads = smf is not None and args.count_pad_reads  # pads run as in HF's Qwen2: their reads count
+    sum_of_means = smf is not None and args.sum_micro_batch_means
+    guard = StepGuard(stage.out)
+    log_path = os.path.join(stage.out, "log.jsonl")
     model.train()
-    bar = tqdm(total=total, initial=step, desc=os.path.basename(stage.out.rstrip("/")), dynamic_ncols=True,
-               disable=not dp.main)
+    bar = tqdm(total=total, initial=step, desc=os.path.basename(stage.out), dynamic_ncols=True, disable=not ranks.main)
     while step < total:
         t0 = time.time()
         lr = lr_at(step, total, stage.lr, args.warmup, args.warmup_from_zero)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = lr
-        batches = [micro_batch(m) for m in range(step * args.grad_accum, (step + 1) * args.grad_accum)]
+        for group in (g for opt in optimizers for g in opt.param_groups):
+            group["lr"] = lr
+        batches = [stream(m) for m in range(step * args.grad_accum, (step + 1) * args.grad_accum)]
         n_tokens = sum(n for _, n in batches)  # loss tokens in this optimizer step, all ranks together
         loss_sum, counts, selected = torch.zeros((), device=device), None, None
         for k, (b, n) in enumerate(batches):
-            last = k == len(batches) - 1  # gradients cross ranks on the step's last micro-batch only
-            if stage.fsdp:
-                model.set_requires_gradient_sync(last)
-            with forward.no_sync() if isinstance(forward, DDP) and not last else nullcontext():
+            with ranks.grad_sync(wrapped, model, stage.fsdp, last=k == len(batches) - 1):
                 with autocast:
-                    logits = forward(b["idx"], b["attention_mask"], hf_padding=pad_reads)  # (B, T, vocab) fp32
+                    logits = wrapped(b["idx"], b["attention_mask"], hf_padding=pad_reads)  # (B, T, vocab) fp32
                 # next-token loss, summed here and divided by the step's token count: the gradient of the step's
                 # mean token loss, whatever the split into micro-batches and ranks; or divided by this micro-batch's
                 # own count (all ranks), making the step's gradient the sum of micro-batch means (paper, stage 2)
                 loss_tokens = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
                                               ignore_index=-100, reduction="sum")
                 loss = loss_tokens / max(1, n if sum_of_means else n_tokens)
-                if stage.smf is not None:  # SMF: which memory slots this micro-batch read (all ranks)
+                if smf is not None:  # SMF 1. reads: which memory slots this micro-batch read (all ranks)
                     reads = memory.read_counts(model, None if args.count_pad_reads else b["attention_mask"])
-                    reads = {i: dp.sum_(c) for i, c in reads.items()}
+                    reads = {i: ranks.sum_(c) for i, c in reads.items()}
                     counts = reads if counts is None else {i: counts[i] + reads[i] for i in counts}
                     if args.select_per_micro_batch:  # the paper's code: rows chosen per micro-batch, before backward
-                        selected = memory.select_per_micro_batch(stage.smf["memories"], reads,
-                                                                 stage.smf["background"], args.rank, args.top_t,
-                                                                 selected)
-                (loss * dp.world if averaged else loss).backward()
+                        selected = memory.select_per_micro_batch(smf["memories"], reads, smf["background"],
+                                                                 args.rank, args.top_t, selected)
+                (loss * ranks.world if averaged else loss).backward()
             loss_sum += loss_tokens.detach()
-        loss_sum = dp.sum_(loss_sum).item() / max(1, n_tokens)  # the step's mean token loss, whatever the recipe
-        if not math.isfinite(loss_sum):
-            raise RunError(f"loss is {loss_sum} at step {step + 1} in {stage.out}; stopping before the update. The "
-                           f"last good checkpoint is kept: lower --lr or check the data, then --resume")
-        record = {"step": step + 1, "loss": loss_sum, "lr": lr, "tokens": n_tokens}
-        if stage.smf is not None:
-            alpha = list(stage.dense.values())  # alpha under --train-alpha (outside DDP): summed across ranks here
+        loss_mean = ranks.sum_(loss_sum).item() / max(1, n_tokens)  # the step's mean token loss, whatever the recipe
+        guard.check(step + 1, loss_mean)
+        record = {"step": step + 1, "loss": loss_mean, "lr": lr, "tokens": n_tokens}
+        if smf is not None:
+            alpha = list(stage.adamw_params.values())  # under --train-alpha (outside DDP): summed across ranks here
             for p in alpha:
-                dp.sum_(p.grad)
-            if not args.select_per_micro_batch:  # SMF: one choice of rows per optimizer step, from all its reads
-                selected = memory.select_rows(counts, stage.smf["background"], args.rank, args.top_t)
-            check_same_rows(selected, dp)
-            # values and alpha are clipped together, as one clip_grad_norm_ over every trained parameter
-            stats = smf_opt.step(selected, max_grad_norm=args.grad_clip or None, reduce=dp.sum_, also=alpha)
-            record["grad_norm"] = stats["grad_norm"]
-            record["rows"] = {str(k): v for k, v in stats["rows"].items()}
+                ranks.sum_(p.grad)
+            if not args.select_per_micro_batch:  # SMF 2. select: the top-t rows per layer from all the step's reads
+                selected = memory.select_rows(counts, smf["background"], args.rank, args.top_t)
+            ranks.same_rows(selected)
+            # SMF 3. masked step: only those rows change (values and alpha clipped together, as one clip_grad_norm_)
+            stats = smf_opt.step(selected, max_grad_norm=args.grad_clip or None, reduce=ranks.sum_, also=alpha,
+                                 check_norm=functools.partial(guard.check, step + 1, loss_mean))
+            record.update(grad_norm=stats["grad_norm"], rows={str(k): v for k, v in stats["rows"].items()})
             if args.log_rows:
                 record["selected"] = {str(k): v.tolist() for k, v in selected.items()}
-                if dp.world > 1:  # evidence that every rank chose the same rows
-                    append_log(os.path.join(stage.out, f"selected.rank{dp.rank}.jsonl"),
+                if ranks.world > 1:  # evidence that every rank chose the same rows
+                    append_log(os.path.join(stage.out, f"selected.rank{ranks.rank}.jsonl"),
                                {"step": step + 1, **record["selected"]})
-        elif dense_opt is not None:
-            params = list(stage.dense.values())
-            norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip else float("inf"))
-            if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
-                norm = norm.full_tensor()
-            record["grad_norm"] = float(norm)
-        if dense_opt is not None:
-            dense_opt.step()
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(list(stage.adamw_params.values()), args.grad_clip or math.inf)
+            record["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: DTensor
+            guard.check(step + 1, loss_mean, record["grad_norm"])
+        if adamw is not None:
+            adamw.step()
         for opt in optimizers:
             opt.zero_grad()
         step += 1
+        if warning := guard.dead(record["loss"], record["grad_norm"], step):
+            record["warning"] = warning
         record["seconds"] = round(time.time() - t0, 4)
-        if dp.main:
+        if ranks.main:
             append_log(log_path, record)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{n_tokens / max(1e-9, record['seconds']):.0f}")
+        bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{n_tokens / max(1e-9, record['seconds']):.0f}")
         if args.eval_every and step % args.eval_every == 0:
-            if dp.main:
+            if ranks.main:
                 model.eval()
-                results = run_tasks(model, tok, stage.eval_rows, repetition_penalty=stage.repetition_penalty)
+                results = run_tasks(model, tok, eval_rows, repetition_penalty=stage.repetition_penalty)
                 append_log(os.path.join(stage.out, "eval.jsonl"), {"step": step, **results})
                 model.train()
-            dp.barrier()
+            ranks.barrier()
         if step % args.save_every == 0 or step == total or step == args.stop_at_step:
-            save_checkpoint(ckpt_path, step, model, stage, dense_opt, smf_opt, dp)
+            saver.save(step)
         if step == args.stop_at_step and step < total:
             bar.close()
-            if dp.main:
+            if ranks.main:
                 print(f"stopped at step {step} as asked (--stop-at-step); continue with --resume", file=sys.stderr)
             raise StopRun()
     bar.close()
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints: one safetensors file (trained tensors, optimizer state, RNG) plus model.safetensors
-
-
-def check_same_rows(selected, dp):
-    """Every rank must choose the same rows (their read counts are summed first); a cheap fingerprint proves it."""
-    if dp.world == 1:
-        return
-    fp = torch.stack([torch.stack([r.numel() * torch.ones((), dtype=torch.long, device=r.device),
-                                   (r.sort().values * torch.arange(1, r.numel() + 1, device=r.device)).sum()])
-                      for r in selected.values()]).flatten()
-    seen = [torch.zeros_like(fp) for _ in range(dp.world)]
-    dist.all_gather(seen, fp)
-    if any(not torch.equal(seen[0], s) for s in seen):
-        raise RunError("data-parallel ranks selected different memory rows (their read counts disagree)")
-
-
-def rng_states(dp, device):
-    """Every rank's CPU (and CUDA) RNG state, gathered so that rank 0 can write them all."""
-    states = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    if dp.world == 1:
-        return {f"rng.{k}.0": v for k, v in states.items()}
-    out = {}
-    for k, v in states.items():
-        v = v.to(device)
-        seen = [torch.zeros_like(v) for _ in range(dp.world)]
-        dist.all_gather(seen, v)
-        out.update({f"rng.{k}.{r}": s.cpu() for r, s in enumerate(seen)})
-    return out
-
-
-def dense_optimizer_state(model, opt, stage):
-    """AdamW's state as {"adamw.<parameter name>.<step|exp_avg|exp_avg_sq>": full tensor} (a collective under
-    FSDP, where rank 0 alone receives it)."""
-    if stage.fsdp:
-        state = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
-                                                                              cpu_offload=True)).get("state", {})
-    else:
-        names = list(stage.dense)
-        state = {names[i]: s for i, s in opt.state_dict()["state"].items()}
-    return {f"adamw.{name}.{k}": torch.as_tensor(v).detach().cpu().contiguous()
-            for name, s in state.items() for k, v in s.items()}
-
-
-def load_dense_optimizer_state(model, opt, stage, tensors, device):
-    state = {}
-    for key, v in tensors.items():
-        if key.startswith("adamw."):
-            name, k = key[len("adamw."):].rsplit(".", 1)
-            state.setdefault(name, {})[k] = v if (k == "step" or stage.fsdp) else v.to(device)
-    if stage.fsdp:  # rank 0 holds the full moments (on CPU) and broadcasts them; every rank keeps its shards
-        sd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
-        sd["state"] = state
-        set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True,
-                                                                          broadcast_from_rank0=True))
-        return
-    index = {name: i for i, name in enumerate(stage.dense)}
-    sd = opt.state_dict()
-    sd["state"] = {index[name]: s for name, s in state.items()}
-    opt.load_state_dict(sd)
-
-
-def save_checkpoint(path, step, model, stage, dense_opt, smf_opt, dp):
-    device = next(model.parameters()).device
-    rng = rng_states(dp, device)  # collectives first: every rank takes part
-    trained = stage.saved()
-    dense = dense_optimizer_state(model, dense_opt, stage) if dense_opt is not None else {}
-    if not dp.main:
-        dp.barrier()
-        return
-    trained = {k: v.detach().contiguous().cpu() for k, v in trained.items()}
-    tensors = {f"model.{k}": v for k, v in trained.items()}
-    tensors.update(dense)
-    if smf_opt is not None:
-        for k, v in smf_opt.state_dict().items():
-            tensors[f"smf_opt.{k}"] = v.detach().cpu().contiguous()
-    tensors.update(rng)
-    meta = {"step": str(step), "world_size": str(dp.world)}
-    atomic_write(os.path.join(stage.out, "model.safetensors"), lambda p: save_file(trained, p))
-    atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
-    dp.barrier()
-
-
-def load_checkpoint(path, model, stage, dense_opt, smf_opt, device, dp):
-    try:
-        with safe_open(path, "pt") as f:
-            step, world = int(f.metadata()["step"]), int(f.metadata()["world_size"])
-            # under FSDP only rank 0 reads the weights and AdamW moments; the others receive their shards from it
-            tensors = {k: f.get_tensor(k) for k in f.keys()
-                       if dp.main or not stage.fsdp or not k.startswith(("model.", "adamw."))}
-    except Exception as e:
-        raise RunError(f"checkpoint {path} is unreadable: {e}") from e
-    if world != dp.world:
-        raise RunError(f"checkpoint {path} was written by {world} process(es); resume it with the same number "
-                       f"(now {dp.world})")
-    trained = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    own = model.state_dict()
-    problem = None
-    if bad := sorted(set(trained) - set(own)):
-        problem = f"checkpoint {path}: tensor {bad[0]} does not belong to this model (different flags?)"
-    for k, v in trained.items():
-        if problem is None and own[k].shape != v.shape:
-            problem = f"checkpoint {path}: tensor {k} has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}"
-    if int(dp.sum_(torch.tensor(int(problem is not None), device=device))):  # every rank stops, none waits
-        raise RunError(problem or f"checkpoint {path} does not match the model (rank 0 says why)")
-    if stage.fsdp:  # rank 0 broadcasts the full tensors; every rank keeps its shards
-        set_model_state_dict(model, trained, options=StateDictOptions(full_state_dict=True, strict=False,
-                                                                      broadcast_from_rank0=True))
-    else:
-        with torch.no_grad():
-            for k, v in trained.items():
-                own[k].copy_(v)
-    if dense_opt is not None:
-        load_dense_optimizer_state(model, dense_opt, stage, tensors, device)
-    if smf_opt is not None:
-        smf_opt.load_state_dict({k[len("smf_opt."):]: v.to(device) for k, v in tensors.items()
-                                 if k.startswith("smf_opt.")})
-    torch.set_rng_state(tensors[f"rng.cpu.{dp.rank}"])
-    if device.type == "cuda" and f"rng.cuda.{dp.rank}" in tensors:
-        torch.cuda.set_rng_state(tensors[f"rng.cuda.{dp.rank}"], device)
-    return step
-
-
-def append_log(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def truncate_log(path, step):
-    """Keep the log lines up to the checkpoint's step, so a resumed run's log reads as one run."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write(path, lambda p: open(p, "w").writelines(lines))
-
-
-def is_finished(run_dir):
-    try:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            return json.load(f).get("finished", False)
-    except (OSError, ValueError):
-        return False
-
-
-def finish(stage, dp):
-    """Mark a stage finished: eval.py and --memory-from accept only finished runs."""
-    stage.config["finished"] = True
-    if dp.main:
-        write_json(os.path.join(stage.out, "config.json"), stage.config)
-    dp.barrier()
-
 
 # -----------------------------------------------------------------------------
-# The methods
+# The methods: each builds its stage
 
 
 def run_config(args, method, model, **extra):
@@ -745,11 +516,11 @@ def memory_config_from_args(args):
                                precision=args.memory_precision)
 
 
-def retrofit(args, out, device, tok, dp):
+def retrofit_stage(args, out, device, tok, ranks) -> Stage:
     """Stage 1: add fresh memory layers and train all their parameters densely on OASST1, base frozen."""
-    if dp.main:
+    if ranks.main:
         os.makedirs(out, exist_ok=True)
-    dp.barrier()
+    ranks.barrier()
     model, _, info = load_model(args.model, dtype=frozen_dtype(device), device=device)
     torch.manual_seed(args.seed)
     mem_cfg = memory_config_from_args(args).resolve(model.config.num_hidden_layers, model.config.hidden_size)
@@ -757,23 +528,21 @@ def retrofit(args, out, device, tok, dp):
     if mem_cfg.precision == "bf16":  # the paper's code builds the memory inside its bf16 model
         memory.round_to_bf16_(memories)
     model.requires_grad_(False)
-    dense = {}
+    adamw_params = {}
     for i, mem in memories.items():
         for name, p in mem.named_parameters():
             p.requires_grad_(True)
-            dense[f"model.layers.{i}.memory.{name}"] = p
+            adamw_params[f"model.layers.{i}.memory.{name}"] = p
     alone = args.method == "retrofit"  # stage 1 on its own takes the shared flags, inside smf the --retrofit-* ones
     examples = training_examples(args.retrofit_task, args, tok, args.limit if alone else args.retrofit_limit)
     stage = Stage(out=out, model=model, examples=examples,
                   lr=args.lr if alone else args.retrofit_lr,
                   epochs=args.epochs if alone else args.retrofit_epochs,
                   max_steps=args.max_steps if alone else args.retrofit_max_steps,
-                  dense=dense, saved=lambda: memory.memory_state_dict(model),
+                  adamw_params=adamw_params, trained=lambda: memory.memory_state_dict(model),
                   config=run_config(args, "retrofit", model, memory=mem_cfg.to_dict(), stage1_data=stage1_data(args)),
                   repetition_penalty=info["repetition_penalty"])
-    train(stage, args, device, tok, dp)
-    finish(stage, dp)
-    return model
+    return stage
 
 
 def stage1_data(args):
@@ -786,7 +555,7 @@ def stage1_data(args):
 
 
 @torch.inference_mode()
-def background_statistics(model, tok, args, device, dp, stage1):
+def background_statistics(model, tok, args, device, ranks, stage1):
     """Read counts and document frequency of every memory slot over --background-batches single-example batches
     of the stage-1 data (stage1_data()): the first ones of a seeded random --background-subset of it (the paper's),
     or a seeded shuffle of all of it (--background-subset 0)."""
@@ -800,15 +569,15 @@ def background_statistics(model, tok, args, device, dp, stage1):
     stats = memory.BackgroundStats()
     model.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    for ids, _ in tqdm(picked[dp.rank::dp.world], desc="background reads", dynamic_ncols=True, disable=not dp.main):
+    for ids, _ in tqdm(picked[ranks.rank::ranks.world], desc="background reads", dynamic_ncols=True, disable=not ranks.main):
         with autocast:
             model(torch.tensor([ids], device=device))  # (1, T)
         stats.update(memory.read_counts(model))
-    if dp.world > 1:  # each rank read its share of the batches: sum them
+    if ranks.world > 1:  # each rank read its share of the batches: sum them
         for table in (stats.counts, stats.doc_freq):
             for i, c in table.items():
-                c.copy_(dp.sum_(c.to(device)).cpu())
-        stats.n_batches = int(dp.sum_(torch.tensor(stats.n_batches, device=device)))
+                c.copy_(ranks.sum_(c.to(device)).cpu())
+        stats.n_batches = int(ranks.sum_(torch.tensor(stats.n_batches, device=device)))
     model.train()
     return stats
 
@@ -818,7 +587,7 @@ def frozen_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def sparse_finetune(args, device, tok, memory_dir, dp):
+def sparse_stage(args, device, tok, memory_dir, ranks) -> Stage:
     """Stage 2: only the memory values train, and on each step only the top-t rows per layer that the batch
     read most (ranked against background reads, taken from the stage-1 data at the start of this stage) change."""
     if not is_finished(memory_dir):
@@ -846,29 +615,27 @@ def sparse_finetune(args, device, tok, memory_dir, dp):
         background = memory.BackgroundStats.load(background_path)
     else:
         stage1 = mem_run.get("stage1_data") or stage1_data(args)  # a run of an older version: from the flags
-        background = background_statistics(model, tok, args, device, dp, stage1)
-        if dp.main:
+        background = background_statistics(model, tok, args, device, ranks, stage1)
+        if ranks.main:
             atomic_write(background_path, background.save)
     model.requires_grad_(False)
-    dense = {}
+    adamw_params = {}
     for i, mem in memories.items():
         mem.values.weight.requires_grad_(True)
         mem.sparse_grad = True  # the values gradient holds only the rows read
         if args.train_alpha:
             mem.alpha.requires_grad_(True)
-            dense[f"model.layers.{i}.memory.alpha"] = mem.alpha
+            adamw_params[f"model.layers.{i}.memory.alpha"] = mem.alpha
     config = run_config(args, "smf", model, memory=mem_cfg.to_dict(), memory_from=os.path.abspath(memory_dir))
     stage = Stage(out=args.out, model=model, examples=training_examples(args.task, args, tok, args.limit),
-                  lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, dense=dense,
-                  saved=lambda: memory.memory_state_dict(model), config=config,
+                  lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, adamw_params=adamw_params,
+                  trained=lambda: memory.memory_state_dict(model), config=config,
                   smf={"memories": memories, "background": background},
                   repetition_penalty=info["repetition_penalty"])
-    train(stage, args, device, tok, dp)
-    finish(stage, dp)
-    return model
+    return stage
 
 
-def finetune_baseline(args, device, tok, dp):
+def lora_or_full_stage(args, device, tok, ranks) -> Stage:
     """LoRA (adapters only) or full finetuning (every weight) on MedMCQA with AdamW."""
     if args.init == "random":  # pretraining from scratch: --model only gives config.json and the tokenizer
         torch.manual_seed(args.seed)
@@ -886,8 +653,8 @@ def finetune_baseline(args, device, tok, dp):
                     "targets": args.lora_targets, "merge_for_eval": args.merge_lora_for_eval}
         model.requires_grad_(False)
         add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
-        dense = {k: p for k, p in model.named_parameters() if k.endswith((".lora_A", ".lora_B"))}
-        saved = lambda: lora_state_dict(model)  # noqa: E731
+        adamw_params = {k: p for k, p in model.named_parameters() if k.endswith((".lora_A", ".lora_B"))}
+        trained = lambda: lora_state_dict(model)  # noqa: E731
     else:
         hub_names = set(model.hub_state_shapes())  # tied embeddings: no lm_head.weight
         if args.fsdp:  # each block, then the rest (embeddings, norm, head), sharded across the ranks
@@ -897,29 +664,32 @@ def finetune_baseline(args, device, tok, dp):
             for block in model.model.layers:
                 fully_shard(block, mp_policy=mp)
             fully_shard(model, mp_policy=mp)
-        dense = dict(model.named_parameters())  # tied embeddings appear once
+        adamw_params = dict(model.named_parameters())  # tied embeddings appear once
 
-        def saved():  # every Hub tensor, gathered in full (on rank 0 under FSDP)
+        def trained():  # every Hub tensor, gathered in full (on rank 0 under FSDP)
             sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
                 if args.fsdp else model.state_dict()
             return {k: v for k, v in sd.items() if k in hub_names}
     config = run_config(args, args.method, model, lora=lora_cfg)
     stage = Stage(out=args.out, model=model, examples=training_examples(args.task, args, tok, args.limit),
-                  lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, dense=dense, saved=saved, config=config,
+                  lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, adamw_params=adamw_params, trained=trained,
+                  config=config,
                   repetition_penalty=info["repetition_penalty"], fsdp=args.fsdp)
-    train(stage, args, device, tok, dp)
+    return stage
+
+
+def export_lora_or_full(args, model, ranks):
+    """full: a Hub-format model in hf/; LoRA: optionally peft's adapter format and the merged model."""
     model.eval()
-    if dp.main and args.method == "full":  # from the saved weights: the same path with or without FSDP
+    if ranks.main and args.method == "full":  # from the saved weights: the same path with or without FSDP
         with torch.device("meta"):
             final = Qwen2(model.config)
         final.load_hub_state_dict(load_file(os.path.join(args.out, "model.safetensors")))
         export_hub_dir(final, args.model, os.path.join(args.out, "hf"))
-    if dp.main and args.export_peft:
+    if ranks.main and args.export_peft:
         save_peft_adapter(model, os.path.join(args.out, "peft"), args.model)
-    if dp.main and args.export_merged:
+    if ranks.main and args.export_merged:
         export_hub_dir(merge_lora(copy.deepcopy(model)), args.model, os.path.join(args.out, "merged"))
-    finish(stage, dp)
-    return model
 
 
 def export_hub_dir(model, base, out):
@@ -934,39 +704,45 @@ def export_hub_dir(model, base, out):
 # -----------------------------------------------------------------------------
 
 
+def run_stage(stage: Stage, args, device, tok, ranks, then=None):
+    """args.json (once the stage's model and data have loaded), the loop, `then` (exports), marked finished."""
+    begin_run(args, ranks, device)
+    train(stage, args, device, tok, ranks)
+    if then is not None:
+        then()
+    finish_stage(stage.out, stage.config, ranks)
+    return stage.model
+
+
 def main(argv=None):
     """Run the pipeline; returns the trained model (for tests and notebooks)."""
     args = parse_args(argv)
-    dp, device = setup_data_parallel(args)
+    ranks, device = setup_ranks(args.device)
+    lock = None
     try:
+        if ranks.main:
+            check_out_dir(args.out, args.resume)
+            lock = Lock(args.out)  # held until this process ends
+        ranks.barrier()
         args.base_revision = hub_revision(resolve_model_dir(args.model))  # fetches a Hub id; a resume must match
-        args_path = os.path.join(args.out, "args.json")
-        if args.resume:
-            check_resume_args(args, args_path)
-        elif os.path.exists(args_path):
-            raise RunError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
-        dp.barrier()  # every rank has checked before rank 0 writes
-        if dp.main and not args.resume:
-            os.makedirs(args.out, exist_ok=True)
-            write_json(args_path, {**vars(args), "device": str(device), "world_size": dp.world, **run_info(args)})
-        dp.barrier()
         torch.manual_seed(args.seed)
         tok = Tokenizer.from_pretrained(args.model)
         if args.method == "retrofit":
-            model = retrofit(args, args.out, device, tok, dp)
+            model = run_stage(retrofit_stage(args, args.out, device, tok, ranks), args, device, tok, ranks)
         elif args.method == "smf":
-            memory_dir = args.memory_from
-            if memory_dir is None:  # stage 1 in a sub-run of its own, skipped if it already finished
-                memory_dir = os.path.join(args.out, "retrofit")
-                if not is_finished(memory_dir):
-                    retrofit(args, memory_dir, device, tok, dp)
-            model = sparse_finetune(args, device, tok, memory_dir, dp)
+            memory_dir = args.memory_from or os.path.join(args.out, "retrofit")
+            if args.memory_from is None and not is_finished(memory_dir):  # stage 1 in a sub-run of its own
+                run_stage(retrofit_stage(args, memory_dir, device, tok, ranks), args, device, tok, ranks)
+            model = run_stage(sparse_stage(args, device, tok, memory_dir, ranks), args, device, tok, ranks)
         else:
-            model = finetune_baseline(args, device, tok, dp)
+            stage = lora_or_full_stage(args, device, tok, ranks)
+            model = run_stage(stage, args, device, tok, ranks, then=lambda: export_lora_or_full(args, stage.model, ranks))
     finally:
-        if dp.world > 1:
+        if ranks.world > 1:
             dist.destroy_process_group()
-    if dp.main:
+        if lock is not None:
+            lock.release()
+    if ranks.main:
         print(f"done: {args.out}  (evaluate: python eval.py --model {args.out})")
     return model
 

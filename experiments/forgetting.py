@@ -1,11 +1,12 @@
 """
 Learning vs forgetting on a synthetic world, offline on a CPU: SMF (clean with AdamW or SGD, and the paper's
-recipe), LoRA and full finetuning.
+recipe), LoRA and full finetuning, each through a learning-rate sweep, over several seeds; the trade-off as a picture.
 
-    python experiments/forgetting.py                # about 5 minutes on 2 CPU cores; --quick: about 40 s
+    python experiments/forgetting.py            # 5 seeds, 2 processes at a time: about 13 minutes on 2 CPU cores
+    python experiments/forgetting.py --quick    # a smoke test of the pipeline (2 seeds, about 40 s): it does not learn
 
-Steps (every training step is `python train.py ...`, every measurement eval.py's load_model and probes):
-  1. data.py's synthetic world (seed): old entities as prose + question-answer lines (pretraining text), new
+Per seed (every training step is `python train.py ...`, every measurement eval.py's load_model and probes):
+  1. data.py's synthetic world (the seed): old entities as prose + question-answer lines (pretraining text), new
      entities as question-answer lines (the facts to learn), held-out prose about the old entities (for each
      entity a template its own pretraining text never used; other entities' texts use it); a byte-level BPE
      trained on the world's text; a tiny Qwen2 config.json.
@@ -28,21 +29,39 @@ Steps (every training step is `python train.py ...`, every measurement eval.py's
        new-fact acc  (learning)   the true value ranked first among the attribute's 10 values (chance 0.10)
        old-fact acc  (forgetting) the same probe on the pretraining entities
        held-out ppl  (forgetting) token perplexity of unseen prose about the old entities
+Seeds run side by side (--jobs processes at a time, each train.py on one thread); a seed's finetunes start when its
+retrofit is done.
 
-Rule for the summary: for each method, among its learning rates whose new-fact accuracy reaches --target, the one
-with the highest old-fact accuracy (ties: lower held-out perplexity); if none reaches it, the one with the highest
-new-fact accuracy, marked "below target". The sweep table lists every run.
-Outputs in --out: results.json, results.md (both tables), the runs, and logs/ (each train.py's output).
+Summaries, a rule fixed before the final run (the spread comes from the seeds: each seed is another world, base,
+memory and data order):
+  curve     per method and seed: the runs in increasing lr order, starting at lr 0 (the model it finetunes: the base
+            for LoRA and full, the retrofit for SMF)
+  per lr    the picture's points: mean over seeds of new- and old-fact accuracy, error bars the 95% t-interval
+            (mean +- t(0.975, n-1) * std / sqrt(n), std with n-1); held-out ppl: the geometric mean, its interval
+            the same computed on log ppl
+  matched   for each level x in --levels (0.5, 0.7, 0.9): per seed, old-fact accuracy and log ppl interpolated
+            linearly in new-fact accuracy between the two consecutive points of the curve where new-fact accuracy
+            first reaches x (the lowest lr that gets there); a seed whose curve never reaches x has no value. Mean
+            and 95% t-interval over the seeds that reach x, with their count.
+  differ    for each pair of methods and each level: the per-seed difference of matched old-fact accuracy, over the
+            seeds where both reach x (paired: same world, base and memory); mean and 95% t-interval. A difference
+            "exceeds the spread" when at least 3 seeds count and the interval excludes 0. There is no correction for
+            the number of comparisons (10 pairs x 3 levels: about 1.5 false "yes" expected if no method differed).
+Outputs in --out: results.json (every run and every summary), results.md (the tables, as printed), the figure
+(--figure; needs matplotlib, an optional dependency of this script only: without it the tables still print), and
+seed<k>/ (the runs, logs/ with each train.py's output).
 --quick is a smoke test of the pipeline (a tiny model, a few steps, one lr per method): it is not expected to learn.
 """
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import torch
 
@@ -54,20 +73,22 @@ import memory  # noqa: E402
 from eval import eval_documents_ppl, eval_world_facts, load_model  # noqa: E402
 from model import merge_lora, write_json  # noqa: E402
 
+METHODS = ["smf-clean", "smf-sgd", "smf-paper", "lora", "full"]
+
 # Everything that differs between the full run and the --quick one (the test's plumbing check).
 SCALES = {
-    "full": dict(n_old=40, n_new=20, docs=2000, vocab=512, hidden=96, layers=4, heads=4, kv_heads=2, inter=256,
-                 pretrain_steps=1000, pretrain_lr=3e-3, pretrain_batch=16,
+    "full": dict(seeds=[0, 1, 2, 3, 4], n_old=40, n_new=20, docs=2000, vocab=512, hidden=96, layers=4, heads=4,
+                 kv_heads=2, inter=256, pretrain_steps=1000, pretrain_lr=3e-3, pretrain_batch=16,
                  retrofit_steps=200, retrofit_lr=3e-3, background=200,  # background: reads per SMF finetune
                  n_keys=32, mem_heads=2, mem_topk=8, mem_k_dim=64, top_t=64, lora_r=8,
                  ft_epochs=10, ft_batch=4, ft_accum=2,
                  # the memory's output is scaled by alpha (~0.01 after the retrofit): SMF's values need lrs far above
                  # LoRA's or full finetuning's (a first run with adamw 0.01-0.3 and sgd 1-1000 learned nothing)
-                 sweeps={"smf-clean": [1.0, 3.0, 10.0, 30.0, 100.0], "smf-sgd": [1e4, 1e5, 1e6, 1e7],
-                         "smf-paper": [1.0, 3.0, 10.0, 30.0, 100.0], "lora": [1e-3, 3e-3, 1e-2, 3e-2],
+                 sweeps={"smf-clean": [3.0, 10.0, 30.0, 100.0, 300.0], "smf-sgd": [1e6, 3e6, 1e7, 3e7, 1e8],
+                         "smf-paper": [3.0, 10.0, 30.0, 100.0], "lora": [3e-4, 1e-3, 3e-3, 1e-2],
                          "full": [1e-4, 3e-4, 1e-3, 3e-3]}),
-    "quick": dict(n_old=16, n_new=6, docs=400, vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, inter=128,
-                  pretrain_steps=400, pretrain_lr=5e-3, pretrain_batch=16,
+    "quick": dict(seeds=[0, 1], n_old=16, n_new=6, docs=400, vocab=512, hidden=64, layers=2, heads=4, kv_heads=2,
+                  inter=128, pretrain_steps=400, pretrain_lr=5e-3, pretrain_batch=16,
                   retrofit_steps=10, retrofit_lr=3e-3, background=20,
                   n_keys=8, mem_heads=2, mem_topk=4, mem_k_dim=32, top_t=16, lora_r=4,
                   ft_epochs=2, ft_batch=4, ft_accum=2,
@@ -81,13 +102,17 @@ QUICK_NOTE = ("--quick: a SMOKE TEST of the pipeline (a tiny model, a few steps,
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=None, help="output folder (default runs/forgetting-seed<seed>[-quick])")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default runs/forgetting[-quick])")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0-4 (--quick: 0 1)")
+    p.add_argument("--jobs", type=int, default=2, help="train.py processes at a time (one thread each)")
+    p.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.7, 0.9],
+                   help="new-fact accuracies at which the methods' old-fact accuracies are compared")
+    p.add_argument("--figure", default=None, help="the PNG (default <out>/forgetting.png; needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="a smoke test of the pipeline at a tiny scale (for tests): "
                                                            "not expected to learn")
-    p.add_argument("--target", type=float, default=0.9, help="new-fact accuracy each method must reach")
     args = p.parse_args(argv)
-    args.out = args.out or os.path.join("runs", f"forgetting-seed{args.seed}" + ("-quick" if args.quick else ""))
+    args.out = os.path.abspath(args.out or os.path.join("runs", "forgetting" + ("-quick" if args.quick else "")))
+    args.figure = args.figure or os.path.join(args.out, "forgetting.png")
     return args
 
 
@@ -146,7 +171,7 @@ def train(out, name, flags):
     seconds = time.time() - t0
     if rc != 0:
         tail = open(os.path.join(out, "logs", name + ".log")).read()[-3000:]
-        raise SystemExit(f"train.py failed for {name} (exit {rc}):\n{' '.join(cmd)}\n{tail}")
+        raise RuntimeError(f"train.py failed for {name} (exit {rc}):\n{' '.join(cmd)}\n{tail}")
     write_json(os.path.join(out, "logs", name + ".time"), {"seconds": seconds, "command": " ".join(cmd)})
     return seconds
 
@@ -212,99 +237,318 @@ def trainable_params(run_dir):
     cfg = json.load(open(os.path.join(run_dir, "config.json")))
     with safe_open(os.path.join(run_dir, "model.safetensors"), "pt") as f:
         keys = [k for k in f.keys() if cfg["method"] != "smf" or k.endswith(".values.weight")]
-        return sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
-                   else torch.Size(f.get_slice(k).get_shape()).numel() for k in keys)
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in keys)
 
 
-def choose(rows, target):
-    """Per method: the chosen sweep row (see the module docstring)."""
-    chosen = {}
-    for r in rows:
-        m = r["method"]
-        key = (r["new_acc"] >= target, r["old_acc"] if r["new_acc"] >= target else r["new_acc"], -r["heldout_ppl"])
-        if m not in chosen or key > chosen[m][0]:
-            chosen[m] = (key, r)
-    return [{**r, "note": "" if k[0] else "below target"} for k, r in chosen.values()]
+# -----------------------------------------------------------------------------
+# One seed: steps 1-3 (prepare), then one job per finetune (steps 4-5)
 
 
-COLUMNS = ["method", "lr", "new_acc", "old_acc", "heldout_ppl", "trainable", "changed", "seconds", "note"]
-
-
-def markdown(rows):
-    fmt = {"lr": lambda v: "-" if v is None else f"{v:g}", "new_acc": "{:.3f}".format, "old_acc": "{:.3f}".format,
-           "heldout_ppl": "{:.3f}".format, "seconds": "{:.0f}".format}
-    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
-    return head + "".join("| " + " | ".join(fmt.get(c, str)(r.get(c, "")) if r.get(c) is not None or c == "lr"
-                                             else "" for c in COLUMNS) + " |\n" for r in rows)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    scale = SCALES["quick" if args.quick else "full"]
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    t_start = time.time()
-    if args.quick:
-        print(QUICK_NOTE, flush=True)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # see train()
-    torch.manual_seed(args.seed)
-    world, paths, cfg_dir = write_world(out, scale, args.seed)
+def prepare(out, scale, seed, log):
+    """World, pretrain, retrofit and their measurements for one seed -> (rows, context for its finetunes)."""
+    world, paths, cfg_dir = write_world(out, scale, seed)
     heldout_rows = [json.loads(line) for line in open(paths["heldout"])]
-    seed = ["--seed", args.seed]
-
-    print(f"pretraining a {scale['layers']}-layer, {scale['hidden']}-wide Qwen2 on {len(world['old'])} old entities "
-          f"({scale['pretrain_steps']} steps)...", flush=True)
     secs = train(out, "pretrain", ["--method", "full", "--init", "random", "--recipe", "clean", "--model", cfg_dir,
                                    "--task", f"text:{paths['pretrain']}", "--lr", scale["pretrain_lr"], "--max-steps",
                                    scale["pretrain_steps"], "--batch-size", scale["pretrain_batch"],
-                                   "--grad-accum", 1, "--warmup", 50, "--max-len", 128, "--weight-decay", 0.0, *seed])
+                                   "--grad-accum", 1, "--warmup", 50, "--max-len", 128, "--weight-decay", 0.0,
+                                   "--seed", seed])
     base = os.path.join(out, "pretrain", "hf")
-    table = [{"method": "base", "lr": scale["pretrain_lr"], "seconds": secs, **measure(base, world, heldout_rows)}]
     base_model, _, _ = load_model(base, dtype=torch.float32, device="cpu")
+    base_row = {"seed": seed, "method": "base", "lr": 0.0, "seconds": secs,
+                "trainable": sum(p.numel() for p in base_model.parameters()),  # tied embeddings once
+                **measure(base, world, heldout_rows)}
+    log(f"seed {seed} base ({secs:.0f} s): old-fact acc {base_row['old_acc']:.3f} (chance 0.10), new-fact acc "
+        f"{base_row['new_acc']:.3f}, held-out ppl {base_row['heldout_ppl']:.3f}")
     base_weights = hub_weights(base_model)
-    table[0]["trainable"] = sum(p.numel() for p in base_model.parameters())  # tied embeddings once
-    print(f"base: old-fact acc {table[0]['old_acc']:.3f} (chance 0.10), new-fact acc {table[0]['new_acc']:.3f}, "
-          f"held-out ppl {table[0]['heldout_ppl']:.3f}", flush=True)
-
-    print("retrofitting memory layers on the old world...", flush=True)
     retro = os.path.join(out, "retrofit")
     secs = train(out, "retrofit", ["--method", "retrofit", "--recipe", "clean", "--model", base, "--retrofit-task",
                                    f"text:{paths['pretrain']}", "--lr", scale["retrofit_lr"], "--max-steps",
                                    scale["retrofit_steps"], "--batch-size", scale["pretrain_batch"], "--grad-accum", 1,
                                    "--warmup", 10, "--max-len", 128, "--n-keys", scale["n_keys"], "--mem-heads",
                                    scale["mem_heads"], "--mem-topk", scale["mem_topk"], "--mem-k-dim",
-                                   scale["mem_k_dim"], *seed])
+                                   scale["mem_k_dim"], "--seed", seed])
     retro_model, _, _ = load_model(retro, dtype=torch.float32, device="cpu")
     ref_memory = {i: m.values.weight.detach().clone() for i, m in memory.memory_layers(retro_model).items()}
-    table.append({"method": "retrofit", "lr": scale["retrofit_lr"], "seconds": secs,
-                  "trainable": trainable_params(retro), **measure(retro, world, heldout_rows, base_weights)})
+    retro_row = {"seed": seed, "method": "retrofit", "lr": 0.0, "seconds": secs, "trainable": trainable_params(retro),
+                 **measure(retro, world, heldout_rows, base_weights)}
+    log(f"seed {seed} retrofit ({secs:.0f} s): old {retro_row['old_acc']:.3f} new {retro_row['new_acc']:.3f}")
+    ctx = dict(world=world, heldout_rows=heldout_rows, paths=paths, base=base, retro=retro, base_weights=base_weights,
+               ref_memory=ref_memory)
+    return [base_row, retro_row], ctx
 
-    sweep = []
-    for method, lrs in scale["sweeps"].items():
-        for lr in lrs:
-            name = f"{method}-lr{lr:g}"
-            secs = train(out, name, finetune_flags(method, lr, scale, base, retro, paths["new_facts"]) + seed)
-            r = {"method": method, "lr": lr, "seconds": secs, "trainable": trainable_params(os.path.join(out, name)),
-                 **measure(os.path.join(out, name), world, heldout_rows, base_weights,
-                           ref_memory if method.startswith("smf") else None)}
-            print(f"{name}: new {r['new_acc']:.3f} old {r['old_acc']:.3f} ppl {r['heldout_ppl']:.3f} "
-                  f"({secs:.0f} s)", flush=True)
-            sweep.append(r)
 
-    summary = table + choose(sweep, args.target)
+def finetune(out, scale, seed, ctx, method, lr, log):
+    name = f"{method}-lr{lr:g}"
+    secs = train(out, name, finetune_flags(method, lr, scale, ctx["base"], ctx["retro"], ctx["paths"]["new_facts"])
+                 + ["--seed", seed])
+    r = {"seed": seed, "method": method, "lr": lr, "seconds": secs,
+         "trainable": trainable_params(os.path.join(out, name)),
+         **measure(os.path.join(out, name), ctx["world"], ctx["heldout_rows"], ctx["base_weights"],
+                   ctx["ref_memory"] if method.startswith("smf") else None)}
+    log(f"seed {seed} {name}: new {r['new_acc']:.3f} old {r['old_acc']:.3f} ppl {r['heldout_ppl']:.3f} ({secs:.0f} s)")
+    return r
+
+
+def run_all(out, scale, seeds, jobs, log):
+    """Every seed's runs, `jobs` train.py processes at a time (a thread waits on each); -> rows."""
+    rows = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        pending = {pool.submit(prepare, os.path.join(out, f"seed{s}"), scale, s, log): ("prepare", s) for s in seeds}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                kind, s = pending.pop(fut)
+                if kind == "prepare":
+                    seed_rows, ctx = fut.result()
+                    rows += seed_rows
+                    for method, lrs in scale["sweeps"].items():
+                        for lr in lrs:
+                            pending[pool.submit(finetune, os.path.join(out, f"seed{s}"), scale, s, ctx, method, lr,
+                                                log)] = ("finetune", s)
+                else:
+                    rows.append(fut.result())
+    order = {m: i for i, m in enumerate(["base", "retrofit", *METHODS])}
+    return sorted(rows, key=lambda r: (r["seed"], order[r["method"]], r["lr"]))
+
+
+# -----------------------------------------------------------------------------
+# Summaries (the rule in the module docstring)
+
+# t(0.975, df) for df = 1..30; above 30 the df-30 value (slightly wide)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def interval(xs):
+    """-> (mean, half-width of the 95% t-interval, n); the half-width is None below 2 values."""
+    n = len(xs)
+    if n == 0:
+        return None, None, 0
+    mean = sum(xs) / n
+    if n < 2:
+        return mean, None, n
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    return mean, T975[min(n - 1, len(T975)) - 1] * std / math.sqrt(n), n
+
+
+def first_crossing(points, level):
+    """points: [(new_acc, y1, y2, ...)] in increasing lr order, the first at lr 0. -> the ys interpolated linearly in
+    new_acc where new_acc first reaches `level`; None if it never does."""
+    if points[0][0] >= level:
+        return tuple(points[0][1:])
+    for p, q in zip(points, points[1:]):
+        if q[0] >= level:  # p[0] < level <= q[0]: every earlier point stayed below
+            w = (level - p[0]) / (q[0] - p[0])
+            return tuple(a + w * (b - a) for a, b in zip(p[1:], q[1:]))
+    return None
+
+
+def curves(rows):
+    """{method: {seed: [(new_acc, old_acc, log ppl)] in increasing lr order, starting at lr 0}}."""
+    start = {(r["seed"], r["method"]): r for r in rows if r["method"] in ("base", "retrofit")}
+    out = {}
+    for m in METHODS:
+        for s in sorted({r["seed"] for r in rows}):
+            runs = sorted((r for r in rows if r["method"] == m and r["seed"] == s), key=lambda r: r["lr"])
+            if runs:
+                first = start[(s, "retrofit" if m.startswith("smf") else "base")]
+                out.setdefault(m, {})[s] = [(r["new_acc"], r["old_acc"], math.log(r["heldout_ppl"]))
+                                            for r in [first, *runs]]
+    return out
+
+
+def summarize(rows, levels):
+    """-> {"per_lr": [...], "matched": [...], "differ": [...]} (see the module docstring)."""
+    per_lr = []
+    for m in ["base", "retrofit", *METHODS]:
+        for lr in sorted({r["lr"] for r in rows if r["method"] == m}):
+            rs = [r for r in rows if r["method"] == m and r["lr"] == lr]
+            lp = interval([math.log(r["heldout_ppl"]) for r in rs])
+            per_lr.append({"method": m, "lr": lr, "n": len(rs), "new_acc": interval([r["new_acc"] for r in rs])[:2],
+                           "old_acc": interval([r["old_acc"] for r in rs])[:2],
+                           "heldout_ppl": ppl_interval(lp)})
+    cs = curves(rows)
+    at = {(m, x): {s: first_crossing(c, x) for s, c in cs[m].items()} for m in cs for x in levels}
+    matched = []
+    for m in cs:
+        for x in levels:
+            got = {s: v for s, v in at[(m, x)].items() if v is not None}
+            matched.append({"method": m, "level": x, "seeds": len(cs[m]),
+                            "old_acc": interval([v[0] for v in got.values()]),
+                            "heldout_ppl": ppl_interval(interval([v[1] for v in got.values()]))})
+    differ = []
+    for x in levels:
+        for i, a in enumerate(cs):
+            for b in list(cs)[i + 1:]:
+                d = [at[(a, x)][s][0] - at[(b, x)][s][0] for s in cs[a]
+                     if at[(a, x)].get(s) is not None and at[(b, x)].get(s) is not None]
+                mean, half, n = interval(d)
+                exceeds = n >= 3 and half is not None and abs(mean) > half
+                differ.append({"level": x, "a": a, "b": b, "diff": mean, "half": half, "n": n, "exceeds": exceeds})
+    return {"per_lr": per_lr, "matched": matched, "differ": differ}
+
+
+def ppl_interval(log_interval):
+    """(mean, half, n) of log ppl -> (geometric mean, low, high, n) of ppl."""
+    mean, half, n = log_interval
+    if mean is None:
+        return None, None, None, n
+    if half is None:
+        return math.exp(mean), None, None, n
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half), n
+
+
+# -----------------------------------------------------------------------------
+# Tables and the figure
+
+
+def pm(v):
+    """(mean, half[, n]) -> '0.712 ± 0.045'."""
+    if v[0] is None:
+        return "-"
+    return f"{v[0]:.3f}" + ("" if v[1] is None else f" ± {v[1]:.3f}")
+
+
+def ppl_text(v):
+    if v[0] is None:
+        return "-"
+    return f"{v[0]:.2f}" + ("" if v[1] is None else f" [{v[1]:.2f}, {v[2]:.2f}]")
+
+
+def table(head, body):
+    return ("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
+            + "".join("| " + " | ".join(map(str, r)) + " |\n" for r in body))
+
+
+def report(res, seeds, levels):
+    """The tables of results.md."""
+    s = res["summary"]
+    methods = [m for m in METHODS if any(r["method"] == m for r in s["matched"])]
+    mt = {(r["method"], r["level"]): r for r in s["matched"]}
+    n_all = len(seeds)
+
+    def cell(r, key, fmt):
+        v = r[key]
+        return "-" if v[-1] == 0 else fmt(v) + ("" if v[-1] == n_all else f" ({v[-1]}/{n_all} seeds)")
+
+    lvl = [f"new {x:g}" for x in levels]
+    md = [f"Old-fact accuracy at matched new-fact accuracy (mean ± 95% t-interval over the seeds that reach the level; "
+          f"(k/{n_all} seeds) where not all do; - where none does):\n",
+          table(["method", *lvl], [[m, *(cell(mt[(m, x)], "old_acc", pm) for x in levels)] for m in methods]),
+          "\nHeld-out perplexity at matched new-fact accuracy (geometric mean [95% interval]):\n",
+          table(["method", *lvl], [[m, *(cell(mt[(m, x)], "heldout_ppl", ppl_text) for x in levels)]
+                                   for m in methods]),
+          "\nPaired differences of old-fact accuracy at matched new-fact accuracy (a - b, mean ± 95% t-interval over "
+          "the seeds where both reach the level); \"exceeds\": the interval excludes 0 with at least 3 seeds:\n",
+          table(["new acc", "a - b", "difference", "seeds", "exceeds the spread"],
+                [[f"{d['level']:g}", f"{d['a']} - {d['b']}", pm((d["diff"], d["half"])), d["n"],
+                  "yes" if d["exceeds"] else "no"] for d in s["differ"]]),
+          f"\nEvery point of the figure: mean over seeds ± 95% t-interval (held-out ppl: geometric mean [95% "
+          f"interval]); lr 0 is the model each method starts from:\n",
+          table(["method", "lr", "seeds", "new-fact acc", "old-fact acc", "held-out ppl"],
+                [[r["method"], f"{r['lr']:g}", r["n"], pm(r["new_acc"]), pm(r["old_acc"]), ppl_text(r["heldout_ppl"])]
+                 for r in s["per_lr"]])]
+    return "".join(md)
+
+
+def every_run(rows):
+    cols = ["seed", "method", "lr", "new_acc", "old_acc", "heldout_ppl", "trainable", "changed", "seconds"]
+    fmt = {"lr": "{:g}".format, "new_acc": "{:.3f}".format, "old_acc": "{:.3f}".format,
+           "heldout_ppl": "{:.3f}".format, "seconds": "{:.0f}".format}
+    return table(cols, [[fmt.get(c, str)(r[c]) if c in r else "" for c in cols] for r in rows])
+
+
+COLOURS = {"smf-clean": "tab:blue", "smf-paper": "tab:cyan", "smf-sgd": "tab:purple", "lora": "tab:orange",
+           "full": "tab:red"}
+
+
+def figure(res, path, title):
+    """Two panels, one curve per method through its lrs (lr 0 first): old-fact acc and held-out ppl against new-fact
+    acc, each point the mean over seeds with 95% t-interval error bars. Imports matplotlib (ImportError without)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
+    start = {r["method"]: r for r in res["summary"]["per_lr"] if r["method"] in ("base", "retrofit")}
+    for m in METHODS:
+        pts = [r for r in res["summary"]["per_lr"] if r["method"] == m]
+        if not pts:
+            continue
+        pts = [start["retrofit" if m.startswith("smf") else "base"], *pts]
+        x = [p["new_acc"][0] for p in pts]
+        xerr = [p["new_acc"][1] or 0 for p in pts]
+        y = [p["old_acc"][0] for p in pts]
+        yerr = [p["old_acc"][1] or 0 for p in pts]
+        ppl = [p["heldout_ppl"][0] for p in pts]
+        perr = [[v - (p["heldout_ppl"][1] or v) for v, p in zip(ppl, pts)],
+                [(p["heldout_ppl"][2] or v) - v for v, p in zip(ppl, pts)]]
+        kw = dict(color=COLOURS[m], marker="o", ms=4, capsize=2, lw=1.5, elinewidth=0.8, label=m)
+        ax1.errorbar(x, y, xerr=xerr, yerr=yerr, **kw)
+        ax2.errorbar(x, ppl, xerr=xerr, yerr=perr, **kw)
+        for p, xi, yi in zip(pts[1:], x[1:], y[1:]):
+            ax1.annotate(f"{p['lr']:g}", (xi, yi), fontsize=6, color=COLOURS[m], xytext=(3, 3),
+                         textcoords="offset points")
+    for ax in (ax1, ax2):
+        for lv in res["levels"]:
+            ax.axvline(lv, color="0.8", lw=0.8, ls=":")
+        ax.set_xlabel("new-fact accuracy (learning)")
+        ax.set_xlim(0, 1.02)
+        ax.grid(alpha=0.3)
+    ax1.axhline(0.1, color="0.6", lw=0.8, ls="--")
+    ax1.text(0.01, 0.11, "chance", fontsize=7, color="0.5")
+    ax1.set_ylabel("old-fact accuracy (forgetting: higher is better)")
+    ax1.set_ylim(0, 1.02)
+    ax1.legend(loc="lower left", fontsize=8)
+    ax2.set_yscale("log")
+    ax2.set_ylabel("held-out perplexity, old world (lower is better)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    scale = SCALES["quick" if args.quick else "full"]
+    seeds = args.seeds or scale["seeds"]
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.time()
+    if args.quick:
+        print(QUICK_NOTE, flush=True)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # see train()
+
+    def log(msg):
+        print(f"[{time.time() - t_start:5.0f} s] {msg}", flush=True)
+
+    log(f"seeds {seeds}, {args.jobs} at a time: pretraining a {scale['layers']}-layer, {scale['hidden']}-wide Qwen2 "
+        f"on {scale['n_old']} old entities ({scale['pretrain_steps']} steps), a retrofit, then "
+        f"{sum(map(len, scale['sweeps'].values()))} finetunes per seed")
+    rows = run_all(args.out, scale, seeds, args.jobs, log)
     wall = time.time() - t_start
-    md = (f"{QUICK_NOTE}\n\n" if args.quick else "") + (
-          f"seed {args.seed}, {'quick' if args.quick else 'full'} scale, target new-fact acc {args.target}, "
-          f"chance 0.10, wall time {wall / 60:.1f} min\n\n"
-          f"Chosen setting per method (reaches the target with the highest old-fact acc):\n\n{markdown(summary)}\n"
-          f"Every run of the sweep:\n\n{markdown(table + sweep)}")
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(md)
-    write_json(os.path.join(out, "results.json"), {"seed": args.seed, "quick": args.quick, "target": args.target,
-                                                   "chance": 0.1, "wall_seconds": wall, "scale": scale,
-                                                   "summary": summary, "sweep": table + sweep})
-    print("\n" + md)
-    return summary
+    res = {"seeds": seeds, "quick": args.quick, "levels": args.levels, "chance": 0.1, "wall_seconds": wall,
+           "jobs": args.jobs, "scale": scale, "runs": rows, "summary": summarize(rows, args.levels)}
+    head = (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), {'quick' if args.quick else 'full'} scale, "
+            f"{args.jobs} processes at a time, wall time {wall / 60:.1f} min; chance accuracy 0.10\n\n")
+    md = (f"{QUICK_NOTE}\n\n" if args.quick else "") + head + report(res, seeds, args.levels)
+    try:
+        figure(res, args.figure, f"{'QUICK SMOKE TEST (not expected to learn): ' if args.quick else ''}"
+               f"learning vs forgetting on a synthetic world, mean over {len(seeds)} seeds, 95% t-intervals")
+        res["figure"] = args.figure
+        md += f"\nFigure: {args.figure}\n"
+    except ImportError:
+        res["figure"] = None
+        md += "\nNo figure: matplotlib is not installed (`pip install matplotlib`); the tables above hold its points.\n"
+    write_json(os.path.join(args.out, "results.json"), res)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md + f"\nEvery run:\n\n{every_run(rows)}")
+    print("\n" + md, flush=True)
+    return res
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 shuffling and batching (no network: the Hub download is replaced by a local folder in the Hub layout)."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -145,6 +146,56 @@ def test_loading_errors_name_the_path_and_the_problem(tmp_path):
         data.load_rows("wikitext", _touch(tmp_path / "broken.parquet"))
 
 
+def test_bad_rows_stop_with_file_row_and_field(tmp_path):
+    """The one row check (data.row_problem) runs in load_rows, so train.py and eval.py stop on the same rows with
+    a one-line error naming the file, the row (from 0) and the field; nothing is skipped silently."""
+    def rows_with(i, **change):
+        rows = [dict(r) for r in MEDMCQA]
+        rows[i].update(change)
+        return rows
+
+    for fmt, write in (("jsonl", write_jsonl), ("parquet", write_parquet)):
+        path = write(tmp_path / f"null.{fmt}", rows_with(2, opd=None))
+        with pytest.raises(ValueError, match=rf"^{re.escape(path)}: row 2: opd must be a string, got None$"):
+            data.load_rows("medmcqa", path)
+    path = write_jsonl(tmp_path / "cop.jsonl", rows_with(2, cop=4))
+    with pytest.raises(ValueError, match=rf"^{re.escape(path)}: row 2: cop must be 0\.\.3 .*got 4$"):
+        data.load_rows("medmcqa", path)
+    path = write_jsonl(tmp_path / "question.jsonl", rows_with(0, question=["a list"]))
+    with pytest.raises(ValueError, match=r"question.jsonl: row 0: question must be a string"):
+        data.load_rows("medmcqa", path)
+    # rows that filtering (row 1 is multi-choice) or the limit leave out are never read, so never an error
+    assert len(data.load_rows("medmcqa", write_jsonl(tmp_path / "multi.jsonl", rows_with(1, opa=None)))) == 2
+    assert len(data.load_rows("medmcqa", write_jsonl(tmp_path / "late.jsonl", rows_with(2, cop=-1)), limit=1)) == 1
+
+    def trivia_with(answer):
+        return [TRIVIA[0], {**TRIVIA[1], "answer": answer}]
+
+    for answer, problem in [({"value": "x", "aliases": ["", None]}, r"answer\.aliases: no answer aliases"),
+                            ({"value": "x", "aliases": []}, r"answer\.aliases: no answer aliases"),
+                            ({"value": "x"}, r"answer\.aliases must be a list of strings, got None"),
+                            (None, "answer must be an object with aliases, got None")]:
+        path = write_jsonl(tmp_path / "t.jsonl", trivia_with(answer))
+        with pytest.raises(ValueError, match=rf"^{re.escape(path)}: row 1: {problem}"):
+            data.load_rows("triviaqa", path)
+    assert data.triviaqa_aliases(trivia_with({"value": "x", "aliases": ["", "Paris", "Paris"]})[1]) == ["Paris"]
+    # rows given directly (not from load_rows) go through the same check when a prompt is built: the training
+    # text of a row with a null option is an error, not "D. None"
+    with pytest.raises(ValueError, match=r"medmcqa row 'q1': opd must be a string, got None"):
+        data.medmcqa_train_text({**MEDMCQA[0], "opd": None})
+
+
+def test_non_utf8_files_name_the_line(tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(bad))}: line 3 is not UTF-8 text \(byte 0xe9 at column 14"):
+        data.load_rows("wikitext", str(bad))
+    raw = tmp_path / "wiki.test.raw"
+    raw.write_bytes("= Title =\n".encode() * 3000 + b"caf\xe9\n")  # past the first read buffer
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(raw))}: line 3001 is not UTF-8 text"):
+        data.load_rows("wikitext", str(raw))
+
+
 def _touch(path):
     path.write_text("x")
     return str(path)
@@ -242,6 +293,20 @@ def test_collate_right_pads_and_masks_labels():
     assert all(v.dtype == torch.long for v in batch.values())
     with pytest.raises(ValueError, match="example 0: 2 ids but 1 loss_mask"):
         data.collate([([1, 2], [1])], pad_id=0)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pad_matches_torch_pad_sequence(side):
+    seqs = [[5, 6, 7], [8], [], [9, 10]]
+    ids, mask = data.pad(seqs, pad_id=3, side=side)
+    want = torch.nn.utils.rnn.pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs], batch_first=True,
+                                           padding_value=3, padding_side=side)
+    assert torch.equal(ids, want) and ids.dtype == mask.dtype == torch.long
+    ones = [torch.ones(len(s), dtype=torch.long) for s in seqs]
+    assert torch.equal(mask, torch.nn.utils.rnn.pad_sequence(ones, batch_first=True, padding_side=side))
+    assert ids[mask.bool()].tolist() == [t for s in seqs for t in s]  # the real tokens, in order
+    with pytest.raises(ValueError, match="side must be 'right' or 'left'"):
+        data.pad(seqs, 0, side="center")
 
 
 # --- the real rows in ../shared/data/eval --------------------------------------------------------------

@@ -17,7 +17,7 @@ import eval as ev
 import memory
 from conftest import ROOT
 from tiny_data import write_jsonl
-from model import LORA_TARGETS, Qwen2, Qwen2Config, Tokenizer, add_lora, lora_state_dict
+from model import LORA_TARGETS, Qwen2, Qwen2Config, Tokenizer, add_lora, looks_like_hub_id, lora_state_dict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -373,6 +373,75 @@ def test_cli_errors_are_one_line_and_nonzero(tiny_model_dir, data_files, tmp_pat
                           capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 1 and proc.stderr.strip().startswith("error: model directory not found")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_keeps_the_finished_tasks_when_the_last_one_fails(tiny_model_dir, data_files, tmp_path, capsys):
+    """--out and --log-samples are written as each task finishes: a failure in the last task (here a WikiText
+    text of one token, which has nothing to score) keeps the tasks before it, and the error is one line."""
+    short = write_jsonl(tmp_path / "short.jsonl", [{"text": "x"}])
+    assert len(Tokenizer.from_pretrained(tiny_model_dir).encode("x")) < 2
+    out, log = tmp_path / "results.json", tmp_path / "samples.jsonl"
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", tiny_model_dir, "--quiet", "--tasks", "medmcqa,triviaqa,wikitext", "--limit", "3",
+                 "--data", "medmcqa=" + data_files["medmcqa"], "--data", "triviaqa=" + data_files["triviaqa"],
+                 "--data", f"wikitext={short}", "--out", str(out), "--log-samples", str(log)])
+    assert e.value.code == (f"error: wikitext: wikitext: the text has fewer than 2 tokens; finished: medmcqa, "
+                            f"triviaqa, in {out} and {log}")
+    results = json.loads(out.read_text())
+    assert sorted(results) == ["medmcqa", "meta", "triviaqa"]
+    assert results["medmcqa"]["n"] == results["triviaqa"]["n"] == 3 and results["meta"]["limit"] == 3
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [x["task"] for x in lines] == ["medmcqa"] * 3 + ["triviaqa"] * 3
+    assert capsys.readouterr().out == ""  # the table is printed once every task has finished
+
+
+def test_cli_bad_row_is_a_one_line_error_before_the_model_loads(data_files, tmp_path):
+    rows = [dict(r) for r in TRIVIA]
+    rows[2] = {**rows[2], "answer": {"value": "C", "aliases": [""]}}
+    bad = write_jsonl(tmp_path / "trivia.jsonl", rows)
+    out = tmp_path / "results.json"
+    with pytest.raises(SystemExit) as e:  # the model does not exist either: rows are checked first
+        ev.main(["--model", str(tmp_path / "no-model"), "--tasks", "medmcqa,triviaqa", "--quiet",
+                 "--data", "medmcqa=" + data_files["medmcqa"], "--data", f"triviaqa={bad}", "--out", str(out)])
+    assert e.value.code.startswith(f"error: {bad}: row 2: answer.aliases: no answer aliases")
+    assert "\n" not in e.value.code and not out.exists()
+
+
+def test_local_looking_model_path_is_not_found_without_asking_the_hub(data_files, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    def no_network(repo_id, **kw):
+        raise AssertionError(f"asked the Hub for {repo_id}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs")
+    for name in ["runs/typo", "./typo", "../typo", "~/typo", "a/b/c", "typo", str(tmp_path / "typo")]:
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--model", name, "--tasks", "wikitext", "--data", "wikitext=" + data_files["wikitext"]])
+        assert e.value.code == f"error: model directory not found: {name}"
+    with pytest.raises(FileNotFoundError, match="model directory not found: runs/typo"):  # a run's base model
+        ev.base_model_dir("runs/typo", revision="0123abcd")
+    assert looks_like_hub_id("Qwen/Qwen2.5-0.5B-Instruct") and not looks_like_hub_id("runs/typo")
+    os.makedirs("Qwen")  # a local folder of that name makes it a local path
+    assert not looks_like_hub_id("Qwen/Qwen2.5-0.5B-Instruct")
+    for limit in ("0", "-3"):
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--tasks", "wikitext", "--data", "wikitext=" + data_files["wikitext"], "--limit", limit])
+        assert e.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.endswith(f"error: --limit must be at least 1, got {limit}")
+
+
+def test_load_model_takes_dtype_and_device_as_names_or_torch_objects(tiny_model_dir):
+    """As tests and experiments call it (strings, None) and as train.py does (torch.device, torch.dtype)."""
+    for dtype, device, want in [(None, None, torch.float32), ("bf16", "cpu", torch.bfloat16),
+                                (torch.float16, torch.device("cpu"), torch.float16)]:
+        model, _, info = ev.load_model(tiny_model_dir, dtype=dtype, device=device)
+        assert model.lm_head.weight.dtype == want and model.lm_head.weight.device.type == "cpu"
+        assert info["dtype"] == str(want).removeprefix("torch.") and info["device"] == "cpu"
+    with pytest.raises(ValueError, match="dtype 'int8'"):
+        ev.load_model(tiny_model_dir, dtype="int8")
 
 
 # --- real rows and the real Qwen2.5 tokenizer ----------------------------------------------------------

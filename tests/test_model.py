@@ -357,3 +357,36 @@ def test_cli_bad_model_dir_is_one_line_error(tmp_path):
     r = run_cli("--model", str(tmp_path / "nowhere"), "--max-new-tokens", "1")
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == [f"error: model directory not found: {tmp_path / 'nowhere'}"]
+
+
+def test_cli_refuses_a_run_directory_and_says_what_to_do(tiny_model_dir, tmp_path, capsys):
+    """A train.py run directory (config.json with "method") is eval.py's to rebuild; model.py says so in one line
+    instead of failing on a missing tensor."""
+    import model
+    run = tmp_path / "runs" / "tiny-smf"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"method": "smf", "base_model": tiny_model_dir, "memory": {}}))
+    with pytest.raises(SystemExit) as e:
+        model.main(["--model", str(run), "--max-new-tokens", "1"])
+    assert e.value.code.startswith(f"error: {run} is a train.py run directory; pass a model folder (RUN/hf for "
+                                   "full, RUN/merged for LoRA trained with --export-merged)")
+    assert "eval.load_model" in e.value.code and "\n" not in e.value.code and capsys.readouterr().out == ""
+
+
+def test_one_device_and_dtype_policy(monkeypatch):
+    from model import default_dtype, parse_dtype, resolve_device
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto") and resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ValueError, match="device 'gpu0': not a device name"):
+        resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="^device cuda:1: CUDA is not available on this machine$"):
+        resolve_device("cuda:1")
+    assert default_dtype(torch.device("cpu")) == default_dtype("cpu") == torch.float32
+    assert default_dtype(torch.device("cuda", 1)) == default_dtype("cuda") == torch.bfloat16
+    assert parse_dtype("bf16") == parse_dtype("bfloat16") == parse_dtype(torch.bfloat16) == torch.bfloat16
+    assert parse_dtype("fp32") == torch.float32 and parse_dtype("float16") == torch.float16
+    with pytest.raises(ValueError, match="dtype 'int8': expected one of float32, bfloat16"):
+        parse_dtype("int8")

@@ -1,0 +1,399 @@
+"""
+The plumbing around train.py's loop, so that train.py reads as the algorithm (as nanochat's checkpoint_manager.py
+and common.py): data-parallel ranks, the run directory (what --out may be, its lock, args.json and --resume),
+checkpoints (trained tensors, optimizer state, every rank's RNG state and the step, in one safetensors file) and
+the step log. Imported by train.py alone.
+
+A run directory holds only files train.py writes (RUN_FILES); train.py never writes into a directory holding
+anything else, and a live run holds an exclusive lock on its directory (released by the OS when the process dies,
+so a run killed with kill -9 leaves no obstacle).
+"""
+
+import fcntl
+import glob
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import atomic_write, write_json
+
+RUN_FILES = {"args.json", "config.json", "model.safetensors", "log.jsonl", "checkpoint.safetensors",
+             "background.safetensors", "eval.jsonl", "retrofit", "hf", "peft", "merged", ".lock"}
+# flags that may differ between a run and its resumption; every other flag must be the same
+RESUME_FREE = {"resume", "stop_at_step", "device", "eval_every", "eval_tasks", "eval_limit", "save_every"}
+
+
+class RunError(Exception):
+    """A problem with the user's input or the run; printed as one line, exit status 1."""
+
+
+class StopRun(Exception):
+    """--stop-at-step reached: leave as if interrupted, exit status 0."""
+
+
+# -----------------------------------------------------------------------------
+# Ranks
+
+
+@dataclass
+class Ranks:
+    """Where this process stands under torchrun: rank r of `world` processes, each with its own data shard.
+    With one process (plain `python train.py`) every method below is a no-op."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:  # rank 0 alone logs, shows progress and writes files
+        return self.rank == 0
+
+    def sum_(self, t):
+        """All-reduce (sum) a tensor in place across ranks."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def wrap(self, model, device, ddp: bool):
+        """The model under DDP when several ranks average dense gradients, else the model itself."""
+        if self.world == 1 or not ddp:
+            return model
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    @staticmethod
+    def grad_sync(wrapped, model, fsdp: bool, last: bool):
+        """Gradients cross ranks on a step's last micro-batch only (DDP's no_sync, FSDP's gradient sync flag)."""
+        if fsdp:
+            model.set_requires_gradient_sync(last)
+        return wrapped.no_sync() if isinstance(wrapped, DDP) and not last else nullcontext()
+
+    def same_rows(self, selected: dict):
+        """Every rank must choose the same memory rows (their read counts are summed first); a fingerprint
+        of each layer's selection proves it."""
+        if self.world == 1:
+            return
+        fp = torch.stack([torch.stack([r.numel() * torch.ones((), dtype=torch.long, device=r.device),
+                                       (r.sort().values * torch.arange(1, r.numel() + 1, device=r.device)).sum()])
+                          for r in selected.values()]).flatten()
+        seen = [torch.zeros_like(fp) for _ in range(self.world)]
+        dist.all_gather(seen, fp)
+        if any(not torch.equal(seen[0], s) for s in seen):
+            raise RunError("data-parallel ranks selected different memory rows (their read counts disagree)")
+
+
+def setup_ranks(device_name: str):
+    """(Ranks, device): join the process group torchrun set up (WORLD_SIZE > 1), NCCL with one GPU per process,
+    else gloo on CPU."""
+    if device_name == "auto":  # TODO(model.resolve_device)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif device_name.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"--device {device_name}: CUDA is not available on this machine")
+    else:
+        device = torch.device(device_name)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), world), device
+
+
+# -----------------------------------------------------------------------------
+# The run directory
+
+
+def check_out_dir(out: str, resume: bool):
+    """--out must be a new or empty directory, or a run directory of train.py: refuse anything else, naming what
+    is there. A run directory in which no step completed may be started afresh; one with a checkpoint needs
+    --resume, and --resume needs a run."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunError(f"--out {out} is a file, not a directory: choose another --out")
+    have = set(os.listdir(out)) if os.path.isdir(out) else set()
+    ours = {n for n in have if n.startswith("selected.rank") or n.split(".tmp")[0] in RUN_FILES}  # + interrupted saves
+    if foreign := sorted(have - RUN_FILES - ours):
+        raise RunError(f"--out {out} holds files train.py did not write ({', '.join(foreign[:3])}"
+                       f"{', ...' if len(foreign) > 3 else ''}): choose a new or empty directory")
+    if "args.json" not in have and have - {".lock", "retrofit"}:
+        raise RunError(f"--out {out} has no args.json, so it is not a train.py run: choose a new or empty directory")
+    started = [p for p in ("checkpoint.safetensors", "retrofit/checkpoint.safetensors")
+               if os.path.exists(os.path.join(out, p))]
+    if resume and "args.json" not in have:
+        raise RunError(f"--resume: there is no run to resume in {out} (no args.json); run without --resume")
+    if not resume and started:
+        raise RunError(f"{out} already holds a run with completed steps: pass --resume to continue it with the same "
+                       f"flags, or choose another --out")
+
+
+class Lock:
+    """An exclusive lock on a run directory (fcntl.flock on its .lock file) for as long as the process lives."""
+
+    def __init__(self, out: str):
+        os.makedirs(out, exist_ok=True)
+        self.path = os.path.join(out, ".lock")
+        self.f = open(self.path, "a+")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.seek(0)
+            owner = self.f.read().strip() or "?"
+            self.f.close()
+            raise RunError(f"{out} is in use by another train.py process (pid {owner}): wait for it to end, or "
+                           f"choose another --out") from None
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(str(os.getpid()))
+        self.f.flush()
+
+    def release(self):
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+def check_resume_args(args, saved: dict):
+    """--resume takes the run's own flags; only RESUME_FREE may differ (paths compared resolved)."""
+    for k, v in vars(args).items():
+        if k not in RESUME_FREE and k in saved and json.loads(json.dumps(v)) != saved[k]:
+            raise RunError(f"--resume: --{k.replace('_', '-')} is {v!r} but the run was started with {saved[k]!r}; "
+                           f"resume with the run's flags, or start a new run with --out elsewhere")
+
+
+def run_info():
+    """Library versions and git commit, for args.json."""
+    def git(*cmd):
+        try:
+            here = os.path.dirname(os.path.abspath(__file__))
+            return subprocess.run(["git", *cmd], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:
+            return None
+    import huggingface_hub, safetensors, tokenizers
+    return {"python": platform.python_version(), "torch": torch.__version__, "tokenizers": tokenizers.__version__,
+            "safetensors": safetensors.__version__, "huggingface_hub": huggingface_hub.__version__,
+            "git_commit": git("rev-parse", "HEAD") or None, "git_dirty": bool(git("status", "--porcelain")),
+            "command": " ".join(sys.argv)}
+
+
+def hub_revision(model_dir):
+    """The commit hash of a Hub snapshot directory (.../snapshots/<hash>), None for a plain local directory."""
+    parent, name = os.path.split(os.path.normpath(model_dir))
+    return name if os.path.basename(parent) == "snapshots" else None
+
+
+def begin_run(args, ranks, device):
+    """Write args.json once the first stage has loaded its model and data (a start-up error leaves none), or on
+    --resume check that the flags match the run's."""
+    path = os.path.join(args.out, "args.json")
+    if args.resume:
+        with open(path) as f:
+            check_resume_args(args, json.load(f))
+    elif ranks.main:
+        write_json(path, {**vars(args), "device": str(device), "world_size": ranks.world, **run_info()})
+
+
+def begin_stage(out: str, step: int, total: int, ranks):
+    """The log of a stage as one run: a fresh stage starts an empty log, a resumed one keeps the lines up to the
+    checkpoint's step; temporary files of an interrupted save are removed."""
+    if not ranks.main:
+        return
+    for tmp in glob.glob(os.path.join(out, "*.tmp*")):
+        os.remove(tmp)
+    for name in ("log.jsonl", "eval.jsonl"):
+        truncate_log(os.path.join(out, name), step)
+    print(f"{'resuming' if step else 'starting'} {out} at step {step}/{total}", file=sys.stderr)
+
+
+def append_log(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path, step):
+    """Keep the log lines up to `step` (none for a fresh start)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write(path, lambda p: open(p, "w").writelines(lines))
+
+
+def finish_stage(out, config, ranks):
+    """Mark a stage finished: eval.py and --memory-from accept only finished runs."""
+    config["finished"] = True
+    if ranks.main:
+        write_json(os.path.join(out, "config.json"), config)
+    ranks.barrier()
+
+
+def is_finished(run_dir):
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return json.load(f).get("finished", False)
+    except (OSError, ValueError):
+        return False
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: one safetensors file (trained tensors, optimizer state, RNG, step) plus model.safetensors
+
+
+class Checkpoint:
+    """Saves and restores everything --resume needs for one stage. trained(): {name: tensor} of what the
+    method trains (model.safetensors); dense: {name: parameter} stepped by dense_opt (torch's AdamW)."""
+
+    def __init__(self, out, model, trained, dense, dense_opt, smf_opt, ranks, fsdp=False):
+        self.path = os.path.join(out, "checkpoint.safetensors")
+        self.out, self.model, self.trained, self.dense = out, model, trained, dense
+        self.dense_opt, self.smf_opt, self.ranks, self.fsdp = dense_opt, smf_opt, ranks, fsdp
+
+    def rng_states(self, device):
+        """Every rank's CPU (and CUDA) RNG state, gathered so that rank 0 can write them all."""
+        states = {"cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(device)
+        if self.ranks.world == 1:
+            return {f"rng.{k}.0": v for k, v in states.items()}
+        out = {}
+        for k, v in states.items():
+            v = v.to(device)
+            seen = [torch.zeros_like(v) for _ in range(self.ranks.world)]
+            dist.all_gather(seen, v)
+            out.update({f"rng.{k}.{r}": s.cpu() for r, s in enumerate(seen)})
+        return out
+
+    def dense_state(self):
+        """AdamW's state as {"adamw.<parameter name>.<step|exp_avg|exp_avg_sq>": full tensor} (a collective under
+        FSDP, where rank 0 alone receives it)."""
+        if self.fsdp:
+            state = get_optimizer_state_dict(self.model, self.dense_opt, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True)).get("state", {})
+        else:
+            names = list(self.dense)
+            state = {names[i]: s for i, s in self.dense_opt.state_dict()["state"].items()}
+        return {f"adamw.{name}.{k}": torch.as_tensor(v).detach().cpu().contiguous()
+                for name, s in state.items() for k, v in s.items()}
+
+    def save(self, step):
+        device = next(self.model.parameters()).device
+        rng = self.rng_states(device)  # collectives first: every rank takes part
+        trained = self.trained()
+        dense = self.dense_state() if self.dense_opt is not None else {}
+        if not self.ranks.main:
+            self.ranks.barrier()
+            return
+        trained = {k: v.detach().contiguous().cpu() for k, v in trained.items()}
+        if bad := next((k for k, v in trained.items() if not torch.isfinite(v).all()), None):
+            raise RunError(f"tensor {bad} is not finite at step {step}; the checkpoint of {self.out} is left as it "
+                           f"was: start a new run with a lower --lr or check the data")
+        tensors = {f"model.{k}": v for k, v in trained.items()}
+        tensors.update(dense)
+        if self.smf_opt is not None:
+            tensors.update({f"smf_opt.{k}": v.detach().cpu().contiguous() for k, v in self.smf_opt.state_dict().items()})
+        tensors.update(rng)
+        meta = {"step": str(step), "world_size": str(self.ranks.world)}
+        atomic_write(os.path.join(self.out, "model.safetensors"), lambda p: save_file(trained, p))
+        atomic_write(self.path, lambda p: save_file(tensors, p, metadata=meta))
+        self.ranks.barrier()
+
+    def load(self, device) -> int:
+        """Restore the last checkpoint if there is one; returns its step (0: none)."""
+        if not os.path.exists(self.path):
+            return 0
+        ranks = self.ranks
+        try:
+            with safe_open(self.path, "pt") as f:
+                step, world = int(f.metadata()["step"]), int(f.metadata()["world_size"])
+                # under FSDP only rank 0 reads the weights and AdamW moments; the others receive their shards
+                tensors = {k: f.get_tensor(k) for k in f.keys()
+                           if ranks.main or not self.fsdp or not k.startswith(("model.", "adamw."))}
+        except Exception as e:
+            raise RunError(f"checkpoint {self.path} is unreadable: {e}") from e
+        if world != ranks.world:
+            raise RunError(f"checkpoint {self.path} was written by {world} process(es); resume it with the same "
+                           f"number (now {ranks.world})")
+        trained = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        own = self.model.state_dict()
+        problem = None
+        if bad := sorted(set(trained) - set(own)):
+            problem = f"checkpoint {self.path}: tensor {bad[0]} does not belong to this model (different flags?)"
+        for k, v in trained.items():
+            if problem is None and own[k].shape != v.shape:
+                problem = f"checkpoint {self.path}: tensor {k} has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}"
+        if int(ranks.sum_(torch.tensor(int(problem is not None), device=device))):  # every rank stops, none waits
+            raise RunError(problem or f"checkpoint {self.path} does not match the model (rank 0 says why)")
+        if self.fsdp:  # rank 0 broadcasts the full tensors; every rank keeps its shards
+            set_model_state_dict(self.model, trained, options=StateDictOptions(full_state_dict=True, strict=False,
+                                                                               broadcast_from_rank0=True))
+        else:
+            with torch.no_grad():
+                for k, v in trained.items():
+                    own[k].copy_(v)
+        if self.dense_opt is not None:
+            self.load_dense_state(tensors, device)
+        if self.smf_opt is not None:
+            self.smf_opt.load_state_dict({k[len("smf_opt."):]: v.to(device) for k, v in tensors.items()
+                                          if k.startswith("smf_opt.")})
+        torch.set_rng_state(tensors[f"rng.cpu.{ranks.rank}"])
+        if device.type == "cuda" and f"rng.cuda.{ranks.rank}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rng.cuda.{ranks.rank}"], device)
+        return step
+
+    def load_dense_state(self, tensors, device):
+        state = {}
+        for key, v in tensors.items():
+            if key.startswith("adamw."):
+                name, k = key[len("adamw."):].rsplit(".", 1)
+                state.setdefault(name, {})[k] = v if (k == "step" or self.fsdp) else v.to(device)
+        if self.fsdp:  # rank 0 holds the full moments (on CPU) and broadcasts them; every rank keeps its shards
+            sd = get_optimizer_state_dict(self.model, self.dense_opt, options=StateDictOptions(full_state_dict=True))
+            sd["state"] = state
+            set_optimizer_state_dict(self.model, self.dense_opt, sd, options=StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=True))
+            return
+        index = {name: i for i, name in enumerate(self.dense)}
+        sd = self.dense_opt.state_dict()
+        sd["state"] = {index[name]: s for name, s in state.items()}
+        self.dense_opt.load_state_dict(sd)
+
+
+class StepGuard:
+    """Stops a run before an update with a non-finite loss or gradient norm (so no non-finite tensor is ever
+    saved), and warns once when the loss has not changed and the gradient norm is 0 for `patience` steps
+    (a dead model, e.g. after too large an lr)."""
+
+    def __init__(self, out, patience=5):
+        self.out, self.patience, self.still, self.last, self.warned = out, patience, 0, None, False
+
+    def check(self, step, loss, grad_norm=0.0):
+        for what, v in (("loss", loss), ("gradient norm", grad_norm)):
+            if not math.isfinite(v):
+                raise RunError(f"{what} is {v} at step {step} in {self.out}; stopped before the update. The last "
+                               f"checkpoint holds only finite values: start a new run with a lower --lr (--resume "
+                               f"continues with the same flags) or check the data")
+
+    def dead(self, loss, grad_norm, step):
+        """A warning (printed, and returned for the log) the first time the model looks dead, else None."""
+        self.still = self.still + 1 if (grad_norm == 0 and loss == self.last) else 0
+        self.last = loss
+        if self.still < self.patience or self.warned:
+            return None
+        self.warned = True
+        msg = (f"warning: the loss has stayed at {loss:.6g} with a gradient norm of 0 for {self.still} steps (step "
+               f"{step}): the model may be dead (too large an --lr?)")
+        print(msg, file=sys.stderr)
+        return msg

@@ -1,0 +1,145 @@
+"""Run directories a user can trust (train.py through its CLI, on the tiny fixtures): what --out may be, the lock,
+start-up that writes nothing until it has loaded, --resume with resolved paths, one clean log after kill -9,
+no non-finite tensor ever saved, a warning for a dead model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+import checkpoint
+from tiny_data import medmcqa_rows, write_parquet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def medmcqa(tmp_path_factory):
+    return write_parquet(str(tmp_path_factory.mktemp("safety") / "medmcqa.parquet"), medmcqa_rows(40))
+
+
+def cli(model_dir, medmcqa, out, *extra, wait=True):
+    cmd = [sys.executable, "train.py", "--method", "lora", "--recipe", "clean", "--model", model_dir, "--data",
+           f"medmcqa={medmcqa}", "--out", str(out), "--device", "cpu", "--batch-size", "2", "--grad-accum", "1",
+           "--max-len", "96", "--warmup", "1", *map(str, extra)]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+
+
+def one_line_error(r, *needles):
+    assert r.returncode != 0, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") or "usage:" in r.stderr, r.stderr
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr)
+
+
+def log_steps(out):
+    return [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))]
+
+
+def test_out_must_be_new_empty_or_ours(tiny_model_dir, medmcqa, tmp_path):
+    # a model folder: refused, nothing in it touched
+    before = {n: os.path.getmtime(os.path.join(tiny_model_dir, n)) for n in os.listdir(tiny_model_dir)}
+    one_line_error(cli(tiny_model_dir, medmcqa, tiny_model_dir, "--max-steps", "1"), "did not write",
+                   "config.json" if "config.json" in before else "")
+    assert {n: os.path.getmtime(os.path.join(tiny_model_dir, n)) for n in os.listdir(tiny_model_dir)} == before
+    # a folder with a foreign log.jsonl and no args.json
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "log.jsonl").write_text('{"epoch": 1}\n')
+    one_line_error(cli(tiny_model_dir, medmcqa, foreign, "--max-steps", "1"), "no args.json", "not a train.py run")
+    assert not (foreign / "args.json").exists()
+    # a file
+    f = tmp_path / "file"
+    f.write_text("x")
+    one_line_error(cli(tiny_model_dir, medmcqa, f, "--max-steps", "1"), "is a file")
+    # --resume without a run
+    one_line_error(cli(tiny_model_dir, medmcqa, tmp_path / "new", "--max-steps", "1", "--resume"),
+                   "no run to resume", "without --resume")
+
+
+def test_failed_start_writes_nothing_and_the_fixed_command_runs(tiny_model_dir, medmcqa, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"question": "caf\xe9"}\n')  # not UTF-8
+    out = tmp_path / "run"
+    r = cli(tiny_model_dir, bad, out, "--max-steps", "1")
+    one_line_error(r, "bad.jsonl")
+    assert not (out / "args.json").exists() and not (out / "log.jsonl").exists()
+    r = cli(tiny_model_dir, medmcqa, out, "--max-steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert "starting" in r.stderr and "resuming" not in r.stderr
+    assert log_steps(out) == [1, 2]
+
+
+def test_resume_compares_resolved_paths(tiny_model_dir, medmcqa, tmp_path):
+    out = tmp_path / "runs" / "x"
+    r = cli(tiny_model_dir, medmcqa, out, "--max-steps", "3", "--stop-at-step", "1")
+    assert r.returncode == 0, r.stderr
+    spelled = os.path.relpath(out, ROOT) + "/"  # another spelling of the same directory
+    r = cli(tiny_model_dir, medmcqa, spelled, "--max-steps", "3", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr and log_steps(out) == [1, 2, 3]
+
+
+def test_kill_9_then_resume_gives_one_clean_log(tiny_model_dir, medmcqa, tmp_path):
+    """Killed past its last checkpoint, the run resumes there: log.jsonl holds steps 1..N once each, and the
+    temporary file of an interrupted save is removed."""
+    out = tmp_path / "killed"
+    p = cli(tiny_model_dir, medmcqa, out, "--max-steps", "400", "--save-every", "3", wait=False)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the log is past the first checkpoint and not on a save step
+        steps = log_steps(out) if (out / "log.jsonl").exists() else []
+        if len(steps) >= 5 and len(steps) % 3:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert len(log_steps(out)) > 3  # some steps past the checkpoint are in the log
+    (out / "model.safetensors.tmp1234").write_text("half a save")
+    r = cli(tiny_model_dir, medmcqa, out, "--max-steps", "400", "--save-every", "3", "--resume",
+            "--stop-at-step", "12")
+    assert r.returncode == 0, r.stderr
+    assert log_steps(out) == list(range(1, 13))
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_is_no_obstacle(tiny_model_dir, medmcqa, tmp_path):
+    out = tmp_path / "locked"
+    lock = checkpoint.Lock(str(out))  # a live run holds the directory
+    try:
+        one_line_error(cli(tiny_model_dir, medmcqa, out, "--max-steps", "1"), "in use by another train.py process",
+                       f"pid {os.getpid()}")
+    finally:
+        lock.release()
+    assert (out / ".lock").exists()  # left behind, as after kill -9: no obstacle
+    r = cli(tiny_model_dir, medmcqa, out, "--max-steps", "1")
+    assert r.returncode == 0, r.stderr
+
+
+def test_non_finite_values_stop_before_the_update_and_are_never_saved(tiny_model_dir, medmcqa, tmp_path):
+    out = tmp_path / "nan"
+    r = cli(tiny_model_dir, medmcqa, out, "--method", "full", "--max-steps", "6", "--lr", "1e30", "--grad-clip", "0",
+            "--save-every", "1")
+    one_line_error(r, "is nan" if "is nan" in r.stderr else "is inf", "start a new run with a lower --lr")
+    if (out / "checkpoint.safetensors").exists():
+        import torch
+        assert all(torch.isfinite(v).all() for v in load_file(out / "checkpoint.safetensors").values())
+    one_line_error(cli(tiny_model_dir, medmcqa, tmp_path / "x", "--lr", "inf"), "--lr must be a finite number")
+
+
+def test_dead_model_warning():
+    guard = checkpoint.StepGuard("run")
+    assert [guard.dead(5.9, 0.0, s) for s in range(1, 6)] == [None] * 5  # the first step has nothing to compare
+    assert "may be dead" in guard.dead(5.9, 0.0, 6)  # 5 steps unchanged after the first
+    assert guard.dead(5.9, 0.0, 7) is None  # once
+    live = checkpoint.StepGuard("run")
+    assert all(live.dead(5.9 - s / 10, 0.3, s) is None for s in range(20))
+    with pytest.raises(checkpoint.RunError, match="gradient norm is nan"):
+        live.check(3, 1.0, float("nan"))
