@@ -373,8 +373,8 @@ class Checkpoint:
 
 class StepGuard:
     """Stops a run before an update with a non-finite loss or gradient norm (so no non-finite tensor is ever
-    saved), and warns once when the loss has not changed and the gradient norm is 0 for `patience` steps
-    (a dead model, e.g. after too large an lr)."""
+    saved), and warns once when the gradient norm has been 0 and the loss flat (within 1e-3) for `patience`
+    steps (a dead model, e.g. after too large an lr)."""
 
     def __init__(self, out, patience=5):
         self.out, self.patience, self.still, self.last, self.warned = out, patience, 0, None, False
@@ -388,12 +388,12 @@ class StepGuard:
 
     def dead(self, loss, grad_norm, step):
         """A warning (printed, and returned for the log) the first time the model looks dead, else None."""
-        self.still = self.still + 1 if (grad_norm == 0 and loss == self.last) else 0
+        self.still = self.still + 1 if grad_norm == 0 and (self.last is None or abs(loss - self.last) < 1e-3) else 0
         self.last = loss
         if self.still < self.patience or self.warned:
             return None
         self.warned = True
-        msg = (f"warning: the loss has stayed at {loss:.6g} with a gradient norm of 0 for {self.still} steps (step "
+        msg = (f"warning: the loss has stayed near {loss:.6g} with a gradient norm of 0 for {self.still} steps (step "
                f"{step}): the model may be dead (too large an --lr?)")
         print(msg, file=sys.stderr)
         return msg

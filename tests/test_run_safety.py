@@ -134,11 +134,20 @@ def test_non_finite_values_stop_before_the_update_and_are_never_saved(tiny_model
     one_line_error(cli(tiny_model_dir, medmcqa, tmp_path / "x", "--lr", "inf"), "--lr must be a finite number")
 
 
+def test_dead_model_is_warned_in_stderr_and_log(tiny_model_dir, medmcqa, tmp_path):
+    out = tmp_path / "dead"
+    r = cli(tiny_model_dir, medmcqa, out, "--method", "full", "--max-steps", "12", "--lr", "1e6")
+    assert r.returncode == 0 and "the model may be dead" in r.stderr
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert sum("warning" in rec for rec in log) == 1
+
+
 def test_dead_model_warning():
     guard = checkpoint.StepGuard("run")
-    assert [guard.dead(5.9, 0.0, s) for s in range(1, 6)] == [None] * 5  # the first step has nothing to compare
-    assert "may be dead" in guard.dead(5.9, 0.0, 6)  # 5 steps unchanged after the first
-    assert guard.dead(5.9, 0.0, 7) is None  # once
+    assert [guard.dead(5.9 + s * 1e-5, 0.0, s) for s in range(1, 5)] == [None] * 4
+    assert "may be dead" in guard.dead(5.9, 0.0, 5)  # 5 steps with no gradient and a flat loss
+    assert guard.dead(5.9, 0.0, 6) is None  # once
+    assert checkpoint.StepGuard("run").dead(5.9, 0.0, 1) is None
     live = checkpoint.StepGuard("run")
     assert all(live.dead(5.9 - s / 10, 0.3, s) is None for s in range(20))
     with pytest.raises(checkpoint.RunError, match="gradient norm is nan"):
