@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import atomic_write, write_json
+from model import atomic_write, resolve_device, write_json
 
 RUN_FILES = {"args.json", "config.json", "model.safetensors", "log.jsonl", "checkpoint.safetensors",
              "background.safetensors", "eval.jsonl", "retrofit", "hf", "peft", "merged", ".lock"}
@@ -99,12 +99,10 @@ class Ranks:
 def setup_ranks(device_name: str):
     """(Ranks, device): join the process group torchrun set up (WORLD_SIZE > 1), NCCL with one GPU per process,
     else gloo on CPU."""
-    if device_name == "auto":  # TODO(model.resolve_device)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError(f"--device {device_name}: CUDA is not available on this machine")
-    else:
-        device = torch.device(device_name)
+    try:
+        device = resolve_device(device_name)
+    except ValueError as e:
+        raise RunError(f"--device: {e}") from e
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Ranks(), device

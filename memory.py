@@ -24,7 +24,7 @@ dk key dim per head (two halves of dk/2), D value dim, S = n*n slots, R rows upd
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -34,17 +34,33 @@ import torch.nn.functional as F
 # Config
 
 
+def option(flag: str, help: str, **argparse_kw) -> dict:
+    """A MemoryConfig field's train.py flag: train.py adds one flag per field that has one, so a new memory
+    option is a field here (and its use in ProductKeyMemory), nothing more."""
+    return {"flag": flag, "help": help, **argparse_kw}
+
+
 @dataclass
 class MemoryConfig:
-    layers: list[int] | None = None  # None -> [L//4, L//2, 3L//4]: 6, 12, 18 of Qwen2.5-0.5B's 24
-    n_keys: int = 128  # half-keys per half; n_keys**2 = 16,384 slots per layer
-    heads: int = 4
-    topk: int = 16  # slots read per head and token
-    k_dim: int = 256  # query / key size per head (two halves of 128)
+    layers: list[int] | None = field(default=None, metadata=option(
+        "--memory-layers", "comma-separated layer ids (default: L/4, L/2, 3L/4: 6, 12, 18 of Qwen2.5-0.5B's 24)",
+        type=lambda s: [int(x) for x in s.split(",")]))
+    n_keys: int = field(default=128, metadata=option("--n-keys", "half-keys per half: n_keys^2 slots per layer"))
+    heads: int = field(default=4, metadata=option("--mem-heads", "memory heads"))
+    topk: int = field(default=16, metadata=option("--mem-topk", "slots read per head and token"))
+    k_dim: int = field(default=256, metadata=option("--mem-k-dim", "query / key size per head (two halves)"))
     v_dim: int | None = None  # None -> the model's hidden size (896)
-    mode: str = "additive"  # "additive": x + mlp(h) + alpha * mem(h); "replacement": x + mem(h)
-    alpha_init: float = 0.01  # the paper's init of the learnable scale (additive only)
-    precision: str = "fp32"  # "fp32": all memory maths in fp32; "bf16": in bf16 as the paper's code runs it
+    mode: str = field(default="additive", metadata=option(
+        "--memory-mode", "additive: x + mlp(h) + alpha * mem(h); replacement: x + mem(h), no MLP",
+        choices=["additive", "replacement"]))
+    alpha_init: float | None | str = field(default="auto", metadata=option(
+        "--alpha-init", "the memory's learnable output scale at init, or none (auto: 0.01 in additive mode, as "
+        "the paper; none in replacement mode, whose paper version has no scale)",
+        type=lambda s: s if s in ("auto", "none") else float(s)))
+    precision: str = field(default="fp32", metadata=option(
+        "--memory-precision", "[recipe] the memory's maths: bf16 as the paper's code runs it (weights rounded to "
+        "bf16, values read in fp32 while training, the whole memory bf16 at evaluation; paper) or fp32 (clean)",
+        choices=["bf16", "fp32"], per_run=True))  # per_run: a stage-2 run may choose it for a loaded memory
 
     def __post_init__(self):
         if self.mode not in ("additive", "replacement"):
@@ -64,7 +80,11 @@ class MemoryConfig:
         layers = sorted(set(int(i) for i in layers))
         if not layers or layers[0] < 0 or layers[-1] >= n_layers:
             raise ValueError(f"MemoryConfig: layers {layers} must lie in 0..{n_layers - 1}")
-        return MemoryConfig(**{**asdict(self), "layers": layers, "v_dim": self.v_dim or hidden})
+        alpha = self.alpha_init
+        if alpha == "auto":
+            alpha = 0.01 if self.mode == "additive" else None
+        return MemoryConfig(**{**asdict(self), "layers": layers, "v_dim": self.v_dim or hidden,
+                               "alpha_init": None if alpha == "none" else alpha})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,7 +103,7 @@ class MemoryConfig:
 
 class ProductKeyMemory(nn.Module):
     """
-    out = W2((sum over heads and their top-k slots of s_i * values[i]) * silu(W1 x)), times alpha if additive.
+    out = W2((sum over heads and their top-k slots of s_i * values[i]) * silu(W1 x)), times alpha if it has one.
 
     Parameters (fp32 when built) and their init, as Meta's memory code (the paper's) does it:
 
@@ -97,7 +117,7 @@ class ProductKeyMemory(nn.Module):
     | w1.bias         | (D,)            | PyTorch's Linear default, uniform(+-1/sqrt(C))         |
     | w2.weight       | (C, D)          | normal(0, std C**-0.5)  (Meta's `value_proj`)          |
     | w2.bias         | (C,)            | PyTorch's Linear default, uniform(+-1/sqrt(D))         |
-    | alpha           | ()              | alpha_init = 0.01 (paper); additive mode only          |
+    | alpha           | ()              | alpha_init (0.01 in additive mode, as the paper)       |
 
     w2's bias adds a constant alpha * b2 to the residual stream, so even at alpha = 0.01 the model is not
     exactly the base model at the start (as in the paper's code).
@@ -119,7 +139,9 @@ class ProductKeyMemory(nn.Module):
         self.values = nn.Embedding(self.n_slots, cfg.v_dim)
         self.w1 = nn.Linear(hidden, cfg.v_dim, bias=True)
         self.w2 = nn.Linear(cfg.v_dim, hidden, bias=True)
-        self.alpha = nn.Parameter(torch.tensor(float(cfg.alpha_init))) if cfg.mode == "additive" else None
+        if cfg.alpha_init is not None and not isinstance(cfg.alpha_init, float | int):
+            raise ValueError(f"ProductKeyMemory: alpha_init {cfg.alpha_init!r}; call cfg.resolve(n_layers, hidden) first")
+        self.alpha = None if cfg.alpha_init is None else nn.Parameter(torch.tensor(float(cfg.alpha_init)))
         self.sparse_grad = False  # True: the values gradient holds only the rows read (stage 2)
         self.last_indices = None  # (B, T, h*k) slot ids read by the last forward, detached
         self.grad_hook = None  # a pending one-shot mask of the values gradient (select_per_micro_batch)
@@ -228,15 +250,6 @@ def add_memory(model, cfg: MemoryConfig) -> dict:
     return memories
 
 
-@torch.no_grad()
-def round_to_bf16_(memories: dict):
-    """Round every weight of these memories to bf16 precision, in place, keeping their dtype: the paper's code
-    builds the memory inside its bf16 model (stage 1) or loads it into one (stage 2), then trains fp32 copies."""
-    for mem in memories.values():
-        for p in mem.parameters():
-            p.copy_(p.to(torch.bfloat16))
-
-
 def memory_layers(model) -> dict:
     """{layer: ProductKeyMemory} of every block that has one."""
     return {i: b.memory for i, b in enumerate(model.model.layers) if b.memory is not None}
@@ -329,24 +342,39 @@ class BackgroundStats:
 # Ranking: which rows to train
 
 
-RANKS = ("kl", "tfidf", "counts")
+def rank_counts(c, background, layer):
+    """How often this batch read each slot."""
+    return c
+
+
+def rank_tfidf(c, background, layer):
+    """Term frequency times inverse document frequency over the background batches."""
+    df = background_of(background, layer, "tfidf").doc_freq[layer].to(c.device).float()
+    return c / c.sum() * torch.log((background.n_batches + 1) / (df + 1))
+
+
+def rank_kl(c, background, layer):
+    """This slot's term of KL(p_b || p_bg): the batch's read distribution against the background's (add-one
+    smoothed)."""
+    bg = background_of(background, layer, "kl").counts[layer].to(c.device).float() + 1
+    p_b, p_bg = c / c.sum(), bg / bg.sum()
+    return p_b * torch.log((p_b + 1e-8) / (p_bg + 1e-8))
+
+
+# The ranking rules by name (train.py --rank offers them all). A new rule is one function above and one entry here.
+RANKS = {"kl": rank_kl, "tfidf": rank_tfidf, "counts": rank_counts}
+
+
+def background_of(background, layer, rank):
+    if background is None or layer not in background.counts:
+        raise ValueError(f"select_rows: rank {rank!r} needs background statistics for layer {layer}")
+    return background
 
 
 def row_scores(c, background: "BackgroundStats | None", layer: int, rank: str):
-    """Score (S,) fp32 (as the paper's code) of every slot of one layer from this batch's reads c (S,);
-    higher = more specific."""
-    c = c.float()
-    if rank == "counts":
-        return c
-    if background is None or layer not in background.counts:
-        raise ValueError(f"select_rows: rank {rank!r} needs background statistics for layer {layer}")
-    p_b = c / c.sum()  # this batch's read distribution
-    if rank == "tfidf":  # term frequency * inverse document frequency
-        df = background.doc_freq[layer].to(c.device).float()
-        return p_b * torch.log((background.n_batches + 1) / (df + 1))
-    bg = background.counts[layer].to(c.device).float() + 1  # add-one smoothing
-    p_bg = bg / bg.sum()
-    return p_b * torch.log((p_b + 1e-8) / (p_bg + 1e-8))  # this slot's term of KL(p_b || p_bg)
+    """Score (S,) of every slot of one layer from this batch's reads c (S,) by RANKS[rank], in fp32 as the
+    paper's code; higher = more specific to this batch."""
+    return RANKS[rank](c.float(), background, layer)
 
 
 def select_rows(counts: dict, background: "BackgroundStats | None" = None, rank: str = "kl",
@@ -355,12 +383,12 @@ def select_rows(counts: dict, background: "BackgroundStats | None" = None, rank:
     {layer: LongTensor of slot ids, best first}: per layer the top_t slots by `rank` among the slots read
     at least once; exactly min(top_t, slots read) of them. Unread slots are never chosen.
 
-    We select once per optimizer step, from the reads of all its micro-batches summed (so at most top_t rows
-    change per step). The paper's code re-selects on every micro-batch, so with gradient accumulation up to
-    (micro-batches * top_t) rows change per step; select_per_micro_batch() reproduces that.
+    The clean recipe selects once per optimizer step, from the reads of all its micro-batches summed (so at most
+    top_t rows change per step). The paper's code re-selects on every micro-batch, so with gradient accumulation
+    up to (micro-batches * top_t) rows change per step; select_per_micro_batch() (at the end) reproduces that.
     """
     if rank not in RANKS:
-        raise ValueError(f"select_rows: rank {rank!r} is unknown (use one of {', '.join(RANKS)})")
+        raise ValueError(f"select_rows: rank {rank!r} is unknown (use one of {', '.join(sorted(RANKS))})")
     if not isinstance(top_t, int) or top_t < 1:
         raise ValueError(f"select_rows: top_t must be an integer >= 1, got {top_t!r}")
     selected = {}
@@ -373,58 +401,6 @@ def select_rows(counts: dict, background: "BackgroundStats | None" = None, rank:
         scores = row_scores(c, background, i, rank).masked_fill(~read, -math.inf)
         selected[i] = scores.topk(n).indices
     return selected
-
-
-def union_rows(a: dict, b: dict) -> dict:
-    """Layer by layer union of two selections (sorted slot ids)."""
-    return {i: torch.cat([s[i] for s in (a, b) if i in s]).unique() for i in sorted(a.keys() | b.keys())}
-
-
-def select_per_micro_batch(memories: dict, counts: dict, background: "BackgroundStats | None" = None,
-                           rank: str = "kl", top_t: int = 512, selected: dict | None = None) -> dict:
-    """
-    The paper code's selection, kept for comparison: rows are chosen on every micro-batch from its own reads,
-    and that micro-batch's gradient is kept only on its own rows. Call it after the micro-batch's forward and
-    BEFORE its loss.backward(): it hooks each value table so that the next backward keeps only these rows.
-    Returns the union with `selected` (the rows chosen so far in this optimizer step), for
-    SparseMemoryOptimizer.step; with k micro-batches up to k * top_t rows per layer change per step.
-
-        for b in micro_batches:
-            logits = model(b["idx"], b["attention_mask"])
-            step_rows = select_per_micro_batch(memories, read_counts(model, b["attention_mask"]), bg,
-                                               "kl", 512, step_rows)
-            loss(logits, b).backward()
-        optimizer.step(step_rows)
-    """
-    mine = select_rows(counts, background, rank, top_t)
-    for i, mem in memories.items():
-        keep_rows_in_next_grad(mem, mine[i])
-    return mine if selected is None else union_rows(selected, mine)
-
-
-def keep_rows_in_next_grad(mem: ProductKeyMemory, rows):
-    """Mask the next gradient computed for mem.values (dense or sparse) to `rows`, once."""
-    if mem.grad_hook is not None:
-        raise RuntimeError("select_per_micro_batch: the previous micro-batch's backward never ran; call it "
-                           "between a micro-batch's forward and its loss.backward()")
-    keep = torch.zeros(mem.n_slots, dtype=torch.bool, device=mem.values.weight.device)
-    keep[rows] = True
-    forward_ids = mem.last_indices  # the forward this selection belongs to
-
-    def mask(grad):
-        mem.grad_hook.remove()
-        mem.grad_hook = None
-        if mem.last_indices is not forward_ids:
-            raise RuntimeError("select_per_micro_batch: a new forward ran before the backward of the micro-batch "
-                               "it selected for; call it between a micro-batch's forward and its loss.backward()")
-        if grad.is_sparse:
-            grad = grad.coalesce()
-            on = keep[grad.indices()[0]]
-            return torch.sparse_coo_tensor(grad.indices()[:, on], grad.values()[on], grad.shape,
-                                           check_invariants=False)
-        return grad * keep[:, None]
-
-    mem.grad_hook = mem.values.weight.register_hook(mask)
 
 
 # -----------------------------------------------------------------------------
@@ -522,14 +498,16 @@ class SparseMemoryOptimizer:
         return st["where"][rows]
 
     @torch.no_grad()
-    def step(self, selected: dict, max_grad_norm: float | None = None, reduce=None, also=(), check_norm=None) -> dict:
+    def step(self, selected: dict, max_grad_norm: float | None = None, reduce=None, also=(), check_norm=None,
+             check: bool = True) -> dict:
         """Update the rows selected[layer] of each table; returns the gradient norm (before clipping) and
         how many rows of each layer changed. reduce: optional in-place function applied to each layer's
         selected-rows gradient (R, D) before clipping; data-parallel training passes an all-reduce (sum over
         ranks), so only the t chosen rows per layer cross the network, never the whole table.
         also: other parameters clipped together with the values (their .grad is scaled in place; their
         own optimizer steps them afterwards). check_norm: called with the gradient norm before any row changes
-        (train.py stops there on a non-finite norm)."""
+        (train.py stops there on a non-finite norm). check: refuse slot ids out of range or repeated (costs a
+        device sync per layer; train.py skips it, as select_rows makes valid selections)."""
         group = self.param_groups[0]
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         rows, grads = {}, {}
@@ -537,9 +515,9 @@ class SparseMemoryOptimizer:
             r = selected.get(i)
             r = torch.zeros(0, dtype=torch.long) if r is None else r
             r = r.to(mem.values.weight.device, torch.long)
-            if r.numel() and (r.min() < 0 or r.max() >= mem.n_slots):
+            if check and r.numel() and (r.min() < 0 or r.max() >= mem.n_slots):
                 raise ValueError(f"SparseMemoryOptimizer: layer {i} slot ids must lie in 0..{mem.n_slots - 1}")
-            if len(r.unique()) != len(r):
+            if check and len(r.unique()) != len(r):
                 raise ValueError(f"SparseMemoryOptimizer: layer {i} selection has repeated slot ids")
             table = mem.values.weight
             rows[i], grads[i] = r, grad_rows(table.grad, r) if len(r) else table.new_zeros(0, table.shape[1])
@@ -574,9 +552,14 @@ class SparseMemoryOptimizer:
         return {"grad_norm": float(total), "rows": changed}
 
     def zero_grad(self, set_to_none: bool = True):
-        """Drop the value tables' gradients (always set to None, as a sparse gradient cannot be zeroed in place)."""
+        """Drop the value tables' gradients, or zero them in place when set_to_none is False (a sparse gradient,
+        which holds only the rows read, is always dropped: zeroing it in place would keep its rows)."""
         for mem in self.memories.values():
-            mem.values.weight.grad = None
+            g = mem.values.weight.grad
+            if set_to_none or g is None or g.is_sparse:
+                mem.values.weight.grad = None
+            else:
+                g.zero_()
 
     def state_dict(self) -> dict:
         """Tensors only (safetensors-friendly): per layer `{i}.slots`, `{i}.exp_avg`, `{i}.exp_avg_sq`, `{i}.step`
@@ -609,3 +592,69 @@ class SparseMemoryOptimizer:
             st["where"][slots] = torch.arange(len(slots), device=slots.device)
             st["n"] = len(slots)
             self.state[i] = st
+
+
+# -----------------------------------------------------------------------------
+# The paper code's variants (train.py --recipe paper): per-micro-batch selection and its bf16 rounding. Its
+# dense AdamW is SparseMemoryOptimizer's "dense_adamw" mode; its bf16 maths are MemoryConfig.precision "bf16".
+
+
+@torch.no_grad()
+def round_to_bf16_(memories: dict):
+    """Round every weight of these memories to bf16 precision, in place, keeping their dtype: the paper's code
+    builds the memory inside its bf16 model (stage 1) or loads it into one (stage 2), then trains fp32 copies."""
+    for mem in memories.values():
+        for p in mem.parameters():
+            p.copy_(p.to(torch.bfloat16))
+
+
+def union_rows(a: dict, b: dict) -> dict:
+    """Layer by layer union of two selections (sorted slot ids)."""
+    return {i: torch.cat([s[i] for s in (a, b) if i in s]).unique() for i in sorted(a.keys() | b.keys())}
+
+
+def select_per_micro_batch(memories: dict, counts: dict, background: "BackgroundStats | None" = None,
+                           rank: str = "kl", top_t: int = 512, selected: dict | None = None) -> dict:
+    """
+    The paper code's selection, kept for comparison: rows are chosen on every micro-batch from its own reads,
+    and that micro-batch's gradient is kept only on its own rows. Call it after the micro-batch's forward and
+    BEFORE its loss.backward(): it hooks each value table so that the next backward keeps only these rows.
+    Returns the union with `selected` (the rows chosen so far in this optimizer step), for
+    SparseMemoryOptimizer.step; with k micro-batches up to k * top_t rows per layer change per step.
+
+        for b in micro_batches:
+            logits = model(b["idx"], b["attention_mask"])
+            step_rows = select_per_micro_batch(memories, read_counts(model, b["attention_mask"]), bg,
+                                               "kl", 512, step_rows)
+            loss(logits, b).backward()
+        optimizer.step(step_rows)
+    """
+    mine = select_rows(counts, background, rank, top_t)
+    for i, mem in memories.items():
+        keep_rows_in_next_grad(mem, mine[i])
+    return mine if selected is None else union_rows(selected, mine)
+
+
+def keep_rows_in_next_grad(mem: ProductKeyMemory, rows):
+    """Mask the next gradient computed for mem.values (dense or sparse) to `rows`, once."""
+    if mem.grad_hook is not None:
+        raise RuntimeError("select_per_micro_batch: the previous micro-batch's backward never ran; call it "
+                           "between a micro-batch's forward and its loss.backward()")
+    keep = torch.zeros(mem.n_slots, dtype=torch.bool, device=mem.values.weight.device)
+    keep[rows] = True
+    forward_ids = mem.last_indices  # the forward this selection belongs to
+
+    def mask(grad):
+        mem.grad_hook.remove()
+        mem.grad_hook = None
+        if mem.last_indices is not forward_ids:
+            raise RuntimeError("select_per_micro_batch: a new forward ran before the backward of the micro-batch "
+                               "it selected for; call it between a micro-batch's forward and its loss.backward()")
+        if grad.is_sparse:
+            grad = grad.coalesce()
+            on = keep[grad.indices()[0]]
+            return torch.sparse_coo_tensor(grad.indices()[:, on], grad.values()[on], grad.shape,
+                                           check_invariants=False)
+        return grad * keep[:, None]
+
+    mem.grad_hook = mem.values.weight.register_hook(mask)

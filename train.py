@@ -35,7 +35,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -49,8 +49,8 @@ import memory
 from checkpoint import (Checkpoint, Lock, RunError, StepGuard, StopRun, append_log, begin_run, begin_stage,
                         check_out_dir, finish_stage, hub_revision, is_finished, setup_ranks)
 from eval import load_model, load_task_rows, run_tasks
-from model import (LORA_TARGETS, Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, lora_state_dict, merge_lora,
-                   resolve_model_dir, save_peft_adapter, write_json)
+from model import (LORA_TARGETS, Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, default_dtype, lora_state_dict,
+                   merge_lora, resolve_model_dir, save_peft_adapter, write_json)
 
 METHODS = ("smf", "retrofit", "lora", "full")
 
@@ -140,16 +140,10 @@ def parser():
 def add_smf_flags(p):
     g = p.add_argument_group("SMF: memory layers (stage 1 builds them)")
     g.add_argument("--memory-from", default=None, help="reuse the memory of a finished retrofit (or smf) run")
-    g.add_argument("--memory-mode", default="additive", choices=["additive", "replacement"])
-    g.add_argument("--memory-layers", default=None, help="comma-separated layer ids (default: L/4, L/2, 3L/4)")
-    g.add_argument("--n-keys", type=int, default=128, help="keys per half: n_keys^2 slots per layer")
-    g.add_argument("--mem-heads", type=int, default=4)
-    g.add_argument("--mem-topk", type=int, default=16, help="slots read per head per token")
-    g.add_argument("--mem-k-dim", type=int, default=256)
-    g.add_argument("--memory-precision", default=None, choices=["bf16", "fp32"],
-                   help="[recipe] the memory's maths: bf16 as the paper's code runs it (memory weights rounded to "
-                        "bf16, values read in fp32 while training; the whole memory bf16 at evaluation; paper) or "
-                        "fp32 (clean)")
+    for f in MEMORY_OPTIONS:  # one flag per MemoryConfig option (memory.option); unset: MemoryConfig's default
+        kw = {k: v for k, v in f.metadata.items() if k not in ("flag", "help", "per_run")}
+        kw.setdefault("type", f.type if f.type in (int, float) else str)
+        g.add_argument(f.metadata["flag"], default=None, help=f"{f.metadata['help']} (default: {f.default})", **kw)
     g.add_argument("--retrofit-task", default="oasst1",
                    help="stage-1 and background data: oasst1 (see --oasst1-format) or text:PATH")
     g.add_argument("--oasst1-format", default=None, choices=["replies", "chat"],
@@ -168,7 +162,7 @@ def add_smf_flags(p):
                         "of all of it (clean)")
     g = p.add_argument_group("SMF: stage 2 (sparse finetuning)")
     g.add_argument("--top-t", type=int, default=512, help="memory rows updated per layer per step")
-    g.add_argument("--rank", default="kl", choices=["counts", "tfidf", "kl"], help="how rows are ranked")
+    g.add_argument("--rank", default="kl", choices=sorted(memory.RANKS), help="how rows are ranked (memory.RANKS)")
     g.add_argument("--optimizer", default=None, choices=list(memory.SparseMemoryOptimizer.MODES),
                    help="[recipe] dense_adamw: AdamW over the whole value table with the other rows' gradients "
                         "zeroed, so earlier rows keep moving on their moments (paper); adamw: lazy AdamW, only the "
@@ -234,18 +228,16 @@ def parse_args(argv=None):
         args.memory_from = os.path.abspath(args.memory_from)
     if os.path.isdir(args.model):
         args.model = os.path.abspath(args.model)
-    if args.memory_layers is not None:
-        try:
-            args.memory_layers = [int(x) for x in args.memory_layers.split(",")]
-        except ValueError:
-            p.error(f"--memory-layers must be comma-separated integers, got {args.memory_layers!r}")
+    try:
+        memory_config_from_args(args)
+    except ValueError as e:
+        p.error(str(e))
     args.lora_targets = [t for t in args.lora_targets.split(",") if t]
     if bad := [t for t in args.lora_targets if t not in LORA_TARGETS]:
         p.error(f"--lora-targets: unknown module {bad[0]!r} (choose from {','.join(LORA_TARGETS)})")
     if args.background_subset < 0:
         p.error("--background-subset must be 0 or more")
-    for name in ("batch_size", "grad_accum", "top_t", "max_len", "save_every", "lora_r", "n_keys", "mem_heads",
-                 "mem_topk", "background_batches"):
+    for name in ("batch_size", "grad_accum", "top_t", "max_len", "save_every", "lora_r", "background_batches"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_steps is not None and args.max_steps < 1:
@@ -271,8 +263,6 @@ def parse_args(argv=None):
         p.error("--memory-from only applies to --method smf")
     if (args.export_peft or args.export_merged) and args.method != "lora":
         p.error("--export-peft and --export-merged only apply to --method lora")
-    if args.train_alpha and args.memory_mode == "replacement":
-        p.error("--train-alpha needs --memory-mode additive (replacement memory has no alpha)")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr >= 0):
         p.error(f"--lr must be a finite number >= 0, got {args.lr}")
     if args.limit is not None and args.limit < 1:
@@ -389,14 +379,7 @@ def train(stage: Stage, args, device, tok, ranks):
     stream = MicroBatches(stage.examples, args, ranks, tok.pad_id, device)
     total = stage.max_steps or max(1, int(stage.epochs * stream.per_epoch) // args.grad_accum)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    adamw = smf_opt = None
-    if stage.adamw_params:
-        fused = device.type == "cuda" and not stage.fsdp  # as the paper's Trainer (optim "adamw_torch_fused")
-        adamw = torch.optim.AdamW(list(stage.adamw_params.values()), lr=stage.lr, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=args.weight_decay, fused=fused or None)
-    if smf is not None:
-        smf_opt = memory.SparseMemoryOptimizer(smf["memories"], lr=stage.lr, weight_decay=args.weight_decay,
-                                               mode=args.optimizer)
+    adamw, smf_opt = make_optimizers(stage, args, device)
     optimizers = [o for o in (adamw, smf_opt) if o is not None]
     saver = Checkpoint(stage.out, model, stage.trained, stage.adamw_params, adamw, smf_opt, ranks, stage.fsdp)
     step = saver.load(device)  # weights, optimizer state and every rank's RNG state, if there is a checkpoint
@@ -458,7 +441,7 @@ def train(stage: Stage, args, device, tok, ranks):
             ranks.same_rows(selected)
             # SMF 3. masked step: only those rows change (values and alpha clipped together, as one clip_grad_norm_)
             stats = smf_opt.step(selected, max_grad_norm=args.grad_clip or None, reduce=ranks.sum_, also=alpha,
-                                 check_norm=functools.partial(guard.check, step + 1, loss_mean))
+                                 check_norm=functools.partial(guard.check, step + 1, loss_mean), check=False)
             record.update(grad_norm=stats["grad_norm"], rows={str(k): v for k, v in stats["rows"].items()})
             if args.log_rows:
                 record["selected"] = {str(k): v.tolist() for k, v in selected.items()}
@@ -481,21 +464,39 @@ def train(stage: Stage, args, device, tok, ranks):
             append_log(log_path, record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{n_tokens / max(1e-9, record['seconds']):.0f}")
-        if args.eval_every and step % args.eval_every == 0:
-            if ranks.main:
-                model.eval()
-                results = run_tasks(model, tok, eval_rows, repetition_penalty=stage.repetition_penalty)
-                append_log(os.path.join(stage.out, "eval.jsonl"), {"step": step, **results})
-                model.train()
-            ranks.barrier()
-        if step % args.save_every == 0 or step == total or step == args.stop_at_step:
-            saver.save(step)
-        if step == args.stop_at_step and step < total:
-            bar.close()
-            if ranks.main:
-                print(f"stopped at step {step} as asked (--stop-at-step); continue with --resume", file=sys.stderr)
-            raise StopRun()
+        after_step(step, total, stage, args, tok, ranks, saver, eval_rows, bar)
     bar.close()
+
+
+def make_optimizers(stage, args, device):
+    """torch's AdamW for stage.adamw_params (None if empty), and SMF's SparseMemoryOptimizer for the values."""
+    adamw = smf_opt = None
+    if stage.adamw_params:
+        fused = device.type == "cuda" and not stage.fsdp  # as the paper's Trainer (optim "adamw_torch_fused")
+        adamw = torch.optim.AdamW(list(stage.adamw_params.values()), lr=stage.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=args.weight_decay, fused=fused or None)
+    if stage.smf is not None:
+        smf_opt = memory.SparseMemoryOptimizer(stage.smf["memories"], lr=stage.lr, weight_decay=args.weight_decay,
+                                               mode=args.optimizer)
+    return adamw, smf_opt
+
+
+def after_step(step, total, stage, args, tok, ranks, saver, eval_rows, bar):
+    """--eval-every probes, the checkpoint every --save-every steps and at the end, and --stop-at-step."""
+    if args.eval_every and step % args.eval_every == 0:
+        if ranks.main:
+            stage.model.eval()
+            results = run_tasks(stage.model, tok, eval_rows, repetition_penalty=stage.repetition_penalty)
+            append_log(os.path.join(stage.out, "eval.jsonl"), {"step": step, **results})
+            stage.model.train()
+        ranks.barrier()
+    if step % args.save_every == 0 or step == total or step == args.stop_at_step:
+        saver.save(step)
+    if step == args.stop_at_step and step < total:
+        bar.close()
+        if ranks.main:
+            print(f"stopped at step {step} as asked (--stop-at-step); continue with --resume", file=sys.stderr)
+        raise StopRun()
 
 
 
@@ -510,10 +511,17 @@ def run_config(args, method, model, **extra):
             "base_config": model.config.to_dict(), "memory": None, "lora": None, "recipe": recipe, **extra}
 
 
-def memory_config_from_args(args):
-    return memory.MemoryConfig(layers=args.memory_layers, n_keys=args.n_keys, heads=args.mem_heads,
-                               topk=args.mem_topk, k_dim=args.mem_k_dim, mode=args.memory_mode,
-                               precision=args.memory_precision)
+MEMORY_OPTIONS = [f for f in fields(memory.MemoryConfig) if "flag" in f.metadata]
+
+
+def memory_flag(f):
+    return f.metadata["flag"][2:].replace("-", "_")  # the argparse dest of a MemoryConfig option's flag
+
+
+def memory_config_from_args(args, base: dict | None = None):
+    """The MemoryConfig of the flags given (the others: MemoryConfig's defaults, or `base`'s values)."""
+    given = {f.name: getattr(args, memory_flag(f)) for f in MEMORY_OPTIONS if getattr(args, memory_flag(f)) is not None}
+    return memory.MemoryConfig(**{**(base or {}), **given})
 
 
 def retrofit_stage(args, out, device, tok, ranks) -> Stage:
@@ -521,7 +529,7 @@ def retrofit_stage(args, out, device, tok, ranks) -> Stage:
     if ranks.main:
         os.makedirs(out, exist_ok=True)
     ranks.barrier()
-    model, _, info = load_model(args.model, dtype=frozen_dtype(device), device=device)
+    model, _, info = load_model(args.model, dtype=default_dtype(device), device=device)
     torch.manual_seed(args.seed)
     mem_cfg = memory_config_from_args(args).resolve(model.config.num_hidden_layers, model.config.hidden_size)
     memories = memory.add_memory(model, mem_cfg)
@@ -582,11 +590,6 @@ def background_statistics(model, tok, args, device, ranks, stage1):
     return stats
 
 
-def frozen_dtype(device):
-    """Frozen base weights: bf16 on GPU (autocast computes in bf16 anyway), fp32 on CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def sparse_stage(args, device, tok, memory_dir, ranks) -> Stage:
     """Stage 2: only the memory values train, and on each step only the top-t rows per layer that the batch
     read most (ranked against background reads, taken from the stage-1 data at the start of this stage) change."""
@@ -596,12 +599,20 @@ def sparse_stage(args, device, tok, memory_dir, ranks) -> Stage:
         mem_run = json.load(f)
     if mem_run.get("memory") is None:
         raise RunError(f"--memory-from {memory_dir}: the run has no memory layers (method {mem_run.get('method')})")
-    model, _, info = load_model(args.model, dtype=frozen_dtype(device), device=device)
+    model, _, info = load_model(args.model, dtype=default_dtype(device), device=device)
     base_config = model.config.to_dict()
     if mem_run.get("base_config") != base_config:
         diff = sorted(k for k in base_config if base_config[k] != mem_run.get("base_config", {}).get(k))
         raise RunError(f"--memory-from {memory_dir}: its base model differs from --model {args.model} ({', '.join(diff) or 'config'})")
-    mem_cfg = memory.MemoryConfig.from_dict({**mem_run["memory"], "precision": args.memory_precision})
+    loaded = memory.MemoryConfig.from_dict(mem_run["memory"])
+    mem_cfg = memory_config_from_args(args, base=loaded.to_dict())  # the loaded memory, this run's precision
+    for f in MEMORY_OPTIONS:  # a memory flag that contradicts the loaded memory is an error, never ignored
+        if not f.metadata.get("per_run") and getattr(mem_cfg.resolve(len(model.model.layers), model.config.hidden_size),
+                                                     f.name) != getattr(loaded, f.name):
+            raise RunError(f"{f.metadata['flag']} {getattr(args, memory_flag(f))} contradicts the memory of "
+                           f"--memory-from {memory_dir} ({f.name} {getattr(loaded, f.name)}): drop the flag")
+    if args.train_alpha and loaded.alpha_init is None:
+        raise RunError(f"--train-alpha: the memory of {memory_dir} has no alpha (it was built with --alpha-init none)")
     memories = memory.add_memory(model, mem_cfg)
     weights = os.path.join(memory_dir, "model.safetensors")
     try:
@@ -644,7 +655,7 @@ def lora_or_full_stage(args, device, tok, ranks) -> Stage:
         info = {"repetition_penalty": 1.0}
     else:  # full: fp32 master weights, or bf16 alone (--pure-bf16, the paper's); LoRA: a frozen base
         weights_dtype = (torch.bfloat16 if args.pure_bf16 else torch.float32) if args.method == "full" \
-            else frozen_dtype(device)
+            else default_dtype(device)
         model, _, info = load_model(args.model, dtype=weights_dtype, device=device)
     torch.manual_seed(args.seed)
     lora_cfg = None

@@ -78,7 +78,7 @@ METHODS = ["smf-clean", "smf-sgd", "smf-paper", "lora", "full"]
 # Everything that differs between the full run and the --quick one (the test's plumbing check).
 SCALES = {
     "full": dict(seeds=[0, 1, 2, 3, 4], n_old=40, n_new=20, docs=2000, vocab=512, hidden=96, layers=4, heads=4,
-                 kv_heads=2, inter=256, pretrain_steps=1000, pretrain_lr=3e-3, pretrain_batch=16,
+                 kv_heads=2, inter=256, pretrain_steps=500, pretrain_lr=3e-3, pretrain_batch=16,
                  retrofit_steps=200, retrofit_lr=3e-3, background=200,  # background: reads per SMF finetune
                  n_keys=32, mem_heads=2, mem_topk=8, mem_k_dim=64, top_t=64, lora_r=8,
                  ft_epochs=10, ft_batch=4, ft_accum=2,

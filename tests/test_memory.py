@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import memory
 from memory import (BackgroundStats, MemoryConfig, ProductKeyMemory, SparseMemoryOptimizer, add_memory,
                     load_memory_state_dict, memory_layers, memory_state_dict, read_counts,
                     row_scores, select_per_micro_batch, select_rows)
@@ -251,7 +252,7 @@ def test_tfidf_and_kl_equal_hand_computed_values():
     assert select_rows({0: c}, bg, "tfidf", 3)[0].tolist() == [5, 3, 2]
 
 
-@pytest.mark.parametrize("rank", ["kl", "tfidf", "counts"])
+@pytest.mark.parametrize("rank", sorted(memory.RANKS))  # every registered rule, a new one included
 @pytest.mark.parametrize("top_t", [1, 3, 4, 10])
 def test_zero_read_slots_never_chosen_and_exactly_min_t_read(rank, top_t):
     c, bg = small_example()
@@ -263,7 +264,7 @@ def test_zero_read_slots_never_chosen_and_exactly_min_t_read(rank, top_t):
 def test_select_rows_refuses_bad_input():
     c, bg = small_example()
     with pytest.raises(ValueError, match="rank"):
-        select_rows({0: c}, bg, "bm25")
+        select_rows({0: c}, bg, "no-such-rank")
     with pytest.raises(ValueError, match="top_t"):
         select_rows({0: c}, bg, "kl", 0)
     with pytest.raises(ValueError, match="background"):
@@ -493,3 +494,24 @@ def test_save_pretrained_refuses_memory_layers(tiny_model_dir, tmp_path):
     add_memory(model, MemoryConfig(layers=[1], n_keys=4, heads=1, topk=2, k_dim=8))
     with pytest.raises(ValueError, match="memory layers"):
         model.save_pretrained(str(tmp_path / "out"))
+
+
+def test_a_registered_rank_is_reachable_from_the_cli(monkeypatch):
+    """A new ranking rule is one function and one RANKS entry in memory.py: train.py --rank offers it."""
+    import train
+    monkeypatch.setitem(memory.RANKS, "bm25", lambda c, background, layer: c.sqrt())
+    args = train.parse_args(["--method", "smf", "--rank", "bm25"])
+    assert args.rank == "bm25"
+    c = torch.tensor([0, 4, 1, 9])
+    assert select_rows({0: c}, None, "bm25", 2)[0].tolist() == [3, 1]
+
+
+def test_zero_grad_honours_set_to_none():
+    mem = table_memory()
+    opt = SparseMemoryOptimizer({0: mem}, lr=1e-3)
+    mem.values.weight.grad = torch.randn(64, 5)
+    g = mem.values.weight.grad
+    opt.zero_grad(set_to_none=False)
+    assert mem.values.weight.grad is g and not g.any()
+    opt.zero_grad()
+    assert mem.values.weight.grad is None

@@ -1,0 +1,78 @@
+"""Forking in one file: a memory option is a MemoryConfig field (train.py derives its flag), a ranking rule an
+entry of memory.RANKS (tests/test_memory.py), a probe an entry of eval.PROBES; each is reachable from the CLI."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import memory
+import train
+from tiny_data import medmcqa_rows, oasst1_rows, write_jsonl, write_parquet
+
+MEM = ["--n-keys", "8", "--mem-heads", "2", "--mem-topk", "4", "--mem-k-dim", "16", "--memory-layers", "1,2"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fork_data")
+    return {"medmcqa": write_parquet(str(d / "medmcqa.parquet"), medmcqa_rows(40)),
+            "oasst1": write_jsonl(str(d / "oasst1.jsonl"), oasst1_rows(30))}
+
+
+def common(model_dir, files, out, *extra):
+    return ["--model", model_dir, "--data", f"medmcqa={files['medmcqa']}", "--data", f"oasst1={files['oasst1']}",
+            "--out", str(out), "--device", "cpu", "--batch-size", "2", "--grad-accum", "1", "--max-len", "96",
+            "--warmup", "1", "--recipe", "clean", *extra]
+
+
+def test_every_memory_option_has_a_flag_that_reaches_the_config():
+    options = [f for f in dataclasses.fields(memory.MemoryConfig) if "flag" in f.metadata]
+    assert {f.name for f in options} >= {"layers", "n_keys", "heads", "topk", "k_dim", "mode", "alpha_init", "precision"}
+    argv = ["--method", "retrofit", "--memory-layers", "0,3", "--n-keys", "9", "--mem-heads", "3", "--mem-topk", "5",
+            "--mem-k-dim", "12", "--memory-mode", "replacement", "--alpha-init", "0.25", "--memory-precision", "bf16"]
+    cfg = train.memory_config_from_args(train.parse_args(argv))
+    assert cfg == memory.MemoryConfig(layers=[0, 3], n_keys=9, heads=3, topk=5, k_dim=12, mode="replacement",
+                                      alpha_init=0.25, precision="bf16")
+    assert train.memory_config_from_args(train.parse_args(["--method", "retrofit", "--recipe", "clean"])) == \
+        memory.MemoryConfig()  # unset flags: MemoryConfig's own defaults
+    with pytest.raises(SystemExit):
+        train.parse_args(["--method", "retrofit", "--mem-topk", "200"])  # MemoryConfig's own check, as a usage error
+
+
+def test_replacement_memory_can_train_its_alpha(tiny_model_dir, files, tmp_path):
+    """alpha is independent of the mode: a replacement memory built with --alpha-init trains it with --train-alpha;
+    by default (auto) a replacement memory has none, as the paper's."""
+    retro = tmp_path / "retro"
+    train.main(common(tiny_model_dir, files, retro, "--method", "retrofit", "--max-steps", "1", *MEM,
+                      "--memory-mode", "replacement", "--alpha-init", "0.5"))
+    assert json.load(open(retro / "config.json"))["memory"]["alpha_init"] == 0.5
+    out = tmp_path / "smf"
+    train.main(common(tiny_model_dir, files, out, "--method", "smf", "--memory-from", str(retro), "--max-steps", "3",
+                      "--train-alpha", "--lr", "1e-2", "--background-batches", "4"))
+    before, after = load_file(retro / "model.safetensors"), load_file(out / "model.safetensors")
+    assert not torch.equal(before["model.layers.1.memory.alpha"], after["model.layers.1.memory.alpha"])
+    cfg = memory.MemoryConfig(mode="replacement").resolve(4, 64)
+    assert cfg.alpha_init is None and memory.ProductKeyMemory(64, cfg).alpha is None
+
+
+def test_memory_flags_that_contradict_memory_from_are_errors(tiny_model_dir, files, tmp_path):
+    retro = tmp_path / "retro"
+    train.main(common(tiny_model_dir, files, retro, "--method", "retrofit", "--max-steps", "1", *MEM))
+    for flag, value in (("--mem-topk", "3"), ("--memory-mode", "replacement"), ("--memory-layers", "0")):
+        with pytest.raises(train.RunError, match=f"{flag} .* contradicts the memory of --memory-from"):
+            train.main(common(tiny_model_dir, files, tmp_path / f"x{flag}", "--method", "smf", "--memory-from",
+                              str(retro), "--max-steps", "1", flag, value))
+    # the same values as the memory's, and the per-run precision, are fine
+    train.main(common(tiny_model_dir, files, tmp_path / "ok", "--method", "smf", "--memory-from", str(retro),
+                      "--max-steps", "1", "--mem-topk", "4", "--memory-precision", "bf16", "--background-batches", "2"))
+    assert json.load(open(tmp_path / "ok" / "config.json"))["memory"]["precision"] == "bf16"
+    with pytest.raises(train.RunError, match="has no alpha"):
+        none = tmp_path / "none"
+        train.main(common(tiny_model_dir, files, none, "--method", "retrofit", "--max-steps", "1", *MEM,
+                          "--alpha-init", "none"))
+        train.main(common(tiny_model_dir, files, tmp_path / "y", "--method", "smf", "--memory-from", str(none),
+                          "--max-steps", "1", "--train-alpha"))
