@@ -6,13 +6,14 @@ so `HF_HUB_OFFLINE=1` serves them from the cache) or from a local file in the Hu
 
     name      Hub repo (config)                         default split  columns used (optional in brackets)
     medmcqa   openlifescienceai/medmcqa                 validation     question opa opb opc opd cop [choice_type exp id]
-    triviaqa  mandarjoshi/trivia_qa (rc.nocontext)      validation     question answer{aliases, value}
+    triviaqa  mandarjoshi/trivia_qa (rc.nocontext)      validation     question answer{aliases}
     wikitext  Salesforce/wikitext (wikitext-103-v1)     test           text
-    oasst1    OpenAssistant/oasst1                      train          message_id parent_id role text [lang deleted
-                                                                       review_result]
+    oasst1    OpenAssistant/oasst1                      train          message_id parent_id role text [lang rank
+                                                                       deleted review_result]
 
-A local file is a `.parquet`, a `.jsonl` (one JSON object per line), or for WikiText any other text file (one
-row per line); a local directory is searched like a Hub snapshot (`{config}/{split}-*.parquet`).
+(DATASETS below; any other name is read from a local file as it is.) A local file is a `.parquet`, a `.jsonl`
+(one JSON object per line), or for WikiText any other text file (one row per line); a local directory is
+searched like a Hub snapshot (`{config}/{split}-*.parquet`).
 
 Prompt formats (as the paper's code, github.com/prakharg55/SMF-ICML, writes them; the exact strings are below):
 
@@ -22,7 +23,8 @@ Prompt formats (as the paper's code, github.com/prakharg55/SMF-ICML, writes them
     MedMCQA training text  eval context + " {X}. {option}" + "\\nExplanation: {exp}" (the last part only when exp is
                            non-empty), i.e. the eval prompt followed by its correct continuation; loss on all tokens
     TriviaQA prompt        "Question: {question}\\nAnswer:"
-    OASST1                 ChatML via Tokenizer.apply_chat_template (Qwen's default system turn); loss on the
+    OASST1 replies         each English reply ranked 0 or 1 with 50+ characters, as raw text (the paper's)
+    OASST1 chats           ChatML via Tokenizer.apply_chat_template (Qwen's default system turn); loss on the
                            assistant replies only (each reply's text and its closing <|im_end|>)
 
 Tokenized examples are (ids, loss_mask) pairs; `collate` right-pads them into a batch whose `labels` hold the
@@ -34,6 +36,7 @@ import fnmatch
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,24 +44,25 @@ import torch
 # -----------------------------------------------------------------------------
 # Where each dataset lives
 
-HUB = {  # name: (repo id, folder in the repo = the dataset config)
-    "medmcqa": ("openlifescienceai/medmcqa", "data"),
-    "triviaqa": ("mandarjoshi/trivia_qa", "rc.nocontext"),
-    "wikitext": ("Salesforce/wikitext", "wikitext-103-v1"),
-    "oasst1": ("OpenAssistant/oasst1", "data"),
-}
-DEFAULT_SPLIT = {"medmcqa": "validation", "triviaqa": "validation", "wikitext": "test", "oasst1": "train"}
-REQUIRED = {
-    "medmcqa": ["question", "opa", "opb", "opc", "opd", "cop"],
-    "triviaqa": ["question", "answer"],
-    "wikitext": ["text"],
-    "oasst1": ["message_id", "parent_id", "role", "text"],
-}
-OPTIONAL = {
-    "medmcqa": ["id", "choice_type", "exp", "subject_name", "topic_name"],
-    "triviaqa": ["question_id"],
-    "wikitext": [],
-    "oasst1": ["lang", "deleted", "review_result", "message_tree_id", "rank"],
+@dataclass(frozen=True)
+class Dataset:
+    repo: str                 # the Hub dataset repo
+    folder: str               # its folder of parquet files = the dataset config
+    split: str                # load_rows' default split
+    required: tuple = ()      # columns every row must have
+    optional: tuple = ()      # columns read when present
+
+
+# The datasets load_rows knows by name (any other name needs a local file). A new one is one entry here.
+DATASETS = {
+    "medmcqa": Dataset("openlifescienceai/medmcqa", "data", "validation",
+                       ("question", "opa", "opb", "opc", "opd", "cop"),
+                       ("id", "choice_type", "exp", "subject_name", "topic_name")),
+    "triviaqa": Dataset("mandarjoshi/trivia_qa", "rc.nocontext", "validation", ("question", "answer"),
+                        ("question_id",)),
+    "wikitext": Dataset("Salesforce/wikitext", "wikitext-103-v1", "test", ("text",)),
+    "oasst1": Dataset("OpenAssistant/oasst1", "data", "train", ("message_id", "parent_id", "role", "text"),
+                      ("lang", "deleted", "review_result", "message_tree_id", "rank")),
 }
 
 
@@ -69,8 +73,7 @@ def warn(msg: str):
 def hub_files(name: str, split: str, config: str | None = None, revision: str | None = None) -> list[str]:
     """Download (or find in the cache) the parquet files of one split; return their local paths, sorted."""
     from huggingface_hub import snapshot_download
-    repo, folder = HUB[name]
-    folder = config or folder
+    repo, folder = DATASETS[name].repo, config or DATASETS[name].folder
     pattern = f"{folder}/{split}-*.parquet"
     try:
         root = snapshot_download(repo, repo_type="dataset", revision=revision, allow_patterns=[pattern])
@@ -94,12 +97,12 @@ def split_files(root: str, folder: str, split: str) -> list[str]:
 # Reading rows
 
 
-def read_parquet(path: str, columns: list[str]) -> list[dict]:
-    """The rows of a parquet file, only the named columns that it has."""
+def read_parquet(path: str, columns: list[str] | None) -> list[dict]:
+    """The rows of a parquet file, only the named columns that it has (None: all)."""
     import pyarrow.parquet as pq
     try:
         have = pq.read_schema(path).names
-        return pq.read_table(path, columns=[c for c in columns if c in have]).to_pylist()
+        return pq.read_table(path, columns=[c for c in columns or have if c in have]).to_pylist()
     except Exception as e:
         raise ValueError(f"{path}: not a readable parquet file: {e}") from e
 
@@ -206,28 +209,30 @@ def load_rows(name: str, path: str | None = None, split: str | None = None, limi
     """
     The rows of one dataset split as dicts with the Hub's column names; the first `limit` after filtering.
     path: a local .parquet / .jsonl (WikiText: also plain text) file or a folder in the Hub layout; None = the Hub.
-    split: default DEFAULT_SPLIT[name]; config: the Hub folder (e.g. "wikitext-2-raw-v1"), default as in HUB.
+    split: default DATASETS[name].split; config: the Hub folder (e.g. "wikitext-2-raw-v1"), default as in DATASETS.
+    A name DATASETS does not know is read from its local path as it is: every column, no filtering, no checks.
     Filtering: MedMCQA keeps choice_type == "single" when single_only (the paper's train and eval sets; a file
     without choice_type keeps every row and says so); WikiText keeps the non-empty rows, stripped (the probe
     joins the first N with "\\n\\n"); OASST1 and TriviaQA keep every row (OASST1's `limit` counts message rows:
     prefer slicing the result of oasst1_conversations).
-    Validation stops, it never skips: every row must have the REQUIRED columns, and every row returned must pass
+    Validation stops, it never skips: every row must have the required columns, and every row returned must pass
     row_problem; the ValueError names the file, the row (counted from 0 in that file's rows; a .jsonl's blank
     lines are not rows) and the field. A bad row that filtering or `limit` leaves out is not an error.
     """
-    if name not in HUB:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(HUB)}")
+    if name not in DATASETS and path is None:
+        raise ValueError(f"unknown dataset {name!r}: give a local file (known on the Hub: {', '.join(DATASETS)})")
     if limit is not None and limit < 1:
         raise ValueError(f"{name}: limit must be at least 1, got {limit}")
-    split = split or DEFAULT_SPLIT[name]
-    columns = REQUIRED[name] + OPTIONAL[name]
-    source = path or f"{HUB[name][0]} split {split}"
+    ds = DATASETS.get(name, Dataset("", "", split or "", (), ()))
+    split = split or ds.split
+    columns = list(ds.required + ds.optional) if name in DATASETS else None
+    source = path or f"{ds.repo} split {split}"
     if path is None:
         files = hub_files(name, split, config)
     elif os.path.isdir(path):
-        files = split_files(path, config or HUB[name][1], split)
+        files = split_files(path, config or ds.folder, split)
         if not files:
-            raise FileNotFoundError(f"{path}: no {config or HUB[name][1]}/{split}-*.parquet in this folder")
+            raise FileNotFoundError(f"{path}: no {config or ds.folder}/{split}-*.parquet in this folder")
     elif not os.path.exists(path):
         raise FileNotFoundError(f"{name}: no such file: {path}")
     else:
@@ -236,10 +241,10 @@ def load_rows(name: str, path: str | None = None, split: str | None = None, limi
     if not rows:
         raise ValueError(f"{source}: no rows")
     for f, i, row in rows:
-        missing = [c for c in REQUIRED[name] if c not in row]
+        missing = [c for c in ds.required if c not in row]
         if missing:
             raise ValueError(f"{f}: row {i} lacks column(s) {', '.join(missing)} "
-                             f"(needed for {name}: {', '.join(REQUIRED[name])})")
+                             f"(needed for {name}: {', '.join(ds.required)})")
     if name == "medmcqa" and single_only:
         if all("choice_type" in r for _, _, r in rows):
             rows = [(f, i, r) for f, i, r in rows if r["choice_type"] == "single"]

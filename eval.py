@@ -22,6 +22,8 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +34,6 @@ from model import Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, default
     load_safetensors_dir, looks_like_hub_id, lora_state_dict, merge_lora, parse_dtype, resolve_device, \
     resolve_model_dir, write_json, DTYPES, HUB_FILES
 
-TASKS = ("medmcqa", "wikitext", "triviaqa")
 
 # -----------------------------------------------------------------------------
 # Loading a model: Hub id, model directory, or run directory
@@ -325,12 +326,40 @@ def eval_triviaqa(model, tok, rows, batch_size: int = 16, samples: list | None =
 # All tasks
 
 
+# -----------------------------------------------------------------------------
+# The probes by name: `--tasks` offers them, run_tasks runs them, the table prints their metric. A new probe is
+# its function and one entry here (its rows: data.load_rows by the same name, from the Hub if data.DATASETS knows
+# it, else from the file given with --data NAME=PATH).
+
+
+@dataclass(frozen=True)
+class Probe:
+    run: Callable           # (model, tok, rows, batch_size, samples, show[, repetition_penalty]) -> {metric: ...}
+    metric: str             # the headline number of its results
+    default: bool = True    # run when --tasks is not given
+    generates: bool = False  # greedy decoding: takes the checkpoint's repetition penalty
+
+
+PROBES = {
+    "medmcqa": Probe(eval_medmcqa, "acc"),
+    "wikitext": Probe(eval_wikitext, "ppl"),
+    "triviaqa": Probe(eval_triviaqa, "acc", generates=True),
+}
+
+
+def default_tasks() -> list[str]:
+    return [name for name, probe in PROBES.items() if probe.default]
+
+
+def check_tasks(tasks):
+    if unknown := [t for t in tasks if t not in PROBES]:
+        raise ValueError(f"unknown task {unknown[0]!r}; expected one of {', '.join(PROBES)}")
+
+
 def load_task_rows(tasks, limit: int | None = None, data_paths: dict | None = None) -> dict:
     """{task: rows} with each probe's default split and filtering; data_paths {task: local file} overrides the Hub."""
     data_paths = data_paths or {}
-    for t in tasks:
-        if t not in TASKS:
-            raise ValueError(f"unknown task {t!r}; expected one of {', '.join(TASKS)}")
+    check_tasks(tasks)
     return {t: data.load_rows(t, data_paths.get(t), limit=limit) for t in tasks}
 
 
@@ -348,14 +377,10 @@ def run_tasks(model, tok, tasks, limit: int | None = None, data_paths: dict | No
     results = {}
     for task, rows in task_rows.items():
         t0 = time.time()
-        if task == "medmcqa":
-            r = eval_medmcqa(model, tok, rows, batch_size, samples, show)
-        elif task == "wikitext":
-            r = eval_wikitext(model, tok, rows, batch_size, samples, show)
-        elif task == "triviaqa":
-            r = eval_triviaqa(model, tok, rows, batch_size, samples, show, repetition_penalty)
-        else:
-            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        check_tasks([task])
+        probe = PROBES[task]
+        extra = {"repetition_penalty": repetition_penalty} if probe.generates else {}
+        r = probe.run(model, tok, rows, batch_size, samples, show, **extra)
         r["seconds"] = round(time.time() - t0, 2)
         results[task] = r
     model.train(was_training)
@@ -365,7 +390,7 @@ def run_tasks(model, tok, tasks, limit: int | None = None, data_paths: dict | No
 def format_table(results: dict) -> str:
     lines = [f"{'task':<10}{'metric':<8}{'value':>10}{'n':>10}{'seconds':>10}"]
     for task, r in results.items():
-        metric = "ppl" if "ppl" in r else "acc"
+        metric = PROBES[task].metric
         n = r.get("n", r.get("tokens"))
         lines.append(f"{task:<10}{metric:<8}{r[metric]:>10.4f}{n:>10}{r['seconds']:>10.1f}")
     return "\n".join(lines)
@@ -376,7 +401,8 @@ def main(argv=None):
                                             "protocol (its code: github.com/prakharg55/SMF-ICML).")
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct",
                    help="Hub id, local model directory, or run directory written by train.py")
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of medmcqa,wikitext,triviaqa")
+    p.add_argument("--tasks", default=",".join(default_tasks()),
+                   help=f"comma-separated probes, from {','.join(PROBES)} (eval.PROBES)")
     p.add_argument("--limit", type=int, default=1000,
                    help="first N examples per task (MedMCQA: single-answer validation questions; WikiText: "
                         "non-empty rows; TriviaQA: validation questions)")
@@ -401,14 +427,14 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in PROBES]
     if unknown or not tasks:
-        p.error(f"unknown task {unknown[0]!r}; choose from {','.join(TASKS)}" if unknown else "no task given")
+        p.error(f"unknown task {unknown[0]!r}; choose from {','.join(PROBES)}" if unknown else "no task given")
     data_paths = {}
     for item in args.data:
         name, sep, path = item.partition("=")
-        if not sep or name not in TASKS or not path:
-            p.error(f"--data {item!r}: expected NAME=PATH with NAME one of {','.join(TASKS)}")
+        if not sep or name not in PROBES or not path:
+            p.error(f"--data {item!r}: expected NAME=PATH with NAME one of {','.join(PROBES)}")
         data_paths[name] = path
     if args.limit < 1:
         p.error(f"--limit must be at least 1, got {args.limit}")

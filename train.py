@@ -48,7 +48,7 @@ import data
 import memory
 from checkpoint import (Checkpoint, Lock, RunError, StepGuard, StopRun, append_log, begin_run, begin_stage,
                         check_out_dir, finish_stage, hub_revision, is_finished, setup_ranks)
-from eval import load_model, load_task_rows, run_tasks
+from eval import PROBES, default_tasks, load_model, load_task_rows, run_tasks
 from model import (LORA_TARGETS, Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, default_dtype, lora_state_dict,
                    merge_lora, resolve_model_dir, save_peft_adapter, write_json)
 
@@ -198,10 +198,10 @@ def add_baseline_flags(p):
                         "fp32 weights with bf16 autocast on GPU (clean)")
     g = p.add_argument_group("evaluation during training")
     g.add_argument("--eval-every", type=int, default=0, help="run eval.py's probes every N steps (0: never)")
-    g.add_argument("--eval-tasks", default="medmcqa,wikitext,triviaqa")
+    g.add_argument("--eval-tasks", default=",".join(default_tasks()), help=f"probes of eval.PROBES ({','.join(PROBES)})")
     g.add_argument("--eval-limit", type=int, default=200, help="examples per probe")
     g.add_argument("--eval-data", action="append", default=[], metavar="NAME=PATH",
-                   help="local file for a probe (medmcqa, wikitext, triviaqa), as in eval.py; repeatable")
+                   help="local file for a probe, as eval.py --data; repeatable")
 
 
 def parse_args(argv=None):
@@ -214,7 +214,9 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} does not apply to --method {args.method}")
 
     args.data = dict(parse_data_flag(p, d, ("medmcqa", "oasst1")) for d in args.data)
-    args.eval_data = dict(parse_data_flag(p, d, ("medmcqa", "wikitext", "triviaqa")) for d in args.eval_data)
+    args.eval_data = dict(parse_data_flag(p, d, tuple(PROBES)) for d in args.eval_data)
+    if unknown := [t for t in args.eval_tasks.split(",") if t not in PROBES]:
+        p.error(f"--eval-tasks: unknown probe {unknown[0]!r} (choose from {','.join(PROBES)})")
     if args.lr is None:
         args.lr = DEFAULT_LR[args.method]
     if args.epochs is None:

@@ -76,3 +76,28 @@ def test_memory_flags_that_contradict_memory_from_are_errors(tiny_model_dir, fil
                           "--alpha-init", "none"))
         train.main(common(tiny_model_dir, files, tmp_path / "y", "--method", "smf", "--memory-from", str(none),
                           "--max-steps", "1", "--train-alpha"))
+
+
+def test_a_registered_probe_is_reachable_from_both_clis(tiny_model_dir, files, tmp_path, monkeypatch, capsys):
+    """A new probe is a function and one eval.PROBES entry: eval.py --tasks and --data take it (its rows from the
+    local file, a dataset data.py does not know), the table prints its metric, plain runs do not run it when it is
+    not a default, and train.py --eval-tasks accepts it."""
+    import eval as ev
+    seen = {}
+
+    def eval_echo(model, tok, rows, batch_size, samples, show):
+        seen["rows"] = rows
+        return {"echo": float(len(rows)), "n": len(rows)}
+
+    monkeypatch.setitem(ev.PROBES, "echo", ev.Probe(eval_echo, "echo", default=False))
+    path = write_jsonl(str(tmp_path / "echo.jsonl"), [{"x": 1}, {"x": 2}, {"x": 3}])
+    out = tmp_path / "r.json"
+    ev.main(["--model", tiny_model_dir, "--tasks", "echo", "--data", f"echo={path}", "--limit", "2", "--out",
+             str(out), "--quiet"])
+    assert seen["rows"] == [{"x": 1}, {"x": 2}] and json.load(open(out))["echo"]["echo"] == 2.0
+    assert "echo    " in capsys.readouterr().out
+    assert "echo" not in ev.default_tasks()
+    args = train.parse_args(["--method", "lora", "--eval-every", "1", "--eval-tasks", "medmcqa,echo"])
+    assert args.eval_tasks == "medmcqa,echo"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--method", "lora", "--eval-tasks", "no-such-probe"])
