@@ -33,6 +33,7 @@ labels[:, t + 1], as in Hugging Face).
 """
 
 import fnmatch
+import functools
 import json
 import os
 import sys
@@ -425,6 +426,60 @@ def collate(examples, pad_id: int) -> dict:
     idx, attention_mask = pad([ids for ids, _ in examples], pad_id)
     labels, _ = pad([[t if m else -100 for t, m in zip(ids, loss_mask)] for ids, loss_mask in examples], -100)
     return {"idx": idx, "attention_mask": attention_mask, "labels": labels}
+
+
+def training_examples(task: str, tok, max_len: int, seed: int, limit: int | None = None, path: str | None = None,
+                      oasst1_format: str = "chat") -> list[tuple[list[int], list[int]]]:
+    """Tokenized examples [(ids, loss_mask)] of a seeded random `limit` of the task's examples (seeded_subset, as
+    the paper's code draws its subsets): medmcqa text, text:PATH (a text file or a .jsonl of {"text": ...}) or
+    OASST1 replies (loss on every token), or OASST1 chats (loss on the assistant replies). Examples with no token
+    to predict are dropped, as the paper's code drops sequences of one token. path: a local file for the task."""
+    if task.startswith("text:"):
+        items = [r["text"] for r in load_rows("wikitext", path=task[5:])]
+    else:
+        rows = load_rows(task, path=path, split="train")
+        items = rows if task == "medmcqa" else oasst1_replies(rows) if oasst1_format == "replies" \
+            else oasst1_conversations(rows)
+    if limit is not None and len(items) < limit:
+        warn(f"{task}: only {len(items)} examples available (limit {limit}); using all of them")
+    items = [items[i] for i in seeded_subset(len(items), limit, seed)]
+    if task == "medmcqa":
+        items = [medmcqa_train_text(r) for r in items]
+    if task == "oasst1" and oasst1_format == "chat":
+        examples = [encode_chat(tok, c, max_len) for c in items]
+    else:
+        examples = [encode_text(tok, t, max_len) for t in items]
+    kept = [e for e in examples if any(e[1][1:])]  # e.g. a reply truncated away leaves nothing to learn
+    if len(kept) < len(examples):
+        warn(f"{task}: dropped {len(examples) - len(kept)} of {len(examples)} examples with no token to predict "
+             f"within max_len {max_len}")
+    return kept
+
+
+class MicroBatches:
+    """The endless, epoch-by-epoch shuffled stream of micro-batches of `examples`: micro-batch m of all ranks
+    together holds batch_size * world examples, and rank r takes the r-th slice. An incomplete last micro-batch
+    of an epoch is dropped."""
+
+    def __init__(self, examples, batch_size: int, seed: int, pad_id: int, device, rank: int = 0, world: int = 1):
+        self.ex, self.batch_size, self.seed, self.pad_id, self.device = examples, batch_size, seed, pad_id, device
+        self.rank, self.size = rank, batch_size * world
+        if len(examples) < self.size and world > 1:
+            raise ValueError(f"{len(examples)} training examples are fewer than one micro-batch across ranks "
+                             f"({self.size})")
+        self.per_epoch = max(1, len(examples) // self.size)
+
+    @functools.lru_cache(maxsize=2)  # one shuffle per epoch, not one per micro-batch
+    def order(self, epoch):
+        return epoch_order(len(self.ex), self.seed, epoch)
+
+    def __call__(self, m):
+        """(this rank's micro-batch m on the device, its loss tokens across all ranks)"""
+        epoch, i = divmod(m, self.per_epoch)
+        ids = self.order(epoch)[i * self.size:(i + 1) * self.size]
+        n_loss = sum(sum(self.ex[j][1][1:]) for j in ids)  # loss tokens across all ranks (predicting token 1..)
+        mine = ids[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return {k: v.to(self.device) for k, v in collate([self.ex[j] for j in mine], self.pad_id).items()}, n_loss
 
 
 # -----------------------------------------------------------------------------

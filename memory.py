@@ -22,6 +22,7 @@ Shape letters: B batch, T positions, N = B*T tokens, C hidden size, h heads, k t
 dk key dim per head (two halves of dk/2), D value dim, S = n*n slots, R rows updated.
 """
 
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -319,6 +320,12 @@ class BackgroundStats:
             self.doc_freq[i] += (c > 0).long()
         self.n_batches += 1
 
+    def summed(self, sum_, device) -> "BackgroundStats":
+        """Every rank's statistics summed (sum_: an in-place all-reduce), for batches split across ranks."""
+        counts = {i: sum_(c.to(device)).cpu() for i, c in self.counts.items()}
+        doc_freq = {i: sum_(c.to(device)).cpu() for i, c in self.doc_freq.items()}
+        return BackgroundStats(counts, doc_freq, int(sum_(torch.tensor(self.n_batches, device=device))))
+
     def save(self, path: str):
         from safetensors.torch import save_file
         tensors = {f"counts.{i}": c.contiguous() for i, c in self.counts.items()}
@@ -336,6 +343,21 @@ class BackgroundStats:
             counts = {i: f.get_tensor(f"counts.{i}") for i in layers}
             doc_freq = {i: f.get_tensor(f"doc_freq.{i}") for i in layers}
         return cls(counts, doc_freq, int(meta["n_batches"]))
+
+
+@torch.inference_mode()
+def background_stats(model, batches, autocast=contextlib.nullcontext()) -> BackgroundStats:
+    """Read counts and document frequency of every memory slot over `batches` (token ids (1, T) each, one
+    document per batch as the paper's code reads them), the model in eval mode."""
+    stats = BackgroundStats()
+    was_training = model.training
+    model.eval()
+    for idx in batches:
+        with autocast:
+            model(idx)
+        stats.update(read_counts(model))
+    model.train(was_training)
+    return stats
 
 
 # -----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import re
 import sys
 from dataclasses import dataclass, fields
@@ -400,8 +401,9 @@ class Qwen2(nn.Module):
             shapes.pop("lm_head.weight", None)
         return shapes
 
-    def save_pretrained(self, out_dir: str):
-        """Write a Hub-format directory (config.json + model.safetensors) that transformers and we can load."""
+    def save_pretrained(self, out_dir: str, tokenizer_from: str | None = None):
+        """Write a Hub-format directory (config.json + model.safetensors) that transformers and we can load;
+        tokenizer_from: a model (Hub id or directory) whose tokenizer and generation config files to copy."""
         from safetensors.torch import save_file
         if any(isinstance(m, LoRALinear) for m in self.modules()):
             raise ValueError("save_pretrained: the model has LoRA adapters; merge_lora(model) first, "
@@ -416,6 +418,11 @@ class Qwen2(nn.Module):
         atomic_write(os.path.join(out_dir, "model.safetensors"),
                      lambda p: save_file(state, p, metadata={"format": "pt"}))
         atomic_write(os.path.join(out_dir, "config.json"), lambda p: write_json(p, cfg))
+        if tokenizer_from is not None:
+            src = resolve_model_dir(tokenizer_from)
+            for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json"):
+                if os.path.exists(os.path.join(src, name)):
+                    shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
 
 
 def attention_bias(attention_mask, start: int):

@@ -31,7 +31,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -288,37 +287,9 @@ def parse_data_flag(p, flag, names):
 # Data
 
 
-def training_examples(task, args, tok, limit, path=None, oasst1_format=None):
-    """Tokenized examples [(ids, loss_mask)] of a seeded random `limit` of the task's examples (data.seeded_subset,
-    as the paper's code draws its subsets): MedMCQA text, plain text or OASST1 replies (loss on every token), or
-    OASST1 chats (loss on the assistant replies). Examples with no token to predict are dropped, as the paper's
-    code drops sequences of one token. path, oasst1_format: default --data and --oasst1-format."""
-    path = path or args.data.get(task)
-    oasst1_format = oasst1_format or args.oasst1_format
-    if task.startswith("text:"):
-        items = [r["text"] for r in data.load_rows("wikitext", path=task[5:])]
-    else:
-        rows = data.load_rows(task, path=path, split="train")
-        if task == "medmcqa":
-            items = rows
-        elif oasst1_format == "replies":
-            items = data.oasst1_replies(rows)
-        else:
-            items = data.oasst1_conversations(rows)
-    if limit is not None and len(items) < limit:
-        print(f"{task}: only {len(items)} examples available (limit {limit}); using all of them", file=sys.stderr)
-    items = [items[i] for i in data.seeded_subset(len(items), limit, args.seed)]
-    if task == "medmcqa":
-        items = [data.medmcqa_train_text(r) for r in items]
-    if task == "oasst1" and oasst1_format == "chat":
-        examples = [data.encode_chat(tok, c, args.max_len) for c in items]
-    else:
-        examples = [data.encode_text(tok, t, args.max_len) for t in items]
-    kept = [e for e in examples if any(e[1][1:])]  # e.g. a reply truncated away leaves nothing to learn
-    if len(kept) < len(examples):
-        print(f"{task}: dropped {len(examples) - len(kept)} of {len(examples)} examples with no token to predict "
-              f"within --max-len {args.max_len}", file=sys.stderr)
-    return kept
+def task_examples(args, tok):
+    """The finetuning examples of --task (--data medmcqa=PATH for a local file), a seeded random --limit of them."""
+    return data.training_examples(args.task, tok, args.max_len, args.seed, args.limit, args.data.get("medmcqa"))
 
 
 def lr_at(step, total, peak, warmup, from_zero=False):
@@ -350,35 +321,9 @@ class Stage:
     fsdp: bool = False            # the model is sharded with fully_shard (full finetuning, --fsdp)
 
 
-class MicroBatches:
-    """The endless, epoch-by-epoch shuffled stream of micro-batches: micro-batch m of all ranks together holds
-    batch_size * world examples, and rank r takes the r-th slice. An incomplete last micro-batch is dropped."""
-
-    def __init__(self, examples, args, ranks, pad_id, device):
-        self.ex, self.args, self.ranks, self.pad_id, self.device = examples, args, ranks, pad_id, device
-        self.size = args.batch_size * ranks.world
-        if len(examples) < self.size and ranks.world > 1:
-            raise RunError(f"{len(examples)} training examples are fewer than one micro-batch across ranks "
-                           f"({self.size})")
-        self.per_epoch = max(1, len(examples) // self.size)
-
-    @functools.lru_cache(maxsize=2)  # one shuffle per epoch, not one per micro-batch
-    def order(self, epoch):
-        return data.epoch_order(len(self.ex), self.args.seed, epoch)
-
-    def __call__(self, m):
-        """(this rank's micro-batch m on the device, its loss tokens across all ranks)"""
-        epoch, i = divmod(m, self.per_epoch)
-        ids = self.order(epoch)[i * self.size:(i + 1) * self.size]
-        n_loss = sum(sum(self.ex[j][1][1:]) for j in ids)  # loss tokens across all ranks (predicting token 1..)
-        mine = ids[self.ranks.rank * self.args.batch_size:(self.ranks.rank + 1) * self.args.batch_size]
-        batch = data.collate([self.ex[j] for j in mine], self.pad_id)
-        return {k: v.to(self.device) for k, v in batch.items()}, n_loss
-
-
 def train(stage: Stage, args, device, tok, ranks):
     model, smf = stage.model, stage.smf
-    stream = MicroBatches(stage.examples, args, ranks, tok.pad_id, device)
+    stream = data.MicroBatches(stage.examples, args.batch_size, args.seed, tok.pad_id, device, ranks.rank, ranks.world)
     total = stage.max_steps or max(1, int(stage.epochs * stream.per_epoch) // args.grad_accum)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     adamw, smf_opt = make_optimizers(stage, args, device)
@@ -544,7 +489,9 @@ def retrofit_stage(args, out, device, tok, ranks) -> Stage:
             p.requires_grad_(True)
             adamw_params[f"model.layers.{i}.memory.{name}"] = p
     alone = args.method == "retrofit"  # stage 1 on its own takes the shared flags, inside smf the --retrofit-* ones
-    examples = training_examples(args.retrofit_task, args, tok, args.limit if alone else args.retrofit_limit)
+    examples = data.training_examples(args.retrofit_task, tok, args.max_len, args.seed,
+                                      args.limit if alone else args.retrofit_limit, args.data.get("oasst1"),
+                                      args.oasst1_format)
     stage = Stage(out=out, model=model, examples=examples,
                   lr=args.lr if alone else args.retrofit_lr,
                   epochs=args.epochs if alone else args.retrofit_epochs,
@@ -564,32 +511,21 @@ def stage1_data(args):
             "oasst1_format": args.oasst1_format}
 
 
-@torch.inference_mode()
 def background_statistics(model, tok, args, device, ranks, stage1):
     """Read counts and document frequency of every memory slot over --background-batches single-example batches
     of the stage-1 data (stage1_data()): the first ones of a seeded random --background-subset of it (the paper's),
     or a seeded shuffle of all of it (--background-subset 0)."""
-    examples = training_examples(stage1["task"], args, tok, args.background_subset or None, stage1["path"],
-                                 stage1["oasst1_format"])
+    examples = data.training_examples(stage1["task"], tok, args.max_len, args.seed, args.background_subset or None,
+                                      stage1["path"], stage1["oasst1_format"])
     if args.background_subset:
         picked = examples[:args.background_batches]
     else:
         picked = [examples[j] for j in data.epoch_order(len(examples), args.seed, epoch=10**6)]
         picked = picked[:args.background_batches]
-    stats = memory.BackgroundStats()
-    model.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    for ids, _ in tqdm(picked[ranks.rank::ranks.world], desc="background reads", dynamic_ncols=True, disable=not ranks.main):
-        with autocast:
-            model(torch.tensor([ids], device=device))  # (1, T)
-        stats.update(memory.read_counts(model))
-    if ranks.world > 1:  # each rank read its share of the batches: sum them
-        for table in (stats.counts, stats.doc_freq):
-            for i, c in table.items():
-                c.copy_(ranks.sum_(c.to(device)).cpu())
-        stats.n_batches = int(ranks.sum_(torch.tensor(stats.n_batches, device=device)))
-    model.train()
-    return stats
+    mine = tqdm(picked[ranks.rank::ranks.world], desc="background reads", dynamic_ncols=True, disable=not ranks.main)
+    stats = memory.background_stats(model, (torch.tensor([ids], device=device) for ids, _ in mine), autocast)
+    return stats.summed(ranks.sum_, device) if ranks.world > 1 else stats  # each rank read its share
 
 
 def sparse_stage(args, device, tok, memory_dir, ranks) -> Stage:
@@ -640,7 +576,7 @@ def sparse_stage(args, device, tok, memory_dir, ranks) -> Stage:
             mem.alpha.requires_grad_(True)
             adamw_params[f"model.layers.{i}.memory.alpha"] = mem.alpha
     config = run_config(args, "smf", model, memory=mem_cfg.to_dict(), memory_from=os.path.abspath(memory_dir))
-    stage = Stage(out=args.out, model=model, examples=training_examples(args.task, args, tok, args.limit),
+    stage = Stage(out=args.out, model=model, examples=task_examples(args, tok),
                   lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, adamw_params=adamw_params,
                   trained=lambda: memory.memory_state_dict(model), config=config,
                   smf={"memories": memories, "background": background},
@@ -684,7 +620,7 @@ def lora_or_full_stage(args, device, tok, ranks) -> Stage:
                 if args.fsdp else model.state_dict()
             return {k: v for k, v in sd.items() if k in hub_names}
     config = run_config(args, args.method, model, lora=lora_cfg)
-    stage = Stage(out=args.out, model=model, examples=training_examples(args.task, args, tok, args.limit),
+    stage = Stage(out=args.out, model=model, examples=task_examples(args, tok),
                   lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, adamw_params=adamw_params, trained=trained,
                   config=config,
                   repetition_penalty=info["repetition_penalty"], fsdp=args.fsdp)
@@ -698,20 +634,11 @@ def export_lora_or_full(args, model, ranks):
         with torch.device("meta"):
             final = Qwen2(model.config)
         final.load_hub_state_dict(load_file(os.path.join(args.out, "model.safetensors")))
-        export_hub_dir(final, args.model, os.path.join(args.out, "hf"))
+        final.save_pretrained(os.path.join(args.out, "hf"), tokenizer_from=args.model)
     if ranks.main and args.export_peft:
         save_peft_adapter(model, os.path.join(args.out, "peft"), args.model)
     if ranks.main and args.export_merged:
-        export_hub_dir(merge_lora(copy.deepcopy(model)), args.model, os.path.join(args.out, "merged"))
-
-
-def export_hub_dir(model, base, out):
-    """A Hub-format model directory (config, weights, tokenizer files) that transformers and model.py load."""
-    model.save_pretrained(out)
-    src = resolve_model_dir(base)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json"):
-        if os.path.exists(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+        merge_lora(copy.deepcopy(model)).save_pretrained(os.path.join(args.out, "merged"), tokenizer_from=args.model)
 
 
 # -----------------------------------------------------------------------------

@@ -421,7 +421,7 @@ def test_seeded_subsets_are_the_paper_codes(tiny_model_dir, files):
     rows = [r for r in medmcqa_rows(40) if r["choice_type"] == "single"]
     for seed in (0, 1):
         args = train.parse_args(common(tiny_model_dir, files, "unused", "--method", "lora", "--seed", str(seed)))
-        got = train.training_examples("medmcqa", args, tok, limit=5)
+        got = data.training_examples("medmcqa", tok, args.max_len, seed, 5, files["medmcqa"])
         want = [rows[j] for j in np.random.default_rng(seed).permutation(len(rows))[:5]]
         assert [ids for ids, _ in got] == [tok.encode(data.medmcqa_train_text(r)) for r in want]
 
