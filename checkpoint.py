@@ -4,9 +4,20 @@ and common.py): data-parallel ranks, the run directory (what --out may be, its l
 checkpoints (trained tensors, optimizer state, every rank's RNG state and the step, in one safetensors file) and
 the step log. Imported by train.py alone.
 
-A run directory holds only files train.py writes (RUN_FILES); train.py never writes into a directory holding
-anything else, and a live run holds an exclusive lock on its directory (released by the OS when the process dies,
-so a run killed with kill -9 leaves no obstacle).
+A run directory (train.py --out) holds only files train.py writes, each written atomically (write, then rename):
+
+    args.json                every resolved argument, library versions, base model revision, git commit
+    config.json              how to rebuild the model: method, base model, memory / LoRA configuration, recipe
+    model.safetensors        only what the method trained (SMF: the memory layers; LoRA: adapters; full: all)
+    log.jsonl                one line per optimizer step (loss, lr, grad norm, tokens, seconds, SMF rows per layer)
+    checkpoint.safetensors   everything --resume needs (trained tensors, optimizer, RNG, step) in one file
+    background.safetensors   (SMF) read statistics of every memory slot on the stage-1 data, from stage 2's start
+    retrofit/                (SMF) the stage-1 run directory, itself a `--method retrofit` run
+    peft/, merged/, hf/      exports (LoRA: --export-peft, --export-merged; full: always hf/)
+    eval.jsonl, .lock        --eval-every results; the lock a live run holds
+
+train.py never writes into a directory holding anything else, and a live run holds an exclusive lock on its
+directory (released by the OS when the process dies, so a run killed with kill -9 leaves no obstacle).
 """
 
 import fcntl
@@ -82,6 +93,16 @@ class Ranks:
             model.set_requires_gradient_sync(last)
         return wrapped.no_sync() if isinstance(wrapped, DDP) and not last else nullcontext()
 
+    @staticmethod
+    def shard(model, device):
+        """--fsdp: each block, then the rest (embeddings, norm, head), sharded across the ranks (fully_shard)."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if device.type == "cuda" else MixedPrecisionPolicy()
+        for block in model.model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+
     def same_rows(self, selected: dict):
         """Every rank must choose the same memory rows (their read counts are summed first); a fingerprint
         of each layer's selection proves it."""
@@ -128,7 +149,7 @@ def check_out_dir(out: str, resume: bool):
     if foreign := sorted(have - RUN_FILES - ours):
         raise RunError(f"--out {out} holds files train.py did not write ({', '.join(foreign[:3])}"
                        f"{', ...' if len(foreign) > 3 else ''}): choose a new or empty directory")
-    if "args.json" not in have and have - {".lock", "retrofit"}:
+    if "args.json" not in have and have - {".lock", "retrofit", "background.safetensors"}:
         raise RunError(f"--out {out} has no args.json, so it is not a train.py run: choose a new or empty directory")
     started = [p for p in ("checkpoint.safetensors", "retrofit/checkpoint.safetensors")
                if os.path.exists(os.path.join(out, p))]

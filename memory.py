@@ -87,6 +87,11 @@ class MemoryConfig:
         return MemoryConfig(**{**asdict(self), "layers": layers, "v_dim": self.v_dim or hidden,
                                "alpha_init": None if alpha == "none" else alpha})
 
+    @classmethod
+    def options(cls) -> list:
+        """[(field, argparse dest of its train.py flag)] of the fields that are flags (see option())."""
+        return [(f, f.metadata["flag"][2:].replace("-", "_")) for f in fields(cls) if "flag" in f.metadata]
+
     def to_dict(self) -> dict:
         return asdict(self)
 

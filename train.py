@@ -10,19 +10,11 @@ Defaults reproduce the paper's public code (github.com/prakharg55/SMF-ICML): eff
 seeded 60k of the MedMCQA "single" questions, cosine schedule with 100 warmup steps, grad clip 1.0, max length 1024,
 and `--recipe paper`, its exact recipe with its flaws (its lr was tuned with them); `--recipe clean` is our corrected
 SMF (RECIPES below lists every difference, each also a flag). The run directory (--out, default
-runs/<method>-seed<seed>):
+runs/<method>-seed<seed>; its files are listed in checkpoint.py) holds only what the method trained; on the CPU a
+run resumed with --resume ends bit-identical to one never interrupted. Evaluate it with `python eval.py --model RUN`.
 
-    args.json                every resolved argument, library versions, base model revision, git commit
-    config.json              how to rebuild the model: method, base model, memory / LoRA configuration
-    model.safetensors        only what the method trained (SMF: the memory layers; LoRA: adapters; full: all)
-    log.jsonl                one line per optimizer step (loss, lr, grad norm, tokens, seconds, SMF rows per layer)
-    checkpoint.safetensors   everything --resume needs (trained tensors, optimizer, RNG, step) in one file
-    background.safetensors   (SMF) read statistics of every memory slot on the stage-1 data, from the start of stage 2
-    retrofit/                (SMF) the stage-1 run directory, itself a `--method retrofit` run
-    peft/, merged/, hf/      optional exports (LoRA: --export-peft, --export-merged; full: always hf/)
-
-Every file is written atomically (write, then rename). On the CPU a run resumed with --resume ends bit-identical
-to one that was never interrupted. Evaluate a run with `python eval.py --model runs/<run>`.
+Read in this order: RECIPES and the arguments, then train() (the SMF step is marked "SMF 1. 2. 3."), then the
+methods' stage builders and main().
 """
 
 import argparse
@@ -34,7 +26,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -65,14 +57,13 @@ RECIPES = {
               "sum_micro_batch_means": False, "warmup_from_zero": False, "pure_bf16": False,
               "merge_lora_for_eval": False},
 }
-RECIPE_METHODS = {  # the methods each recipe flag acts on; given explicitly for another method, it is an error
+ONLY_FOR = {  # flags that act on some methods only: given for another method, they are an error, never ignored
     "memory_precision": ("smf", "retrofit"), "oasst1_format": ("smf", "retrofit"), "background_subset": ("smf",),
-    "optimizer": ("smf",), "select_per_micro_batch": ("smf",), "count_pad_reads": ("smf",),
-    "sum_micro_batch_means": ("smf",), "warmup_from_zero": METHODS, "pure_bf16": ("full",),
-    "merge_lora_for_eval": ("lora",),
+    "optimizer": ("smf",), "select_per_micro_batch": ("smf",), "count_pad_reads": ("smf",), "memory_from": ("smf",),
+    "sum_micro_batch_means": ("smf",), "pure_bf16": ("full",), "fsdp": ("full",), "init": ("full",),
+    "merge_lora_for_eval": ("lora",), "export_peft": ("lora",), "export_merged": ("lora",),
 }
 DEFAULT_LR = {"smf": 5e-4, "retrofit": 5e-4, "lora": 2e-4, "full": 5e-5}
-
 
 
 # -----------------------------------------------------------------------------
@@ -115,8 +106,8 @@ def parser():
     g.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     g.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay to 0")
     g.add_argument("--warmup-from-zero", action=argparse.BooleanOptionalAction, default=None,
-                   help="[recipe] lr = peak * s / warmup at step s = 0, 1, ... (Hugging Face's scheduler: the first "
-                        "update runs at lr 0; paper); else peak * (s + 1) / warmup (clean)")
+                   help="[recipe] lr = peak * s / warmup at step s = 0, 1, ..., the first update at lr 0 (Hugging "
+                        "Face's; paper); else peak * (s + 1) / warmup (clean)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     g.add_argument("--max-len", type=int, default=1024, help="tokens per example (longer ones are truncated)")
@@ -139,44 +130,38 @@ def parser():
 def add_smf_flags(p):
     g = p.add_argument_group("SMF: memory layers (stage 1 builds them)")
     g.add_argument("--memory-from", default=None, help="reuse the memory of a finished retrofit (or smf) run")
-    for f in MEMORY_OPTIONS:  # one flag per MemoryConfig option (memory.option); unset: MemoryConfig's default
+    for f, _ in memory.MemoryConfig.options():  # one flag per MemoryConfig option; unset: MemoryConfig's default
         kw = {k: v for k, v in f.metadata.items() if k not in ("flag", "help", "per_run")}
         kw.setdefault("type", f.type if f.type in (int, float) else str)
         g.add_argument(f.metadata["flag"], default=None, help=f"{f.metadata['help']} (default: {f.default})", **kw)
     g.add_argument("--retrofit-task", default="oasst1",
                    help="stage-1 and background data: oasst1 (see --oasst1-format) or text:PATH")
     g.add_argument("--oasst1-format", default=None, choices=["replies", "chat"],
-                   help="[recipe] replies: the text alone of English assistant replies ranked 0 or 1 with 50+ "
-                        "characters, loss on every token (paper); chat: ChatML conversations, loss on replies (clean)")
+                   help="[recipe] replies: English assistant replies ranked 0-1 with 50+ characters as raw text "
+                        "(paper); chat: ChatML conversations, loss on the replies (clean)")
     g.add_argument("--retrofit-epochs", type=float, default=2, help="stage-1 epochs inside --method smf")
     g.add_argument("--retrofit-lr", type=float, default=5e-4, help="stage-1 lr inside --method smf")
     g.add_argument("--retrofit-limit", type=int, default=50000, help="stage-1 examples (a seeded random subset)")
     g.add_argument("--retrofit-max-steps", type=int, default=None, help="stage-1 steps inside --method smf")
     g.add_argument("--background-batches", type=int, default=2000,
-                   help="single-example batches of the stage-1 data for the background read statistics, computed "
-                        "at the start of stage 2")
+                   help="single-example batches of the stage-1 data read for the background, at stage 2's start")
     g.add_argument("--background-subset", type=int, default=None,
-                   help="[recipe] N > 0: the first --background-batches examples of a seeded random N of the "
-                        "stage-1 data (all of them, in order, if no more than N; paper: 20000); 0: a seeded shuffle "
-                        "of all of it (clean)")
+                   help="[recipe] N: they are the first of a seeded random N of the stage-1 data (paper: 20000); 0: "
+                        "of a seeded shuffle of all of it (clean)")
     g = p.add_argument_group("SMF: stage 2 (sparse finetuning)")
     g.add_argument("--top-t", type=int, default=512, help="memory rows updated per layer per step")
     g.add_argument("--rank", default="kl", choices=sorted(memory.RANKS), help="how rows are ranked (memory.RANKS)")
     g.add_argument("--optimizer", default=None, choices=list(memory.SparseMemoryOptimizer.MODES),
-                   help="[recipe] dense_adamw: AdamW over the whole value table with the other rows' gradients "
-                        "zeroed, so earlier rows keep moving on their moments (paper); adamw: lazy AdamW, only the "
-                        "chosen rows and their state change (clean); sgd: plain SGD (Lin et al.)")
+                   help="[recipe] dense_adamw: AdamW over whole value tables, other rows' gradients zeroed, moments "
+                        "leak (paper); adamw: lazy, only chosen rows change (clean); sgd: plain SGD (Lin et al.)")
     g.add_argument("--select-per-micro-batch", action=argparse.BooleanOptionalAction, default=None,
-                   help="[recipe] re-select rows on every micro-batch, so more than top-t rows may change per step "
-                        "(paper); else one selection per optimizer step from all its reads (clean)")
+                   help="[recipe] re-select rows on every micro-batch (paper); else once per step (clean)")
     g.add_argument("--count-pad-reads", action=argparse.BooleanOptionalAction, default=None,
-                   help="[recipe] padding positions count as reads, computed as Hugging Face's Qwen2 computes them "
-                        "(paper); else real tokens only (clean)")
+                   help="[recipe] padding positions count as reads, run as HF's Qwen2 runs them (paper); else not")
     g.add_argument("--sum-micro-batch-means", action=argparse.BooleanOptionalAction, default=None,
-                   help="[recipe] each micro-batch's loss is its own token mean and the step's gradient their sum, "
-                        "as Hugging Face's Trainer makes of the paper's compute_loss (paper); else the token mean "
-                        "over the whole step (clean)")
-    g.add_argument("--train-alpha", action="store_true", help="also train the memory scale alpha (additive)")
+                   help="[recipe] the step's loss is the sum of micro-batch means, as HF's Trainer makes of the "
+                        "paper's compute_loss (paper); else the token mean over the step (clean)")
+    g.add_argument("--train-alpha", action="store_true", help="also train the memory's scale alpha")
     g.add_argument("--log-rows", action="store_true", help="also log the ids of the rows chosen at every step")
 
 
@@ -189,12 +174,10 @@ def add_baseline_flags(p):
     g.add_argument("--export-peft", action="store_true", help="also write the adapter in peft's format to peft/")
     g.add_argument("--export-merged", action="store_true", help="also write the merged model (Hub format) to merged/")
     g.add_argument("--merge-lora-for-eval", action=argparse.BooleanOptionalAction, default=None,
-                   help="[recipe] eval.py merges the adapters into the base weights in the evaluation dtype (bf16 "
-                        "on GPU) before evaluating (paper); else evaluates them unmerged (clean)")
+                   help="[recipe] eval.py merges the adapters into the base in its dtype (paper); else not (clean)")
     g = p.add_argument_group("full finetuning")
     g.add_argument("--pure-bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="[recipe] weights, gradients and AdamW state in bf16, no fp32 master copy (paper); else "
-                        "fp32 weights with bf16 autocast on GPU (clean)")
+                   help="[recipe] weights, gradients, AdamW state in bf16 (paper); else fp32 weights (clean)")
     g = p.add_argument_group("evaluation during training")
     g.add_argument("--eval-every", type=int, default=0, help="run eval.py's probes every N steps (0: never)")
     g.add_argument("--eval-tasks", default=",".join(default_tasks()), help=f"probes of eval.PROBES ({','.join(PROBES)})")
@@ -206,24 +189,21 @@ def add_baseline_flags(p):
 def parse_args(argv=None):
     p = parser()
     args = p.parse_args(argv)
+    for name, methods in ONLY_FOR.items():
+        if getattr(args, name) != p.get_default(name) and args.method not in methods:
+            p.error(f"--{name.replace('_', '-')} does not apply to --method {args.method}")
     for name, value in RECIPES[args.recipe].items():  # the recipe fills every flag left unset
         if getattr(args, name) is None:
             setattr(args, name, value)
-        elif args.method not in RECIPE_METHODS[name]:
-            p.error(f"--{name.replace('_', '-')} does not apply to --method {args.method}")
 
     args.data = dict(parse_data_flag(p, d, ("medmcqa", "oasst1")) for d in args.data)
     args.eval_data = dict(parse_data_flag(p, d, tuple(PROBES)) for d in args.eval_data)
     if unknown := [t for t in args.eval_tasks.split(",") if t not in PROBES]:
         p.error(f"--eval-tasks: unknown probe {unknown[0]!r} (choose from {','.join(PROBES)})")
-    if args.lr is None:
-        args.lr = DEFAULT_LR[args.method]
-    if args.epochs is None:
-        args.epochs = args.retrofit_epochs if args.method == "retrofit" else 3
-    if args.method == "retrofit" and args.limit is None:
-        args.limit = args.retrofit_limit
-    if args.method != "retrofit" and args.task == "medmcqa" and args.limit is None:
-        args.limit = 60000  # the paper: a seeded random 60k of the single-answer MedMCQA train questions
+    args.lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
+    args.epochs = (args.retrofit_epochs if args.method == "retrofit" else 3) if args.epochs is None else args.epochs
+    if args.limit is None:  # the paper: a seeded random 60k of the single-answer MedMCQA train questions
+        args.limit = args.retrofit_limit if args.method == "retrofit" else 60000 if args.task == "medmcqa" else None
     args.out = os.path.abspath(args.out or os.path.join("runs", f"{args.method}-seed{args.seed}"))
     if args.memory_from:  # paths resolved, so that --resume compares them whatever their spelling
         args.memory_from = os.path.abspath(args.memory_from)
@@ -252,18 +232,10 @@ def parse_args(argv=None):
         elif value not in ({"task": "medmcqa", "retrofit_task": "oasst1"}[flag],):
             p.error(f"--{flag.replace('_', '-')}: unknown task {value!r} (expected "
                     f"{'medmcqa' if flag == 'task' else 'oasst1'} or text:PATH)")
-    if args.fsdp and args.method != "full":
-        p.error("--fsdp only applies to --method full")
     if args.fsdp and args.eval_every:
         p.error("--eval-every is not supported with --fsdp (evaluate the run afterwards with eval.py)")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         p.error("--fsdp needs torchrun with 2 or more processes (torchrun --nproc_per_node=N train.py ...)")
-    if args.init == "random" and args.method != "full":
-        p.error("--init random only applies to --method full (pretraining from scratch)")
-    if args.memory_from and args.method != "smf":
-        p.error("--memory-from only applies to --method smf")
-    if (args.export_peft or args.export_merged) and args.method != "lora":
-        p.error("--export-peft and --export-merged only apply to --method lora")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr >= 0):
         p.error(f"--lr must be a finite number >= 0, got {args.lr}")
     if args.limit is not None and args.limit < 1:
@@ -280,7 +252,6 @@ def parse_data_flag(p, flag, names):
     if not os.path.exists(path):
         p.error(f"--data {name}: file not found: {path}")
     return name, os.path.abspath(path)
-
 
 
 # -----------------------------------------------------------------------------
@@ -446,7 +417,6 @@ def after_step(step, total, stage, args, tok, ranks, saver, eval_rows, bar):
         raise StopRun()
 
 
-
 # -----------------------------------------------------------------------------
 # The methods: each builds its stage
 
@@ -458,16 +428,9 @@ def run_config(args, method, model, **extra):
             "base_config": model.config.to_dict(), "memory": None, "lora": None, "recipe": recipe, **extra}
 
 
-MEMORY_OPTIONS = [f for f in fields(memory.MemoryConfig) if "flag" in f.metadata]
-
-
-def memory_flag(f):
-    return f.metadata["flag"][2:].replace("-", "_")  # the argparse dest of a MemoryConfig option's flag
-
-
 def memory_config_from_args(args, base: dict | None = None):
     """The MemoryConfig of the flags given (the others: MemoryConfig's defaults, or `base`'s values)."""
-    given = {f.name: getattr(args, memory_flag(f)) for f in MEMORY_OPTIONS if getattr(args, memory_flag(f)) is not None}
+    given = {f.name: getattr(args, d) for f, d in memory.MemoryConfig.options() if getattr(args, d) is not None}
     return memory.MemoryConfig(**{**(base or {}), **given})
 
 
@@ -497,23 +460,15 @@ def retrofit_stage(args, out, device, tok, ranks) -> Stage:
                   epochs=args.epochs if alone else args.retrofit_epochs,
                   max_steps=args.max_steps if alone else args.retrofit_max_steps,
                   adamw_params=adamw_params, trained=lambda: memory.memory_state_dict(model),
-                  config=run_config(args, "retrofit", model, memory=mem_cfg.to_dict(), stage1_data=stage1_data(args)),
+                  config=run_config(args, "retrofit", model, memory=mem_cfg.to_dict(), stage1_data={  # for stage 2
+                      "task": args.retrofit_task, "path": args.data.get("oasst1"), "oasst1_format": args.oasst1_format}),
                   repetition_penalty=info["repetition_penalty"])
     return stage
 
 
-def stage1_data(args):
-    """What stage 1 trained on (recorded in the retrofit's config.json; stage 2 takes its background reads from it)."""
-    task = args.retrofit_task
-    if task.startswith("text:"):
-        task = "text:" + os.path.abspath(task[5:])
-    return {"task": task, "path": os.path.abspath(args.data[task]) if task in args.data else None,
-            "oasst1_format": args.oasst1_format}
-
-
 def background_statistics(model, tok, args, device, ranks, stage1):
     """Read counts and document frequency of every memory slot over --background-batches single-example batches
-    of the stage-1 data (stage1_data()): the first ones of a seeded random --background-subset of it (the paper's),
+    of the stage-1 data (the retrofit's config.json "stage1_data"): the first ones of a seeded random --background-subset of it (the paper's),
     or a seeded shuffle of all of it (--background-subset 0)."""
     examples = data.training_examples(stage1["task"], tok, args.max_len, args.seed, args.background_subset or None,
                                       stage1["path"], stage1["oasst1_format"])
@@ -535,8 +490,8 @@ def sparse_stage(args, device, tok, memory_dir, ranks) -> Stage:
         raise RunError(f"--memory-from {memory_dir}: not a finished retrofit or smf run (no finished config.json)")
     with open(os.path.join(memory_dir, "config.json")) as f:
         mem_run = json.load(f)
-    if mem_run.get("memory") is None:
-        raise RunError(f"--memory-from {memory_dir}: the run has no memory layers (method {mem_run.get('method')})")
+    if mem_run.get("memory") is None or "stage1_data" not in mem_run:
+        raise RunError(f"--memory-from {memory_dir}: not a retrofit or smf run of this version of train.py")
     model, _, info = load_model(args.model, dtype=default_dtype(device), device=device)
     base_config = model.config.to_dict()
     if mem_run.get("base_config") != base_config:
@@ -544,11 +499,11 @@ def sparse_stage(args, device, tok, memory_dir, ranks) -> Stage:
         raise RunError(f"--memory-from {memory_dir}: its base model differs from --model {args.model} ({', '.join(diff) or 'config'})")
     loaded = memory.MemoryConfig.from_dict(mem_run["memory"])
     mem_cfg = memory_config_from_args(args, base=loaded.to_dict())  # the loaded memory, this run's precision
-    for f in MEMORY_OPTIONS:  # a memory flag that contradicts the loaded memory is an error, never ignored
-        if not f.metadata.get("per_run") and getattr(mem_cfg.resolve(len(model.model.layers), model.config.hidden_size),
-                                                     f.name) != getattr(loaded, f.name):
-            raise RunError(f"{f.metadata['flag']} {getattr(args, memory_flag(f))} contradicts the memory of "
-                           f"--memory-from {memory_dir} ({f.name} {getattr(loaded, f.name)}): drop the flag")
+    resolved = mem_cfg.resolve(len(model.model.layers), model.config.hidden_size)
+    for f, dest in memory.MemoryConfig.options():  # a flag that contradicts the loaded memory is an error
+        if not f.metadata.get("per_run") and getattr(resolved, f.name) != getattr(loaded, f.name):
+            raise RunError(f"{f.metadata['flag']} {getattr(args, dest)} contradicts the memory of --memory-from "
+                           f"{memory_dir} ({f.name} {getattr(loaded, f.name)}): drop the flag")
     if args.train_alpha and loaded.alpha_init is None:
         raise RunError(f"--train-alpha: the memory of {memory_dir} has no alpha (it was built with --alpha-init none)")
     memories = memory.add_memory(model, mem_cfg)
@@ -559,12 +514,12 @@ def sparse_stage(args, device, tok, memory_dir, ranks) -> Stage:
         raise RunError(f"--memory-from {memory_dir}: {weights}: {e}") from e
     if mem_cfg.precision == "bf16":  # the paper's code loads the memory into its bf16 model, then trains fp32 copies
         memory.round_to_bf16_(memories)
+    examples = task_examples(args, tok)
     background_path = os.path.join(args.out, "background.safetensors")
-    if os.path.exists(background_path):  # a resumed run keeps the statistics it started with
+    if args.resume and os.path.exists(background_path):  # a resumed run keeps the statistics it started with
         background = memory.BackgroundStats.load(background_path)
     else:
-        stage1 = mem_run.get("stage1_data") or stage1_data(args)  # a run of an older version: from the flags
-        background = background_statistics(model, tok, args, device, ranks, stage1)
+        background = background_statistics(model, tok, args, device, ranks, mem_run["stage1_data"])
         if ranks.main:
             atomic_write(background_path, background.save)
     model.requires_grad_(False)
@@ -576,12 +531,11 @@ def sparse_stage(args, device, tok, memory_dir, ranks) -> Stage:
             mem.alpha.requires_grad_(True)
             adamw_params[f"model.layers.{i}.memory.alpha"] = mem.alpha
     config = run_config(args, "smf", model, memory=mem_cfg.to_dict(), memory_from=os.path.abspath(memory_dir))
-    stage = Stage(out=args.out, model=model, examples=task_examples(args, tok),
-                  lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, adamw_params=adamw_params,
-                  trained=lambda: memory.memory_state_dict(model), config=config,
-                  smf={"memories": memories, "background": background},
-                  repetition_penalty=info["repetition_penalty"])
-    return stage
+    return Stage(out=args.out, model=model, examples=examples, lr=args.lr, epochs=args.epochs,
+                 max_steps=args.max_steps, adamw_params=adamw_params,
+                 trained=lambda: memory.memory_state_dict(model), config=config,
+                 smf={"memories": memories, "background": background},
+                 repetition_penalty=info["repetition_penalty"])
 
 
 def lora_or_full_stage(args, device, tok, ranks) -> Stage:
@@ -606,13 +560,8 @@ def lora_or_full_stage(args, device, tok, ranks) -> Stage:
         trained = lambda: lora_state_dict(model)  # noqa: E731
     else:
         hub_names = set(model.hub_state_shapes())  # tied embeddings: no lm_head.weight
-        if args.fsdp:  # each block, then the rest (embeddings, norm, head), sharded across the ranks
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-                if device.type == "cuda" else MixedPrecisionPolicy()
-            for block in model.model.layers:
-                fully_shard(block, mp_policy=mp)
-            fully_shard(model, mp_policy=mp)
+        if args.fsdp:
+            ranks.shard(model, device)
         adamw_params = dict(model.named_parameters())  # tied embeddings appear once
 
         def trained():  # every Hub tensor, gathered in full (on rank 0 under FSDP)
@@ -620,11 +569,9 @@ def lora_or_full_stage(args, device, tok, ranks) -> Stage:
                 if args.fsdp else model.state_dict()
             return {k: v for k, v in sd.items() if k in hub_names}
     config = run_config(args, args.method, model, lora=lora_cfg)
-    stage = Stage(out=args.out, model=model, examples=task_examples(args, tok),
-                  lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, adamw_params=adamw_params, trained=trained,
-                  config=config,
-                  repetition_penalty=info["repetition_penalty"], fsdp=args.fsdp)
-    return stage
+    return Stage(out=args.out, model=model, examples=task_examples(args, tok), lr=args.lr, epochs=args.epochs,
+                 max_steps=args.max_steps, adamw_params=adamw_params, trained=trained, config=config,
+                 repetition_penalty=info["repetition_penalty"], fsdp=args.fsdp)
 
 
 def export_lora_or_full(args, model, ranks):
