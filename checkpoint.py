@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import atomic_write, resolve_device, write_json
+from model import atomic_write, check_tensors, resolve_device, write_json
 
 RUN_FILES = {"args.json", "config.json", "model.safetensors", "log.jsonl", "checkpoint.safetensors",
              "background.safetensors", "eval.jsonl", "retrofit", "hf", "peft", "merged", ".lock"}
@@ -347,12 +347,11 @@ class Checkpoint:
                            f"number (now {ranks.world})")
         trained = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         own = self.model.state_dict()
-        problem = None
-        if bad := sorted(set(trained) - set(own)):
-            problem = f"checkpoint {self.path}: tensor {bad[0]} does not belong to this model (different flags?)"
-        for k, v in trained.items():
-            if problem is None and own[k].shape != v.shape:
-                problem = f"checkpoint {self.path}: tensor {k} has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}"
+        try:
+            check_tensors(own, trained, f"checkpoint {self.path} (different flags?)", allow_missing=True)
+            problem = None
+        except ValueError as e:
+            problem = str(e)
         if int(ranks.sum_(torch.tensor(int(problem is not None), device=device))):  # every rank stops, none waits
             raise RunError(problem or f"checkpoint {self.path} does not match the model (rank 0 says why)")
         if self.fsdp:  # rank 0 broadcasts the full tensors; every rank keeps its shards

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import data
 import memory
 from model import Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, default_dtype, is_run_dir, \
-    load_safetensors_dir, looks_like_hub_id, lora_state_dict, merge_lora, parse_dtype, resolve_device, \
+    load_safetensors_dir, load_tensors, looks_like_hub_id, lora_state_dict, merge_lora, parse_dtype, resolve_device, \
     resolve_model_dir, write_json, DTYPES, HUB_FILES
 
 
@@ -48,18 +48,6 @@ def base_model_dir(name_or_path: str, revision: str | None = None) -> str:
         return snapshot_download(name_or_path, revision=revision, allow_patterns=HUB_FILES)
     except Exception as e:
         raise FileNotFoundError(f"could not fetch {name_or_path!r} at revision {revision} from the Hub: {e}") from e
-
-
-def check_state(expected: dict, state: dict, path: str):
-    """The file must hold exactly the tensors the method trained, each with the model's shape."""
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    for kind, names in (("missing", missing), ("unexpected", unexpected)):
-        if names:
-            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
-            raise ValueError(f"{path}: {kind} tensor {names[0]}{more}")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise ValueError(f"{path}: tensor {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
 
 
 def load_model(name_or_dir: str, dtype=None, device=None):
@@ -105,9 +93,7 @@ def load_model(name_or_dir: str, dtype=None, device=None):
             else:
                 raise ValueError(f"{name_or_dir}/config.json: unknown method {method!r} "
                                  "(expected smf, retrofit, lora or full)")
-            check_state(expected, state, weights)
-            result = model.load_state_dict(state, strict=False)  # copies into the existing fp32 tensors
-            assert not result.unexpected_keys
+            load_tensors(expected, state, weights)  # key set and shapes checked, copied into the fp32 tensors
             if method in ("smf", "retrofit") and run["memory"].get("precision") == "bf16":
                 for mem in memory.memory_layers(model).values():  # the paper's code evaluates the whole model
                     mem.to(torch.bfloat16)                        # in bf16, memory included

@@ -262,23 +262,9 @@ def memory_layers(model) -> dict:
 
 
 def memory_state_dict(model) -> dict:
-    """Every memory tensor under its state_dict name: {'model.layers.6.memory.values.weight': (S, D), ...}."""
+    """Every memory tensor under its state_dict name: {'model.layers.6.memory.values.weight': (S, D), ...}; they
+    share storage with the parameters, so model.load_tensors(memory_state_dict(model), state, ...) loads them."""
     return {k: v for k, v in model.state_dict().items() if ".memory." in k}
-
-
-def load_memory_state_dict(model, state: dict):
-    """Load memory_state_dict() output into a model given the same add_memory; a mismatch names the tensor."""
-    expected = memory_state_dict(model)
-    for name in sorted(set(expected) ^ set(state)):
-        raise ValueError(f"memory weights: {'missing' if name in expected else 'unexpected'} tensor {name}")
-    for name, t in expected.items():
-        if state[name].shape != t.shape:
-            raise ValueError(f"memory weights: tensor {name} has shape {tuple(state[name].shape)}, "
-                             f"expected {tuple(t.shape)}")
-    with torch.no_grad():
-        for name, t in expected.items():
-            t.copy_(state[name])  # state_dict tensors share storage with the parameters
-    return model
 
 
 # -----------------------------------------------------------------------------

@@ -276,7 +276,7 @@ class Qwen2(nn.Module):
         right_padded = attention_mask is not None and start == 0 and \
             bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
         if right_padded and hf_padding:  # causal over the real keys; positions 0..T-1 for every token
-            mask = attention_bias(attention_mask.bool(), 0)[0]
+            mask = padded_attention(attention_mask.bool(), 0)[0]
             position_ids = torch.arange(T, device=idx.device).expand(B, T)
         elif (attention_mask is None and (start == 0 or T == 1)) or right_padded:  # causal, or one token sees all
             mask = None
@@ -284,7 +284,7 @@ class Qwen2(nn.Module):
         else:
             if attention_mask is None:
                 attention_mask = torch.ones(B, start + T, dtype=torch.long, device=idx.device)
-            mask, position_ids = attention_bias(attention_mask.bool(), start)
+            mask, position_ids = padded_attention(attention_mask.bool(), start)
         x = self.model.embed_tokens(idx)  # (B, T, C)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for block in self.model.layers:
@@ -375,15 +375,7 @@ class Qwen2(nn.Module):
     def load_hub_state_dict(self, state: dict, dtype=None, device=None):
         """Load Hugging Face-named tensors, checking the key set and every shape; a mismatch names the tensor."""
         expected = self.hub_state_shapes()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected) - {"lm_head.weight"})
-        if missing:
-            raise ValueError(f"weights: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        if unexpected:
-            raise ValueError(f"weights: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-        for k, shape in expected.items():
-            if tuple(state[k].shape) != shape:
-                raise ValueError(f"weights: tensor {k} has shape {tuple(state[k].shape)}, expected {shape}")
+        check_tensors(expected, state, "weights", ignore={"lm_head.weight"})
         if self.config.tie_word_embeddings and "lm_head.weight" in state:
             if not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
                 raise ValueError("weights: lm_head.weight differs from model.embed_tokens.weight but config ties them")
@@ -425,7 +417,7 @@ class Qwen2(nn.Module):
                     shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
 
 
-def attention_bias(attention_mask, start: int):
+def padded_attention(attention_mask, start: int):
     """
     From a padding mask (B, S) over all key positions, make the boolean attention mask (B, 1, T, S) for the
     T newest positions (keys must be real and not in the future) and their RoPE positions (B, T), which count
@@ -580,14 +572,9 @@ def load_peft_adapter(model: Qwen2, adapter_dir: str) -> Qwen2:
     state = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
     ours = lora_state_dict(model)  # {'model.layers.0.self_attn.q_proj.lora_A': ...}
     want = {f"{PEFT_PREFIX}{k}.weight": k for k in ours}
-    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    if missing or unexpected:
-        raise ValueError(f"adapter: missing {missing[:3]}, unexpected {unexpected[:3]} tensors")
+    check_tensors({key: ours[name] for key, name in want.items()}, state, "adapter")
     with torch.no_grad():
         for key, name in want.items():
-            if state[key].shape != ours[name].shape:
-                raise ValueError(f"adapter: tensor {key} has shape {tuple(state[key].shape)}, "
-                                 f"expected {tuple(ours[name].shape)}")
             ours[name].copy_(state[key])
     return model
 
@@ -688,6 +675,30 @@ def load_safetensors_dir(path: str) -> dict:
         except Exception as e:
             raise ValueError(f"weights file {file} is unreadable (truncated or corrupt?): {e}") from e
     return state
+
+
+def check_tensors(expected: dict, state: dict, where: str, allow_missing: bool = False, ignore=()):
+    """The one check every loader makes: the key set of `state` equals that of `expected` ({name: shape or
+    tensor}; with allow_missing, a subset) and every shape matches; a mismatch is a ValueError naming `where`
+    and the tensor. Names in `ignore` may appear in state."""
+    missing = [] if allow_missing else sorted(set(expected) - set(state))
+    for kind, names in (("missing", missing), ("unexpected", sorted(set(state) - set(expected) - set(ignore)))):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            raise ValueError(f"{where}: {kind} tensor {names[0]}{more}")
+    for k, want in expected.items():
+        want = tuple(getattr(want, "shape", want))
+        if k in state and tuple(state[k].shape) != want:
+            raise ValueError(f"{where}: tensor {k} has shape {tuple(state[k].shape)}, expected {want}")
+
+
+def load_tensors(expected: dict, state: dict, where: str):
+    """Copy `state` into the tensors of `expected` ({name: tensor} sharing storage with a model's parameters, e.g.
+    lora_state_dict(model) or memory.memory_state_dict(model)) once check_tensors passes."""
+    check_tensors(expected, state, where)
+    with torch.no_grad():
+        for k, t in expected.items():
+            t.copy_(state[k])
 
 
 def atomic_write(path: str, write):

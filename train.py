@@ -40,8 +40,8 @@ import memory
 from checkpoint import (Checkpoint, Lock, RunError, StepGuard, StopRun, append_log, begin_run, begin_stage,
                         check_out_dir, finish_stage, hub_revision, is_finished, setup_ranks)
 from eval import PROBES, default_tasks, load_model, load_task_rows, run_tasks
-from model import (LORA_TARGETS, Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, default_dtype, lora_state_dict,
-                   merge_lora, resolve_model_dir, save_peft_adapter, write_json)
+from model import (LORA_TARGETS, Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, default_dtype, load_tensors,
+                   lora_state_dict, merge_lora, resolve_model_dir, save_peft_adapter, write_json)
 
 METHODS = ("smf", "retrofit", "lora", "full")
 
@@ -509,7 +509,7 @@ def sparse_stage(args, device, tok, memory_dir, ranks) -> Stage:
     memories = memory.add_memory(model, mem_cfg)
     weights = os.path.join(memory_dir, "model.safetensors")
     try:
-        memory.load_memory_state_dict(model, load_file(weights))
+        load_tensors(memory.memory_state_dict(model), load_file(weights), weights)
     except Exception as e:  # unreadable file, missing or misshapen tensor (named)
         raise RunError(f"--memory-from {memory_dir}: {weights}: {e}") from e
     if mem_cfg.precision == "bf16":  # the paper's code loads the memory into its bf16 model, then trains fp32 copies

@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 
 import memory
 from memory import (BackgroundStats, MemoryConfig, ProductKeyMemory, SparseMemoryOptimizer, add_memory,
-                    load_memory_state_dict, memory_layers, memory_state_dict, read_counts,
+                    memory_layers, memory_state_dict, read_counts,
                     row_scores, select_per_micro_batch, select_rows)
-from model import Qwen2
+from model import Qwen2, load_tensors
 
 SMALL = dict(n_keys=16, heads=2, topk=4, k_dim=16)  # 256 slots per layer: fast, still product-key shaped
 
@@ -172,13 +172,13 @@ def test_save_and_load_round_trip_exactly(tiny_model_dir, tmp_path):
     fresh = Qwen2.from_pretrained(tiny_model_dir, dtype=torch.float32)
     torch.manual_seed(123)  # a different init, overwritten by the load
     add_memory(fresh, MemoryConfig.from_dict(json.loads((tmp_path / "config.json").read_text())["memory"]))
-    load_memory_state_dict(fresh, load_file(tmp_path / "model.safetensors"))
+    load_tensors(memory_state_dict(fresh), load_file(tmp_path / "model.safetensors"), "memory")
     idx = torch.randint(0, 300, (2, 7))
     assert torch.equal(fresh(idx), model(idx))
     state = load_file(tmp_path / "model.safetensors")
     state.pop("model.layers.3.memory.w1.weight")
     with pytest.raises(ValueError, match="missing tensor model.layers.3.memory.w1.weight"):
-        load_memory_state_dict(fresh, state)
+        load_tensors(memory_state_dict(fresh), state, "memory")
 
 
 # --- read counting -------------------------------------------------------------------------------------
