@@ -31,6 +31,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------
 # Config
@@ -250,9 +251,12 @@ class Qwen2(nn.Module):
                 nn.init.ones_(m.weight)
         return self
 
-    def forward(self, idx, attention_mask=None, start: int = 0, hf_padding: bool = False):
+    def forward(self, idx, attention_mask=None, start: int = 0, hf_padding: bool = False, labels=None,
+                loss_chunk: int = 4096):
         """
-        idx (B, T) token ids -> logits (B, T, vocab) in fp32.
+        idx (B, T) token ids -> logits (B, T, vocab) in fp32; or, given labels (B, T) (-100: no loss), the summed
+        next-token loss (logits[:, t] predicts labels[:, t + 1]), computed loss_chunk positions at a time so that
+        the (B, T, vocab) fp32 logits never exist (each chunk's logits are recomputed in backward).
         attention_mask (B, start+T): 1 for real tokens, 0 for padding, over every position the model has seen
         (the cache's and the new ones); positions count real tokens only, so left or right padding gives each
         sequence, at its real positions, the logits it would get alone.
@@ -261,7 +265,17 @@ class Qwen2(nn.Module):
         training (they attend to the real tokens only, at positions 0..T-1), for when what they compute is
         used (the paper code's memory read counts include them). Real positions are the same either way.
         """
-        return self.lm_head(self.hidden_states(idx, attention_mask, start, hf_padding)).float()
+        h = self.hidden_states(idx, attention_mask, start, hf_padding)
+        if labels is None:
+            return self.lm_head(h).float()
+        targets = labels[:, 1:]  # (B, T-1)
+        keep = targets != -100
+        h, targets = h[:, :-1][keep], targets[keep]  # (N, C), (N,): only the positions with a loss
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, len(targets), loss_chunk):
+            total = total + torch.utils.checkpoint.checkpoint(
+                chunk_loss, self.lm_head, h[i:i + loss_chunk], targets[i:i + loss_chunk], use_reentrant=False)
+        return total
 
     def hidden_states(self, idx, attention_mask=None, start: int = 0, hf_padding: bool = False):
         """The final normed hidden states (B, T, C), before lm_head."""
@@ -415,6 +429,11 @@ class Qwen2(nn.Module):
             for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json"):
                 if os.path.exists(os.path.join(src, name)):
                     shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
+
+
+def chunk_loss(lm_head, h, targets):
+    """Summed cross-entropy of the next-token logits of h (N, C) against targets (N,), in fp32."""
+    return F.cross_entropy(lm_head(h).float(), targets, reduction="sum")
 
 
 def padded_attention(attention_mask, start: int):

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
@@ -330,13 +329,11 @@ def train(stage: Stage, args, device, tok, ranks):
         loss_sum, counts, selected = torch.zeros((), device=device), None, None
         for k, (b, n) in enumerate(batches):
             with ranks.grad_sync(wrapped, model, stage.fsdp, last=k == len(batches) - 1):
-                with autocast:
-                    logits = wrapped(b["idx"], b["attention_mask"], hf_padding=pad_reads)  # (B, T, vocab) fp32
-                # next-token loss, summed here and divided by the step's token count: the gradient of the step's
-                # mean token loss, whatever the split into micro-batches and ranks; or divided by this micro-batch's
-                # own count (all ranks), making the step's gradient the sum of micro-batch means (paper, stage 2)
-                loss_tokens = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
-                                              ignore_index=-100, reduction="sum")
+                with autocast:  # the summed next-token loss, computed in chunks (no (B, T, vocab) logits)
+                    loss_tokens = wrapped(b["idx"], b["attention_mask"], hf_padding=pad_reads, labels=b["labels"])
+                # divided by the step's token count: the gradient of the step's mean token loss, whatever the split
+                # into micro-batches and ranks; or by this micro-batch's own count (all ranks), making the step's
+                # gradient the sum of micro-batch means (paper, stage 2)
                 loss = loss_tokens / max(1, n if sum_of_means else n_tokens)
                 if smf is not None:  # SMF 1. reads: which memory slots this micro-batch read (all ranks)
                     reads = memory.read_counts(model, None if args.count_pad_reads else b["attention_mask"])

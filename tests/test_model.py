@@ -390,3 +390,25 @@ def test_one_device_and_dtype_policy(monkeypatch):
     assert parse_dtype("fp32") == torch.float32 and parse_dtype("float16") == torch.float16
     with pytest.raises(ValueError, match="dtype 'int8': expected one of float32, bfloat16"):
         parse_dtype("int8")
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 4096])
+def test_chunked_loss_equals_the_plain_loss_and_gradients(tiny_model_dir, chunk):
+    """forward(labels=...) never builds the (B, T, vocab) logits: chunk by chunk, recomputed in backward; its loss
+    and every gradient equal the plain cross-entropy over the full logits."""
+    import torch.nn.functional as F
+    model = Qwen2.from_pretrained(tiny_model_dir)
+    idx = torch.randint(0, 300, (3, 11))
+    mask = torch.tensor([[1] * 11, [1] * 7 + [0] * 4, [1] * 3 + [0] * 8])
+    labels = idx.masked_fill(mask == 0, -100)
+    labels[0, 4] = -100  # a masked position inside a sequence
+    logits = model(idx, mask)
+    plain = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+    plain.backward()
+    want = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    chunked = model(idx, mask, labels=labels, loss_chunk=chunk)
+    chunked.backward()
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-5)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")  # sum order
