@@ -3,19 +3,20 @@ Sparse Memory Finetuning (SMF), everything specific to it, top to bottom:
 
 1. ProductKeyMemory: a product-key memory layer (Lample et al. 2019) with the "Memory+" output
    (Berges et al. 2024), put beside (additive) or in place of (replacement) the MLP of a few Qwen2 blocks.
-2. Read counting: which memory slots (rows of the `values` table) a batch reads, real tokens only.
-3. Ranking: score each slot by how much more this batch reads it than a background corpus does
-   (`counts`, `tfidf`, `kl`) and pick the top-t slots per layer.
-4. SparseMemoryOptimizer: update only the picked rows of the `values` tables (lazy AdamW, plain SGD,
-   or the paper code's dense AdamW with the other rows' gradients zeroed, for comparison).
+2. Read counting: which memory slots (rows of the `values` table) a batch reads, and the background statistics.
+3. Ranking: score each slot by how much more this batch reads it than a background corpus does (RANKS:
+   `counts`, `tfidf`, `kl`) and pick the top-t slots per layer.
+4. SparseMemoryOptimizer: update only the picked rows of the `values` tables (lazy AdamW, plain SGD, or the
+   paper code's dense AdamW with the other rows' gradients zeroed).
+5. The paper code's variants (train.py --recipe paper): per-micro-batch selection, bf16 rounding.
 
-A training step of stage 2 (only `values` trainable) reads:
+A training step of stage 2 (only `values` trainable) reads, as train.py's "SMF 1. 2. 3." lines do:
 
-    logits = model(idx, attention_mask)                      # every memory keeps its slot indices
-    counts = read_counts(model, attention_mask)              # {layer: (n_slots,)} reads by real tokens
+    loss = model(idx, attention_mask, labels=labels)         # every memory keeps its slot indices
+    counts = read_counts(model, attention_mask)              # 1. reads: {layer: (n_slots,)} by real tokens
     loss.backward()
-    selected = select_rows(counts, background, "kl", 512)    # {layer: slot ids}
-    optimizer.step(selected, max_grad_norm=1.0)              # only those rows (and their state) change
+    selected = select_rows(counts, background, "kl", 512)    # 2. select: {layer: slot ids}
+    optimizer.step(selected, max_grad_norm=1.0)              # 3. masked step: only those rows (and state) change
     optimizer.zero_grad()
 
 Shape letters: B batch, T positions, N = B*T tokens, C hidden size, h heads, k topk, n n_keys per half,
