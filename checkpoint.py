@@ -190,7 +190,8 @@ def check_resume_args(args, saved: dict):
     for k, v in vars(args).items():
         if k not in RESUME_FREE and k in saved and json.loads(json.dumps(v)) != saved[k]:
             raise RunError(f"--resume: --{k.replace('_', '-')} is {v!r} but the run was started with {saved[k]!r}; "
-                           f"resume with the run's flags, or start a new run with --out elsewhere")
+                           f"resume with the run's flags, or start a new run with --out elsewhere (an SMF run "
+                           f"can reuse a finished stage 1 there with --memory-from RUN/retrofit)")
 
 
 def run_info():
