@@ -152,3 +152,18 @@ def test_dead_model_warning():
     assert all(live.dead(5.9 - s / 10, 0.3, s) is None for s in range(20))
     with pytest.raises(checkpoint.RunError, match="gradient norm is nan"):
         live.check(3, 1.0, float("nan"))
+
+
+def test_a_checkpoint_with_a_non_finite_tensor_is_never_written(tmp_path):
+    import torch
+    model = torch.nn.Linear(3, 2)
+    saver = checkpoint.Checkpoint(str(tmp_path), model, lambda: dict(model.state_dict()), {}, None, None,
+                                  checkpoint.Ranks())
+    saver.save(1)
+    good = load_file(tmp_path / "model.safetensors")
+    with torch.no_grad():
+        model.weight[0, 1] = float("inf")
+    with pytest.raises(checkpoint.RunError, match="tensor weight is not finite at step 2"):
+        saver.save(2)
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["weight"], good["weight"])  # left as it was
+    assert not list(tmp_path.glob("*.tmp*"))
