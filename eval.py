@@ -466,49 +466,5 @@ def write_results(out: str | None, log_samples: str | None, results: dict, sampl
         atomic_write(log_samples, write_samples)
 
 
-# -----------------------------------------------------------------------------
-# Synthetic facts probe (experiments/forgetting.py): the true attribute value ranked among all its values
-
-
-def eval_world_facts(model, tok, items, batch_size: int = 64, samples: list | None = None) -> dict:
-    """Accuracy over data.world_fact_items(...) [(question, candidates, target)]: the prediction is the candidate
-    with the highest mean token log-probability after the question (score_continuations, as for MedMCQA).
-    "chance" is the mean of 1 / len(candidates)."""
-    pairs = [(q, c) for q, cands, _ in items for c in cands]
-    scores = score_continuations(model, tok, pairs, batch_size)
-    correct, k = 0, 0
-    for i, (q, cands, target) in enumerate(items):
-        s = scores[k:k + len(cands)]
-        k += len(cands)
-        pred = max(range(len(cands)), key=lambda j: s[j])
-        correct += pred == target
-        if samples is not None:
-            samples.append({"task": "world_facts", "index": i, "prompt": q, "prediction": cands[pred].strip(),
-                            "target": cands[target].strip(), "correct": pred == target})
-    return {"acc": correct / len(items), "n": len(items),
-            "chance": sum(1 / len(c) for _, c, _ in items) / len(items)}
-
-
-@torch.inference_mode()
-def eval_documents_ppl(model, tok, texts: list[str], batch_size: int = 32) -> dict:
-    """Token perplexity over separate short documents, each scored from its own start (no document is context for
-    another; a document's first token has no context and is not scored). For the synthetic world's held-out prose,
-    whose documents are shorter than the model's context."""
-    device = model_device(model)
-    pad = tok.pad_id if tok.pad_id is not None else 0
-    seqs = [s for s in tok.encode_batch(texts) if len(s) >= 2]
-    nll, n = 0.0, 0
-    for i in range(0, len(seqs), batch_size):
-        batch = seqs[i:i + batch_size]
-        idx, mask = data.pad(batch, pad)
-        h = model.hidden_states(idx.to(device), mask.to(device))  # (B, T, C)
-        rows = [b for b, s in enumerate(batch) for _ in range(len(s) - 1)]
-        cols = [t for s in batch for t in range(len(s) - 1)]  # hidden state at t predicts token t + 1
-        targets = torch.tensor([x for s in batch for x in s[1:]], device=device)
-        nll -= token_logprobs(model, h[rows, cols], targets).sum().item()
-        n += len(targets)
-    return {"ppl": math.exp(nll / n), "tokens": n}
-
-
 if __name__ == "__main__":
     main()

@@ -813,6 +813,31 @@ class Tokenizer:
         return text
 
 
+BPE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen's, so model.Tokenizer reads them alike
+
+
+def train_bpe_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 1024) -> int:
+    """Train a byte-level BPE on texts; write tokenizer.json and a tokenizer_config.json with Qwen's special tokens
+    (eos <|im_end|>, pad <|endoftext|>). Returns the vocabulary size, specials included."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(BPE_SPECIALS), special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens(BPE_SPECIALS)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                       "single_word": False, "special": True} for t in BPE_SPECIALS}
+    cfg = {"added_tokens_decoder": added, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+           "bos_token": None, "model_max_length": 4096, "tokenizer_class": "Qwen2Tokenizer"}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return tok.get_vocab_size()
+
+
 def build_bpe_tokenizer(path: str, config: dict):
     """The byte-level BPE that tokenizer.json describes, built from vocab.json + merges.txt + added tokens."""
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers

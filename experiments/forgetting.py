@@ -6,7 +6,7 @@ recipe), LoRA and full finetuning, each through a learning-rate sweep, over seve
     python experiments/forgetting.py --quick    # a smoke test of the pipeline (2 seeds, about 45 s): it does not learn
 
 Per seed (every training step is `python train.py ...`, every measurement eval.py's load_model and probes):
-  1. data.py's synthetic world (the seed): old entities as prose + question-answer lines (pretraining text), new
+  1. world.py's synthetic world (the seed): old entities as prose + question-answer lines (pretraining text), new
      entities as question-answer lines (the facts to learn), held-out prose about the old entities (for each
      entity a template its own pretraining text never used; other entities' texts use it); a byte-level BPE
      trained on the world's text; a tiny Qwen2 config.json.
@@ -68,10 +68,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import data  # noqa: E402
 import memory  # noqa: E402
-from eval import eval_documents_ppl, eval_world_facts, load_model  # noqa: E402
-from model import merge_lora, write_json  # noqa: E402
+from eval import load_model  # noqa: E402
+from model import merge_lora, train_bpe_tokenizer, write_json  # noqa: E402
+from world import (eval_documents_ppl, eval_world_facts, synthetic_world, world_fact_items, world_heldout_texts,  # noqa: E402
+                   world_pretrain_texts, world_qa_texts)
 
 METHODS = ["smf-clean", "smf-sgd", "smf-paper", "lora", "full"]
 
@@ -122,10 +123,10 @@ def parse_args(argv=None):
 
 
 def write_world(out, scale, seed):
-    world = data.synthetic_world(seed, scale["n_old"], scale["n_new"])
-    pretrain = data.world_pretrain_texts(world, seed, scale["docs"])
-    files = {"pretrain": pretrain, "new_facts": data.world_qa_texts(world["new"]),
-             "heldout": data.world_heldout_texts(world)}
+    world = synthetic_world(seed, scale["n_old"], scale["n_new"])
+    pretrain = world_pretrain_texts(world, seed, scale["docs"])
+    files = {"pretrain": pretrain, "new_facts": world_qa_texts(world["new"]),
+             "heldout": world_heldout_texts(world)}
     wdir = os.path.join(out, "world")
     os.makedirs(wdir, exist_ok=True)
     paths = {}
@@ -136,7 +137,7 @@ def write_world(out, scale, seed):
     write_json(os.path.join(wdir, "world.json"), world)
     # the tokenizer sees all the world's text (names of new entities included), as a real tokenizer would have
     cfg_dir = os.path.join(out, "base_config")
-    n_vocab = data.train_world_tokenizer(pretrain + files["new_facts"] + files["heldout"], cfg_dir, scale["vocab"])
+    n_vocab = train_bpe_tokenizer(pretrain + files["new_facts"] + files["heldout"], cfg_dir, scale["vocab"])
     tok_cfg = json.load(open(os.path.join(cfg_dir, "tokenizer.json")))
     ids = {t["content"]: t["id"] for t in tok_cfg["added_tokens"]}
     write_json(os.path.join(cfg_dir, "config.json"), {
@@ -213,8 +214,8 @@ def hub_weights(model):
 
 def measure(run_dir, world, heldout_rows, base_weights=None, ref_memory=None):
     model, tok, _ = load_model(run_dir, dtype=torch.float32, device="cpu")
-    r = {"new_acc": eval_world_facts(model, tok, data.world_fact_items(world["new"]))["acc"],
-         "old_acc": eval_world_facts(model, tok, data.world_fact_items(world["old"]))["acc"],
+    r = {"new_acc": eval_world_facts(model, tok, world_fact_items(world["new"]))["acc"],
+         "old_acc": eval_world_facts(model, tok, world_fact_items(world["old"]))["acc"],
          "heldout_ppl": eval_documents_ppl(model, tok, [r["text"] for r in heldout_rows])["ppl"]}
     mems = memory.memory_layers(model)
     if ref_memory is not None and mems:  # SMF: memory value rows that differ from the retrofit's, compared in the
@@ -445,8 +446,8 @@ def report(res, seeds, levels):
           table(["new acc", "a - b", "difference", "seeds", "exceeds the spread"],
                 [[f"{d['level']:g}", f"{d['a']} - {d['b']}", pm((d["diff"], d["half"])), d["n"],
                   "yes" if d["exceeds"] else "no"] for d in s["differ"]]),
-          f"\nEvery point of the figure: mean over seeds ± 95% t-interval (held-out ppl: geometric mean [95% "
-          f"interval]); lr 0 is the model each method starts from:\n\n",
+          "\nEvery point of the figure: mean over seeds ± 95% t-interval (held-out ppl: geometric mean [95% "
+          "interval]); lr 0 is the model each method starts from:\n\n",
           table(["method", "lr", "seeds", "new-fact acc", "old-fact acc", "held-out ppl"],
                 [[r["method"], f"{r['lr']:g}", r["n"], pm(r["new_acc"]), pm(r["old_acc"]), ppl_text(r["heldout_ppl"])]
                  for r in s["per_lr"]])]

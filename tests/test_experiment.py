@@ -1,6 +1,6 @@
 """experiments/forgetting.py end to end at the --quick scale (2 seeds side by side, about 40 s on 2 CPU cores) with
 matplotlib made unimportable (as in CI: the tables must still print), its summaries against hand-computed values,
-the figure where matplotlib is installed, plus the synthetic world's invariants (data.py) that make its measurements
+the figure where matplotlib is installed, plus the synthetic world's invariants (experiments/world.py) that make its measurements
 mean something."""
 
 import contextlib
@@ -16,40 +16,40 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
-import data  # noqa: E402
+import world  # noqa: E402
 
 METHODS = ["smf-clean", "smf-sgd", "smf-paper", "lora", "full"]
 SMF = ["smf-clean", "smf-sgd", "smf-paper"]
 
 
 def test_world_is_deterministic_and_splits_old_from_new():
-    a, b = data.synthetic_world(3, 20, 10), data.synthetic_world(3, 20, 10)
-    assert a == b and a != data.synthetic_world(4, 20, 10)
+    a, b = world.synthetic_world(3, 20, 10), world.synthetic_world(3, 20, 10)
+    assert a == b and a != world.synthetic_world(4, 20, 10)
     names_old = {e["name"] for e in a["old"]}
     names_new = {e["name"] for e in a["new"]}
     assert len(names_old) == 20 and len(names_new) == 10 and not names_old & names_new
-    pretrain = data.world_pretrain_texts(a, 3, 200)
-    assert pretrain == data.world_pretrain_texts(a, 3, 200)
+    pretrain = world.world_pretrain_texts(a, 3, 200)
+    assert pretrain == world.world_pretrain_texts(a, 3, 200)
     text = "\n".join(pretrain)
     assert not any(n in text for n in names_new)  # new facts never appear in pretraining
     # held-out prose: every sentence is absent from the pretraining text, yet each template is used there
-    for doc in data.world_heldout_texts(a):
+    for doc in world.world_heldout_texts(a):
         for sent in doc.split(". "):
             assert sent.rstrip(".") + "." not in text
     for i, e in enumerate(a["old"]):
-        for attr in data.WORLD_ATTRIBUTES:
-            h = data.world_heldout_template(i, attr)
-            template = data.WORLD_TEMPLATES[attr][h]
+        for attr in world.WORLD_ATTRIBUTES:
+            h = world.world_heldout_template(i, attr)
+            template = world.WORLD_TEMPLATES[attr][h]
             assert template.format(name=e["name"], v=e[attr]) not in text
 
 
 def test_fact_items_have_the_true_value_among_candidates():
-    world = data.synthetic_world(0, 5, 5)
-    items = data.world_fact_items(world["new"])
-    assert len(items) == 5 * len(data.WORLD_ATTRIBUTES)
-    for (q, cands, target), (e, attr) in zip(items, [(e, a) for e in world["new"] for a in data.WORLD_ATTRIBUTES]):
+    w = world.synthetic_world(0, 5, 5)
+    items = world.world_fact_items(w["new"])
+    assert len(items) == 5 * len(world.WORLD_ATTRIBUTES)
+    for (q, cands, target), (e, attr) in zip(items, [(e, a) for e in w["new"] for a in world.WORLD_ATTRIBUTES]):
         assert q == f"Q: What is the {attr} of {e['name']}? A:" and cands[target] == " " + e[attr]
-        assert q + cands[target] in data.world_qa_texts(world["new"])
+        assert q + cands[target] in world.world_qa_texts(w["new"])
 
 
 # -----------------------------------------------------------------------------

@@ -18,8 +18,8 @@ CORPUS = [
 def write_tokenizer(path: str, vocab_size: int = 384):
     """A small byte-level BPE with Qwen's special tokens (tokenizer.json + tokenizer_config.json), trained on CORPUS
     with the same code the synthetic-world experiment uses."""
-    import data
-    return data.train_world_tokenizer(CORPUS * 20, path, vocab_size)
+    from model import train_bpe_tokenizer
+    return train_bpe_tokenizer(CORPUS * 20, path, vocab_size)
 
 
 def write_checkpoint(path: str, tie: bool = True, hidden: int = 64, layers: int = 4, heads: int = 4,
