@@ -435,3 +435,15 @@ def test_oasst1_replies_filter():
     assert all(not t.startswith("<|") for t in got)
     with pytest.raises(ValueError, match="lang and rank"):
         data.oasst1_replies([{k: v for k, v in rows[1].items() if k != "rank"}])
+
+
+def test_a_fresh_start_recomputes_a_stale_background(retrofit_run, tiny_model_dir, files, tmp_path):
+    """A stage-2 start that failed after writing its background reads leaves them behind; the fixed command,
+    not a resume, computes them anew from its own flags."""
+    out = tmp_path / "smf"
+    out.mkdir()
+    stale = memory.BackgroundStats({1: torch.ones(64, dtype=torch.long)}, {1: torch.ones(64, dtype=torch.long)}, 99)
+    stale.save(str(out / "background.safetensors"))
+    train.main(common(tiny_model_dir, files, out, "--method", "smf", "--memory-from", retrofit_run, "--max-steps",
+                      "1", "--background-batches", "3"))
+    assert memory.BackgroundStats.load(str(out / "background.safetensors")).n_batches == 3
