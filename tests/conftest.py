@@ -34,3 +34,12 @@ def shared_data():
     if not os.path.isdir(SHARED):
         pytest.skip("../shared/data is not present")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory):
+    """Tiny MedMCQA (parquet) and OASST1 (jsonl) files in the Hub's columns, for train.py (tests/tiny_data.py)."""
+    from tiny_data import medmcqa_rows, oasst1_rows, write_jsonl, write_parquet
+    d = tmp_path_factory.mktemp("train_data")
+    return {"medmcqa": write_parquet(str(d / "medmcqa_train.parquet"), medmcqa_rows(40)),
+            "oasst1": write_jsonl(str(d / "oasst1.jsonl"), oasst1_rows(30))}

@@ -3,7 +3,6 @@ entry of memory.RANKS (tests/test_memory.py), a probe an entry of eval.PROBES; e
 
 import dataclasses
 import json
-import os
 
 import pytest
 import torch
@@ -11,16 +10,9 @@ from safetensors.torch import load_file
 
 import memory
 import train
-from tiny_data import medmcqa_rows, oasst1_rows, write_jsonl, write_parquet
+from tiny_data import write_jsonl
 
 MEM = ["--n-keys", "8", "--mem-heads", "2", "--mem-topk", "4", "--mem-k-dim", "16", "--memory-layers", "1,2"]
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fork_data")
-    return {"medmcqa": write_parquet(str(d / "medmcqa.parquet"), medmcqa_rows(40)),
-            "oasst1": write_jsonl(str(d / "oasst1.jsonl"), oasst1_rows(30))}
 
 
 def common(model_dir, files, out, *extra):

@@ -12,17 +12,10 @@ from safetensors.torch import load_file
 import train
 from eval import load_model
 from model import Qwen2
-from tiny_data import medmcqa_rows, oasst1_rows, write_jsonl, write_parquet
+from tiny_data import write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEM = ["--n-keys", "8", "--mem-heads", "2", "--mem-topk", "4", "--mem-k-dim", "16", "--memory-layers", "1,2"]
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train_data")
-    return {"medmcqa": write_parquet(str(d / "medmcqa_train.parquet"), medmcqa_rows(40)),
-            "oasst1": write_jsonl(str(d / "oasst1.jsonl"), oasst1_rows(30))}
 
 
 def common(model_dir, files, out, *extra):
