@@ -44,7 +44,7 @@ from model import atomic_write, check_tensors, resolve_device, write_json
 RUN_FILES = {"args.json", "config.json", "model.safetensors", "log.jsonl", "checkpoint.safetensors",
              "background.safetensors", "eval.jsonl", "retrofit", "hf", "peft", "merged", ".lock"}
 # flags that may differ between a run and its resumption; every other flag must be the same
-RESUME_FREE = {"resume", "stop_at_step", "device", "eval_every", "eval_tasks", "eval_limit", "save_every"}
+RESUME_FREE = {"resume", "stop_at_step", "device", "eval_every", "eval_tasks", "eval_limit", "save_every", "compile"}
 
 
 class RunError(Exception):

@@ -400,15 +400,16 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+def pad(seqs: list[list[int]], pad_id: int, side: str = "right", multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """
     The one padding function: token id lists -> ids (B, T) filled with pad_id, and attention_mask (B, T), 1 on the
-    real tokens; T is the longest length. side "right" for training and scoring (real tokens from position 0),
-    "left" for generation (every row ends with a real token). Both are LongTensors on the CPU.
+    real tokens; T is the longest length rounded up to `multiple` (a few shapes for a compiled model). side "right"
+    for training and scoring (real tokens from position 0), "left" for generation (every row ends with a real
+    token). Both are LongTensors on the CPU.
     """
     if side not in ("right", "left"):
         raise ValueError(f"side must be 'right' or 'left', got {side!r}")
-    T = max(len(s) for s in seqs)
+    T = -(-max(len(s) for s in seqs) // multiple) * multiple
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for b, s in enumerate(seqs):
@@ -418,13 +419,15 @@ def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.
     return ids, attention_mask
 
 
-def collate(examples, pad_id: int) -> dict:
-    """[(ids, loss_mask), ...] -> right-padded LongTensors idx, attention_mask, labels (B, T)."""
+def collate(examples, pad_id: int, multiple: int = 1) -> dict:
+    """[(ids, loss_mask), ...] -> right-padded LongTensors idx, attention_mask, labels (B, T), T a multiple of
+    `multiple`."""
     for b, (ids, loss_mask) in enumerate(examples):
         if len(ids) != len(loss_mask):
             raise ValueError(f"example {b}: {len(ids)} ids but {len(loss_mask)} loss_mask entries")
-    idx, attention_mask = pad([ids for ids, _ in examples], pad_id)
-    labels, _ = pad([[t if m else -100 for t, m in zip(ids, loss_mask)] for ids, loss_mask in examples], -100)
+    idx, attention_mask = pad([ids for ids, _ in examples], pad_id, multiple=multiple)
+    labels, _ = pad([[t if m else -100 for t, m in zip(ids, loss_mask)] for ids, loss_mask in examples], -100,
+                    multiple=multiple)
     return {"idx": idx, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -461,8 +464,10 @@ class MicroBatches:
     together holds batch_size * world examples, and rank r takes the r-th slice. An incomplete last micro-batch
     of an epoch is dropped."""
 
-    def __init__(self, examples, batch_size: int, seed: int, pad_id: int, device, rank: int = 0, world: int = 1):
+    def __init__(self, examples, batch_size: int, seed: int, pad_id: int, device, rank: int = 0, world: int = 1,
+                 multiple: int = 1):
         self.ex, self.batch_size, self.seed, self.pad_id, self.device = examples, batch_size, seed, pad_id, device
+        self.multiple = multiple  # padded lengths: multiples of it
         self.rank, self.size = rank, batch_size * world
         if len(examples) < self.size and world > 1:
             raise ValueError(f"{len(examples)} training examples are fewer than one micro-batch across ranks "
@@ -479,4 +484,5 @@ class MicroBatches:
         ids = self.order(epoch)[i * self.size:(i + 1) * self.size]
         n_loss = sum(sum(self.ex[j][1][1:]) for j in ids)  # loss tokens across all ranks (predicting token 1..)
         mine = ids[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return {k: v.to(self.device) for k, v in collate([self.ex[j] for j in mine], self.pad_id).items()}, n_loss
+        batch = collate([self.ex[j] for j in mine], self.pad_id, self.multiple)
+        return {k: v.to(self.device) for k, v in batch.items()}, n_loss

@@ -115,6 +115,10 @@ def parser():
                         "in order, if there are no more than N; default: medmcqa 60000; retrofit --retrofit-limit; "
                         "text: all)")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (and at the end)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile every block without a memory layer (the SMF lookup stays eager), with batches "
+                        "padded to a multiple of 64 tokens so that few shapes recompile (not when padding reads "
+                        "count: there the padding is part of the recipe)")
     g.add_argument("--fsdp", action="store_true",
                    help="full finetuning under torchrun: shard weights, gradients and optimizer state across ranks "
                         "(PyTorch's fully_shard) instead of replicating them (DDP), for models that do not fit one GPU")
@@ -293,7 +297,13 @@ class Stage:
 
 def train(stage: Stage, args, device, tok, ranks):
     model, smf = stage.model, stage.smf
-    stream = data.MicroBatches(stage.examples, args.batch_size, args.seed, tok.pad_id, device, ranks.rank, ranks.world)
+    pad_reads = smf is not None and args.count_pad_reads  # pads run as in HF's Qwen2: their reads count
+    stream = data.MicroBatches(stage.examples, args.batch_size, args.seed, tok.pad_id, device, ranks.rank, ranks.world,
+                               multiple=64 if args.compile and not pad_reads else 1)
+    if args.compile:
+        for block in model.model.layers:
+            if block.memory is None:
+                block.compile()  # in place: parameter names unchanged
     total = stage.max_steps or max(1, int(stage.epochs * stream.per_epoch) // args.grad_accum)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     adamw, smf_opt = make_optimizers(stage, args, device)
@@ -313,7 +323,6 @@ def train(stage: Stage, args, device, tok, ranks):
     # selected rows' gradients (SparseMemoryOptimizer's reduce hook): DDP would all-reduce whole value tables.
     wrapped = ranks.wrap(model, device, ddp=smf is None and not stage.fsdp)
     averaged = ranks.world > 1 and smf is None  # gradients arrive averaged over ranks: scale the loss up
-    pad_reads = smf is not None and args.count_pad_reads  # pads run as in HF's Qwen2: their reads count
     sum_of_means = smf is not None and args.sum_micro_batch_means
     guard = StepGuard(stage.out)
     log_path = os.path.join(stage.out, "log.jsonl")

@@ -350,3 +350,10 @@ def test_hub_path_works_offline_from_the_hub_cache(tmp_path):
     code = "import data; data.load_rows('wikitext')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode != 0 and "FileNotFoundError: could not fetch Salesforce/wikitext" in proc.stderr
+
+
+def test_collate_pads_to_a_multiple_for_compiled_models():
+    batch = data.collate([([5, 6, 7], [1, 1, 1]), ([8] * 70, [1] * 70)], pad_id=0, multiple=64)
+    assert batch["idx"].shape == (2, 128) and batch["attention_mask"].sum().item() == 73
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    assert data.collate([([5, 6, 7], [1, 1, 1])], pad_id=0)["idx"].shape == (1, 3)
