@@ -14,17 +14,9 @@ from transformers import Qwen2ForCausalLM
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from memory import MemoryConfig, ProductKeyMemory, SparseMemoryOptimizer
+from memory import SparseMemoryOptimizer
 from model import Qwen2, sample_next
-
-
-def value_table(seed=0):
-    """A memory of 64 rows of 5 values, only the values trainable."""
-    torch.manual_seed(seed)
-    mem = ProductKeyMemory(24, MemoryConfig(n_keys=8, heads=2, topk=2, k_dim=16, v_dim=5).resolve(1, 24))
-    mem.requires_grad_(False)
-    mem.values.weight.requires_grad_(True)
-    return mem
+from test_memory import table_memory  # 64 rows of 5 values, only the values trainable
 
 
 # --- 1. lazy AdamW ---------------------------------------------------------------------------------------
@@ -32,7 +24,7 @@ def value_table(seed=0):
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_lazy_adamw_bias_correction_uses_each_rows_own_step_count(weight_decay):
-    mem = value_table()
+    mem = table_memory()
     w0 = mem.values.weight.detach().clone()
     hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
     opt = SparseMemoryOptimizer({0: mem}, mode="adamw", **hp)
@@ -66,7 +58,7 @@ def test_lazy_adamw_bias_correction_uses_each_rows_own_step_count(weight_decay):
 
 
 def test_clipping_never_scales_a_small_gradient_up():
-    mems = {0: value_table(0), 1: value_table(1)}
+    mems = {0: table_memory(seed=0), 1: table_memory(seed=1)}
     w0 = {i: m.values.weight.detach().clone() for i, m in mems.items()}
     rows = {0: torch.tensor([3, 17]), 1: torch.tensor([8])}
     grads = {i: torch.randn(64, 5) for i in mems}
