@@ -26,7 +26,7 @@ dk key dim per head (two halves of dk/2), D value dim, S = n*n slots, R rows upd
 import contextlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -85,8 +85,7 @@ class MemoryConfig:
         alpha = self.alpha_init
         if alpha == "auto":
             alpha = 0.01 if self.mode == "additive" else None
-        return MemoryConfig(**{**asdict(self), "layers": layers, "v_dim": self.v_dim or hidden,
-                               "alpha_init": None if alpha == "none" else alpha})
+        return replace(self, layers=layers, v_dim=self.v_dim or hidden, alpha_init=None if alpha == "none" else alpha)
 
     @classmethod
     def options(cls) -> list:

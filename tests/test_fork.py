@@ -93,3 +93,18 @@ def test_a_registered_probe_is_reachable_from_both_clis(tiny_model_dir, files, t
     assert args.eval_tasks == "medmcqa,echo"
     with pytest.raises(SystemExit):
         train.parse_args(["--method", "lora", "--eval-tasks", "no-such-probe"])
+
+
+def test_a_new_memory_option_is_a_field_and_nothing_more(monkeypatch):
+    """A MemoryConfig field with option(...) metadata becomes a train.py flag that reaches the config."""
+    @dataclasses.dataclass
+    class WithDropout(memory.MemoryConfig):
+        value_dropout: float = dataclasses.field(default=0.0, metadata=memory.option("--mem-value-dropout",
+                                                                                     "dropout on the values read"))
+
+    monkeypatch.setattr(memory, "MemoryConfig", WithDropout)
+    args = train.parse_args(["--method", "retrofit", "--mem-value-dropout", "0.25"])
+    cfg = train.memory_config_from_args(args)
+    assert isinstance(cfg, WithDropout) and cfg.value_dropout == 0.25 and cfg.n_keys == 128
+    assert cfg.resolve(24, 896).value_dropout == 0.25  # resolve keeps the fork's fields
+    assert "--mem-value-dropout" in train.parser().format_help()
