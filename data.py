@@ -340,14 +340,14 @@ def oasst1_conversations(rows, lang: str | None = "en") -> list[list[dict]]:
     return conversations
 
 
-def oasst1_replies(rows, min_chars: int = 50) -> list[str]:
+def oasst1_replies(rows, min_chars: int = 50, source: str = "OASST1") -> list[str]:
     """
     The paper code's stage-1 text (its `oasst1` preset): the text alone of every English assistant reply
     ranked 0 or 1 among its siblings with at least min_chars characters, in the file's order. No prompt turns,
     no chat template; deleted or review-rejected rows are kept, as in the paper's filter.
     """
     if rows and not all("lang" in r and "rank" in r for r in rows):
-        raise ValueError("OASST1 rows need the lang and rank columns for the paper's reply filter")
+        raise ValueError(f"{source}: OASST1 rows need the lang and rank columns for the paper's reply filter")
     return [r["text"] for r in rows if r["lang"] == "en" and r["role"] == "assistant"
             and r["rank"] in (0, 1) and len(r["text"] or "") >= min_chars]
 
@@ -441,7 +441,7 @@ def training_examples(task: str, tok, max_len: int, seed: int, limit: int | None
         items = [r["text"] for r in load_rows("wikitext", path=task[5:])]
     else:
         rows = load_rows(task, path=path, split="train")
-        items = rows if task == "medmcqa" else oasst1_replies(rows) if oasst1_format == "replies" \
+        items = rows if task == "medmcqa" else oasst1_replies(rows, source=path or "OASST1") if oasst1_format == "replies" \
             else oasst1_conversations(rows)
     if limit is not None and len(items) < limit:
         warn(f"{task}: only {len(items)} examples available (limit {limit}); using all of them")

@@ -42,11 +42,19 @@ def option(flag: str, help: str, **argparse_kw) -> dict:
     return {"flag": flag, "help": help, **argparse_kw}
 
 
+def comma_separated_ints(s: str) -> list[int]:  # flag parsers: argparse names them in its errors
+    return [int(x) for x in s.split(",")]
+
+
+def number_auto_or_none(s: str):
+    return s if s in ("auto", "none") else float(s)
+
+
 @dataclass
 class MemoryConfig:
     layers: list[int] | None = field(default=None, metadata=option(
         "--memory-layers", "comma-separated layer ids (default: L/4, L/2, 3L/4: 6, 12, 18 of Qwen2.5-0.5B's 24)",
-        type=lambda s: [int(x) for x in s.split(",")]))
+        type=comma_separated_ints))
     n_keys: int = field(default=128, metadata=option("--n-keys", "half-keys per half: n_keys^2 slots per layer"))
     heads: int = field(default=4, metadata=option("--mem-heads", "memory heads"))
     topk: int = field(default=16, metadata=option("--mem-topk", "slots read per head and token"))
@@ -58,7 +66,7 @@ class MemoryConfig:
     alpha_init: float | None | str = field(default="auto", metadata=option(
         "--alpha-init", "the memory's learnable output scale at init, or none (auto: 0.01 in additive mode, as "
         "the paper; none in replacement mode, whose paper version has no scale)",
-        type=lambda s: s if s in ("auto", "none") else float(s)))
+        type=number_auto_or_none))
     precision: str = field(default="fp32", metadata=option(
         "--memory-precision", "[recipe] the memory's maths: bf16 as the paper's code runs it (weights rounded to "
         "bf16, values read in fp32 while training, the whole memory bf16 at evaluation; paper) or fp32 (clean)",

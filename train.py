@@ -266,6 +266,11 @@ def task_examples(args, tok):
     return data.training_examples(args.task, tok, args.max_len, args.seed, args.limit, args.data.get("medmcqa"))
 
 
+def bf16_autocast(device):
+    """bf16 autocast on GPU (the frozen base is bf16 there); nothing on CPU, where everything runs in fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
 def lr_at(step, total, peak, warmup, from_zero=False):
     """Linear warmup to peak over `warmup` steps (from lr 0 at step 0 as Hugging Face's scheduler, if
     from_zero), then cosine decay to 0 at `total`."""
@@ -305,7 +310,7 @@ def train(stage: Stage, args, device, tok, ranks):
             if block.memory is None:
                 block.compile()  # in place: parameter names unchanged
     total = stage.max_steps or max(1, int(stage.epochs * stream.per_epoch) // args.grad_accum)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = bf16_autocast(device)
     adamw, smf_opt = make_optimizers(stage, args, device)
     optimizers = [o for o in (adamw, smf_opt) if o is not None]
     saver = Checkpoint(stage.out, model, stage.trained, stage.adamw_params, adamw, smf_opt, ranks, stage.fsdp)
@@ -354,7 +359,6 @@ def train(stage: Stage, args, device, tok, ranks):
                 (loss * ranks.world if averaged else loss).backward()
             loss_sum += loss_tokens.detach()
         loss_mean = ranks.sum_(loss_sum).item() / max(1, n_tokens)  # the step's mean token loss, whatever the recipe
-        guard.check(step + 1, loss_mean)
         record = {"step": step + 1, "loss": loss_mean, "lr": lr, "tokens": n_tokens}
         if smf is not None:
             alpha = list(stage.adamw_params.values())  # under --train-alpha (outside DDP): summed across ranks here
@@ -483,7 +487,7 @@ def background_statistics(model, tok, args, device, ranks, stage1):
     else:
         picked = [examples[j] for j in data.epoch_order(len(examples), args.seed, epoch=10**6)]
         picked = picked[:args.background_batches]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = bf16_autocast(device)
     mine = tqdm(picked[ranks.rank::ranks.world], desc="background reads", dynamic_ncols=True, disable=not ranks.main)
     stats = memory.background_stats(model, (torch.tensor([ids], device=device) for ids, _ in mine), autocast)
     return stats.summed(ranks.sum_, device) if ranks.world > 1 else stats  # each rank read its share
@@ -597,9 +601,10 @@ def export_lora_or_full(args, model, ranks):
 # -----------------------------------------------------------------------------
 
 
-def run_stage(stage: Stage, args, device, tok, ranks, then=None):
-    """args.json (once the stage's model and data have loaded), the loop, `then` (exports), marked finished."""
-    begin_run(args, ranks, device)
+def run_stage(stage: Stage, args, device, tok, ranks, then=None, first=True):
+    """args.json (once the first stage's model and data have loaded), the loop, `then` (exports), finished."""
+    if first:
+        begin_run(args, ranks, device)
     train(stage, args, device, tok, ranks)
     if then is not None:
         then()
@@ -624,9 +629,11 @@ def main(argv=None):
             model = run_stage(retrofit_stage(args, args.out, device, tok, ranks), args, device, tok, ranks)
         elif args.method == "smf":
             memory_dir = args.memory_from or os.path.join(args.out, "retrofit")
-            if args.memory_from is None and not is_finished(memory_dir):  # stage 1 in a sub-run of its own
+            stage1 = args.memory_from is None and not is_finished(memory_dir)  # in a sub-run of its own
+            if stage1:
                 run_stage(retrofit_stage(args, memory_dir, device, tok, ranks), args, device, tok, ranks)
-            model = run_stage(sparse_stage(args, device, tok, memory_dir, ranks), args, device, tok, ranks)
+            model = run_stage(sparse_stage(args, device, tok, memory_dir, ranks), args, device, tok, ranks,
+                              first=not stage1)
         else:
             stage = lora_or_full_stage(args, device, tok, ranks)
             model = run_stage(stage, args, device, tok, ranks, then=lambda: export_lora_or_full(args, stage.model, ranks))
