@@ -282,19 +282,22 @@ def memory_state_dict(model) -> dict:
 def read_counts(model, attention_mask=None) -> dict:
     """
     {layer: LongTensor (S,)}: how many times the last forward read each slot, over real tokens only
-    (attention_mask (B, T), 1 = real; None = all real), counting every head's top-k reads.
+    (attention_mask (B, T), 1 = real; None = all real), counting every head's top-k reads. Counted with
+    index_add_ (padding reads add 0), so no value has to come back to the host.
     """
     counts = {}
     for i, mem in memory_layers(model).items():
         if mem.last_indices is None:
             raise RuntimeError(f"read_counts: the memory of layer {i} has not been run yet")
         ids = mem.last_indices  # (B, T, h*k)
-        if attention_mask is not None:
-            if tuple(attention_mask.shape) != tuple(ids.shape[:2]):
-                raise ValueError(f"read_counts: attention_mask has shape {tuple(attention_mask.shape)}, "
-                                 f"expected {tuple(ids.shape[:2])}")
-            ids = ids[attention_mask.bool()]  # (real tokens, h*k)
-        counts[i] = torch.bincount(ids.flatten(), minlength=mem.n_slots)
+        if attention_mask is None:
+            real = torch.ones((), dtype=torch.long, device=ids.device).expand(ids.shape)
+        elif tuple(attention_mask.shape) != tuple(ids.shape[:2]):
+            raise ValueError(f"read_counts: attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"expected {tuple(ids.shape[:2])}")
+        else:
+            real = (attention_mask != 0).long()[..., None].expand(ids.shape)  # (B, T, h*k): 1 = a real token's read
+        counts[i] = ids.new_zeros(mem.n_slots).index_add_(0, ids.flatten(), real.flatten())
     return counts
 
 
@@ -413,9 +416,10 @@ def select_rows(counts: dict, background: "BackgroundStats | None" = None, rank:
     if not isinstance(top_t, int) or top_t < 1:
         raise ValueError(f"select_rows: top_t must be an integer >= 1, got {top_t!r}")
     selected = {}
-    for i, c in counts.items():
+    n_read = torch.stack([(c > 0).sum() for c in counts.values()]).tolist() if counts else []  # one host sync
+    for (i, c), n in zip(counts.items(), n_read):
         read = c > 0
-        n = min(top_t, int(read.sum()))
+        n = min(top_t, n)
         if n == 0:
             selected[i] = torch.zeros(0, dtype=torch.long, device=c.device)
             continue
@@ -429,18 +433,18 @@ def select_rows(counts: dict, background: "BackgroundStats | None" = None, rank:
 
 
 def grad_rows(grad, rows):
-    """The gradient (R, D) of the given rows of a table, from a dense (S, D) or sparse COO gradient (or None)."""
+    """The gradient (R, D) of the given rows of a table, from a dense (S, D) or sparse COO gradient (or None).
+    A sparse one may hold a row several times (one entry per micro-batch): they are summed."""
     if grad is None:
         raise RuntimeError("SparseMemoryOptimizer: a value table has no gradient (no backward before step?)")
     if not grad.is_sparse:
         return grad[rows]
-    grad = grad.coalesce()  # sums the duplicate rows of several micro-batches
-    where = torch.full((grad.shape[0],), -1, dtype=torch.long, device=grad.device)
-    where[rows] = torch.arange(len(rows), device=grad.device)  # slot id -> position in rows, -1 if not wanted
-    pos = where[grad.indices()[0]]  # (nnz,)
-    out = grad.values().new_zeros(len(rows), grad.shape[1])  # rows not read have zero gradient
-    out[pos[pos >= 0]] = grad.values()[pos >= 0]
-    return out
+    R = len(rows)
+    where = torch.full((grad.shape[0],), R, dtype=torch.long, device=grad.device)  # slot id -> position in rows,
+    where[rows] = torch.arange(R, device=grad.device)  # or R (a spare row) if not wanted
+    out = grad._values().new_zeros(R + 1, grad.shape[1])  # rows not read have zero gradient
+    out.index_add_(0, where[grad._indices()[0]], grad._values())  # no host sync (a boolean mask would need one)
+    return out[:R]
 
 
 def adamw_rows_(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
@@ -476,7 +480,7 @@ class SparseMemoryOptimizer:
     trained parameter.
 
     State is kept only for rows ever updated ("adamw"): per layer `slots` (R,), `exp_avg`, `exp_avg_sq`
-    (R, D) fp32 and `step` (R,) int64, grown by doubling as new rows appear. Dense moments would be
+    (R, D) fp32 and `step` (R,) int64, grown ahead of need as new rows appear (see _state_rows). Dense moments would be
     2 x 16,384 x 896 x 4 B = 117 MB per layer from step one; a short run touching a few thousand rows holds
     a fraction of that, and a long run that touches every row ends at the dense size. "dense_adamw" holds
     the dense state (all rows), as torch's AdamW does. Only the values tables are handled here: train other
@@ -501,22 +505,29 @@ class SparseMemoryOptimizer:
         return {"where": torch.full((mem.n_slots,), -1, dtype=torch.long, device=w.device),  # slot -> state row
                 "slots": w.new_zeros(0, dtype=torch.long), "exp_avg": w.new_zeros(0, w.shape[1]),
                 "exp_avg_sq": w.new_zeros(0, w.shape[1]), "step": w.new_zeros(0, dtype=torch.long),
-                "n": 0}  # rows with state: the first n entries of slots, exp_avg, exp_avg_sq, step
+                "n": w.new_zeros((), dtype=torch.long),  # rows with state: the first n entries of slots, exp_avg, ...
+                "n_max": 0}  # an upper bound of n known on the host (n stays on the device: no sync per step)
 
     def _state_rows(self, st, rows):
-        """Where each of rows (R,) keeps its state; rows seen for the first time get zeroed state."""
-        new = rows[st["where"][rows] < 0]
-        if len(new):
-            n, need = st["n"], st["n"] + len(new)
-            if need > st["exp_avg"].shape[0]:  # grow by doubling (at most to every slot)
-                cap = min(len(st["where"]), max(need, 2 * st["exp_avg"].shape[0]))
+        """Where each of rows (R,) keeps its state; rows seen for the first time get the next free (zeroed)
+        entries. The count of rows with state stays on the device; the host keeps an upper bound and learns the
+        true count (one sync) only when the buffers may be full, growing them then to room for at least 8 more
+        steps of new rows, so at most once every 8 steps until they span the table."""
+        cap, R = st["exp_avg"].shape[0], len(rows)
+        if cap < len(st["where"]) and st["n_max"] + R > cap:
+            st["n_max"] = n = int(st["n"])  # the true count: a host sync
+            if cap - n < 8 * R:  # grow: at least double, at most to every slot
+                cap = min(len(st["where"]), max(2 * cap, n + 8 * R))
                 for key in ("slots", "exp_avg", "exp_avg_sq", "step"):
                     t = st[key]
                     st[key] = torch.cat([t, t.new_zeros(cap - t.shape[0], *t.shape[1:])])
-            st["where"][new] = torch.arange(n, need, device=rows.device)
-            st["slots"][n:need] = new
-            st["n"] = need
-        return st["where"][rows]
+        new = st["where"][rows] < 0  # (R,)
+        pos = torch.where(new, st["n"] + new.cumsum(0) - 1, st["where"][rows])  # new rows: n, n + 1, ...
+        st["where"][rows] = pos
+        st["slots"][pos] = rows  # the same value again for rows that had state
+        st["n"] = st["n"] + new.sum()
+        st["n_max"] = min(st["n_max"] + len(rows), len(st["where"]))
+        return pos
 
     @torch.no_grad()
     def step(self, selected: dict, max_grad_norm: float | None = None, reduce=None, also=(), check_norm=None,
@@ -546,8 +557,9 @@ class SparseMemoryOptimizer:
                 reduce(grads[i])
         clipped = list(grads.values()) + [p.grad for p in also if p.grad is not None]
         total = torch.stack([g.float().pow(2).sum() for g in clipped]).sum().sqrt() if clipped else torch.zeros(())
+        norm = float(total)  # the one host sync of a step (plus one for `rows`, below)
         if check_norm is not None:
-            check_norm(float(total))
+            check_norm(norm)
         if max_grad_norm is not None:  # as torch.nn.utils.clip_grad_norm_
             coef = (max_grad_norm / (total + 1e-6)).clamp(max=1.0)
             for g in clipped:
@@ -569,8 +581,9 @@ class SparseMemoryOptimizer:
                 adamw_rows_(p, g, m, v, step, lr, beta1, beta2, eps, wd)
                 st["exp_avg"][pos], st["exp_avg_sq"][pos], st["step"][pos] = m, v, step
             table.index_copy_(0, r, p)
-            changed[i] = int((p != old).any(dim=1).sum())
-        return {"grad_norm": float(total), "rows": changed}
+            changed[i] = (p != old).any(dim=1).sum()
+        n_changed = torch.stack(list(changed.values())).tolist() if changed else []
+        return {"grad_norm": norm, "rows": dict(zip(changed, n_changed))}
 
     def zero_grad(self, set_to_none: bool = True):
         """Drop the value tables' gradients, or zero them in place when set_to_none is False (a sparse gradient,
@@ -587,7 +600,7 @@ class SparseMemoryOptimizer:
         for the rows that have state, and `lr`."""
         out = {"lr": torch.tensor(float(self.param_groups[0]["lr"]), dtype=torch.float64)}
         for i, st in self.state.items():
-            n = st["n"]
+            n = int(st["n"])
             for key in ("slots", "exp_avg", "exp_avg_sq", "step"):
                 out[f"{i}.{key}"] = st[key][:n].clone()
         return out
@@ -611,7 +624,7 @@ class SparseMemoryOptimizer:
             for key in ("slots", "exp_avg", "exp_avg_sq", "step"):
                 st[key] = d[f"{i}.{key}"].to(st[key].device, st[key].dtype).clone()
             st["where"][slots] = torch.arange(len(slots), device=slots.device)
-            st["n"] = len(slots)
+            st["n"], st["n_max"] = torch.tensor(len(slots), device=slots.device), len(slots)
             self.state[i] = st
 
 
@@ -671,10 +684,9 @@ def keep_rows_in_next_grad(mem: ProductKeyMemory, rows):
         if mem.last_indices is not forward_ids:
             raise RuntimeError("select_per_micro_batch: a new forward ran before the backward of the micro-batch "
                                "it selected for; call it between a micro-batch's forward and its loss.backward()")
-        if grad.is_sparse:
-            grad = grad.coalesce()
-            on = keep[grad.indices()[0]]
-            return torch.sparse_coo_tensor(grad.indices()[:, on], grad.values()[on], grad.shape,
+        if grad.is_sparse:  # zero the entries of the rows not kept (no boolean mask: no host sync)
+            on = keep[grad._indices()[0]]  # (nnz,)
+            return torch.sparse_coo_tensor(grad._indices(), grad._values() * on[:, None], grad.shape,
                                            check_invariants=False)
         return grad * keep[:, None]
 

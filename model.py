@@ -124,22 +124,22 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
-    """cos, sin of shape (B, T, hs) for integer positions (B, T); frequencies in fp32."""
+    """cos, sin of shape (B, T, hs) for integer positions (B, T); frequencies in fp32. The first half of sin is
+    negated, so that apply_rope needs no negation (rotate_half(x) * sin = x.roll(hs / 2) * signed sin, exactly)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
     freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hs/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    half = head_dim // 2
+    sign = torch.cat((torch.full((half,), -1.0), torch.ones(half))).to(position_ids.device)  # (-1, .., -1, 1, .., 1)
+    return emb.cos().to(dtype), (emb.sin() * sign).to(dtype)
 
 
 def apply_rope(x, cos, sin):
+    """Rotate each (x_i, x_{i + hs/2}) pair, as Hugging Face's x * cos + rotate_half(x) * sin with
+    rotate_half(x) = cat(-x2, x1): the roll swaps the halves, the signed sin negates the first."""
     # x (B, nh, T, hs); cos, sin (B, T, hs) -> (B, 1, T, hs) to broadcast over heads
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class KVCache(nn.Module):
@@ -268,9 +268,9 @@ class Qwen2(nn.Module):
         h = self.hidden_states(idx, attention_mask, start, hf_padding)
         if labels is None:
             return self.lm_head(h).float()
-        targets = labels[:, 1:]  # (B, T-1)
-        keep = targets != -100
-        h, targets = h[:, :-1][keep], targets[keep]  # (N, C), (N,): only the positions with a loss
+        targets = labels[:, 1:].flatten()  # (B*(T-1),)
+        keep = (targets != -100).nonzero().squeeze(1)  # the positions with a loss (one host sync; no boolean mask)
+        h, targets = h[:, :-1].flatten(0, 1)[keep], targets[keep]  # (N, C), (N,)
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, len(targets), loss_chunk):
             total = total + torch.utils.checkpoint.checkpoint(
@@ -494,7 +494,10 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x):
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scaling
+        x2 = x.reshape(-1, self.in_features)  # (N, in): 2-D, so that one addmm adds the scaled update
+        out = x2 @ self.weight.t() if self.bias is None else torch.addmm(self.bias, x2, self.weight.t())  # (N, out)
+        u = self.lora_dropout(x2) @ a.t()  # (N, r)
+        return torch.addmm(out, u, b.t(), alpha=self.scaling).view(*x.shape[:-1], self.out_features)  # + s B A x
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:

@@ -344,7 +344,10 @@ def train(stage: Stage, args, device, tok, ranks):
         for k, (b, n) in enumerate(batches):
             with ranks.grad_sync(wrapped, model, stage.fsdp, last=k == len(batches) - 1):
                 with autocast:  # the summed next-token loss, computed in chunks (no (B, T, vocab) logits)
-                    loss_tokens = wrapped(b["idx"], b["attention_mask"], hf_padding=pad_reads, labels=b["labels"])
+                    # batches are right-padded: causal attention without a mask gives every real token the same
+                    # result (model.hidden_states); the mask is passed only when the padding positions' reads count
+                    mask = b["attention_mask"] if pad_reads else None
+                    loss_tokens = wrapped(b["idx"], mask, hf_padding=pad_reads, labels=b["labels"])
                 # divided by the step's token count: the gradient of the step's mean token loss, whatever the split
                 # into micro-batches and ranks; or by this micro-batch's own count (all ranks), making the step's
                 # gradient the sum of micro-batch means (paper, stage 2)
@@ -358,9 +361,10 @@ def train(stage: Stage, args, device, tok, ranks):
                                                                  args.rank, args.top_t, selected)
                 (loss * ranks.world if averaged else loss).backward()
             loss_sum += loss_tokens.detach()
-        loss_mean = ranks.sum_(loss_sum).item() / max(1, n_tokens)  # the step's mean token loss, whatever the recipe
-        record = {"step": step + 1, "loss": loss_mean, "lr": lr, "tokens": n_tokens}
+        loss_sum = ranks.sum_(loss_sum)  # the step's mean token loss, whatever the recipe, is loss_sum / n_tokens
+        record = {"step": step + 1, "loss": None, "lr": lr, "tokens": n_tokens}  # loss: filled in below
         if smf is not None:
+            record["loss"] = loss_mean = loss_sum.item() / max(1, n_tokens)
             alpha = list(stage.adamw_params.values())  # under --train-alpha (outside DDP): summed across ranks here
             for p in alpha:
                 ranks.sum_(p.grad)
@@ -378,7 +382,9 @@ def train(stage: Stage, args, device, tok, ranks):
                                {"step": step + 1, **record["selected"]})
         else:
             norm = torch.nn.utils.clip_grad_norm_(list(stage.adamw_params.values()), args.grad_clip or math.inf)
-            record["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: DTensor
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+            loss_sum, record["grad_norm"] = torch.stack([loss_sum, norm.float().to(device)]).tolist()  # one sync
+            record["loss"] = loss_mean = loss_sum / max(1, n_tokens)
             guard.check(step + 1, loss_mean, record["grad_norm"])
         if adamw is not None:
             adamw.step()

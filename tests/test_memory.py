@@ -515,3 +515,45 @@ def test_zero_grad_honours_set_to_none():
     assert mem.values.weight.grad is g and not g.any()
     opt.zero_grad()
     assert mem.values.weight.grad is None
+
+
+def test_an_smf_step_makes_few_host_syncs(tiny_model_dir):
+    """On a GPU each host sync waits for every queued kernel. Counted here as bench/bench_train.py counts them: an
+    SMF step (the reads of 2 micro-batches, the selection, the masked step) on 3 memory layers makes 2 syncs per
+    micro-batch and layer (`unique`, for the sparse gradient), 1 to select (every layer at once) and 2 in the step
+    (the gradient norm, the changed-row counts), once the optimizer's state has room."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from bench_train import OpCounter
+    model = memory_model(tiny_model_dir, layers=[0, 1, 2])
+    model.requires_grad_(False)
+    mems = memory_layers(model)
+    for mem in mems.values():
+        mem.values.weight.requires_grad_(True)
+        mem.sparse_grad = True
+    opt = SparseMemoryOptimizer(mems, lr=1e-2)
+    idx, mask = torch.randint(0, 300, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+
+    def step(counter=None):
+        counts = None
+        for _ in range(2):  # micro-batches
+            model(idx).sum().backward()
+            with counter or torch.no_grad():
+                reads = read_counts(model, mask)
+            counts = reads if counts is None else {i: counts[i] + reads[i] for i in reads}
+        with counter or torch.no_grad():
+            selected = select_rows(counts, None, "counts", 4)
+            opt.step(selected, max_grad_norm=1.0, check=False)
+        opt.zero_grad()
+
+    for _ in range(3):  # the state grows (a sync per doubling), then has room for these rows
+        step()
+    counter = OpCounter("cpu")
+    step(counter)
+    assert sum(counter.syncs.values()) == 1 + 2, counter.syncs  # select: 1; the step: the norm and the row counts
+    counter = OpCounter("cpu")
+    with counter:
+        model(idx).sum().backward()
+    assert dict(counter.syncs) == {"_unique2": 3}  # one per memory layer: the distinct rows read
+    opt.zero_grad()
