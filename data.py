@@ -460,30 +460,39 @@ def training_examples(task: str, tok, max_len: int, seed: int, limit: int | None
 
 
 class MicroBatches:
-    """The endless, epoch-by-epoch shuffled stream of micro-batches of `examples`: micro-batch m of all ranks
-    together holds batch_size * world examples, and rank r takes the r-th slice. An incomplete last micro-batch
-    of an epoch is dropped."""
+    """
+    The endless stream of optimizer steps over `examples`, epoch by epoch in a seeded shuffle. Step s of an epoch
+    holds `batch_size` examples (all ranks together; an epoch's remainder of fewer is skipped, so a step never
+    spans two epochs), split into micro-batches of `micro` examples on each rank: micro-batch j of the step holds
+    its examples j * micro * world, ..., and rank r takes the r-th `micro` of them. However it is split, a step
+    trains on the same examples.
+    """
 
-    def __init__(self, examples, batch_size: int, seed: int, pad_id: int, device, rank: int = 0, world: int = 1,
-                 multiple: int = 1):
-        self.ex, self.batch_size, self.seed, self.pad_id, self.device = examples, batch_size, seed, pad_id, device
-        self.multiple = multiple  # padded lengths: multiples of it
-        self.rank, self.size = rank, batch_size * world
-        if len(examples) < self.size and world > 1:
-            raise ValueError(f"{len(examples)} training examples are fewer than one micro-batch across ranks "
-                             f"({self.size})")
-        self.per_epoch = max(1, len(examples) // self.size)
+    def __init__(self, examples, batch_size: int, micro: int, seed: int, pad_id: int, device, rank: int = 0,
+                 world: int = 1, multiple: int = 1):
+        if batch_size % (micro * world):
+            raise ValueError(f"batch size {batch_size} is not a multiple of micro-batch {micro} x {world} ranks")
+        if len(examples) < batch_size and world > 1:
+            raise ValueError(f"{len(examples)} training examples are fewer than one batch across ranks ({batch_size})")
+        self.ex, self.batch_size, self.micro, self.seed, self.pad_id = examples, batch_size, micro, seed, pad_id
+        self.device, self.rank, self.world, self.multiple = device, rank, world, multiple  # multiple: padded lengths
+        self.accum = batch_size // (micro * world)  # micro-batches per step
+        self.per_epoch = max(1, len(examples) // batch_size)  # optimizer steps per epoch
 
-    @functools.lru_cache(maxsize=2)  # one shuffle per epoch, not one per micro-batch
+    @functools.lru_cache(maxsize=2)  # one shuffle per epoch, not one per step
     def order(self, epoch):
         return epoch_order(len(self.ex), self.seed, epoch)
 
-    def __call__(self, m):
-        """(this rank's micro-batch m on the device, its loss tokens across all ranks)"""
-        epoch, i = divmod(m, self.per_epoch)
-        ids = self.order(epoch)[i * self.size:(i + 1) * self.size]
+    def step(self, s) -> list:
+        """[(this rank's micro-batch on the device, its loss tokens across all ranks)] of optimizer step s."""
+        epoch, i = divmod(s, self.per_epoch)
+        ids = self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        size = self.micro * self.world  # one micro-batch, all ranks
+        return [self.micro_batch(ids[j:j + size]) for j in range(0, len(ids), size)]
+
+    def micro_batch(self, ids):
         n_loss = sum(sum(self.ex[j][1][1:]) for j in ids)  # loss tokens across all ranks (predicting token 1..)
-        mine = ids[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        mine = ids[self.rank * self.micro:(self.rank + 1) * self.micro]
         batch = collate([self.ex[j] for j in mine], self.pad_id, self.multiple)
         packed = torch.stack(list(batch.values()))  # (3, B, T): one host -> device copy
         if torch.device(self.device).type == "cuda":  # from pinned memory: the copy runs while the host goes on

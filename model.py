@@ -299,8 +299,14 @@ class Qwen2(nn.Module):
             if attention_mask is None:
                 attention_mask = torch.ones(B, start + T, dtype=torch.long, device=idx.device)
             mask, position_ids = padded_attention(attention_mask.bool(), start)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
+                                self.model.embed_tokens.weight.dtype)
+        return self.blocks(idx, cos, sin, mask, start)
+
+    def blocks(self, idx, cos, sin, mask, start: int):
+        """Embeddings, every block, the final norm: (B, T) ids -> (B, T, C), given each position's RoPE cos and
+        sin (B, T, hs), the attention mask (None: causal) and the KV cache offset."""
         x = self.model.embed_tokens(idx)  # (B, T, C)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for block in self.model.layers:
             x = block(x, cos, sin, mask, start)
         return self.model.norm(x)
@@ -346,7 +352,14 @@ class Qwen2(nn.Module):
             seen = counts.scatter_add_(1, idx, attention_mask.long()) > 0
         # without padding no mask is needed at all: causal prefill, then each new token sees the whole cache
         mask = attention_mask.long() if not bool(attention_mask.all()) else None
-        self.setup_cache(B, T + max_new_tokens)
+        # built once for the whole call: RoPE of every position, each row's next position, the decode mask
+        S = T + max_new_tokens
+        cos_all, sin_all = rope_cos_sin(torch.arange(S, device=idx.device)[None], self.config.head_dim,
+                                        self.config.rope_theta, self.model.embed_tokens.weight.dtype)  # (1, S, hs)
+        pos = attention_mask.sum(1) if mask is not None else torch.full((B,), T, device=idx.device)  # (B,) real tokens
+        keys = None if mask is None else torch.cat(  # (B, 1, 1, S): a new token sees every real token and itself
+            [attention_mask.bool(), attention_mask.new_ones(B, max_new_tokens, dtype=torch.bool)], 1)[:, None, None]
+        self.setup_cache(B, S)
         try:
             logits = self.lm_head(self.hidden_states(idx, mask)[:, -1]).float()  # prefill: (B, vocab)
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -362,9 +375,10 @@ class Qwen2(nn.Module):
                 done |= torch.isin(nxt, eos)
                 if done.all() or i == max_new_tokens - 1:
                     break
-                if mask is not None:
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T + i + 1)
-                logits = self(nxt[:, None], mask, start=T + i)[:, -1]  # decode one token: (B, vocab)
+                p = pos + i  # (B,): the position of the token fed now
+                h = self.blocks(nxt[:, None], cos_all[0, p][:, None], sin_all[0, p][:, None],
+                                None if keys is None else keys[..., :T + i + 1], start=T + i)  # decode one token
+                logits = self.lm_head(h[:, -1]).float()  # (B, vocab)
         finally:
             self.clear_cache()
         return torch.cat(out, dim=1)

@@ -38,7 +38,7 @@ import data
 import memory
 from checkpoint import (Checkpoint, Lock, RunError, StepGuard, StopRun, append_log, begin_run, begin_stage,
                         check_out_dir, finish_stage, hub_revision, is_finished, setup_ranks)
-from eval import PROBES, default_tasks, load_model, load_task_rows, run_tasks
+from eval import PROBES, default_batch_size, default_tasks, load_model, load_task_rows, run_tasks
 from model import (LORA_TARGETS, Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, default_dtype, load_tensors,
                    lora_state_dict, merge_lora, resolve_model_dir, save_peft_adapter, write_json)
 
@@ -101,8 +101,13 @@ def parser():
     g.add_argument("--lr", type=float, default=None, help="default: smf/retrofit 5e-4, lora 2e-4, full 5e-5")
     g.add_argument("--epochs", type=float, default=None, help="epochs over the training data (default: 3; retrofit 2)")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
-    g.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    g.add_argument("--batch-size", type=int, default=16,
+                   help="examples per optimizer step, all ranks together (the paper's effective batch)")
+    g.add_argument("--micro-batch", type=int_or_auto, default="auto",
+                   help="examples per forward on each rank; gradient accumulation makes up the batch. auto: the "
+                        "whole batch on the CPU; on a GPU the largest divisor of it that fits (tried on the longest "
+                        "example, backing off on out-of-memory); 4 for SMF under --recipe paper, whose row "
+                        "selection and loss are per micro-batch of 4")
     g.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay to 0")
     g.add_argument("--warmup-from-zero", action=argparse.BooleanOptionalAction, default=None,
                    help="[recipe] lr = peak * s / warmup at step s = 0, 1, ..., the first update at lr 0 (Hugging "
@@ -189,6 +194,10 @@ def add_baseline_flags(p):
                    help="local file for a probe, as eval.py --data; repeatable")
 
 
+def int_or_auto(s: str):  # a flag parser: argparse names it in its errors
+    return s if s == "auto" else int(s)
+
+
 def parse_args(argv=None):
     p = parser()
     args = p.parse_args(argv)
@@ -221,9 +230,14 @@ def parse_args(argv=None):
         p.error(f"--lora-targets: unknown module {bad[0]!r} (choose from {','.join(LORA_TARGETS)})")
     if args.background_subset < 0:
         p.error("--background-subset must be 0 or more")
-    for name in ("batch_size", "grad_accum", "top_t", "max_len", "save_every", "lora_r", "background_batches"):
+    for name in ("batch_size", "top_t", "max_len", "save_every", "lora_r", "background_batches"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        p.error(f"--batch-size {args.batch_size} must be a multiple of the {world} processes")
+    if args.micro_batch != "auto" and (args.micro_batch < 1 or (args.batch_size // world) % args.micro_batch):
+        p.error(f"--micro-batch {args.micro_batch} must divide the batch per process ({args.batch_size // world})")
     if args.max_steps is not None and args.max_steps < 1:
         p.error("--max-steps must be at least 1")
     for flag in ("task", "retrofit_task"):
@@ -281,6 +295,80 @@ def lr_at(step, total, peak, warmup, from_zero=False):
 
 
 # -----------------------------------------------------------------------------
+# Micro-batches: as few per step as memory allows
+
+PAPER_MICRO_BATCH = 4  # the paper's per-device batch: its SMF stage 2 selects rows and averages the loss per micro-batch
+
+
+def micro_batch_size(stage, args, device, tok, ranks, pad_reads) -> int:
+    """--micro-batch: examples per forward on each rank (see its help). A resumed run keeps the size it started
+    with (config.json "micro_batch"), so that it continues exactly."""
+    per_rank = args.batch_size // ranks.world
+    config = os.path.join(stage.out, "config.json")
+    if args.micro_batch != "auto":
+        return args.micro_batch
+    if args.resume and os.path.exists(config):
+        with open(config) as f:
+            if (saved := json.load(f).get("micro_batch")) is not None:
+                return saved
+    if stage.smf is not None and (args.select_per_micro_batch or args.sum_micro_batch_means):
+        if PAPER_MICRO_BATCH % ranks.world or per_rank % (PAPER_MICRO_BATCH // ranks.world):
+            raise RunError(f"--recipe paper's SMF selects rows per micro-batch of {PAPER_MICRO_BATCH}: give a "
+                           f"--batch-size that splits into them across {ranks.world} process(es), or --micro-batch")
+        return PAPER_MICRO_BATCH // ranks.world
+    if device.type != "cuda":  # memory is not what limits a CPU run
+        return per_rank
+    if stage.fsdp:  # a sharded forward is collective: no rank may probe alone; the paper's micro-batch or less
+        return largest_that_fits(per_rank, lambda n: n <= PAPER_MICRO_BATCH)
+    size = largest_that_fits(per_rank, lambda n: fits_in_memory(stage, n, device, tok, pad_reads))
+    if ranks.world > 1:  # every rank runs the same split: the smallest any rank can hold
+        t = torch.tensor(size, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        size = int(t)
+    if ranks.main:
+        print(f"micro-batch: {size} examples per forward on each rank (of {per_rank}); --micro-batch sets it",
+              file=sys.stderr)
+    return size
+
+
+def largest_that_fits(n: int, fits) -> int:
+    """The largest divisor d of n for which fits(d), trying the largest first."""
+    for d in (d for d in range(n, 0, -1) if n % d == 0):
+        if fits(d):
+            return d
+    raise RunError("out of GPU memory with a micro-batch of 1: lower --max-len")
+
+
+def fits_in_memory(stage, size, device, tok, pad_reads) -> bool:
+    """Whether one forward+backward of `size` copies of the longest training example fits, beside a buffer the
+    size of the optimizer state (not allocated yet: AdamW's two moments of every trained tensor). It leaves no
+    gradient behind and draws no random number that training uses (the training RNG is seeded after it)."""
+    longest = max(stage.examples, key=lambda e: len(e[0]))
+    b = {k: v.to(device) for k, v in data.collate([longest] * size, tok.pad_id).items()}
+    trained = list(stage.adamw_params.values())
+    if stage.smf is not None:
+        trained += [mem.values.weight for mem in stage.smf["memories"].values()]
+    state_bytes = sum(2 * p.numel() * p.element_size() for p in trained)
+    held = []
+    try:
+        held.append(torch.empty(state_bytes, dtype=torch.uint8, device=device))  # the optimizer state's place
+        with bf16_autocast(device):
+            loss = stage.model(b["idx"], b["attention_mask"] if pad_reads else None, hf_padding=pad_reads,
+                               labels=b["labels"])
+        loss.backward()
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        held.clear()
+        loss = None
+        for p in stage.model.parameters():
+            p.grad = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# -----------------------------------------------------------------------------
 # One training stage: the loop shared by every method
 
 
@@ -303,13 +391,14 @@ class Stage:
 def train(stage: Stage, args, device, tok, ranks):
     model, smf = stage.model, stage.smf
     pad_reads = smf is not None and args.count_pad_reads  # pads run as in HF's Qwen2: their reads count
-    stream = data.MicroBatches(stage.examples, args.batch_size, args.seed, tok.pad_id, device, ranks.rank, ranks.world,
-                               multiple=64 if args.compile and not pad_reads else 1)
     if args.compile:
         for block in model.model.layers:
             if block.memory is None:
                 block.compile()  # in place: parameter names unchanged
-    total = stage.max_steps or max(1, int(stage.epochs * stream.per_epoch) // args.grad_accum)
+    stage.config["micro_batch"] = micro = micro_batch_size(stage, args, device, tok, ranks, pad_reads)
+    stream = data.MicroBatches(stage.examples, args.batch_size, micro, args.seed, tok.pad_id, device, ranks.rank,
+                               ranks.world, multiple=64 if args.compile and not pad_reads else 1)
+    total = stage.max_steps or max(1, int(stage.epochs * stream.per_epoch))
     autocast = bf16_autocast(device)
     adamw, smf_opt = make_optimizers(stage, args, device)
     optimizers = [o for o in (adamw, smf_opt) if o is not None]
@@ -338,7 +427,7 @@ def train(stage: Stage, args, device, tok, ranks):
         lr = lr_at(step, total, stage.lr, args.warmup, args.warmup_from_zero)
         for group in (g for opt in optimizers for g in opt.param_groups):
             group["lr"] = lr
-        batches = [stream(m) for m in range(step * args.grad_accum, (step + 1) * args.grad_accum)]
+        batches = stream.step(step)
         n_tokens = sum(n for _, n in batches)  # loss tokens in this optimizer step, all ranks together
         loss_sum, counts, selected = torch.zeros((), device=device), None, None
         for k, (b, n) in enumerate(batches):
@@ -420,7 +509,8 @@ def after_step(step, total, stage, args, tok, ranks, saver, eval_rows, bar):
     if args.eval_every and step % args.eval_every == 0:
         if ranks.main:
             stage.model.eval()
-            results = run_tasks(stage.model, tok, eval_rows, repetition_penalty=stage.repetition_penalty)
+            results = run_tasks(stage.model, tok, eval_rows, repetition_penalty=stage.repetition_penalty,
+                                batch_size=default_batch_size(stage.model.lm_head.weight.device))
             append_log(os.path.join(stage.out, "eval.jsonl"), {"step": step, **results})
             stage.model.train()
         ranks.barrier()

@@ -203,21 +203,23 @@ class _nothing:
         return False
 
 
-def bare_model_rate(model_dir, task, path, args, device, steps):
+def bare_model_rate(model_dir, task, path, args, device, steps, micro):
     """Loss tokens/s of the bare model's forward+backward (every weight trainable, no optimizer) on the first
-    `steps` optimizer steps' micro-batches of train.py's stream of `task` (medmcqa, or oasst1 replies)."""
+    `steps` optimizer steps' micro-batches (of `micro` examples) of train.py's stream of `task` (medmcqa, or oasst1
+    replies)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = Qwen2.from_pretrained(model_dir, dtype=dtype, device=device).train()
     tok = Tokenizer.from_pretrained(model_dir)
     examples = data.training_examples(task, tok, args.max_len, 0, None, path, "replies")
-    stream = data.MicroBatches(examples, args.batch_size, 0, tok.pad_id, device)
+    stream = data.MicroBatches(examples, args.batch_size, micro, 0, tok.pad_id, device)
     times, tokens = [], []
     for step in range(steps + 1):
         sync(device)
         t0 = time.perf_counter()
-        for m in range(step * args.grad_accum, (step + 1) * args.grad_accum):
-            b, n_step = stream(m)
-            model(b["idx"], b["attention_mask"], labels=b["labels"]).backward()
+        n_step = 0
+        for b, n in stream.step(step):
+            model(b["idx"], None, labels=b["labels"]).backward()  # right-padded: no mask, as train.py
+            n_step += n
         model.zero_grad(set_to_none=True)
         sync(device)
         if step:  # the first step warms up
@@ -228,7 +230,7 @@ def bare_model_rate(model_dir, task, path, args, device, steps):
 
 def method_argv(method, recipe, work, model_dir, paths, args, out, steps):
     argv = ["--method", method, "--model", model_dir, "--device", args.device, "--batch-size", str(args.batch_size),
-            "--grad-accum", str(args.grad_accum), "--max-len", str(args.max_len), "--max-steps", str(steps),
+            "--micro-batch", str(args.micro_batch), "--max-len", str(args.max_len), "--max-steps", str(steps),
             "--save-every", "1000000", "--out", out]
     argv += ["--data", f"oasst1={paths['oasst1']}"] if method == "retrofit" else ["--data", f"medmcqa={paths['medmcqa']}"]
     if recipe:
@@ -254,7 +256,7 @@ def main():
     p.add_argument("--row-tokens", type=int, default=70, help="tokens per synthetic MedMCQA example")
     p.add_argument("--methods", default="lora,full,smf:clean,smf:paper,retrofit", help="method[:recipe],...")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--micro-batch", default="auto", help="train.py's --micro-batch")
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per method (the first is dropped)")
     p.add_argument("--count-steps", type=int, default=4, help="counted steps per method (0: do not count)")
@@ -277,17 +279,20 @@ def main():
             train.main(["--method", "retrofit", "--model", model_dir, "--data", f"oasst1={paths['oasst1']}",
                         "--device", args.device, "--max-steps", "1", "--max-len", str(args.max_len),
                         "--out", os.path.join(work, "retrofit")])
-        bare = {task: bare_model_rate(model_dir, task, paths[task], args, device, min(args.steps, 5))
-                for task in {"oasst1" if m == "retrofit" else "medmcqa" for m, _ in methods}}
-        rows = []
+        bare, rows = {}, []  # bare: (task, micro-batch) -> tokens/s
         for method, recipe in methods:
             name = method + (f" ({recipe})" if recipe else "")
             out = os.path.join(work, f"{method}-{recipe}-timed")
             secs = [t for t, *_ in run_train(method_argv(method, recipe, work, model_dir, paths, args, out,
                                                          args.steps), device)]  # steps 2..N
             rate = sum(loss_tokens(out)[1:]) / sum(secs)
-            bare_rate = bare["oasst1" if method == "retrofit" else "medmcqa"]
-            row = {"method": name, "ms_per_step": 1000 * sum(secs) / len(secs), "tokens_per_s": rate,
+            with open(os.path.join(out, "config.json")) as f:
+                micro = json.load(f)["micro_batch"]  # the split train.py chose
+            task = "oasst1" if method == "retrofit" else "medmcqa"
+            if (task, micro) not in bare:
+                bare[task, micro] = bare_model_rate(model_dir, task, paths[task], args, device, min(args.steps, 5), micro)
+            bare_rate = bare[task, micro]
+            row = {"method": name, "micro_batch": micro, "ms_per_step": 1000 * sum(secs) / len(secs), "tokens_per_s": rate,
                    "tokens_per_step": sum(loss_tokens(out)[1:]) / len(secs), "bare_tokens_per_s": bare_rate,
                    "of_bare": rate / bare_rate}
             if args.count_steps:
@@ -304,14 +309,14 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'cuda: ' + torch.cuda.get_device_name() if args.cuda else 'cpu proxy'}, batch {args.batch_size} x "
-          f"accum {args.grad_accum}, torch {torch.__version__}; tokens: loss tokens")
-    print("| method | tokens/step | ms/step | tokens/s | bare model tokens/s | of bare | aten ops/step (+ torch.optim) "
+          f"micro-batch {args.micro_batch}, torch {torch.__version__}; tokens: loss tokens")
+    print("| method | micro-batch | tokens/step | ms/step | tokens/s | bare model tokens/s | of bare | aten ops/step (+ torch.optim) "
           "| syncs/step |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ops = f"{r['ops_per_step']:.0f} (+{r['optim_ops_per_step']:.0f})" if "ops_per_step" in r else "-"
         syncs = f"{r['syncs_per_step']:.0f}" if "syncs_per_step" in r else "-"
-        print(f"| {r['method']} | {r['tokens_per_step']:.0f} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:.0f} | {r['bare_tokens_per_s']:.0f} | "
+        print(f"| {r['method']} | {r['micro_batch']} | {r['tokens_per_step']:.0f} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:.0f} | {r['bare_tokens_per_s']:.0f} | "
               f"{r['of_bare']:.2f} | {ops} | {syncs} |")
     for r in rows:
         if r.get("syncs"):

@@ -185,7 +185,7 @@ VARIANTS = {"smf-clean": ["--recipe", "clean"], "smf-sgd": ["--recipe", "clean",
 
 def finetune_flags(method, lr, scale, base, retrofit_dir, task):
     common = [*VARIANTS[method], "--task", f"text:{task}", "--lr", lr, "--epochs", scale["ft_epochs"],
-              "--batch-size", scale["ft_batch"], "--grad-accum", scale["ft_accum"], "--warmup", 5, "--max-len", 64,
+              "--batch-size", scale["ft_batch"] * scale["ft_accum"], "--micro-batch", scale["ft_batch"], "--warmup", 5, "--max-len", 64,
               "--model", base]
     if method.startswith("smf-"):  # stage 2 takes its background reads from the retrofit's stage-1 data
         return ["--method", "smf", "--memory-from", retrofit_dir, "--background-batches", scale["background"],
@@ -253,7 +253,7 @@ def prepare(out, scale, seed, log):
     secs = train(out, "pretrain", ["--method", "full", "--init", "random", "--recipe", "clean", "--model", cfg_dir,
                                    "--task", f"text:{paths['pretrain']}", "--lr", scale["pretrain_lr"], "--max-steps",
                                    scale["pretrain_steps"], "--batch-size", scale["pretrain_batch"],
-                                   "--grad-accum", 1, "--warmup", 50, "--max-len", 128, "--weight-decay", 0.0,
+                                   "--warmup", 50, "--max-len", 128, "--weight-decay", 0.0,
                                    "--seed", seed])
     base = os.path.join(out, "pretrain", "hf")
     base_model, _, _ = load_model(base, dtype=torch.float32, device="cpu")
@@ -266,7 +266,7 @@ def prepare(out, scale, seed, log):
     retro = os.path.join(out, "retrofit")
     secs = train(out, "retrofit", ["--method", "retrofit", "--recipe", "clean", "--model", base, "--retrofit-task",
                                    f"text:{paths['pretrain']}", "--lr", scale["retrofit_lr"], "--max-steps",
-                                   scale["retrofit_steps"], "--batch-size", scale["pretrain_batch"], "--grad-accum", 1,
+                                   scale["retrofit_steps"], "--batch-size", scale["pretrain_batch"],
                                    "--warmup", 10, "--max-len", 128, "--n-keys", scale["n_keys"], "--mem-heads",
                                    scale["mem_heads"], "--mem-topk", scale["mem_topk"], "--mem-k-dim",
                                    scale["mem_k_dim"], "--seed", seed])

@@ -33,7 +33,7 @@ def setup(tiny_model_dir, tmp_path_factory):
     med = write_parquet(str(d / "medmcqa.parquet"), medmcqa_rows(40))  # 32 single-answer rows
     oa = write_jsonl(str(d / "oasst1.jsonl"), oasst1_rows(32))
     base = ["--model", tiny_model_dir, "--data", f"medmcqa={med}", "--data", f"oasst1={oa}", "--device", "cpu",
-            "--max-len", "128", "--warmup", "1", "--grad-accum", "2"]
+            "--max-len", "128", "--warmup", "1", "--batch-size", "8"]
     return d, base
 
 
@@ -53,8 +53,8 @@ def read(path):
 def test_two_ranks_equal_one_process_with_double_batch(method, setup):
     d, base = setup
     extra = ["--method", method, "--recipe", "clean", "--max-steps", "3", "--lr", "1e-3", "--lora-dropout", "0"]
-    run(2, *base, *extra, "--batch-size", "2", "--out", str(d / f"{method}2"))
-    run(1, *base, *extra, "--batch-size", "4", "--out", str(d / f"{method}1"))
+    run(2, *base, *extra, "--micro-batch", "2", "--out", str(d / f"{method}2"))
+    run(1, *base, *extra, "--micro-batch", "4", "--out", str(d / f"{method}1"))
     compare_runs(d / f"{method}2", d / f"{method}1")
     la, lb = read(d / f"{method}2" / "log.jsonl"), read(d / f"{method}1" / "log.jsonl")
     assert [r["tokens"] for r in la] == [r["tokens"] for r in lb]
@@ -65,13 +65,13 @@ def test_two_ranks_equal_one_process_with_double_batch(method, setup):
 def test_smf_ranks_select_the_same_rows(setup):
     d, base = setup
     # (--recipe clean: the paper recipe counts padding reads, which depend on how each rank pads its share)
-    run(2, *base, "--method", "retrofit", "--recipe", "clean", "--max-steps", "2", "--batch-size", "2", *MEM,
+    run(2, *base, "--method", "retrofit", "--recipe", "clean", "--max-steps", "2", "--micro-batch", "2", *MEM,
         "--out", str(d / "retrofit2"))
     # stage 2: 2 ranks x batch 2 against 1 process x batch 4, same memory
     extra = ["--method", "smf", "--recipe", "clean", "--memory-from", str(d / "retrofit2"), "--max-steps", "3",
              "--top-t", "5", "--lr", "1e-2", "--log-rows", "--background-batches", "10"]
-    run(2, *base, *extra, "--batch-size", "2", "--out", str(d / "smf2"))
-    run(1, *base, *extra, "--batch-size", "4", "--out", str(d / "smf1"))
+    run(2, *base, *extra, "--micro-batch", "2", "--out", str(d / "smf2"))
+    run(1, *base, *extra, "--micro-batch", "4", "--out", str(d / "smf1"))
     # the background reads of stage 2 are split across the 2 ranks and summed
     bg = load_file(str(d / "smf2" / "background.safetensors"))
     from safetensors import safe_open
@@ -99,11 +99,11 @@ def test_fsdp_full_equals_one_process_and_resumes_exactly(setup):
     double batch, and an interrupted sharded run resumes bit-identically (full state gathered in the checkpoint)."""
     d, base = setup
     extra = ["--method", "full", "--recipe", "clean", "--max-steps", "3", "--lr", "1e-3"]
-    run(2, *base, *extra, "--fsdp", "--batch-size", "2", "--out", str(d / "fsdp2"))
-    run(1, *base, *extra, "--batch-size", "4", "--out", str(d / "fsdp1"))
+    run(2, *base, *extra, "--fsdp", "--micro-batch", "2", "--out", str(d / "fsdp2"))
+    run(1, *base, *extra, "--micro-batch", "4", "--out", str(d / "fsdp1"))
     compare_runs(d / "fsdp2", d / "fsdp1")
-    run(2, *base, *extra, "--fsdp", "--batch-size", "2", "--out", str(d / "fsdp-r"), "--stop-at-step", "2")
-    run(2, *base, *extra, "--fsdp", "--batch-size", "2", "--out", str(d / "fsdp-r"), "--resume")
+    run(2, *base, *extra, "--fsdp", "--micro-batch", "2", "--out", str(d / "fsdp-r"), "--stop-at-step", "2")
+    run(2, *base, *extra, "--fsdp", "--micro-batch", "2", "--out", str(d / "fsdp-r"), "--resume")
     for name in ("model.safetensors", "checkpoint.safetensors"):
         a, b = load_file(str(d / "fsdp2" / name)), load_file(str(d / "fsdp-r" / name))
         assert set(a) == set(b)

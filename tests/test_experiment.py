@@ -243,7 +243,7 @@ def test_quick_pipeline_runs_each_variant_with_its_recipe(quick_run):
         for method, (recipe, optimizer) in recipes.items():
             cfg, args, log = run_files(out, seed, runs[method])
             assert cfg["finished"] and cfg["recipe"]["name"] == recipe and args["seed"] == seed, method
-            assert args["grad_accum"] == scale["ft_accum"] > 1  # the paper's per-micro-batch choices act
+            assert args["micro_batch"] == scale["ft_batch"] < args["batch_size"]  # the paper's per-micro-batch choices act
             # the paper recipe's warmup runs its first step at lr 0; the clean one starts above 0
             assert (log[0]["lr"] == 0) == (recipe == "paper") and log[1]["lr"] > 0, method
             if method in SMF:  # stage 2 took its background reads from the retrofit's stage-1 data

@@ -17,7 +17,7 @@ MEM = ["--n-keys", "8", "--mem-heads", "2", "--mem-topk", "4", "--mem-k-dim", "1
 
 def common(model_dir, files, out, *extra):
     return ["--model", model_dir, "--data", f"medmcqa={files['medmcqa']}", "--data", f"oasst1={files['oasst1']}",
-            "--out", str(out), "--device", "cpu", "--batch-size", "2", "--grad-accum", "1", "--max-len", "96",
+            "--out", str(out), "--device", "cpu", "--batch-size", "2", "--max-len", "96",
             "--warmup", "1", "--recipe", "clean", *extra]
 
 

@@ -37,7 +37,7 @@ LAYERS = (1, 2)
 
 def common(model_dir, files, out, *extra):
     return ["--model", model_dir, "--data", f"medmcqa={files['medmcqa']}", "--data", f"oasst1={files['oasst1']}",
-            "--out", str(out), "--device", "cpu", "--batch-size", "2", "--grad-accum", "2", "--max-len", "128",
+            "--out", str(out), "--device", "cpu", "--batch-size", "4", "--micro-batch", "2", "--max-len", "128",
             *extra]
 
 
@@ -140,14 +140,17 @@ def reply_texts(path):
             and len(r["text"] or "") >= 50]
 
 
-def batches_of(examples, seed, batch_size, pad_id, count):
-    """`count` micro-batches in train.py's data order (epoch by epoch; data order is not part of the recipe),
-    right-padded as Hugging Face's collator pads: pad id, attention 0, label -100."""
-    per_epoch = len(examples) // batch_size
+def batches_of(examples, seed, batch_size, pad_id, count, grad_accum=2):
+    """`count` micro-batches of batch_size in train.py's data order (steps of grad_accum micro-batches, epoch by
+    epoch, a step never across two; data order is not part of the recipe), right-padded as Hugging Face's collator
+    pads: pad id, attention 0, label -100."""
+    per_epoch = len(examples) // (batch_size * grad_accum)  # optimizer steps per epoch
     for m in range(count):
-        epoch, i = divmod(m, per_epoch)
+        step, j = divmod(m, grad_accum)
+        epoch, i = divmod(step, per_epoch)
         order = data.epoch_order(len(examples), seed, epoch)
-        chunk = [examples[j] for j in order[i * batch_size:(i + 1) * batch_size]]
+        first = (i * grad_accum + j) * batch_size
+        chunk = [examples[k] for k in order[first:first + batch_size]]
         T = max(len(ids) for ids in chunk)
         idx = torch.tensor([ids + [pad_id] * (T - len(ids)) for ids in chunk])
         mask = torch.tensor([[1] * len(ids) + [0] * (T - len(ids)) for ids in chunk])

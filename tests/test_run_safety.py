@@ -25,7 +25,7 @@ def medmcqa(tmp_path_factory):
 
 def cli(model_dir, medmcqa, out, *extra, wait=True):
     cmd = [sys.executable, "train.py", "--method", "lora", "--recipe", "clean", "--model", model_dir, "--data",
-           f"medmcqa={medmcqa}", "--out", str(out), "--device", "cpu", "--batch-size", "2", "--grad-accum", "1",
+           f"medmcqa={medmcqa}", "--out", str(out), "--device", "cpu", "--batch-size", "2",
            "--max-len", "96", "--warmup", "1", *map(str, extra)]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -20,7 +20,7 @@ MEM = ["--n-keys", "8", "--mem-heads", "2", "--mem-topk", "4", "--mem-k-dim", "1
 
 def common(model_dir, files, out, *extra):
     return ["--model", model_dir, "--data", f"medmcqa={files['medmcqa']}", "--data", f"oasst1={files['oasst1']}",
-            "--out", str(out), "--device", "cpu", "--batch-size", "2", "--grad-accum", "2", "--max-len", "128",
+            "--out", str(out), "--device", "cpu", "--batch-size", "4", "--micro-batch", "2", "--max-len", "128",
             "--warmup", "1", *extra]
 
 
@@ -93,8 +93,8 @@ def test_loss_equals_transformers_and_accumulation_equals_a_big_batch(tiny_model
     from model import Tokenizer
     from transformers import Qwen2ForCausalLM
     base = ["--method", "full", "--recipe", "clean", "--lr", "1e-3", "--max-steps", "2"]
-    train.main(common(tiny_model_dir, files, tmp_path / "big", *base, "--batch-size", "4", "--grad-accum", "1"))
-    train.main(common(tiny_model_dir, files, tmp_path / "acc", *base, "--batch-size", "2", "--grad-accum", "2"))
+    train.main(common(tiny_model_dir, files, tmp_path / "big", *base, "--micro-batch", "4"))
+    train.main(common(tiny_model_dir, files, tmp_path / "acc", *base, "--micro-batch", "2"))
     a, b = load_file(str(tmp_path / "big" / "model.safetensors")), load_file(str(tmp_path / "acc" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
@@ -254,7 +254,7 @@ def test_smf_paper_recipe_moves_rows_outside_the_selection(retrofit_run, tiny_mo
     (test_smf_changes_only_selected_value_rows)."""
     out = tmp_path / "paper"
     args = common(tiny_model_dir, files, out, "--method", "smf", "--memory-from", retrofit_run, "--max-steps", "4",
-                  "--top-t", "3", "--log-rows", "--lr", "1e-2", "--batch-size", "1")  # 2 micro-batches of 1
+                  "--top-t", "3", "--log-rows", "--lr", "1e-2", "--batch-size", "2", "--micro-batch", "1")  # 2 micro-batches of 1
     snapshots = [load_file(os.path.join(retrofit_run, "model.safetensors"))]
     for k in (1, 2, 3):
         with pytest.raises(train.StopRun):
@@ -285,7 +285,7 @@ def test_pretrain_from_random_init_then_finetune_on_text(tiny_model_dir, tmp_pat
     text = write_jsonl(str(tmp_path / "text.jsonl"), [{"text": f"the {i} apple is red"} for i in range(8)])
     out = tmp_path / "pre"
     train.main(["--method", "full", "--init", "random", "--model", str(cfg_dir), "--task", f"text:{text}",
-                "--out", str(out), "--device", "cpu", "--batch-size", "4", "--grad-accum", "1", "--max-steps", "15",
+                "--out", str(out), "--device", "cpu", "--batch-size", "4", "--max-steps", "15",
                 "--warmup", "1", "--lr", "3e-3"])
     log = read_log(out)
     assert log[-1]["loss"] < log[0]["loss"] - 1.0
@@ -313,3 +313,81 @@ def test_compiled_training_equals_eager(tiny_model_dir, files, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
     assert [r["loss"] for r in read_log(tmp_path / "eager")] == pytest.approx(
         [r["loss"] for r in read_log(tmp_path / "compiled")], rel=1e-5)
+
+
+# --- micro-batches: as few per step as memory allows -------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["lora", "smf"])
+def test_one_micro_batch_equals_four(method, retrofit_run, tiny_model_dir, files, tmp_path):
+    """A step of 8 examples as 1 x 8 and as 4 x 2 trains the same weights (fp32 tolerance): the loss is the step's
+    token mean and the clean SMF selects once per step, whatever the split (LoRA without dropout, whose masks
+    would be drawn per micro-batch)."""
+    extra = {"lora": ["--lora-dropout", "0"], "smf": ["--memory-from", retrofit_run, "--top-t", "5"]}[method]
+    base = ["--method", method, "--recipe", "clean", "--lr", "1e-2", "--max-steps", "3", "--batch-size", "8", *extra]
+    train.main(common(tiny_model_dir, files, tmp_path / "one", *base, "--micro-batch", "8"))
+    train.main(common(tiny_model_dir, files, tmp_path / "four", *base, "--micro-batch", "2"))
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "four" / "model.safetensors"))
+    changed = 0
+    for k in a:  # Adam turns float noise in near-zero gradients into differences of up to ~lr * 1e-3
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+    assert [r["tokens"] for r in read_log(tmp_path / "one")] == [r["tokens"] for r in read_log(tmp_path / "four")]
+    for one, four in zip(read_log(tmp_path / "one"), read_log(tmp_path / "four")):
+        assert abs(one["loss"] - four["loss"]) < 1e-5 and abs(one["grad_norm"] - four["grad_norm"]) < 1e-4
+        changed += sum(one.get("rows", {"": 1}).values())
+    assert changed > 0
+    assert json.load(open(tmp_path / "one" / "config.json"))["micro_batch"] == 8
+
+
+def test_micro_batch_auto(retrofit_run, tiny_model_dir, files, tmp_path, monkeypatch):
+    """auto: the whole batch per forward on the CPU; 4 for the paper recipe's SMF (its selection and loss are per
+    micro-batch of 4); a resumed run keeps the size recorded in config.json; a size that does not divide the
+    batch is refused."""
+    base = ["--max-steps", "2", "--batch-size", "8", "--micro-batch", "auto"]
+    train.main(common(tiny_model_dir, files, tmp_path / "full", "--method", "full", "--recipe", "clean", *base))
+    assert json.load(open(tmp_path / "full" / "config.json"))["micro_batch"] == 8
+    assert len(read_log(tmp_path / "full")) == 2
+    train.main(common(tiny_model_dir, files, tmp_path / "paper", "--method", "smf", "--memory-from", retrofit_run,
+                      *base))
+    assert json.load(open(tmp_path / "paper" / "config.json"))["micro_batch"] == 4
+    # a resumed run takes the recorded size, whatever auto would choose now
+    cfg = tmp_path / "full" / "config.json"
+    json.dump({**json.load(open(cfg)), "micro_batch": 2}, open(cfg, "w"))
+    args = train.parse_args(common(tiny_model_dir, files, tmp_path / "full", "--method", "full", *base, "--resume"))
+    stage = train.Stage(out=str(tmp_path / "full"), model=None, examples=[], lr=0, epochs=1, max_steps=1,
+                        adamw_params={}, trained=None, config={})
+    assert train.micro_batch_size(stage, args, torch.device("cpu"), None, train.setup_ranks("cpu")[0], False) == 2
+    r = run_cli(*common(tiny_model_dir, files, tmp_path / "x", "--method", "full", "--batch-size", "8",
+                        "--micro-batch", "3"))
+    assert r.returncode != 0 and "--micro-batch 3 must divide the batch per process (8)" in r.stderr
+
+
+def test_largest_micro_batch_that_fits_backs_off():
+    tried = []
+
+    def fits(n):
+        tried.append(n)
+        return n <= 5
+
+    assert train.largest_that_fits(16, fits) == 4 and tried == [16, 8, 4]  # divisors of 16, largest first
+    with pytest.raises(train.RunError, match="micro-batch of 1"):
+        train.largest_that_fits(6, lambda n: False)
+
+
+def test_memory_probe_leaves_no_trace(tiny_model_dir, files, tmp_path, monkeypatch):
+    """fits_in_memory runs a forward+backward of the longest example; it leaves no gradient and no changed weight,
+    and an out-of-memory error in it means "does not fit"."""
+    args = train.parse_args(common(tiny_model_dir, files, tmp_path / "r", "--method", "lora"))
+    args.base_revision = None
+    from model import Tokenizer
+    tok = Tokenizer.from_pretrained(tiny_model_dir)
+    stage = train.lora_or_full_stage(args, torch.device("cpu"), tok, train.setup_ranks("cpu")[0])
+    before = {k: v.clone() for k, v in stage.model.state_dict().items()}
+    assert train.fits_in_memory(stage, 3, torch.device("cpu"), tok, False)
+    assert all(p.grad is None for p in stage.model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in stage.model.state_dict().items())
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(stage.model, "forward", oom)
+    assert not train.fits_in_memory(stage, 3, torch.device("cpu"), tok, False)
