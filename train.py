@@ -237,7 +237,8 @@ def parse_args(argv=None):
     if args.batch_size % world:
         p.error(f"--batch-size {args.batch_size} must be a multiple of the {world} processes")
     if args.micro_batch != "auto" and (args.micro_batch < 1 or (args.batch_size // world) % args.micro_batch):
-        p.error(f"--micro-batch {args.micro_batch} must divide the batch per process ({args.batch_size // world})")
+        p.error(f"--micro-batch {args.micro_batch} must be a positive divisor of the batch per process "
+                f"({args.batch_size // world})")
     if args.max_steps is not None and args.max_steps < 1:
         p.error("--max-steps must be at least 1")
     for flag in ("task", "retrofit_task"):

@@ -359,7 +359,7 @@ def test_micro_batch_auto(retrofit_run, tiny_model_dir, files, tmp_path, monkeyp
     assert train.micro_batch_size(stage, args, torch.device("cpu"), None, train.setup_ranks("cpu")[0], False) == 2
     r = run_cli(*common(tiny_model_dir, files, tmp_path / "x", "--method", "full", "--batch-size", "8",
                         "--micro-batch", "3"))
-    assert r.returncode != 0 and "--micro-batch 3 must divide the batch per process (8)" in r.stderr
+    assert r.returncode != 0 and "--micro-batch 3 must be a positive divisor of the batch per process (8)" in r.stderr
 
 
 def test_largest_micro_batch_that_fits_backs_off():
