@@ -268,11 +268,12 @@ def triviaqa_correct(prediction: str, aliases: list[str]) -> bool:
 @torch.inference_mode()
 def generate_answers(model, tok, prompts: list[str], batch_size: int = 16, max_new_tokens: int = 32,
                      repetition_penalty: float = 1.0, show: bool = False, desc: str = "triviaqa",
-                     stop_ids: list[int] | None = None) -> list[str]:
+                     stop_ids: list[int] | None = None, compiled: bool = False) -> list[str]:
     """
     Greedy continuations of each prompt (left-padded batches, sorted by length), as the paper's Hugging Face
     generate made them: stop at the tokenizer's eos alone (<|im_end|>; stop_ids overrides), then decode every new
     token without special tokens (so an <|endoftext|> mid-answer is dropped, not a stop), stripped.
+    compiled: model.generate's compiled decoding (the same tokens).
     """
     device = model_device(model)
     stop = stop_ids or ([tok.eos_id] if tok.eos_id is not None else tok.stop_ids)
@@ -286,7 +287,7 @@ def generate_answers(model, tok, prompts: list[str], batch_size: int = 16, max_n
         T = idx.size(1)
         gen = model.generate(idx.to(device), max_new_tokens, temperature=0.0, eos_token_id=stop,
                              attention_mask=mask.to(device), repetition_penalty=repetition_penalty,
-                             pad_token_id=pad)[:, T:].tolist()
+                             pad_token_id=pad, compiled=compiled)[:, T:].tolist()
         for b, i in enumerate(batch):
             new = gen[b]
             cut = next((k for k, t in enumerate(new) if t in stop), len(new))  # eos, then padding
@@ -295,10 +296,11 @@ def generate_answers(model, tok, prompts: list[str], batch_size: int = 16, max_n
 
 
 def eval_triviaqa(model, tok, rows, batch_size: int = 16, samples: list | None = None, show: bool = False,
-                  repetition_penalty: float = 1.0, max_new_tokens: int = 32) -> dict:
+                  repetition_penalty: float = 1.0, max_new_tokens: int = 32, compiled: bool = False) -> dict:
     prompts = [data.triviaqa_prompt(r) for r in rows]
     aliases = [data.triviaqa_aliases(r) for r in rows]
-    preds = generate_answers(model, tok, prompts, batch_size, max_new_tokens, repetition_penalty, show)
+    preds = generate_answers(model, tok, prompts, batch_size, max_new_tokens, repetition_penalty, show,
+                             compiled=compiled)
     correct = 0
     for i, (prompt, pred, al) in enumerate(zip(prompts, preds, aliases)):
         ok = triviaqa_correct(pred, al)
@@ -356,12 +358,14 @@ def default_batch_size(device) -> int:
 
 
 def run_tasks(model, tok, tasks, limit: int | None = None, data_paths: dict | None = None, batch_size: int = 16,
-              repetition_penalty: float = 1.0, samples: list | None = None, show: bool = False) -> dict:
+              repetition_penalty: float = 1.0, samples: list | None = None, show: bool = False,
+              compiled: bool = False) -> dict:
     """
     {task: metrics + "seconds"}. tasks: a list of task names (rows loaded here with load_task_rows(tasks, limit,
     data_paths)) or a {task: rows} dict (loaded once by the caller; limit and data_paths are then unused).
     repetition_penalty: TriviaQA's greedy decoding; pass load_model's info["repetition_penalty"] to follow the
     paper (1.1 for Qwen2.5-Instruct). samples: a list that receives one dict per example (per window for WikiText).
+    compiled: generating probes decode with model.generate(compiled=True) (passed only when True).
     """
     task_rows = tasks if isinstance(tasks, dict) else load_task_rows(tasks, limit, data_paths)
     was_training = model.training
@@ -371,7 +375,8 @@ def run_tasks(model, tok, tasks, limit: int | None = None, data_paths: dict | No
         t0 = time.time()
         check_tasks([task])
         probe = PROBES[task]
-        extra = {"repetition_penalty": repetition_penalty} if probe.generates else {}
+        extra = {"repetition_penalty": repetition_penalty, **({"compiled": True} if compiled else {})} \
+            if probe.generates else {}
         r = probe.run(model, tok, rows, batch_size, samples, show, **extra)
         r["seconds"] = round(time.time() - t0, 2)
         results[task] = r
@@ -415,6 +420,9 @@ def main(argv=None):
                    help="TriviaQA: greedy decoding without the checkpoint's generation_config repetition_penalty "
                         "(which the paper's Hugging Face generate applied; 1.1 for Qwen2.5-Instruct)")
     p.add_argument("--seed", type=int, default=0, help="torch seed (the probes are deterministic; for completeness)")
+    p.add_argument("--compile", action="store_true",
+                   help="TriviaQA: decode with a compiled step over a static KV cache (CUDA graphs on a GPU; the same "
+                        "tokens; each batch shape compiles once; not yet timed on a GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
 
@@ -448,12 +456,12 @@ def main(argv=None):
         args.batch_size = default_batch_size(model_device(model))
     meta = {"model": args.model, "method": info["method"], "base_model": info["base_model"], "tasks": tasks,
             "limit": args.limit, "data": data_paths, "dtype": info["dtype"], "device": info["device"],
-            "batch_size": args.batch_size, "repetition_penalty": rp, "seed": args.seed}
+            "batch_size": args.batch_size, "repetition_penalty": rp, "seed": args.seed, "compile": args.compile}
     results, samples = {}, ([] if args.log_samples else None)
     for task, rows in task_rows.items():  # each task is written as soon as it finishes, so a failure keeps them
         try:
             results.update(run_tasks(model, tok, {task: rows}, batch_size=args.batch_size, repetition_penalty=rp,
-                                     samples=samples, show=not args.quiet))
+                                     samples=samples, show=not args.quiet, compiled=args.compile))
         except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: e.g. CUDA out of memory
             written = " and ".join(f for f in (args.out, args.log_samples) if f)
             kept = f"; finished: {', '.join(results)}, in {written}" if results and written else ""

@@ -151,8 +151,14 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k, v):
-        """Write k, v (B, nkv, T, hs) at positions start..start+T; return all keys and values so far."""
+    def update(self, start, k, v):
+        """Write k, v (B, nkv, T, hs) at positions start..start+T; return all keys and values so far. With start a
+        tensor (one token, static shapes for a compiled decode step): write there and return the whole cache,
+        whose positions not yet written the caller masks out."""
+        if isinstance(start, torch.Tensor):
+            self.k.index_copy_(2, start.view(1), k)
+            self.v.index_copy_(2, start.view(1), v)
+            return self.k, self.v
         end = start + k.size(2)
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
@@ -313,11 +319,19 @@ class Qwen2(nn.Module):
 
     # --- KV cache and generation -------------------------------------------------------------------
 
-    def setup_cache(self, batch_size: int, max_len: int):
+    def setup_cache(self, batch_size: int, max_len: int, keep: bool = False):
+        """A KV cache in every attention layer; keep: the same cache objects on every call with this shape (a
+        compiled decode step is specialized to them; what they held before is overwritten or masked out)."""
         p = self.lm_head.weight
-        for block in self.model.layers:
-            a = block.self_attn
-            a.kv_cache = KVCache(batch_size, max_len, a.n_kv_head, a.head_dim, p.dtype, p.device)
+        kept = self.__dict__.setdefault("_kept_caches", {})
+        caches = kept.get((batch_size, max_len)) if keep else None
+        if caches is None:
+            caches = [KVCache(batch_size, max_len, b.self_attn.n_kv_head, b.self_attn.head_dim, p.dtype, p.device)
+                      for b in self.model.layers]
+            if keep:
+                kept[batch_size, max_len] = caches
+        for block, cache in zip(self.model.layers, caches):
+            block.self_attn.kv_cache = cache
 
     def clear_cache(self):
         for block in self.model.layers:
@@ -326,7 +340,7 @@ class Qwen2(nn.Module):
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens: int, temperature: float = 0.0, top_k=None, top_p=None,
                  eos_token_id=None, attention_mask=None, repetition_penalty: float = 1.0, pad_token_id=None,
-                 stream=None):
+                 stream=None, compiled: bool = False):
         """
         Append up to max_new_tokens to idx (B, T) and return (B, T + n). Greedy at temperature 0, else sampled
         (after top_k, then top_p). A batch must be left-padded, with attention_mask marking the real tokens.
@@ -335,6 +349,10 @@ class Qwen2(nn.Module):
         repetition_penalty follows Hugging Face (divide positive logits, multiply negative ones, of every token id
         already in the sequence), counting real tokens only, never padding.
         stream: optional callable receiving each step's new tokens (B,) as they are made.
+        compiled: decode through torch.compile of decode_step (CUDA graphs on a GPU), with static shapes as
+        gpt-fast does: the cache's length rounded up to 64, every position attended with the unwritten ones masked
+        out, the position a tensor. The same tokens as eager decoding (tested on CPU); the first call of each
+        batch size and length compiles.
         """
         B, T = idx.shape
         if attention_mask is None:
@@ -353,13 +371,13 @@ class Qwen2(nn.Module):
         # without padding no mask is needed at all: causal prefill, then each new token sees the whole cache
         mask = attention_mask.long() if not bool(attention_mask.all()) else None
         # built once for the whole call: RoPE of every position, each row's next position, the decode mask
-        S = T + max_new_tokens
+        S = -(-(T + max_new_tokens) // 64) * 64 if compiled else T + max_new_tokens  # compiled: few lengths
         cos_all, sin_all = rope_cos_sin(torch.arange(S, device=idx.device)[None], self.config.head_dim,
                                         self.config.rope_theta, self.model.embed_tokens.weight.dtype)  # (1, S, hs)
         pos = attention_mask.sum(1) if mask is not None else torch.full((B,), T, device=idx.device)  # (B,) real tokens
-        keys = None if mask is None else torch.cat(  # (B, 1, 1, S): a new token sees every real token and itself
-            [attention_mask.bool(), attention_mask.new_ones(B, max_new_tokens, dtype=torch.bool)], 1)[:, None, None]
-        self.setup_cache(B, S)
+        keys = None if mask is None and not compiled else torch.cat(  # (B, 1, 1, S): every real token and new ones
+            [attention_mask.bool(), attention_mask.new_ones(B, S - T, dtype=torch.bool)], 1)[:, None, None]
+        self.setup_cache(B, S, keep=compiled)
         try:
             logits = self.lm_head(self.hidden_states(idx, mask)[:, -1]).float()  # prefill: (B, vocab)
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -376,12 +394,29 @@ class Qwen2(nn.Module):
                 if done.all() or i == max_new_tokens - 1:
                     break
                 p = pos + i  # (B,): the position of the token fed now
+                if compiled:
+                    start = torch.tensor(T + i, device=idx.device)
+                    logits = self.compiled_decode_step()(nxt, p, start, keys, cos_all, sin_all)
+                    continue
                 h = self.blocks(nxt[:, None], cos_all[0, p][:, None], sin_all[0, p][:, None],
                                 None if keys is None else keys[..., :T + i + 1], start=T + i)  # decode one token
                 logits = self.lm_head(h[:, -1]).float()  # (B, vocab)
         finally:
             self.clear_cache()
         return torch.cat(out, dim=1)
+
+    def decode_step(self, nxt, p, start, keys, cos_all, sin_all):
+        """Logits (B, vocab) of one new token per row (B,) at RoPE positions p (B,), written to the KV cache at
+        position `start` (a 0-dim tensor), attending every cached position up to it that keys (B, 1, 1, S) allow."""
+        mask = keys & (torch.arange(keys.shape[-1], device=keys.device) <= start)  # (B, 1, 1, S)
+        h = self.blocks(nxt[:, None], cos_all[0, p][:, None], sin_all[0, p][:, None], mask, start)
+        return self.lm_head(h[:, -1]).float()
+
+    def compiled_decode_step(self):
+        if "_compiled_decode" not in self.__dict__:
+            mode = "reduce-overhead" if self.lm_head.weight.is_cuda else None  # CUDA graphs: one launch per token
+            self.__dict__["_compiled_decode"] = torch.compile(self.decode_step, mode=mode, dynamic=False)
+        return self.__dict__["_compiled_decode"]
 
     # --- loading and saving -----------------------------------------------------------------------
 

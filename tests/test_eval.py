@@ -511,3 +511,19 @@ def test_triviaqa_decoding_follows_the_paper(tiny, monkeypatch):
 
     monkeypatch.setattr(model, "generate", fake_generate)
     assert ev.generate_answers(model, tok, ["Question: x\nAnswer:", "Question: y?\nAnswer:"]) == ["Paris France"] * 2
+
+
+def test_cli_compile_decodes_triviaqa_with_the_compiled_step(tiny_model_dir, data_files, tmp_path, monkeypatch):
+    """eval.py --compile reaches model.generate(compiled=True) for TriviaQA (whose tokens equal eager decoding:
+    tests/test_model.py); here generate runs eagerly so that nothing compiles."""
+    seen = []
+    eager = Qwen2.generate
+
+    def generate(self, *a, compiled=False, **kw):
+        seen.append(compiled)
+        return eager(self, *a, **kw)
+    monkeypatch.setattr(Qwen2, "generate", generate)
+    out = tmp_path / "r.json"
+    ev.main(["--model", tiny_model_dir, "--tasks", "triviaqa", "--data", f"triviaqa={data_files['triviaqa']}",
+             "--limit", "3", "--batch-size", "2", "--compile", "--quiet", "--out", str(out)])
+    assert seen == [True, True] and json.loads(out.read_text())["meta"]["compile"] is True

@@ -165,6 +165,32 @@ def test_greedy_generation_matches_transformers(penalty, tiny_model_dir):
     assert torch.equal(got, want)
 
 
+def test_compiled_decoding_gives_the_eager_tokens(tiny_model_dir):
+    """generate(compiled=True): static shapes (the cache rounded up to 64 positions, all attended, the unwritten
+    masked out), a compiled step, caches kept per shape: the same tokens as eager decoding, padded or not, with
+    a memory layer (SMF evaluation) and a repetition penalty; a second call reuses the compiled step; afterwards
+    the model has no cache attached, so a forward is what it was."""
+    import memory
+    model = ours(tiny_model_dir)
+    torch.manual_seed(0)
+    memory.add_memory(model, memory.MemoryConfig(n_keys=8, heads=2, topk=4, k_dim=16, layers=[1]))
+    V = model.config.vocab_size
+    idx = random_ids(1, 7, V)
+    before = model(idx)
+    for seed in (0, 1):  # two calls of one shape: compiled once
+        rows = [random_ids(1, n, V, seed=10 * seed + s)[0].tolist() for s, n in enumerate([9, 4, 6])]
+        idx, mask = left_padded(rows, 0)
+        want = model.generate(idx, 12, attention_mask=mask, repetition_penalty=1.3)
+        got = model.generate(idx, 12, attention_mask=mask, repetition_penalty=1.3, compiled=True)
+        assert torch.equal(got, want)
+    full = torch.ones_like(idx)  # no padding: eager decoding uses no mask at all
+    assert torch.equal(model.generate(idx, 12, attention_mask=full, compiled=True),
+                       model.generate(idx, 12, attention_mask=full))
+    assert all(b.self_attn.kv_cache is None for b in model.model.layers)
+    torch.testing.assert_close(model(random_ids(1, 7, V)), before, rtol=0, atol=0)
+
+
+
 def test_generation_stops_when_all_rows_hit_eos(tiny_model_dir):
     model = ours(tiny_model_dir)
     idx = random_ids(1, 5, model.config.vocab_size)
