@@ -126,7 +126,7 @@ def write_model(out, shape_dir, seed=0):
     if shape_dir:
         with open(os.path.join(shape_dir, "config.json")) as f:
             config = json.load(f)
-        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "generation_config.json"):
             if os.path.exists(os.path.join(shape_dir, name)):
                 with open(os.path.join(shape_dir, name), "rb") as src, open(os.path.join(out, name), "wb") as dst:
                     dst.write(src.read())
@@ -308,7 +308,8 @@ def main():
                            syncs={k: v / n for k, v in sorted(syncs.items())})
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{'cuda: ' + torch.cuda.get_device_name() if args.cuda else 'cpu proxy'}, batch {args.batch_size} x "
+    print(f"\n{'cuda: ' + torch.cuda.get_device_name() if args.cuda else 'cpu'}, shape {args.shape or 'tiny, 8 layers'}, "
+          f"batch {args.batch_size} x "
           f"micro-batch {args.micro_batch}, torch {torch.__version__}; tokens: loss tokens")
     print("| method | micro-batch | tokens/step | ms/step | tokens/s | bare model tokens/s | of bare | aten ops/step (+ torch.optim) "
           "| syncs/step |")
