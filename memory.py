@@ -310,9 +310,9 @@ class BackgroundStats:
         self.n_batches = n_batches
 
     def update(self, counts: dict):
-        """Add one batch's read_counts()."""
+        """Add one batch's read_counts() (summed where they are: on the GPU, no copy to the host per batch)."""
         for i, c in counts.items():
-            c = c.detach().long().cpu()
+            c = c.detach().long()
             if i not in self.counts:
                 self.counts[i], self.doc_freq[i] = torch.zeros_like(c), torch.zeros_like(c)
             if c.shape != self.counts[i].shape:
@@ -328,10 +328,16 @@ class BackgroundStats:
         doc_freq = {i: sum_(c.to(device)).cpu() for i, c in self.doc_freq.items()}
         return BackgroundStats(counts, doc_freq, int(sum_(torch.tensor(self.n_batches, device=device))))
 
+    def to(self, device) -> "BackgroundStats":
+        """The same statistics with their tensors on `device` (stage 2 ranks against them on every step: kept on
+        the GPU, they cost no host-to-device copy per step)."""
+        return BackgroundStats({i: c.to(device) for i, c in self.counts.items()},
+                               {i: d.to(device) for i, d in self.doc_freq.items()}, self.n_batches)
+
     def save(self, path: str):
         from safetensors.torch import save_file
-        tensors = {f"counts.{i}": c.contiguous() for i, c in self.counts.items()}
-        tensors.update({f"doc_freq.{i}": d.contiguous() for i, d in self.doc_freq.items()})
+        tensors = {f"counts.{i}": c.cpu().contiguous() for i, c in self.counts.items()}
+        tensors.update({f"doc_freq.{i}": d.cpu().contiguous() for i, d in self.doc_freq.items()})
         save_file(tensors, path, metadata={"n_batches": str(self.n_batches), "layers": json.dumps(sorted(self.counts))})
 
     @classmethod

@@ -641,7 +641,7 @@ def sparse_stage(args, device, tok, memory_dir, ranks) -> Stage:
     return Stage(out=args.out, model=model, examples=examples, lr=args.lr, epochs=args.epochs,
                  max_steps=args.max_steps, adamw_params=adamw_params,
                  trained=lambda: memory.memory_state_dict(model), config=config,
-                 smf={"memories": memories, "background": background},
+                 smf={"memories": memories, "background": background.to(device)},
                  repetition_penalty=info["repetition_penalty"])
 
 
