@@ -249,7 +249,7 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, files, tmp_path, retrof
 
 def test_smf_paper_recipe_moves_rows_outside_the_selection(retrofit_run, tiny_model_dir, files, tmp_path):
     """--recipe paper (the default), through the CLI with --log-rows: per-micro-batch selection makes more than
-    top-t rows change in a step with grad-accum 2, and the dense AdamW keeps moving rows chosen earlier but not
+    top-t rows change in a step of 2 micro-batches, and the dense AdamW keeps moving rows chosen earlier but not
     now (rows change outside the step's logged selection). The clean recipe never does either
     (test_smf_changes_only_selected_value_rows)."""
     out = tmp_path / "paper"
