@@ -285,19 +285,17 @@ def read_counts(model, attention_mask=None) -> dict:
     (attention_mask (B, T), 1 = real; None = all real), counting every head's top-k reads. Counted with
     index_add_ (padding reads add 0), so no value has to come back to the host.
     """
-    counts = {}
+    counts, real = {}, None
     for i, mem in memory_layers(model).items():
         if mem.last_indices is None:
             raise RuntimeError(f"read_counts: the memory of layer {i} has not been run yet")
         ids = mem.last_indices  # (B, T, h*k)
-        if attention_mask is None:
-            real = torch.ones((), dtype=torch.long, device=ids.device).expand(ids.shape)
-        elif tuple(attention_mask.shape) != tuple(ids.shape[:2]):
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape[:2]):
             raise ValueError(f"read_counts: attention_mask has shape {tuple(attention_mask.shape)}, "
                              f"expected {tuple(ids.shape[:2])}")
-        else:
-            real = (attention_mask != 0).long()[..., None].expand(ids.shape)  # (B, T, h*k): 1 = a real token's read
-        counts[i] = ids.new_zeros(mem.n_slots).index_add_(0, ids.flatten(), real.flatten())
+        if real is None:  # (B, T, 1): 1 = a real token (the same for every layer)
+            real = ids.new_ones(()) if attention_mask is None else (attention_mask != 0).long()[..., None]
+        counts[i] = ids.new_zeros(mem.n_slots).index_add_(0, ids.flatten(), real.expand(ids.shape).flatten())
     return counts
 
 
@@ -308,9 +306,24 @@ class BackgroundStats:
         self.counts = counts or {}
         self.doc_freq = doc_freq or {}
         self.n_batches = n_batches
+        self.derived = {}  # what the ranking rules derive from them, computed once (dropped by update)
+
+    def distribution(self, layer: int):
+        """The layer's add-one smoothed read distribution (S,), fp32: (counts + 1) / sum(counts + 1)."""
+        if ("distribution", layer) not in self.derived:
+            bg = self.counts[layer].float() + 1
+            self.derived["distribution", layer] = bg / bg.sum()
+        return self.derived["distribution", layer]
+
+    def idf(self, layer: int):
+        """The layer's inverse document frequency (S,), fp32: log((batches + 1) / (doc_freq + 1))."""
+        if ("idf", layer) not in self.derived:
+            self.derived["idf", layer] = torch.log((self.n_batches + 1) / (self.doc_freq[layer].float() + 1))
+        return self.derived["idf", layer]
 
     def update(self, counts: dict):
         """Add one batch's read_counts() (summed where they are: on the GPU, no copy to the host per batch)."""
+        self.derived = {}
         for i, c in counts.items():
             c = c.detach().long()
             if i not in self.counts:
@@ -379,15 +392,13 @@ def rank_counts(c, background, layer):
 
 def rank_tfidf(c, background, layer):
     """Term frequency times inverse document frequency over the background batches."""
-    df = background_of(background, layer, "tfidf").doc_freq[layer].to(c.device).float()
-    return c / c.sum() * torch.log((background.n_batches + 1) / (df + 1))
+    return c / c.sum() * background_of(background, layer, "tfidf").idf(layer).to(c.device)
 
 
 def rank_kl(c, background, layer):
     """This slot's term of KL(p_b || p_bg): the batch's read distribution against the background's (add-one
     smoothed)."""
-    bg = background_of(background, layer, "kl").counts[layer].to(c.device).float() + 1
-    p_b, p_bg = c / c.sum(), bg / bg.sum()
+    p_b, p_bg = c / c.sum(), background_of(background, layer, "kl").distribution(layer).to(c.device)
     return p_b * torch.log((p_b + 1e-8) / (p_bg + 1e-8))
 
 
@@ -422,14 +433,14 @@ def select_rows(counts: dict, background: "BackgroundStats | None" = None, rank:
     if not isinstance(top_t, int) or top_t < 1:
         raise ValueError(f"select_rows: top_t must be an integer >= 1, got {top_t!r}")
     selected = {}
-    n_read = torch.stack([(c > 0).sum() for c in counts.values()]).tolist() if counts else []  # one host sync
+    read = {i: c > 0 for i, c in counts.items()}
+    n_read = torch.stack([r.sum() for r in read.values()]).tolist() if counts else []  # one host sync
     for (i, c), n in zip(counts.items(), n_read):
-        read = c > 0
         n = min(top_t, n)
         if n == 0:
             selected[i] = torch.zeros(0, dtype=torch.long, device=c.device)
             continue
-        scores = row_scores(c, background, i, rank).masked_fill(~read, -math.inf)
+        scores = torch.where(read[i], row_scores(c, background, i, rank), -math.inf)
         selected[i] = scores.topk(n).indices
     return selected
 
@@ -459,7 +470,8 @@ def adamw_rows_(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
     count step (R,) (already incremented) for the bias correction; the same operations as
     torch.optim.AdamW's single-tensor code, so a row updated at every step follows it exactly.
     """
-    p.mul_(1 - lr * weight_decay)  # decoupled weight decay
+    if weight_decay:
+        p.mul_(1 - lr * weight_decay)  # decoupled weight decay
     m.lerp_(g, 1 - beta1)  # first moment
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # second moment
     step = step.double()[:, None]  # (R, 1)
@@ -527,8 +539,9 @@ class SparseMemoryOptimizer:
                 for key in ("slots", "exp_avg", "exp_avg_sq", "step"):
                     t = st[key]
                     st[key] = torch.cat([t, t.new_zeros(cap - t.shape[0], *t.shape[1:])])
-        new = st["where"][rows] < 0  # (R,)
-        pos = torch.where(new, st["n"] + new.cumsum(0) - 1, st["where"][rows])  # new rows: n, n + 1, ...
+        pos = st["where"][rows]  # (R,): -1 for rows without state
+        new = pos < 0
+        pos = torch.where(new, st["n"] + new.cumsum(0) - 1, pos)  # new rows: n, n + 1, ...
         st["where"][rows] = pos
         st["slots"][pos] = rows  # the same value again for rows that had state
         st["n"] = st["n"] + new.sum()
