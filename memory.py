@@ -545,7 +545,7 @@ class SparseMemoryOptimizer:
         st["where"][rows] = pos
         st["slots"][pos] = rows  # the same value again for rows that had state
         st["n"] = st["n"] + new.sum()
-        st["n_max"] = min(st["n_max"] + len(rows), len(st["where"]))
+        st["n_max"] = min(st["n_max"] + R, len(st["where"]))
         return pos
 
     @torch.no_grad()

@@ -372,9 +372,10 @@ class Qwen2(nn.Module):
         mask = attention_mask.long() if not bool(attention_mask.all()) else None
         # built once for the whole call: RoPE of every position, each row's next position, the decode mask
         S = -(-(T + max_new_tokens) // 64) * 64 if compiled else T + max_new_tokens  # compiled: few lengths
-        cos_all, sin_all = rope_cos_sin(torch.arange(S, device=idx.device)[None], self.config.head_dim,
-                                        self.config.rope_theta, self.model.embed_tokens.weight.dtype)  # (1, S, hs)
-        pos = attention_mask.sum(1) if mask is not None else torch.full((B,), T, device=idx.device)  # (B,) real tokens
+        positions = torch.arange(S, device=idx.device)  # (S,)
+        cos_all, sin_all = rope_cos_sin(positions[None], self.config.head_dim, self.config.rope_theta,
+                                        self.model.embed_tokens.weight.dtype)  # (1, S, hs)
+        pos = attention_mask.sum(1)  # (B,): each row's real tokens = the position of its first new token
         keys = None if mask is None and not compiled else torch.cat(  # (B, 1, 1, S): every real token and new ones
             [attention_mask.bool(), attention_mask.new_ones(B, S - T, dtype=torch.bool)], 1)[:, None, None]
         self.setup_cache(B, S, keep=compiled)
@@ -395,8 +396,7 @@ class Qwen2(nn.Module):
                     break
                 p = pos + i  # (B,): the position of the token fed now
                 if compiled:
-                    start = torch.tensor(T + i, device=idx.device)
-                    logits = self.compiled_decode_step()(nxt, p, start, keys, cos_all, sin_all)
+                    logits = self.compiled_decode_step()(nxt, p, positions[T + i], keys, cos_all, sin_all)
                     continue
                 h = self.blocks(nxt[:, None], cos_all[0, p][:, None], sin_all[0, p][:, None],
                                 None if keys is None else keys[..., :T + i + 1], start=T + i)  # decode one token

@@ -286,6 +286,13 @@ def bf16_autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
+def summed_loss(model, b, pad_reads: bool):
+    """The summed next-token loss of micro-batch b, computed in chunks (no (B, T, vocab) logits). Batches are
+    right-padded: causal attention without a mask gives every real token the same result (model.hidden_states),
+    so the mask is passed only when the padding positions' memory reads count (pad_reads)."""
+    return model(b["idx"], b["attention_mask"] if pad_reads else None, hf_padding=pad_reads, labels=b["labels"])
+
+
 def lr_at(step, total, peak, warmup, from_zero=False):
     """Linear warmup to peak over `warmup` steps (from lr 0 at step 0 as Hugging Face's scheduler, if
     from_zero), then cosine decay to 0 at `total`."""
@@ -354,8 +361,7 @@ def fits_in_memory(stage, size, device, tok, pad_reads) -> bool:
     try:
         held.append(torch.empty(state_bytes, dtype=torch.uint8, device=device))  # the optimizer state's place
         with bf16_autocast(device):
-            loss = stage.model(b["idx"], b["attention_mask"] if pad_reads else None, hf_padding=pad_reads,
-                               labels=b["labels"])
+            loss = summed_loss(stage.model, b, pad_reads)
         loss.backward()
         return True
     except torch.cuda.OutOfMemoryError:
@@ -433,11 +439,8 @@ def train(stage: Stage, args, device, tok, ranks):
         loss_sum, counts, selected = torch.zeros((), device=device), None, None
         for k, (b, n) in enumerate(batches):
             with ranks.grad_sync(wrapped, model, stage.fsdp, last=k == len(batches) - 1):
-                with autocast:  # the summed next-token loss, computed in chunks (no (B, T, vocab) logits)
-                    # batches are right-padded: causal attention without a mask gives every real token the same
-                    # result (model.hidden_states); the mask is passed only when the padding positions' reads count
-                    mask = b["attention_mask"] if pad_reads else None
-                    loss_tokens = wrapped(b["idx"], mask, hf_padding=pad_reads, labels=b["labels"])
+                with autocast:
+                    loss_tokens = summed_loss(wrapped, b, pad_reads)
                 # divided by the step's token count: the gradient of the step's mean token loss, whatever the split
                 # into micro-batches and ranks; or by this micro-batch's own count (all ranks), making the step's
                 # gradient the sum of micro-batch means (paper, stage 2)
