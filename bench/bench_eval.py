@@ -7,8 +7,8 @@ extrapolated from it.
                                                      # config.json and tokenizer; random weights), 1000 rows
 
 Rows are synthetic in each probe's Hub schema (MedMCQA questions, WikiText text, TriviaQA questions), so the
-MedMCQA and WikiText times are those of real rows of similar length; a random model's TriviaQA answers run to
-the full 32 new tokens (a trained model stops earlier at <|im_end|>), so its time is an upper bound.
+MedMCQA and WikiText times are those of real rows of similar length; a random model's TriviaQA answers stop at a
+random point (often only after all 32 new tokens), where a trained model stops at <|im_end|> after a few tokens.
 
 Not a test: timings depend on the machine and what else runs on it.
 """

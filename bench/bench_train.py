@@ -14,8 +14,8 @@ it prints ms per optimizer step, loss tokens/s, the bare model's tokens/s at the
 step. Ops are counted with a TorchDispatchMode: each dispatched aten op is one kernel launch or more on a GPU.
 A sync is an op whose result the host must wait for on a GPU (`.item()`, `nonzero`, `unique`, `bincount`,
 boolean-mask indexing, ...). torch.optim's own ops are counted apart ("optim"): on a GPU train.py uses the fused
-AdamW (a few launches per step), on the CPU the per-tensor one. Last, with --estimate, the GPU time of the paper's
-whole table from the measured rates.
+AdamW (a few launches per step), on the CPU the per-tensor one. Last, with --estimate, the training GPU time of the
+paper's whole table from the measured rates (its evaluation: bench_eval.py).
 
 Not a test: timings depend on the machine and what else runs on it.
 """

@@ -519,8 +519,8 @@ def test_zero_grad_honours_set_to_none():
 
 def test_an_smf_step_makes_few_host_syncs(tiny_model_dir):
     """On a GPU each host sync waits for every queued kernel. Counted here as bench/bench_train.py counts them: an
-    SMF step (the reads of 2 micro-batches, the selection, the masked step) on 3 memory layers makes 2 syncs per
-    micro-batch and layer (`unique`, for the sparse gradient), 1 to select (every layer at once) and 2 in the step
+    SMF step (the reads of 2 micro-batches, the selection, the masked step) on 3 memory layers makes 1 sync per
+    micro-batch and layer in the forward (`unique`, for the sparse gradient), none counting reads, 1 to select (every layer at once) and 2 in the step
     (the gradient norm, the changed-row counts), once the optimizer's state has room."""
     import os
     import sys

@@ -318,12 +318,13 @@ def test_compiled_training_equals_eager(tiny_model_dir, files, tmp_path):
 # --- micro-batches: as few per step as memory allows -------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["lora", "smf"])
+@pytest.mark.parametrize("method", ["lora", "smf", "retrofit"])
 def test_one_micro_batch_equals_four(method, retrofit_run, tiny_model_dir, files, tmp_path):
     """A step of 8 examples as 1 x 8 and as 4 x 2 trains the same weights (fp32 tolerance): the loss is the step's
     token mean and the clean SMF selects once per step, whatever the split (LoRA without dropout, whose masks
     would be drawn per micro-batch)."""
-    extra = {"lora": ["--lora-dropout", "0"], "smf": ["--memory-from", retrofit_run, "--top-t", "5"]}[method]
+    extra = {"lora": ["--lora-dropout", "0"], "smf": ["--memory-from", retrofit_run, "--top-t", "5"],
+             "retrofit": MEM}[method]
     base = ["--method", method, "--recipe", "clean", "--lr", "1e-2", "--max-steps", "3", "--batch-size", "8", *extra]
     train.main(common(tiny_model_dir, files, tmp_path / "one", *base, "--micro-batch", "8"))
     train.main(common(tiny_model_dir, files, tmp_path / "four", *base, "--micro-batch", "2"))
