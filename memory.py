@@ -497,8 +497,8 @@ class SparseMemoryOptimizer:
     the gradients of `also` (e.g. alpha, trained by another optimizer), as one clip_grad_norm_ over every
     trained parameter.
 
-    State is kept only for rows ever updated ("adamw"): per layer `slots` (R,), `exp_avg`, `exp_avg_sq`
-    (R, D) fp32 and `step` (R,) int64, grown ahead of need as new rows appear (see _state_rows). Dense moments would be
+    State is kept only for rows ever updated ("adamw"): per layer `exp_avg`, `exp_avg_sq` (R, D) fp32 and
+    `step` (R,) int64, in the order the rows first appeared (`where` maps a slot to its entry), grown ahead of need as new rows appear (see _state_rows). Dense moments would be
     2 x 16,384 x 896 x 4 B = 117 MB per layer from step one; a short run touching a few thousand rows holds
     a fraction of that, and a long run that touches every row ends at the dense size. "dense_adamw" holds
     the dense state (all rows), as torch's AdamW does. Only the values tables are handled here: train other
@@ -521,9 +521,9 @@ class SparseMemoryOptimizer:
     def _empty_state(mem):
         w = mem.values.weight
         return {"where": torch.full((mem.n_slots,), -1, dtype=torch.long, device=w.device),  # slot -> state row
-                "slots": w.new_zeros(0, dtype=torch.long), "exp_avg": w.new_zeros(0, w.shape[1]),
-                "exp_avg_sq": w.new_zeros(0, w.shape[1]), "step": w.new_zeros(0, dtype=torch.long),
-                "n": w.new_zeros((), dtype=torch.long),  # rows with state: the first n entries of slots, exp_avg, ...
+                "exp_avg": w.new_zeros(0, w.shape[1]), "exp_avg_sq": w.new_zeros(0, w.shape[1]),
+                "step": w.new_zeros(0, dtype=torch.long),
+                "n": w.new_zeros((), dtype=torch.long),  # rows with state: the first n entries of exp_avg, ...
                 "n_max": 0}  # an upper bound of n known on the host (n stays on the device: no sync per step)
 
     def _state_rows(self, st, rows):
@@ -536,14 +536,13 @@ class SparseMemoryOptimizer:
             st["n_max"] = n = int(st["n"])  # the true count: a host sync
             if cap - n < 8 * R:  # grow: at least double, at most to every slot
                 cap = min(len(st["where"]), max(2 * cap, n + 8 * R))
-                for key in ("slots", "exp_avg", "exp_avg_sq", "step"):
+                for key in ("exp_avg", "exp_avg_sq", "step"):
                     t = st[key]
                     st[key] = torch.cat([t, t.new_zeros(cap - t.shape[0], *t.shape[1:])])
         pos = st["where"][rows]  # (R,): -1 for rows without state
         new = pos < 0
         pos = torch.where(new, st["n"] + new.cumsum(0) - 1, pos)  # new rows: n, n + 1, ...
         st["where"][rows] = pos
-        st["slots"][pos] = rows  # the same value again for rows that had state
         st["n"] = st["n"] + new.sum()
         st["n_max"] = min(st["n_max"] + R, len(st["where"]))
         return pos
@@ -616,11 +615,13 @@ class SparseMemoryOptimizer:
 
     def state_dict(self) -> dict:
         """Tensors only (safetensors-friendly): per layer `{i}.slots`, `{i}.exp_avg`, `{i}.exp_avg_sq`, `{i}.step`
-        for the rows that have state, and `lr`."""
+        for the rows that have state (`slots`: their slot ids), and `lr`."""
         out = {"lr": torch.tensor(float(self.param_groups[0]["lr"]), dtype=torch.float64)}
         for i, st in self.state.items():
             n = int(st["n"])
-            for key in ("slots", "exp_avg", "exp_avg_sq", "step"):
+            has = (st["where"] >= 0).nonzero().squeeze(1)  # slot ids with state
+            out[f"{i}.slots"] = torch.empty_like(has).index_copy_(0, st["where"][has], has)  # entry -> slot id
+            for key in ("exp_avg", "exp_avg_sq", "step"):
                 out[f"{i}.{key}"] = st[key][:n].clone()
         return out
 
@@ -640,7 +641,7 @@ class SparseMemoryOptimizer:
                 if tuple(d[f"{i}.{key}"].shape) != shape:
                     raise ValueError(f"SparseMemoryOptimizer.load_state_dict: tensor {i}.{key} has shape "
                                      f"{tuple(d[f'{i}.{key}'].shape)}, expected {shape}")
-            for key in ("slots", "exp_avg", "exp_avg_sq", "step"):
+            for key in ("exp_avg", "exp_avg_sq", "step"):
                 st[key] = d[f"{i}.{key}"].to(st[key].device, st[key].dtype).clone()
             st["where"][slots] = torch.arange(len(slots), device=slots.device)
             st["n"], st["n_max"] = torch.tensor(len(slots), device=slots.device), len(slots)

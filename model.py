@@ -124,7 +124,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
-    """cos, sin of shape (B, T, hs) for integer positions (B, T); frequencies in fp32. The first half of sin is
+    """cos, sin of shape (..., hs) for integer positions (...,); frequencies in fp32. The first half of sin is
     negated, so that apply_rope needs no negation (rotate_half(x) * sin = x.roll(hs / 2) * signed sin, exactly)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
     freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hs/2)
@@ -137,7 +137,7 @@ def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
 def apply_rope(x, cos, sin):
     """Rotate each (x_i, x_{i + hs/2}) pair, as Hugging Face's x * cos + rotate_half(x) * sin with
     rotate_half(x) = cat(-x2, x1): the roll swaps the halves, the signed sin negates the first."""
-    # x (B, nh, T, hs); cos, sin (B, T, hs) -> (B, 1, T, hs) to broadcast over heads
+    # x (B, nh, T, hs); cos, sin (B or 1, T, hs) -> (B or 1, 1, T, hs) to broadcast over heads
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
@@ -274,9 +274,9 @@ class Qwen2(nn.Module):
         h = self.hidden_states(idx, attention_mask, start, hf_padding)
         if labels is None:
             return self.lm_head(h).float()
-        targets = labels[:, 1:].flatten()  # (B*(T-1),)
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()  # (B*T,): labels[:, t + 1], none at T - 1
         keep = (targets != -100).nonzero().squeeze(1)  # the positions with a loss (one host sync; no boolean mask)
-        h, targets = h[:, :-1].flatten(0, 1)[keep], targets[keep]  # (N, C), (N,)
+        h, targets = h.flatten(0, 1)[keep], targets[keep]  # (N, C), (N,)
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, len(targets), loss_chunk):
             total = total + torch.utils.checkpoint.checkpoint(
@@ -295,23 +295,39 @@ class Qwen2(nn.Module):
         # outputs at padded positions then differ from the masked path's; only hf_padding asks for them.
         right_padded = attention_mask is not None and start == 0 and \
             bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+        position_ids = None  # (B, T), or None: start..start+T-1 in every row
         if right_padded and hf_padding:  # causal over the real keys; positions 0..T-1 for every token
             mask = padded_attention(attention_mask.bool(), 0)[0]
-            position_ids = torch.arange(T, device=idx.device).expand(B, T)
         elif (attention_mask is None and (start == 0 or T == 1)) or right_padded:  # causal, or one token sees all
             mask = None
-            position_ids = torch.arange(start, start + T, device=idx.device).expand(B, T)
         else:
             if attention_mask is None:
                 attention_mask = torch.ones(B, start + T, dtype=torch.long, device=idx.device)
             mask, position_ids = padded_attention(attention_mask.bool(), start)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
-                                self.model.embed_tokens.weight.dtype)
+        cos, sin = self.rope(start + T)  # (S, hs) each
+        if position_ids is None:  # positions start..start+T-1 in every row: a view, no kernel
+            cos, sin = cos[None, start:start + T], sin[None, start:start + T]  # (1, T, hs)
+        else:
+            cos, sin = cos[position_ids], sin[position_ids]  # (B, T, hs)
         return self.blocks(idx, cos, sin, mask, start)
+
+    def rope(self, n: int):
+        """RoPE's cos, sin (n', hs) of positions 0..n'-1 (n' >= n) in the model's dtype: rope_cos_sin's table,
+        computed once and kept on the model (regrown for a longer n, another device or dtype), so that a forward
+        slices it instead of recomputing it (about 15 small kernels per forward)."""
+        w = self.model.embed_tokens.weight
+        table = self.__dict__.get("_rope_table")
+        if table is None or table[0].shape[0] < n or table[0].device != w.device or table[0].dtype != w.dtype:
+            n = max(n, 1024, 2 * table[0].shape[0] if table is not None else 0)
+            with torch.inference_mode(False), torch.no_grad():  # a plain tensor even if built while generating
+                table = rope_cos_sin(torch.arange(n, device=w.device), self.config.head_dim, self.config.rope_theta,
+                                     w.dtype)
+            self.__dict__["_rope_table"] = table
+        return table
 
     def blocks(self, idx, cos, sin, mask, start: int):
         """Embeddings, every block, the final norm: (B, T) ids -> (B, T, C), given each position's RoPE cos and
-        sin (B, T, hs), the attention mask (None: causal) and the KV cache offset."""
+        sin (B or 1, T, hs), the attention mask (None: causal) and the KV cache offset."""
         x = self.model.embed_tokens(idx)  # (B, T, C)
         for block in self.model.layers:
             x = block(x, cos, sin, mask, start)
@@ -373,8 +389,7 @@ class Qwen2(nn.Module):
         # built once for the whole call: RoPE of every position, each row's next position, the decode mask
         S = -(-(T + max_new_tokens) // 64) * 64 if compiled else T + max_new_tokens  # compiled: few lengths
         positions = torch.arange(S, device=idx.device)  # (S,)
-        cos_all, sin_all = rope_cos_sin(positions[None], self.config.head_dim, self.config.rope_theta,
-                                        self.model.embed_tokens.weight.dtype)  # (1, S, hs)
+        cos_all, sin_all = (t[None, :S] for t in self.rope(S))  # (1, S, hs)
         pos = attention_mask.sum(1)  # (B,): each row's real tokens = the position of its first new token
         keys = None if mask is None and not compiled else torch.cat(  # (B, 1, 1, S): every real token and new ones
             [attention_mask.bool(), attention_mask.new_ones(B, S - T, dtype=torch.bool)], 1)[:, None, None]

@@ -47,6 +47,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=None, help="eval.py's --batch-size (default: eval.py's)")
     p.add_argument("--tasks", default="medmcqa,wikitext,triviaqa")
     p.add_argument("--models", type=int, default=10, help="models the table evaluates (base + 3 seeds x 3 methods)")
+    p.add_argument("--compile", action="store_true", help="eval.py --compile: TriviaQA with the compiled decode step")
     args = p.parse_args()
     device = torch.device("cuda" if args.cuda else "cpu")
     limit = args.limit or (1000 if args.cuda else 64)
@@ -57,10 +58,12 @@ def main():
                                       device=device).eval()
         tok = Tokenizer.from_pretrained(model_dir)
         tasks = {t: r for t, r in rows(limit).items() if t in args.tasks.split(",")}
-        run_tasks(model, tok, {t: r[:batch] for t, r in tasks.items()}, batch_size=batch)  # warm-up
-        results = run_tasks(model, tok, tasks, batch_size=batch, repetition_penalty=1.1)
+        # warm-up on a full batch and the last, partial one (with --compile: their decode steps compile here)
+        run_tasks(model, tok, {t: r[:batch] + r[:limit % batch] for t, r in tasks.items()}, batch_size=batch,
+                  repetition_penalty=1.1, compiled=args.compile)
+        results = run_tasks(model, tok, tasks, batch_size=batch, repetition_penalty=1.1, compiled=args.compile)
     where = torch.cuda.get_device_name() if args.cuda else "CPU"
-    print(f"{where}, {limit} rows per probe, batch {batch}, torch {torch.__version__}")
+    print(f"{where}, {limit} rows per probe, batch {batch}, compiled decoding {args.compile}, torch {torch.__version__}")
     print("| probe | seconds | rows/s |")
     print("|---|---|---|")
     for t, r in results.items():

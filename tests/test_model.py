@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from model import Qwen2, Qwen2Config
+from model import Qwen2, Qwen2Config, rope_cos_sin
 from tiny import write_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -225,6 +225,30 @@ def test_decode_with_cache_equals_full_forward(lengths, tiny_model_dir):
                 assert (logits - want).abs().max().item() <= 1e-4, f"step {i}"
         finally:
             model.clear_cache()
+
+
+def test_rope_table_is_kept_grown_and_rebuilt(tiny_model_dir):
+    """RoPE's cos/sin table is built once and kept on the model (a forward slices or indexes it): its values are
+    rope_cos_sin's exactly; one built under inference_mode (by generate) can be saved for backward in training;
+    an input longer than the table (1,100 > 1,024 positions) grows it and still gets transformers' logits; a
+    dtype change rebuilds it."""
+    ref, model = hf_model(tiny_model_dir), ours(tiny_model_dir)
+    V, hs, theta = model.config.vocab_size, model.config.head_dim, model.config.rope_theta
+    model.generate(random_ids(1, 5, V), 2)  # generate runs under inference_mode: the table is built there
+    cos, sin = model.rope(10)
+    assert cos.shape == (1024, hs) and model.rope(10)[0] is cos  # kept, not rebuilt
+    want_cos, want_sin = rope_cos_sin(torch.arange(1024)[None], hs, theta, torch.float32)  # (1, 1024, hs)
+    assert torch.equal(cos, want_cos[0]) and torch.equal(sin, want_sin[0])
+    model.train()
+    idx = random_ids(2, 12, V)
+    model(idx, labels=idx).backward()  # x * cos saves cos for backward: it must not be an inference tensor
+    model.eval()
+    idx = random_ids(1, 1100, V, seed=1)
+    with torch.no_grad():
+        got, want = model(idx), ref(idx).logits
+    assert model.rope(1)[0].shape[0] >= 1100 and (got - want).abs().max().item() <= 1e-4
+    model.to(torch.bfloat16)
+    assert model.rope(1)[0].dtype == torch.bfloat16
 
 
 def test_generate_refuses_right_padding(tiny_model_dir):
