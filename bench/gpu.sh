@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU figure the README asks for, in one run of at most 9 minutes (its parts' limits) (random weights at a real
-# model's shape, nothing downloaded): our model against transformers (bench_model.py), train.py's loop per
+# Every GPU figure the README asks for, in one run of at most 9 minutes (the sum of its parts' limits), on random
+# weights at a real model's shape (nothing downloaded): our model against transformers (bench_model.py), train.py's loop per
 # method against the bare model plus the paper table's training estimate (bench_train.py), eval.py's probes
 # eager and with compiled decoding (bench_eval.py). Each part has its own time limit, so one that hangs or
 # fails does not cost the others; every output is printed and kept under $OUT (default: bench/out).
