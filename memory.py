@@ -530,7 +530,7 @@ class SparseMemoryOptimizer:
         """Where each of rows (R,) keeps its state; rows seen for the first time get the next free (zeroed)
         entries. The count of rows with state stays on the device; the host keeps an upper bound and learns the
         true count (one sync) only when the buffers may be full, growing them then to room for at least 8 more
-        steps of new rows, so at most once every 8 steps until they span the table."""
+        steps of new rows: with as many rows every step (top_t), at most one sync per 8 steps."""
         cap, R = st["exp_avg"].shape[0], len(rows)
         if cap < len(st["where"]) and st["n_max"] + R > cap:
             st["n_max"] = n = int(st["n"])  # the true count: a host sync

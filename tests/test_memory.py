@@ -372,12 +372,13 @@ def test_weight_decay_only_on_updated_rows():
     assert torch.equal(w[keep], w0[keep])
 
 
-def test_sgd_is_exact_against_torch_sgd():
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_sgd_is_exact_against_torch_sgd(weight_decay):
     mem = table_memory()
     rows = torch.tensor([1, 4, 33])
     ref = torch.nn.Parameter(mem.values.weight.detach()[rows].clone())
-    torch_opt = torch.optim.SGD([ref], lr=2.0)
-    opt = SparseMemoryOptimizer({0: mem}, lr=2.0, mode="sgd")
+    torch_opt = torch.optim.SGD([ref], lr=2.0, weight_decay=weight_decay)
+    opt = SparseMemoryOptimizer({0: mem}, lr=2.0, mode="sgd", weight_decay=weight_decay)
     for _ in range(5):
         g = torch.randn(64, 5)
         mem.values.weight.grad, ref.grad = g.clone(), g[rows].clone()
@@ -397,6 +398,67 @@ def test_grad_clipping_over_the_selected_rows():
     norm = g[rows].norm()
     assert out["grad_norm"] == pytest.approx(norm.item(), rel=1e-6)
     torch.testing.assert_close(mem.values.weight.detach()[rows], w0[rows] - g[rows] * 0.5 / (norm + 1e-6))
+
+
+def test_grad_clipping_spans_every_layer_and_also_as_clip_grad_norm():
+    """One clip over the selected rows of every layer and the `also` parameters, as torch's clip_grad_norm_
+    over all of them together."""
+    mems = {0: table_memory(seed=0), 3: table_memory(seed=1)}
+    alpha = torch.nn.Parameter(torch.tensor(0.5))
+    rows = {0: torch.tensor([3, 5]), 3: torch.tensor([7, 8, 60])}
+    grads = {i: torch.randn(64, 5) for i in mems}
+    ref = [torch.nn.Parameter(mems[i].values.weight.detach()[rows[i]].clone()) for i in mems]
+    for r, i in zip(ref, mems):
+        r.grad = grads[i][rows[i]].clone()
+        mems[i].values.weight.grad = grads[i].clone()
+    alpha.grad = torch.tensor(2.0)
+    ref_alpha = torch.nn.Parameter(alpha.detach().clone())
+    ref_alpha.grad = alpha.grad.clone()
+    want_norm = torch.nn.utils.clip_grad_norm_(ref + [ref_alpha], 0.5)
+    torch.optim.SGD(ref, lr=1.0).step()
+    out = SparseMemoryOptimizer(mems, lr=1.0, mode="sgd").step(rows, max_grad_norm=0.5, also=[alpha])
+    assert out["grad_norm"] == pytest.approx(want_norm.item(), rel=1e-6)
+    for r, i in zip(ref, mems):
+        torch.testing.assert_close(mems[i].values.weight.detach()[rows[i]], r.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(alpha.grad, ref_alpha.grad)  # scaled in place, for its own optimizer
+
+
+def test_changed_rows_count_rows_with_any_entry_changed():
+    """`rows` in step()'s result counts the selected rows whose values changed at all: a row whose gradient
+    moves one entry counts, a selected row with zero gradient (SGD: no change) does not."""
+    mem = table_memory()
+    g = torch.zeros(64, 5)
+    g[3, 2] = 1.0  # row 3: one entry moves; row 5: none
+    mem.values.weight.grad = g
+    out = SparseMemoryOptimizer({0: mem}, lr=0.1, mode="sgd").step({0: torch.tensor([3, 5])})
+    assert out["rows"] == {0: 1}
+
+
+def test_lazy_state_grows_at_most_once_per_8_steps():
+    """The lazy state's row count stays on the device; the host learns it (one sync) only when the buffers may
+    be full, and then grows them for >= 8 more steps of new rows: with the same number of rows every step (as
+    top_t gives), at most one sync per 8 steps, also when half the selected rows had state (so the host's bound
+    overestimates the count)."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from bench_train import OpCounter
+    mem = table_memory(n_keys=32)  # 1,024 rows
+    opt = SparseMemoryOptimizer({0: mem}, lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    syncs = []
+    for s in range(64):
+        mem.values.weight.grad = torch.randn(1024, 5, generator=gen)
+        seen = 4 * s + 4 * (s > 0)  # rows 0..seen-1 have state
+        rows = torch.cat([torch.arange(seen, seen + 4),  # 4 new rows and 4 with state (8 new at first)
+                          torch.randperm(seen, generator=gen)[:4] if s else torch.arange(4, 8)])
+        counter = OpCounter("cpu")
+        with counter:
+            opt.step({0: rows}, check=False)
+        syncs.append(counter.syncs["_local_scalar_dense"] - 1)  # less the gradient norm's
+    when = [s for s, n in enumerate(syncs) if n]
+    assert when[0] == 0 and all(b - a >= 8 for a, b in zip(when, when[1:])), when
+    assert opt.state_dict()["0.slots"].tolist() == list(range(4 * 64 + 4))  # every row seen, in first-seen order
 
 
 def test_dense_adamw_leaks_into_rows_selected_earlier():
