@@ -498,11 +498,11 @@ class SparseMemoryOptimizer:
     trained parameter.
 
     State is kept only for rows ever updated ("adamw"): per layer `exp_avg`, `exp_avg_sq` (R, D) fp32 and
-    `step` (R,) int64, in the order the rows first appeared (`where` maps a slot to its entry), grown ahead of need as new rows appear (see _state_rows). Dense moments would be
-    2 x 16,384 x 896 x 4 B = 117 MB per layer from step one; a short run touching a few thousand rows holds
-    a fraction of that, and a long run that touches every row ends at the dense size. "dense_adamw" holds
-    the dense state (all rows), as torch's AdamW does. Only the values tables are handled here: train other
-    parameters (alpha, ...) with their own optimizer.
+    `step` (R,) int64, in the order the rows first appeared (`where` maps a slot to its entry), grown ahead of
+    need as new rows appear (see _state_rows). Dense moments would be 2 x 16,384 x 896 x 4 B = 117 MB per
+    layer from step one; a short run touching a few thousand rows holds a fraction of that, and a long run that
+    touches every row ends at the dense size. "dense_adamw" holds the dense state (all rows), as torch's AdamW
+    does. Only the values tables are handled here: train other parameters (alpha, ...) with their own optimizer.
     """
 
     MODES = ("adamw", "sgd", "dense_adamw")

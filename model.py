@@ -318,7 +318,7 @@ class Qwen2(nn.Module):
         w = self.model.embed_tokens.weight
         table = self.__dict__.get("_rope_table")
         if table is None or table[0].shape[0] < n or table[0].device != w.device or table[0].dtype != w.dtype:
-            n = max(n, 1024, 2 * table[0].shape[0] if table is not None else 0)
+            n = 1 << (max(n, 1024) - 1).bit_length()  # a power of two: a growing input rebuilds it a few times
             with torch.inference_mode(False), torch.no_grad():  # a plain tensor even if built while generating
                 table = rope_cos_sin(torch.arange(n, device=w.device), self.config.head_dim, self.config.rope_theta,
                                      w.dtype)

@@ -285,6 +285,35 @@ def test_epoch_order_is_a_deterministic_permutation():
     assert a != data.epoch_order(50, seed=2, epoch=0)
 
 
+def test_micro_batches_never_span_two_epochs():
+    """10 examples, steps of 4 in micro-batches of 2: 2 steps per epoch (the remainder of 2 is skipped), each step
+    the next 4 of its epoch's shuffle, step 2 the first of epoch 1."""
+    examples = [([100 + i, 1, 2][:2 + i % 2], [1, 1, 1][:2 + i % 2]) for i in range(10)]
+    stream = data.MicroBatches(examples, batch_size=4, micro=2, seed=3, pad_id=0, device="cpu")
+    assert stream.per_epoch == 2
+
+    def firsts(s):  # each example of step s by its first token
+        got = [b["idx"][:, 0].tolist() for b, _ in stream.step(s)]
+        assert [len(g) for g in got] == [2, 2]
+        return [t - 100 for g in got for t in g]
+    for s in range(5):
+        epoch, i = divmod(s, 2)
+        assert firsts(s) == data.epoch_order(10, 3, epoch)[4 * i:4 * i + 4]
+    # the loss tokens of each micro-batch: every loss position but each example's first (it predicts nothing)
+    assert [n for _, n in stream.step(0)] == [sum(len(examples[j][0]) - 1 for j in data.epoch_order(10, 3, 0)[k:k + 2])
+                                             for k in (0, 2)]
+
+
+def test_training_examples_drop_those_with_nothing_to_predict(tok, tmp_path, capsys):
+    """A one-token text has a loss mask on its first token only, which predicts nothing: dropped, and said."""
+    one = next(w for w in ("a", "the", "x") if len(tok.encode(w)) == 1)
+    path = tmp_path / "t.txt"
+    path.write_text(f"{one}\nthe patient has a fever and a cough\n")
+    got = data.training_examples(f"text:{path}", tok, 64, 0)
+    assert [ids for ids, _ in got] == [tok.encode("the patient has a fever and a cough")]
+    assert "dropped 1 of 2 examples with no token to predict" in capsys.readouterr().err
+
+
 def test_collate_right_pads_and_masks_labels():
     batch = data.collate([([5, 6, 7], [0, 1, 1]), ([8], [1])], pad_id=0)
     assert batch["idx"].tolist() == [[5, 6, 7], [8, 0, 0]]

@@ -431,6 +431,9 @@ def test_oasst1_replies_filter():
     assert all(not t.startswith("<|") for t in got)
     with pytest.raises(ValueError, match="lang and rank"):
         data.oasst1_replies([{k: v for k, v in rows[1].items() if k != "rank"}])
+    edge = [{"lang": "en", "role": "assistant", "rank": rank, "text": "x" * n} for rank, n in
+            [(0, 50), (1, 50), (0, 49), (2, 80), (None, 80)]]  # 50 characters are enough; ranks 0 and 1 only
+    assert data.oasst1_replies(edge) == ["x" * 50, "x" * 50]
 
 
 def test_a_fresh_start_recomputes_a_stale_background(retrofit_run, tiny_model_dir, files, tmp_path):

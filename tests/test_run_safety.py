@@ -150,8 +150,14 @@ def test_dead_model_warning():
     assert checkpoint.StepGuard("run").dead(5.9, 0.0, 1) is None
     live = checkpoint.StepGuard("run")
     assert all(live.dead(5.9 - s / 10, 0.3, s) is None for s in range(20))
+    flat = checkpoint.StepGuard("run")  # a flat loss alone is no sign: the gradient still flows
+    assert all(flat.dead(5.9, 0.3, s) is None for s in range(20))
+    still = checkpoint.StepGuard("run")  # no gradient but a moving loss (e.g. evaluation noise) is no sign either
+    assert all(still.dead(5.9 - s / 10, 0.0, s) is None for s in range(20))
     with pytest.raises(checkpoint.RunError, match="gradient norm is nan"):
         live.check(3, 1.0, float("nan"))
+    with pytest.raises(checkpoint.RunError, match="loss is inf at step 4"):
+        live.check(4, float("inf"), 1.0)
 
 
 def test_a_checkpoint_with_a_non_finite_tensor_is_never_written(tmp_path):
