@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from model import Qwen2, Qwen2Config, rope_cos_sin
+from model import Qwen2, Qwen2Config, padded_attention, rope_cos_sin, sample_next
 from tiny import write_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -249,6 +249,34 @@ def test_rope_table_is_kept_grown_and_rebuilt(tiny_model_dir):
     assert model.rope(1)[0].shape[0] >= 1100 and (got - want).abs().max().item() <= 1e-4
     model.to(torch.bfloat16)
     assert model.rope(1)[0].dtype == torch.bfloat16
+
+
+def test_repetition_penalty_is_transformers():
+    """A seen token's logit is divided by the penalty when positive and multiplied when negative, as transformers'
+    RepetitionPenaltyLogitsProcessor; greedy picks the same tokens."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(512, 6, generator=g)
+    ids = torch.randint(0, 6, (512, 3), generator=g)
+    seen = torch.zeros(512, 6, dtype=torch.bool).scatter_(1, ids, True)
+    want = RepetitionPenaltyLogitsProcessor(1.5)(ids, logits.clone()).argmax(-1)
+    assert torch.equal(sample_next(logits, seen=seen, repetition_penalty=1.5), want)
+
+
+def test_padded_attention_against_brute_force():
+    """Each query attends to the real keys up to itself; a padding query with none (left padding) to itself
+    alone, so no row is empty; positions count real tokens (0 before the first)."""
+    pad = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 1, 1, 0], [1, 1, 1, 1, 1]]).bool()
+    for start in (0, 2):
+        mask, pos = padded_attention(pad, start)
+        assert mask.shape == (4, 1, 5 - start, 5)
+        for b in range(4):
+            for t in range(start, 5):
+                keys = [int(s <= t and bool(pad[b, s])) for s in range(5)]
+                if not any(keys):
+                    keys[t] = 1
+                assert mask[b, 0, t - start].int().tolist() == keys, (b, t)
+                assert pos[b, t - start] == max(0, int(pad[b, :t + 1].sum()) - 1)
 
 
 def test_generate_refuses_right_padding(tiny_model_dir):
