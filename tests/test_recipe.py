@@ -422,6 +422,31 @@ def test_seeded_subsets_are_the_paper_codes(tiny_model_dir, files):
         assert [ids for ids, _ in got] == [tok.encode(data.medmcqa_train_text(r)) for r in want]
 
 
+def test_defaults_are_the_papers_setup():
+    """Every default that the paper's table depends on, as its public code (github.com/prakharg55/SMF-ICML) sets
+    it; a change here changes what `python train.py --method M` reproduces."""
+    import train
+    shared = dict(batch_size=16, max_len=1024, warmup=100, grad_clip=1.0, weight_decay=0.0, recipe="paper",
+                  warmup_from_zero=True)
+    want = {
+        "smf": dict(lr=5e-4, epochs=3, limit=60000, top_t=512, rank="kl", retrofit_lr=5e-4, retrofit_epochs=2,
+                    retrofit_limit=50000, background_batches=2000, background_subset=20000, oasst1_format="replies",
+                    optimizer="dense_adamw", select_per_micro_batch=True, count_pad_reads=True,
+                    sum_micro_batch_means=True, memory_precision="bf16"),
+        "retrofit": dict(lr=5e-4, epochs=2, limit=50000, oasst1_format="replies", memory_precision="bf16"),
+        "lora": dict(lr=2e-4, epochs=3, limit=60000, lora_r=16, lora_alpha=32, lora_dropout=0.05,
+                     lora_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                     merge_lora_for_eval=True),
+        "full": dict(lr=5e-5, epochs=3, limit=60000, pure_bf16=True),
+    }
+    for method, values in want.items():
+        args = vars(train.parse_args(["--method", method]))
+        assert {k: args[k] for k in {**shared, **values}} == {**shared, **values}, method
+    cfg = train.memory_config_from_args(train.parse_args(["--method", "smf"])).resolve(24, 896)
+    assert (cfg.layers, cfg.mode, cfg.alpha_init, cfg.n_keys, cfg.heads, cfg.topk, cfg.k_dim, cfg.v_dim) == \
+        ([6, 12, 18], "additive", 0.01, 128, 4, 16, 256, 896)  # at Qwen2.5-0.5B's 24 layers and hidden size 896
+
+
 def test_oasst1_replies_filter():
     rows = oasst1_rows(30)
     got = data.oasst1_replies(rows)
