@@ -280,6 +280,12 @@ def test_memory_run_dir_rebuilds_the_trained_model(tiny_model_dir, tmp_path, mod
     assert sorted(memory.memory_layers(model)) == [1, 2]
     assert all(p.dtype == torch.float32 for p in memory.memory_layers(model)[1].parameters())
     assert torch.allclose(logits_of(model, tok), want, atol=1e-6)
+    # the paper recipe's memory (precision bf16) is evaluated in bf16, as its code evaluates the whole model
+    paper = write_run(tmp_path / "smf-paper", {**cfg, "memory": {**mcfg.to_dict(), "precision": "bf16"}},
+                      memory.memory_state_dict(trained))
+    model, _, _ = ev.load_model(paper)
+    assert all(p.dtype == torch.bfloat16 for mem in memory.memory_layers(model).values() for p in mem.parameters())
+    assert model.lm_head.weight.dtype == torch.float32  # the base keeps the requested dtype
     with pytest.raises(ValueError, match=r"tensor model.layers.1.memory.keys has shape \(2, 2, 8, 8\), "
                                          r"expected \(2, 2, 12, 8\)"):
         ev.load_model(write_run(tmp_path / "bigger", {**cfg, "memory": {**mcfg.to_dict(), "n_keys": 12}},

@@ -88,6 +88,19 @@ def test_resume_compares_resolved_paths(tiny_model_dir, medmcqa, tmp_path):
     assert "resuming" in r.stderr and log_steps(out) == [1, 2, 3]
 
 
+def test_resume_refuses_other_flags_and_allows_the_free_ones(tiny_model_dir, medmcqa, tmp_path):
+    """--resume continues the run it finds with that run's flags: another --lr is a one-line error naming both
+    values; the flags that do not change what is trained (checkpoint.RESUME_FREE: --save-every, ...) may differ."""
+    out = tmp_path / "x"
+    r = cli(tiny_model_dir, medmcqa, out, "--max-steps", "3", "--stop-at-step", "1")
+    assert r.returncode == 0, r.stderr
+    one_line_error(cli(tiny_model_dir, medmcqa, out, "--max-steps", "3", "--lr", "0.1", "--resume"),
+                   "--resume: --lr is 0.1 but the run was started with 0.0002")
+    r = cli(tiny_model_dir, medmcqa, out, "--max-steps", "3", "--save-every", "7", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert log_steps(out) == [1, 2, 3]
+
+
 def test_kill_9_then_resume_gives_one_clean_log(tiny_model_dir, medmcqa, tmp_path):
     """Killed past its last checkpoint, the run resumes there: log.jsonl holds steps 1..N once each, and the
     temporary file of an interrupted save is removed."""
