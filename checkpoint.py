@@ -108,13 +108,18 @@ class Ranks:
         of each layer's selection proves it."""
         if self.world == 1:
             return
-        fp = torch.stack([torch.stack([r.numel() * torch.ones((), dtype=torch.long, device=r.device),
-                                       (r.sort().values * torch.arange(1, r.numel() + 1, device=r.device)).sum()])
-                          for r in selected.values()]).flatten()
+        fp = selection_fingerprint(selected)
         seen = [torch.zeros_like(fp) for _ in range(self.world)]
         dist.all_gather(seen, fp)
         if any(not torch.equal(seen[0], s) for s in seen):
             raise RunError("data-parallel ranks selected different memory rows (their read counts disagree)")
+
+
+def selection_fingerprint(selected: dict):
+    """Per layer (count, sum of the sorted slot ids weighted 1, 2, ...): equal for the same rows in any order."""
+    return torch.stack([torch.stack([r.numel() * torch.ones((), dtype=torch.long, device=r.device),
+                                     (r.sort().values * torch.arange(1, r.numel() + 1, device=r.device)).sum()])
+                        for r in selected.values()]).flatten()
 
 
 def setup_ranks(device_name: str):
