@@ -328,7 +328,8 @@ class Checkpoint:
         tensors = {f"model.{k}": v for k, v in trained.items()}
         tensors.update(dense)
         if self.smf_opt is not None:
-            tensors.update({f"smf_opt.{k}": v.detach().cpu().contiguous() for k, v in self.smf_opt.state_dict().items()})
+            tensors.update({f"smf_opt.{k}": v.detach().cpu().contiguous()
+                            for k, v in self.smf_opt.state_dict().items()})
         tensors.update(rng)
         meta = {"step": str(step), "world_size": str(self.ranks.world)}
         atomic_write(os.path.join(self.out, "model.safetensors"), lambda p: save_file(trained, p))

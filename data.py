@@ -400,7 +400,8 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def pad(seqs: list[list[int]], pad_id: int, side: str = "right", multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(seqs: list[list[int]], pad_id: int, side: str = "right",
+        multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """
     The one padding function: token id lists -> ids (B, T) filled with pad_id, and attention_mask (B, T), 1 on the
     real tokens; T is the longest length rounded up to `multiple` (a few shapes for a compiled model). side "right"
@@ -441,8 +442,12 @@ def training_examples(task: str, tok, max_len: int, seed: int, limit: int | None
         items = [r["text"] for r in load_rows("wikitext", path=task[5:])]
     else:
         rows = load_rows(task, path=path, split="train")
-        items = rows if task == "medmcqa" else oasst1_replies(rows, source=path or "OASST1") if oasst1_format == "replies" \
-            else oasst1_conversations(rows)
+        if task == "medmcqa":
+            items = rows
+        elif oasst1_format == "replies":
+            items = oasst1_replies(rows, source=path or "OASST1")
+        else:
+            items = oasst1_conversations(rows)
     if limit is not None and len(items) < limit:
         warn(f"{task}: only {len(items)} examples available (limit {limit}); using all of them")
     items = [items[i] for i in seeded_subset(len(items), limit, seed)]

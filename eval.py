@@ -353,7 +353,8 @@ def load_task_rows(tasks, limit: int | None = None, data_paths: dict | None = No
 
 
 def default_batch_size(device) -> int:
-    """Examples per forward when none is given: 64 on a GPU (where a batch of 16 leaves it mostly idle), 16 on the CPU."""
+    """Examples per forward when none is given: 64 on a GPU (where a batch of 16 leaves it mostly idle), 16 on the
+    CPU."""
     return 64 if torch.device(device).type == "cuda" else 16
 
 

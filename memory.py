@@ -154,7 +154,8 @@ class ProductKeyMemory(nn.Module):
         self.w1 = nn.Linear(hidden, cfg.v_dim, bias=True)
         self.w2 = nn.Linear(cfg.v_dim, hidden, bias=True)
         if cfg.alpha_init is not None and not isinstance(cfg.alpha_init, float | int):
-            raise ValueError(f"ProductKeyMemory: alpha_init {cfg.alpha_init!r}; call cfg.resolve(n_layers, hidden) first")
+            raise ValueError(f"ProductKeyMemory: alpha_init {cfg.alpha_init!r}; "
+                             "call cfg.resolve(n_layers, hidden) first")
         self.alpha = None if cfg.alpha_init is None else nn.Parameter(torch.tensor(float(cfg.alpha_init)))
         self.sparse_grad = False  # True: the values gradient holds only the rows read (stage 2)
         self.last_indices = None  # (B, T, h*k) slot ids read by the last forward, detached

@@ -247,7 +247,8 @@ class Qwen2(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def init_weights(self, std: float = 0.02):
-        """Random init as Hugging Face does (normal(0, 0.02), zero biases, unit norms); for models trained from scratch."""
+        """Random init as Hugging Face does (normal(0, 0.02), zero biases, unit norms); for models trained from
+        scratch."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=std)
@@ -490,7 +491,8 @@ class Qwen2(nn.Module):
         atomic_write(os.path.join(out_dir, "config.json"), lambda p: write_json(p, cfg))
         if tokenizer_from is not None:
             src = resolve_model_dir(tokenizer_from)
-            for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json"):
+            for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                         "generation_config.json"):
                 if os.path.exists(os.path.join(src, name)):
                     shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
 

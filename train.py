@@ -188,7 +188,8 @@ def add_baseline_flags(p):
                    help="[recipe] weights, gradients, AdamW state in bf16 (paper); else fp32 weights (clean)")
     g = p.add_argument_group("evaluation during training")
     g.add_argument("--eval-every", type=int, default=0, help="run eval.py's probes every N steps (0: never)")
-    g.add_argument("--eval-tasks", default=",".join(default_tasks()), help=f"probes of eval.PROBES ({','.join(PROBES)})")
+    g.add_argument("--eval-tasks", default=",".join(default_tasks()),
+                   help=f"probes of eval.PROBES ({','.join(PROBES)})")
     g.add_argument("--eval-limit", type=int, default=200, help="examples per probe")
     g.add_argument("--eval-data", action="append", default=[], metavar="NAME=PATH",
                    help="local file for a probe, as eval.py --data; repeatable")
@@ -305,7 +306,8 @@ def lr_at(step, total, peak, warmup, from_zero=False):
 # -----------------------------------------------------------------------------
 # Micro-batches: as few per step as memory allows
 
-PAPER_MICRO_BATCH = 4  # the paper's per-device batch: its SMF stage 2 selects rows and averages the loss per micro-batch
+# the paper's per-device batch: its SMF stage 2 selects rows and averages the loss per micro-batch of 4
+PAPER_MICRO_BATCH = 4
 
 
 def micro_batch_size(stage, args, device, tok, ranks, pad_reads) -> int:
@@ -571,15 +573,16 @@ def retrofit_stage(args, out, device, tok, ranks) -> Stage:
                   max_steps=args.max_steps if alone else args.retrofit_max_steps,
                   adamw_params=adamw_params, trained=lambda: memory.memory_state_dict(model),
                   config=run_config(args, "retrofit", model, memory=mem_cfg.to_dict(), stage1_data={  # for stage 2
-                      "task": args.retrofit_task, "path": args.data.get("oasst1"), "oasst1_format": args.oasst1_format}),
+                      "task": args.retrofit_task, "path": args.data.get("oasst1"),
+                      "oasst1_format": args.oasst1_format}),
                   repetition_penalty=info["repetition_penalty"])
     return stage
 
 
 def background_statistics(model, tok, args, device, ranks, stage1):
     """Read counts and document frequency of every memory slot over --background-batches single-example batches
-    of the stage-1 data (the retrofit's config.json "stage1_data"): the first ones of a seeded random --background-subset of it (the paper's),
-    or a seeded shuffle of all of it (--background-subset 0)."""
+    of the stage-1 data (the retrofit's config.json "stage1_data"): the first ones of a seeded random
+    --background-subset of it (the paper's), or a seeded shuffle of all of it (--background-subset 0)."""
     examples = data.training_examples(stage1["task"], tok, args.max_len, args.seed, args.background_subset or None,
                                       stage1["path"], stage1["oasst1_format"])
     if args.background_subset:
@@ -606,7 +609,8 @@ def sparse_stage(args, device, tok, memory_dir, ranks) -> Stage:
     base_config = model.config.to_dict()
     if mem_run.get("base_config") != base_config:
         diff = sorted(k for k in base_config if base_config[k] != mem_run.get("base_config", {}).get(k))
-        raise RunError(f"--memory-from {memory_dir}: its base model differs from --model {args.model} ({', '.join(diff) or 'config'})")
+        raise RunError(f"--memory-from {memory_dir}: its base model differs from --model {args.model} "
+                       f"({', '.join(diff) or 'config'})")
     loaded = memory.MemoryConfig.from_dict(mem_run["memory"])
     mem_cfg = memory_config_from_args(args, base=loaded.to_dict())  # the loaded memory, this run's precision
     resolved = mem_cfg.resolve(len(model.model.layers), model.config.hidden_size)
@@ -736,7 +740,8 @@ def main(argv=None):
                               first=not stage1)
         else:
             stage = lora_or_full_stage(args, device, tok, ranks)
-            model = run_stage(stage, args, device, tok, ranks, then=lambda: export_lora_or_full(args, stage.model, ranks))
+            model = run_stage(stage, args, device, tok, ranks,
+                              then=lambda: export_lora_or_full(args, stage.model, ranks))
     finally:
         if ranks.world > 1:
             dist.destroy_process_group()
