@@ -355,6 +355,18 @@ def test_missing_files_are_clear_errors(tiny_copy):
         Qwen2.from_pretrained(str(tiny_copy))
 
 
+def test_tied_checkpoint_with_its_own_lm_head(tiny_copy):
+    """A tied config whose file also holds lm_head.weight: loaded when it equals the embeddings (as some exports
+    write it), refused when it differs (the config and the weights disagree about the model)."""
+    emb = Qwen2.from_pretrained(str(tiny_copy)).model.embed_tokens.weight.detach()
+    rewrite_weights(tiny_copy, lambda s: s.update({"lm_head.weight": emb.clone()}))
+    model = Qwen2.from_pretrained(str(tiny_copy))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    rewrite_weights(tiny_copy, lambda s: s.update({"lm_head.weight": emb + 1}))
+    with pytest.raises(ValueError, match="lm_head.weight differs from model.embed_tokens.weight but config ties"):
+        Qwen2.from_pretrained(str(tiny_copy))
+
+
 def test_missing_tensor_is_named(tiny_copy):
     rewrite_weights(tiny_copy, lambda s: s.pop("model.layers.2.self_attn.k_proj.bias"))
     with pytest.raises(ValueError, match=r"missing tensor model\.layers\.2\.self_attn\.k_proj\.bias"):
