@@ -272,7 +272,7 @@ def memory_layers(model) -> dict:
 
 def memory_state_dict(model) -> dict:
     """Every memory tensor under its state_dict name: {'model.layers.6.memory.values.weight': (S, D), ...}; they
-    share storage with the parameters, so model.load_tensors(memory_state_dict(model), state, ...) loads them."""
+    share storage with the parameters, so model.py's load_tensors(memory_state_dict(model), state, where) loads them."""
     return {k: v for k, v in model.state_dict().items() if ".memory." in k}
 
 

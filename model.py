@@ -395,6 +395,7 @@ class Qwen2(nn.Module):
         keys = None if mask is None and not compiled else torch.cat(  # (B, 1, 1, S): every real token and new ones
             [attention_mask.bool(), attention_mask.new_ones(B, S - T, dtype=torch.bool)], 1)[:, None, None]
         self.setup_cache(B, S, keep=compiled)
+        decode = self.compiled_decode_step() if compiled else self.decode_step
         try:
             logits = self.lm_head(self.hidden_states(idx, mask)[:, -1]).float()  # prefill: (B, vocab)
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -410,21 +411,21 @@ class Qwen2(nn.Module):
                 done |= torch.isin(nxt, eos)
                 if done.all() or i == max_new_tokens - 1:
                     break
-                p = pos + i  # (B,): the position of the token fed now
-                if compiled:
-                    logits = self.compiled_decode_step()(nxt, p, positions[T + i], keys, cos_all, sin_all)
-                    continue
-                h = self.blocks(nxt[:, None], cos_all[0, p][:, None], sin_all[0, p][:, None],
-                                None if keys is None else keys[..., :T + i + 1], start=T + i)  # decode one token
-                logits = self.lm_head(h[:, -1]).float()  # (B, vocab)
+                # one token per row, at its RoPE position pos + i, written to the cache at T + i
+                logits = decode(nxt, pos + i, positions[T + i] if compiled else T + i, keys, cos_all, sin_all)
         finally:
             self.clear_cache()
         return torch.cat(out, dim=1)
 
     def decode_step(self, nxt, p, start, keys, cos_all, sin_all):
         """Logits (B, vocab) of one new token per row (B,) at RoPE positions p (B,), written to the KV cache at
-        position `start` (a 0-dim tensor), attending every cached position up to it that keys (B, 1, 1, S) allow."""
-        mask = keys & (torch.arange(keys.shape[-1], device=keys.device) <= start)  # (B, 1, 1, S)
+        position `start`, attending every cached position up to it that keys (B, 1, 1, S) allow (None: all).
+        start: an int (eager), or a 0-dim tensor (compiled: static shapes, the whole cache attended with the
+        positions after start masked out)."""
+        if isinstance(start, torch.Tensor):
+            mask = keys & (torch.arange(keys.shape[-1], device=keys.device) <= start)  # (B, 1, 1, S)
+        else:
+            mask = None if keys is None else keys[..., :start + 1]  # (B, 1, 1, start + 1)
         h = self.blocks(nxt[:, None], cos_all[0, p][:, None], sin_all[0, p][:, None], mask, start)
         return self.lm_head(h[:, -1]).float()
 
@@ -658,12 +659,8 @@ def load_peft_adapter(model: Qwen2, adapter_dir: str) -> Qwen2:
         raise ValueError(f"adapter_config.json: target_modules must be a list, got {cfg['target_modules']!r}")
     add_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), cfg["target_modules"])
     state = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
-    ours = lora_state_dict(model)  # {'model.layers.0.self_attn.q_proj.lora_A': ...}
-    want = {f"{PEFT_PREFIX}{k}.weight": k for k in ours}
-    check_tensors({key: ours[name] for key, name in want.items()}, state, "adapter")
-    with torch.no_grad():
-        for key, name in want.items():
-            ours[name].copy_(state[key])
+    ours = lora_state_dict(model)  # {'model.layers.0.self_attn.q_proj.lora_A': ...}, sharing the adapters' storage
+    load_tensors({f"{PEFT_PREFIX}{k}.weight": t for k, t in ours.items()}, state, "adapter")
     return model
 
 

@@ -448,7 +448,7 @@ def train(stage: Stage, args, device, tok, ranks):
                 # gradient the sum of micro-batch means (paper, stage 2)
                 loss = loss_tokens / max(1, n if sum_of_means else n_tokens)
                 if smf is not None:  # SMF 1. reads: which memory slots this micro-batch read (all ranks)
-                    reads = memory.read_counts(model, None if args.count_pad_reads else b["attention_mask"])
+                    reads = memory.read_counts(model, None if pad_reads else b["attention_mask"])
                     reads = {i: ranks.sum_(c) for i, c in reads.items()}
                     counts = reads if counts is None else {i: counts[i] + reads[i] for i in counts}
                     if args.select_per_micro_batch:  # the paper's code: rows chosen per micro-batch, before backward

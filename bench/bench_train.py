@@ -21,6 +21,7 @@ Not a test: timings depend on the machine and what else runs on it.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -184,7 +185,8 @@ def sync(device):
 
 
 def run_train(argv, device, counter=None):
-    """train.main(argv) with train.after_step wrapped: [(seconds, ops, optim ops, syncs)] per optimizer step."""
+    """train.main(argv) with train.after_step wrapped: [(seconds, ops, optim ops, syncs, non-view ops)] per optimizer
+    step."""
     marks, original = [], train.after_step
 
     def after_step(*a, **kw):
@@ -194,19 +196,11 @@ def run_train(argv, device, counter=None):
 
     train.after_step = after_step
     try:
-        with counter if counter is not None else _nothing():
+        with counter if counter is not None else contextlib.nullcontext():
             train.main(argv)
     finally:
         train.after_step = original
     return [tuple(y - x for x, y in zip(a, b)) for a, b in zip(marks, marks[1:])]  # (s, ops, optim, syncs, kernels)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def bare_model_rate(model_dir, task, path, args, device, steps, micro):
