@@ -20,6 +20,7 @@ methods' stage builders and main().
 import argparse
 import copy
 import functools
+import gc
 import json
 import math
 import os
@@ -752,12 +753,20 @@ def main(argv=None):
     return model
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """`python train.py`: main() with every user or file-system error as one line and a non-zero exit status."""
     try:
-        main()
+        main(argv)
+        return 0
     except StopRun:
-        sys.exit(0)
+        return 0
     except (RunError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        return f"error: {e}"
     except KeyboardInterrupt:
-        sys.exit("interrupted: the last checkpoint is intact; continue with --resume")
+        return "interrupted: the last checkpoint is intact; continue with --resume"
+
+
+if __name__ == "__main__":
+    status = cli()  # the exception and the frames it held (the model, under FSDP its device mesh) are gone here:
+    gc.collect()    # free them now, not in the interpreter's shutdown, where gloo's threads abort the process
+    sys.exit(status)

@@ -43,3 +43,11 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("train_data")
     return {"medmcqa": write_parquet(str(d / "medmcqa_train.parquet"), medmcqa_rows(40)),
             "oasst1": write_jsonl(str(d / "oasst1.jsonl"), oasst1_rows(30))}
+
+
+
+@pytest.fixture
+def optimizer_steps(monkeypatch):
+    """grads.record_optimizer_steps: what train.py hands its optimizers at every step, before any update."""
+    from grads import record_optimizer_steps
+    return record_optimizer_steps(monkeypatch)
