@@ -1,8 +1,8 @@
 """
 The plumbing around train.py's loop, so that train.py reads as the algorithm (as nanochat's checkpoint_manager.py
 and common.py): data-parallel ranks, the run directory (what --out may be, its lock, args.json and --resume),
-checkpoints (trained tensors, optimizer state, every rank's RNG state and the step, in one safetensors file) and
-the step log. Imported by train.py alone.
+checkpoints (trained tensors, optimizer state, every rank's RNG state and the step, in one safetensors file), the
+step log, the exports, and the micro-batch size that fits the GPU. Imported by train.py alone.
 
 A run directory (train.py --out) holds only files train.py writes, each written atomically (write, then rename):
 
@@ -15,13 +15,15 @@ A run directory (train.py --out) holds only files train.py writes, each written 
     retrofit/                (SMF) the stage-1 run directory, itself a `--method retrofit` run
     peft/, merged/, hf/      exports (LoRA: --export-peft, --export-merged; full: always hf/)
     eval.jsonl, .lock        --eval-every results; the lock a live run holds
+    eval*.json, samples*.jsonl   eval.py's results and per-example logs, if it was pointed here (model.is_eval_output)
 
 train.py never writes into a directory holding anything else, and a live run holds an exclusive lock on its
-directory (released by the OS when the process dies, so a run killed with kill -9 leaves no obstacle).
+directory (released by the OS when the process dies, so a run killed with kill -9 leaves no obstacle). What a
+killed save leaves (model.is_temp_file: ours and safetensors' temporary files) is removed when the run resumes.
 """
 
+import copy
 import fcntl
-import glob
 import json
 import math
 import os
@@ -34,17 +36,21 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import atomic_write, check_tensors, resolve_device, write_json
+import data
+from eval import default_batch_size, run_tasks
+from model import (Qwen2, atomic_write, bf16_autocast, check_tensors, is_eval_output, is_temp_file, merge_lora,
+                   read_json, remove_temp_files, resolve_device, save_peft_adapter, write_json)
 
 RUN_FILES = {"args.json", "config.json", "model.safetensors", "log.jsonl", "checkpoint.safetensors",
              "background.safetensors", "eval.jsonl", "retrofit", "hf", "peft", "merged", ".lock"}
 # flags that may differ between a run and its resumption; every other flag must be the same
-RESUME_FREE = {"resume", "stop_at_step", "device", "eval_every", "eval_tasks", "eval_limit", "save_every", "compile"}
+RESUME_FREE = {"resume", "stop_at_step", "device", "eval_every", "eval_tasks", "eval_limit", "save_every", "compile",
+               "out"}  # a moved run directory resumes where it is now
 
 
 class RunError(Exception):
@@ -150,11 +156,12 @@ def check_out_dir(out: str, resume: bool):
     if os.path.exists(out) and not os.path.isdir(out):
         raise RunError(f"--out {out} is a file, not a directory: choose another --out")
     have = set(os.listdir(out)) if os.path.isdir(out) else set()
-    ours = {n for n in have if n.startswith("selected.rank") or n.split(".tmp")[0] in RUN_FILES}  # + interrupted saves
+    ours = {n for n in have if n.startswith("selected.rank") or is_temp_file(n) or is_eval_output(n)}
     if foreign := sorted(have - RUN_FILES - ours):
         raise RunError(f"--out {out} holds files train.py did not write ({', '.join(foreign[:3])}"
                        f"{', ...' if len(foreign) > 3 else ''}): choose a new or empty directory")
-    if "args.json" not in have and have - {".lock", "retrofit", "background.safetensors"}:
+    if "args.json" not in have and {n for n in have if not is_temp_file(n)} - {".lock", "retrofit",
+                                                                                "background.safetensors"}:
         raise RunError(f"--out {out} has no args.json, so it is not a train.py run: choose a new or empty directory")
     started = [p for p in ("checkpoint.safetensors", "retrofit/checkpoint.safetensors")
                if os.path.exists(os.path.join(out, p))]
@@ -220,13 +227,17 @@ def hub_revision(model_dir):
     return name if os.path.basename(parent) == "snapshots" else None
 
 
+def check_resume(args):
+    """--resume: the flags must be the run's (args.json), checked before anything is fetched or loaded."""
+    check_resume_args(args, read_json(os.path.join(args.out, "args.json")))
+
+
 def begin_run(args, ranks, device):
     """Write args.json once the first stage has loaded its model and data (a start-up error leaves none), or on
-    --resume check that the flags match the run's."""
+    --resume check that the flags match the run's (now with the base model's revision)."""
     path = os.path.join(args.out, "args.json")
     if args.resume:
-        with open(path) as f:
-            check_resume_args(args, json.load(f))
+        check_resume(args)
     elif ranks.main:
         write_json(path, {**vars(args), "device": str(device), "world_size": ranks.world, **run_info()})
 
@@ -236,8 +247,7 @@ def begin_stage(out: str, step: int, total: int, ranks):
     checkpoint's step; temporary files of an interrupted save are removed."""
     if not ranks.main:
         return
-    for tmp in glob.glob(os.path.join(out, "*.tmp*")):
-        os.remove(tmp)
+    remove_temp_files(out)
     for name in ("log.jsonl", "eval.jsonl"):
         truncate_log(os.path.join(out, name), step)
     print(f"{'resuming' if step else 'starting'} {out} at step {step}/{total}", file=sys.stderr)
@@ -265,10 +275,23 @@ def finish_stage(out, config, ranks):
     ranks.barrier()
 
 
+def memory_run(memory_dir: str, base_config: dict, model_name: str) -> dict:
+    """The config.json of a --memory-from run: a finished retrofit or smf run on the same base model."""
+    if not is_finished(memory_dir):
+        raise RunError(f"--memory-from {memory_dir}: not a finished retrofit or smf run (no finished config.json)")
+    run = read_json(os.path.join(memory_dir, "config.json"))
+    if run.get("memory") is None or "stage1_data" not in run:
+        raise RunError(f"--memory-from {memory_dir}: not a retrofit or smf run of this version of train.py")
+    if run.get("base_config") != base_config:
+        diff = sorted(k for k in base_config if base_config[k] != run.get("base_config", {}).get(k))
+        raise RunError(f"--memory-from {memory_dir}: its base model differs from --model {model_name} "
+                       f"({', '.join(diff) or 'config'})")
+    return run
+
+
 def is_finished(run_dir):
     try:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            return json.load(f).get("finished", False)
+        return read_json(os.path.join(run_dir, "config.json")).get("finished", False)
     except (OSError, ValueError):
         return False
 
@@ -394,6 +417,115 @@ class Checkpoint:
         sd = self.dense_opt.state_dict()
         sd["state"] = {index[name]: s for name, s in state.items()}
         self.dense_opt.load_state_dict(sd)
+
+
+def export_lora_or_full(args, model, ranks):
+    """full: a Hub-format model in hf/; LoRA: optionally peft's adapter format and the merged model (each export
+    first removes what an interrupted one left)."""
+    model.eval()
+    if ranks.main and args.method == "full":  # from the saved weights: the same path with or without FSDP
+        with torch.device("meta"):
+            final = Qwen2(model.config)
+        final.load_hub_state_dict(load_file(os.path.join(args.out, "model.safetensors")))
+        final.save_pretrained(os.path.join(args.out, "hf"), tokenizer_from=args.model)
+    if ranks.main and args.export_peft:
+        save_peft_adapter(model, os.path.join(args.out, "peft"), args.model)
+    if ranks.main and args.export_merged:
+        merge_lora(copy.deepcopy(model)).save_pretrained(os.path.join(args.out, "merged"), tokenizer_from=args.model)
+
+
+
+# -----------------------------------------------------------------------------
+# Micro-batches: as few per step as memory allows (train.py's --micro-batch auto)
+
+# the paper's per-device batch: its SMF stage 2 selects rows and averages the loss per micro-batch of 4
+PAPER_MICRO_BATCH = 4
+
+
+def micro_batch_size(stage, args, device, tok, ranks, loss_fn) -> int:
+    """--micro-batch: examples per forward on each rank (see train.py's help). A resumed run keeps the size it
+    started with (config.json "micro_batch"), so that it continues exactly. loss_fn(model, batch): the summed
+    training loss of a micro-batch, as the loop computes it."""
+    per_rank = args.batch_size // ranks.world
+    config = os.path.join(stage.out, "config.json")
+    if args.micro_batch != "auto":
+        return args.micro_batch
+    if args.resume and os.path.exists(config) and (saved := read_json(config).get("micro_batch")) is not None:
+        return saved
+    if stage.smf is not None and (args.select_per_micro_batch or args.sum_micro_batch_means):
+        if PAPER_MICRO_BATCH % ranks.world or per_rank % (PAPER_MICRO_BATCH // ranks.world):
+            raise RunError(f"--recipe paper's SMF selects rows per micro-batch of {PAPER_MICRO_BATCH}: give a "
+                           f"--batch-size that splits into them across {ranks.world} process(es), or --micro-batch")
+        return PAPER_MICRO_BATCH // ranks.world
+    if device.type != "cuda":  # memory is not what limits a CPU run
+        return per_rank
+    if stage.fsdp:  # a sharded forward is collective: no rank may probe alone; the paper's micro-batch or less
+        return largest_that_fits(per_rank, lambda n: n <= PAPER_MICRO_BATCH)
+    size = largest_that_fits(per_rank, lambda n: fits_in_memory(stage, n, device, tok, loss_fn))
+    if ranks.world > 1:  # every rank runs the same split: the smallest any rank can hold
+        t = torch.tensor(size, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        size = int(t)
+    if ranks.main:
+        print(f"micro-batch: {size} examples per forward on each rank (of {per_rank}); --micro-batch sets it",
+              file=sys.stderr)
+    return size
+
+
+def largest_that_fits(n: int, fits) -> int:
+    """The largest divisor d of n for which fits(d), trying the largest first."""
+    for d in (d for d in range(n, 0, -1) if n % d == 0):
+        if fits(d):
+            return d
+    raise RunError("out of GPU memory with a micro-batch of 1: lower --max-len")
+
+
+def fits_in_memory(stage, size, device, tok, loss_fn) -> bool:
+    """Whether one forward+backward of `size` copies of the longest training example fits, beside a buffer the
+    size of the optimizer state (not allocated yet: AdamW's two moments of every trained tensor). It leaves no
+    gradient behind and draws no random number that training uses (the training RNG is seeded after it)."""
+    longest = max(stage.examples, key=lambda e: len(e[0]))
+    b = {k: v.to(device) for k, v in data.collate([longest] * size, tok.pad_id).items()}
+    trained = list(stage.adamw_params.values())
+    if stage.smf is not None:
+        trained += [mem.values.weight for mem in stage.smf["memories"].values()]
+    state_bytes = sum(2 * p.numel() * p.element_size() for p in trained)
+    held = []
+    try:
+        held.append(torch.empty(state_bytes, dtype=torch.uint8, device=device))  # the optimizer state's place
+        with bf16_autocast(device):
+            loss = loss_fn(stage.model, b)
+        loss.backward()
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        held.clear()
+        loss = None
+        for p in stage.model.parameters():
+            p.grad = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def after_step(step, total, stage, args, tok, ranks, saver, eval_rows, bar):
+    """What train.py's loop does after each step: --eval-every probes (into eval.jsonl), the checkpoint every
+    --save-every steps and at the end, and --stop-at-step."""
+    if args.eval_every and step % args.eval_every == 0:
+        if ranks.main:
+            stage.model.eval()
+            results = run_tasks(stage.model, tok, eval_rows, repetition_penalty=stage.repetition_penalty,
+                                batch_size=default_batch_size(stage.model.lm_head.weight.device))
+            append_log(os.path.join(stage.out, "eval.jsonl"), {"step": step, **results})
+            stage.model.train()
+        ranks.barrier()
+    if step % args.save_every == 0 or step == total or step == args.stop_at_step:
+        saver.save(step)
+    if step == args.stop_at_step and step < total:
+        bar.close()
+        if ranks.main:
+            print(f"stopped at step {step} as asked (--stop-at-step); continue with --resume", file=sys.stderr)
+        raise StopRun()
 
 
 class StepGuard:

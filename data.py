@@ -191,6 +191,33 @@ def row_problem(name: str, row: dict) -> str | None:
     return None
 
 
+def parse_data_flags(items: list[str], names) -> dict:
+    """--data NAME=PATH flags (train.py's and eval.py's) -> {name: absolute path}, NAME one of `names`; a
+    ValueError naming the bad flag."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--data expects NAME=PATH, got {item!r}")
+        if name not in names:
+            raise ValueError(f"--data: unknown dataset {name!r} here (choose from {', '.join(names)})")
+        if not os.path.exists(path):
+            raise ValueError(f"--data {name}: file not found: {path}")
+        out[name] = os.path.abspath(path)
+    return out
+
+
+def check_task(task: str, known: str) -> str:
+    """A --task value: the known task's name, or text:PATH with PATH made absolute; a ValueError otherwise."""
+    if not task.startswith("text:"):
+        if task != known:
+            raise ValueError(f"unknown task {task!r} (expected {known} or text:PATH)")
+        return task
+    if not os.path.exists(task[5:]):
+        raise ValueError(f"file not found: {task[5:]}")
+    return "text:" + os.path.abspath(task[5:])
+
+
 def short(value, n: int = 60) -> str:
     r = repr(value)
     return r if len(r) <= n else r[:n] + "..."
@@ -458,10 +485,24 @@ def training_examples(task: str, tok, max_len: int, seed: int, limit: int | None
     else:
         examples = [encode_text(tok, t, max_len) for t in items]
     kept = [e for e in examples if any(e[1][1:])]  # e.g. a reply truncated away leaves nothing to learn
+    if not kept:
+        raise ValueError(f"{task}: no usable training example in {path or task} ({len(examples)} found, none with "
+                         f"a token to predict within max_len {max_len})")
     if len(kept) < len(examples):
         warn(f"{task}: dropped {len(examples) - len(kept)} of {len(examples)} examples with no token to predict "
              f"within max_len {max_len}")
     return kept
+
+
+def background_examples(stage1: dict, tok, max_len: int, seed: int, subset: int, n: int) -> list:
+    """The n single examples whose memory reads make SMF's background, from the stage-1 data (a retrofit's
+    config.json "stage1_data": task, path, oasst1_format): the first n of a seeded random `subset` of it (the
+    paper's), or of a seeded shuffle of all of it (subset 0)."""
+    examples = training_examples(stage1["task"], tok, max_len, seed, subset or None, stage1["path"],
+                                 stage1["oasst1_format"])
+    if not subset:
+        examples = [examples[j] for j in epoch_order(len(examples), seed, epoch=10**6)]
+    return examples[:n]
 
 
 class MicroBatches:

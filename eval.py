@@ -15,7 +15,6 @@ on a Hub model, a local model directory or a run directory:
 The eval_* functions take rows (data.load_rows) and a loaded model, so train.py can call them during training.
 """
 
-import argparse
 import json
 import math
 import os
@@ -30,9 +29,9 @@ import torch.nn.functional as F
 
 import data
 import memory
-from model import Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, default_dtype, is_run_dir, \
-    load_safetensors_dir, load_tensors, looks_like_hub_id, lora_state_dict, merge_lora, parse_dtype, resolve_device, \
-    resolve_model_dir, write_json, DTYPES, HUB_FILES
+from model import ArgParser, Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, default_dtype, is_eval_output, \
+    is_run_dir, load_safetensors_dir, load_tensors, looks_like_hub_id, lora_state_dict, merge_lora, parse_dtype, \
+    read_json, resolve_device, resolve_model_dir, write_json, DTYPES, HUB_FILES
 
 
 # -----------------------------------------------------------------------------
@@ -65,8 +64,7 @@ def load_model(name_or_dir: str, dtype=None, device=None):
     dtype = default_dtype(device) if dtype is None else parse_dtype(dtype)
     method, run = None, {}
     if is_run_dir(name_or_dir):
-        with open(os.path.join(name_or_dir, "config.json")) as f:
-            run = json.load(f)
+        run = read_json(os.path.join(name_or_dir, "config.json"))
         method = run["method"]
         if run.get("finished") is False:
             raise ValueError(f"{name_or_dir}: the run has not finished (continue it with train.py --resume)")
@@ -107,8 +105,7 @@ def load_model(name_or_dir: str, dtype=None, device=None):
     gen_path = os.path.join(base, "generation_config.json")
     gen = {}
     if os.path.exists(gen_path):
-        with open(gen_path) as f:
-            gen = json.load(f)
+        gen = read_json(gen_path)
     info = {"path": name_or_dir, "method": method, "base_model": run.get("base_model", name_or_dir),
             "dtype": str(dtype).removeprefix("torch."), "device": str(device),
             "repetition_penalty": float(gen.get("repetition_penalty", 1.0)), "generation_config": gen}
@@ -395,8 +392,8 @@ def format_table(results: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a model on MedMCQA, WikiText and TriviaQA with the paper's "
-                                            "protocol (its code: github.com/prakharg55/SMF-ICML).")
+    p = ArgParser(prog="eval.py", description="Evaluate a model on MedMCQA, WikiText and TriviaQA with the paper's "
+                                              "protocol (its code: github.com/prakharg55/SMF-ICML).")
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct",
                    help="Hub id, local model directory, or run directory written by train.py")
     p.add_argument("--tasks", default=",".join(default_tasks()),
@@ -408,10 +405,12 @@ def main(argv=None):
                    help="read a task from a local .parquet/.jsonl (WikiText: also plain text) file in the Hub's "
                         "column schema instead of the Hub; repeatable")
     p.add_argument("--out", default=None,
-                   help="write the results JSON here, rewritten as each task finishes (a failure keeps those done)")
+                   help="write the results JSON here, rewritten as each task finishes (a failure keeps those done); "
+                        "inside a run or model directory only as eval*.json (e.g. RUN/eval.json)")
     p.add_argument("--log-samples", default=None, metavar="FILE",
                    help="write one JSON line per example (WikiText: per window) with prompt, prediction or "
-                        "per-choice scores, target and correctness; rewritten as each task finishes")
+                        "per-choice scores, target and correctness; rewritten as each task finishes; inside a run or "
+                        "model directory only as samples*.jsonl")
     p.add_argument("--batch-size", type=int, default=None,
                    help="questions (MedMCQA, 4 sequences each), 1024-token windows (WikiText) or prompts "
                         "(TriviaQA) per forward (default: 64 on a GPU, 16 on the CPU)")
@@ -431,21 +430,19 @@ def main(argv=None):
     unknown = [t for t in tasks if t not in PROBES]
     if unknown or not tasks:
         p.error(f"unknown task {unknown[0]!r}; choose from {','.join(PROBES)}" if unknown else "no task given")
-    data_paths = {}
-    for item in args.data:
-        name, sep, path = item.partition("=")
-        if not sep or name not in PROBES or not path:
-            p.error(f"--data {item!r}: expected NAME=PATH with NAME one of {','.join(PROBES)}")
-        data_paths[name] = path
+    try:
+        data_paths = data.parse_data_flags(args.data, PROBES)
+    except ValueError as e:
+        p.error(str(e))
     if args.limit < 1:
         p.error(f"--limit must be at least 1, got {args.limit}")
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     for flag, path in (("--out", args.out), ("--log-samples", args.log_samples)):  # refused now, not after a task
-        if path and os.path.isdir(path):
-            p.error(f"{flag} {path} is a folder; give a file name")
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            p.error(f"{flag} {path}: the folder it would go in does not exist")
+        if problem := output_problem(path, "eval" if flag == "--out" else "samples"):
+            p.error(f"{flag} {path}: {problem}")
+    if args.out and args.log_samples and os.path.abspath(args.out) == os.path.abspath(args.log_samples):
+        p.error("--out and --log-samples name the same file; give each its own")
     torch.manual_seed(args.seed)
     try:
         task_rows = load_task_rows(tasks, args.limit, data_paths)  # data errors before the model loads
@@ -471,10 +468,35 @@ def main(argv=None):
     print(format_table(results))
 
 
+def output_problem(path: str | None, kind: str) -> str | None:
+    """Why eval.py must not write a results file (kind "eval") or samples file ("samples") at path, or None. In
+    a run directory of train.py (or any folder inside one) or a model folder (config.json), only names that the
+    run recognises as eval.py's (model.is_eval_output) are allowed, so a run's own files are never replaced."""
+    if not path:
+        return None
+    if os.path.isdir(path):
+        return "is a folder; give a file name"
+    folder, name = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return "the folder it would go in does not exist"
+    inside = [d for d in (folder, *parents(folder)) if is_run_dir(d)] or \
+        ([folder] if os.path.exists(os.path.join(folder, "config.json")) else [])
+    wanted = "eval*.json" if kind == "eval" else "samples*.jsonl"
+    if inside and not (is_eval_output(name) and name.startswith(kind)):
+        return f"would write into the run or model directory {inside[0]}; name it {wanted} there, or write elsewhere"
+    return None
+
+
+def parents(folder: str):
+    while (up := os.path.dirname(folder)) != folder:
+        yield up
+        folder = up
+
+
 def write_results(out: str | None, log_samples: str | None, results: dict, samples: list | None):
     """--out (the results JSON) and --log-samples (one JSON line per example), each replaced atomically."""
     if out:
-        atomic_write(out, lambda path: write_json(path, results))
+        write_json(out, results)
     if log_samples:
         def write_samples(path):
             with open(path, "w", encoding="utf-8") as f:

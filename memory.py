@@ -79,8 +79,10 @@ class MemoryConfig:
             raise ValueError(f"MemoryConfig: k_dim {self.k_dim} must be even (two half-keys)")
         if not 1 <= self.topk <= self.n_keys:
             raise ValueError(f"MemoryConfig: topk {self.topk} must be in 1..n_keys ({self.n_keys})")
-        if self.heads < 1:
-            raise ValueError(f"MemoryConfig: heads {self.heads} must be >= 1")
+        if self.heads < 1 or self.n_keys < 1:
+            raise ValueError(f"MemoryConfig: heads {self.heads} and n_keys {self.n_keys} must be >= 1")
+        if isinstance(self.alpha_init, (int, float)) and not math.isfinite(self.alpha_init):
+            raise ValueError(f"MemoryConfig: alpha_init must be a finite number, auto or none, got {self.alpha_init}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"MemoryConfig: precision {self.precision!r} is unknown (use 'fp32' or 'bf16')")
 

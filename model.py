@@ -26,6 +26,7 @@ import os
 import shutil
 import re
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -92,12 +93,7 @@ class Qwen2Config:
     def from_json(cls, path: str) -> "Qwen2Config":
         if not os.path.exists(path):
             raise FileNotFoundError(f"config file not found: {path}")
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(path))
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -293,11 +289,14 @@ class Qwen2(nn.Module):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, start + T)}")
         # Right padding (training batches) needs no mask: under causal attention no real token sees the padding
         # after it, so the plain causal path (flash attention on GPU) gives real tokens the same result. The
-        # outputs at padded positions then differ from the masked path's; only hf_padding asks for them.
-        right_padded = attention_mask is not None and start == 0 and \
-            bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+        # outputs at padded positions then differ from the masked path's; only hf_padding asks for them, and a
+        # batch without padding runs unmasked then too, as Hugging Face's Qwen2 (sdpa) runs it.
+        right_padded = unpadded = False
+        if attention_mask is not None and start == 0:  # one host sync for both
+            right_padded, unpadded = torch.stack([(attention_mask[:, 1:] <= attention_mask[:, :-1]).all(),
+                                                  attention_mask.bool().all()]).tolist()
         position_ids = None  # (B, T), or None: start..start+T-1 in every row
-        if right_padded and hf_padding:  # causal over the real keys; positions 0..T-1 for every token
+        if right_padded and hf_padding and not unpadded:  # causal over the real keys; positions 0..T-1 for all
             mask = padded_attention(attention_mask.bool(), 0)[0]
         elif (attention_mask is None and (start == 0 or T == 1)) or right_padded:  # causal, or one token sees all
             mask = None
@@ -484,12 +483,13 @@ class Qwen2(nn.Module):
             raise ValueError("save_pretrained: the model has memory layers, which a Hub Qwen2 checkpoint cannot hold; "
                              "save them with memory.memory_state_dict (train.py's run directory does)")
         os.makedirs(out_dir, exist_ok=True)
+        remove_temp_files(out_dir)  # what an interrupted export left
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k in self.hub_state_shapes()}
         cfg = self.config.to_dict()
         cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
         atomic_write(os.path.join(out_dir, "model.safetensors"),
                      lambda p: save_file(state, p, metadata={"format": "pt"}))
-        atomic_write(os.path.join(out_dir, "config.json"), lambda p: write_json(p, cfg))
+        write_json(os.path.join(out_dir, "config.json"), cfg)
         if tokenizer_from is not None:
             src = resolve_model_dir(tokenizer_from)
             for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -640,16 +640,16 @@ def save_peft_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: s
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
     }
     os.makedirs(out_dir, exist_ok=True)
+    remove_temp_files(out_dir)  # what an interrupted export left
     atomic_write(os.path.join(out_dir, "adapter_model.safetensors"),
                  lambda p: save_file(state, p, metadata={"format": "pt"}))
-    atomic_write(os.path.join(out_dir, "adapter_config.json"), lambda p: write_json(p, config))
+    write_json(os.path.join(out_dir, "adapter_config.json"), config)
 
 
 def load_peft_adapter(model: Qwen2, adapter_dir: str) -> Qwen2:
     """The reverse: add_lora with the adapter's settings, then load its tensors (key set and shapes checked)."""
     from safetensors.torch import load_file
-    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
-        cfg = json.load(f)
+    cfg = read_json(os.path.join(adapter_dir, "adapter_config.json"))
     for key, plain in [("peft_type", "LORA"), ("bias", "none"), ("use_rslora", False), ("use_dora", False),
                        ("fan_in_fan_out", False), ("layers_to_transform", None), ("modules_to_save", None),
                        ("rank_pattern", {}), ("alpha_pattern", {})]:
@@ -682,6 +682,11 @@ def resolve_device(name="auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name}: CUDA is not available on this machine")
     return device
+
+
+def bf16_autocast(device):
+    """bf16 autocast on GPU (the frozen base is bf16 there); nothing on CPU, where everything runs in fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
 
 
 def default_dtype(device) -> torch.dtype:
@@ -732,8 +737,13 @@ def is_run_dir(path: str) -> bool:
     cfg = os.path.join(path, "config.json")
     if not (os.path.isdir(path) and os.path.exists(cfg)):
         return False
-    with open(cfg) as f:
-        return "method" in json.load(f)
+    return "method" in read_json(cfg)
+
+
+def is_eval_output(name: str) -> bool:
+    """What eval.py may write into a run directory: results eval*.json and per-example logs samples*.jsonl
+    (never train.py's eval.jsonl); train.py accepts these names there, so a run evaluated in place still resumes."""
+    return re.fullmatch(r"eval[\w.-]*\.json|samples[\w.-]*\.jsonl", name) is not None
 
 
 def load_safetensors_dir(path: str) -> dict:
@@ -741,8 +751,7 @@ def load_safetensors_dir(path: str) -> dict:
     from safetensors.torch import load_file
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not weight_map:
             raise ValueError(f"{index} has no weight_map")
         files = sorted(set(weight_map.values()))
@@ -787,20 +796,95 @@ def load_tensors(expected: dict, state: dict, where: str):
 
 
 def atomic_write(path: str, write):
-    """Call write(tmp_path), then rename onto path, so a crash never leaves a half-written file."""
+    """Call write(tmp_path), then rename onto path, so a crash never leaves a half-written file. A failure (a full
+    disk, a read-only folder, a writer's own error) is an OSError naming `path`; the temporary file is removed
+    (one that a kill -9 leaves behind is removed by the next remove_temp_files of its folder)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as e:  # e.g. safetensors' SafetensorError, which names no file
+        raise OSError(f"could not write {path}: {str(e).strip() or type(e).__name__}") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def is_temp_file(name: str) -> bool:
+    """A temporary file of an interrupted save: atomic_write's NAME.tmpPID, or the .tmpXXXXXX that safetensors'
+    save_file writes beside its target before renaming it."""
+    return re.fullmatch(r".+\.tmp\d+|\.tmp[A-Za-z0-9]{6}", name) is not None
+
+
+def remove_temp_files(folder: str):
+    """Remove what interrupted saves left in `folder` (before writing there again)."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if is_temp_file(name):
+                os.remove(os.path.join(folder, name))
+
+
 def write_json(path: str, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+    """Write obj as indented JSON, atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def read_json(path: str):
+    """The JSON in path; a ValueError naming the file if it is not valid JSON (e.g. truncated)."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}): restore or remove it") from e
+
+
+# -----------------------------------------------------------------------------
+# Command lines: argparse as every script here uses it
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show real defaults (0 included); flags whose default is None, False or empty say theirs in their help."""
+
+    def _get_help_string(self, action):
+        quiet = action.default is None or action.default is False or action.default == [] or \
+            action.default == argparse.SUPPRESS or "(default" in (action.help or "")
+        return action.help if quiet else super()._get_help_string(action)
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse with real defaults in --help and an error as one line plus a hint, not 35 lines of usage."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=HelpFormatter, **kw)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def given(self, argv=None) -> set:
+        """The dests of the flags on the command line (parsed again with every default suppressed)."""
+        defaults = {a: a.default for a in self._actions}
+        for a in defaults:
+            a.default = argparse.SUPPRESS
+        try:
+            return set(vars(self.parse_args(argv)))
+        finally:
+            for a, d in defaults.items():
+                a.default = d
+
+    @staticmethod
+    def flag(dest: str) -> str:
+        return "--" + dest.replace("_", "-")
+
+    def check_ranges(self, args, ranges: dict):
+        """Every flag of ranges {dest: (lowest value, whether the lowest is allowed)} is finite and in range."""
+        for dest, (low, inclusive) in ranges.items():
+            v = getattr(args, dest)
+            if v is not None and not (math.isfinite(v) and (v >= low if inclusive else v > low)):
+                self.error(f"{self.flag(dest)} must be a finite number {'>=' if inclusive else '>'} {low}, got {v}")
 
 
 # -----------------------------------------------------------------------------
@@ -835,8 +919,7 @@ class Tokenizer:
         cfg_path = os.path.join(path, "tokenizer_config.json")
         config = {}
         if os.path.exists(cfg_path):
-            with open(cfg_path) as f:
-                config = json.load(f)
+            config = read_json(cfg_path)
         if os.path.exists(os.path.join(path, "tokenizer.json")):
             tok = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
         elif os.path.exists(os.path.join(path, "vocab.json")) and os.path.exists(os.path.join(path, "merges.txt")):
@@ -908,8 +991,7 @@ def build_bpe_tokenizer(path: str, config: dict):
     """The byte-level BPE that tokenizer.json describes, built from vocab.json + merges.txt + added tokens."""
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
-    with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
-        vocab = json.load(f)
+    vocab = read_json(os.path.join(path, "vocab.json"))
     with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
         merges = [tuple(line.split(" ")) for line in f.read().split("\n") if line and not line.startswith("#version")]
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -935,7 +1017,7 @@ def build_bpe_tokenizer(path: str, config: dict):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Chat with a Qwen2.5 model (streamed output).")
+    p = ArgParser(prog="model.py", description="Chat with a Qwen2.5 model (streamed output).")
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct",
                    help="Hub repo id or local model directory (a train.py run directory: its hf/ or merged/ export)")
     p.add_argument("--prompt", default="Give me a short introduction to large language models.",

@@ -18,15 +18,12 @@ methods' stage builders and main().
 """
 
 import argparse
-import copy
 import functools
 import gc
-import json
 import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +35,11 @@ from tqdm import tqdm
 import data
 import memory
 from checkpoint import (Checkpoint, Lock, RunError, StepGuard, StopRun, append_log, begin_run, begin_stage,
-                        check_out_dir, finish_stage, hub_revision, is_finished, setup_ranks)
-from eval import PROBES, default_batch_size, default_tasks, load_model, load_task_rows, run_tasks
-from model import (LORA_TARGETS, Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, default_dtype, load_tensors,
-                   lora_state_dict, merge_lora, resolve_model_dir, save_peft_adapter, write_json)
+                        after_step, check_out_dir, check_resume, export_lora_or_full, finish_stage, hub_revision, is_finished,
+                        memory_run, micro_batch_size, setup_ranks)
+from eval import PROBES, default_tasks, load_model, load_task_rows
+from model import (LORA_TARGETS, ArgParser, Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, bf16_autocast,
+                   default_dtype, load_tensors, lora_state_dict, resolve_model_dir, write_json)
 
 METHODS = ("smf", "retrofit", "lora", "full")
 
@@ -57,12 +55,24 @@ RECIPES = {
               "sum_micro_batch_means": False, "warmup_from_zero": False, "pure_bf16": False,
               "merge_lora_for_eval": False},
 }
+SMF_ONLY = ("top_t", "rank", "optimizer", "select_per_micro_batch", "count_pad_reads", "sum_micro_batch_means",
+            "train_alpha", "log_rows", "background_batches", "background_subset", "memory_from")
+STAGE1_INSIDE_SMF = ("retrofit_epochs", "retrofit_lr", "retrofit_limit", "retrofit_max_steps")
 ONLY_FOR = {  # flags that act on some methods only: given for another method, they are an error, never ignored
-    "memory_precision": ("smf", "retrofit"), "oasst1_format": ("smf", "retrofit"), "background_subset": ("smf",),
-    "optimizer": ("smf",), "select_per_micro_batch": ("smf",), "count_pad_reads": ("smf",), "memory_from": ("smf",),
-    "sum_micro_batch_means": ("smf",), "pure_bf16": ("full",), "fsdp": ("full",), "init": ("full",),
-    "merge_lora_for_eval": ("lora",), "export_peft": ("lora",), "export_merged": ("lora",),
+    **{d: ("smf", "retrofit") for d in ["oasst1_format", "retrofit_task",
+                                        *(dest for _, dest in memory.MemoryConfig.options())]},
+    **{d: ("smf",) for d in SMF_ONLY + STAGE1_INSIDE_SMF}, "task": ("smf", "lora", "full"),
+    **{d: ("lora",) for d in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "merge_lora_for_eval",
+                              "export_peft", "export_merged")},
+    "pure_bf16": ("full",), "fsdp": ("full",), "init": ("full",),
 }
+# every numeric flag: (lowest value, whether the lowest itself is allowed); floats must also be finite
+RANGES = {"lr": (0, True), "epochs": (0, False), "max_steps": (1, True), "batch_size": (1, True), "warmup": (0, True),
+          "weight_decay": (0, True), "grad_clip": (0, True), "max_len": (2, True), "limit": (1, True),
+          "save_every": (1, True), "stop_at_step": (1, True), "seed": (0, True), "retrofit_epochs": (0, False),
+          "retrofit_lr": (0, True), "retrofit_limit": (1, True), "retrofit_max_steps": (1, True),
+          "background_batches": (1, True), "background_subset": (0, True), "top_t": (1, True), "lora_r": (1, True),
+          "lora_alpha": (0, False), "lora_dropout": (0, True), "eval_every": (0, True), "eval_limit": (1, True)}
 DEFAULT_LR = {"smf": 5e-4, "retrofit": 5e-4, "lora": 2e-4, "full": 5e-5}
 
 
@@ -70,15 +80,8 @@ DEFAULT_LR = {"smf": 5e-4, "retrofit": 5e-4, "lora": 2e-4, "full": 5e-5}
 # Arguments
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show real defaults; flags whose default is None, False or empty say theirs in their help text."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False, []) else super()._get_help_string(action)
-
-
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = ArgParser(prog="train.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--method", required=True, choices=METHODS,
                    help="smf: stage 1 (retrofit) + background reads + stage 2 (sparse finetuning); retrofit: "
                         "stage 1 alone; lora: adapters; full: every weight")
@@ -113,7 +116,7 @@ def parser():
     g.add_argument("--warmup-from-zero", action=argparse.BooleanOptionalAction, default=None,
                    help="[recipe] lr = peak * s / warmup at step s = 0, 1, ..., the first update at lr 0 (Hugging "
                         "Face's; paper); else peak * (s + 1) / warmup (clean)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     g.add_argument("--max-len", type=int, default=1024, help="tokens per example (longer ones are truncated)")
     g.add_argument("--limit", type=int, default=None,
@@ -133,6 +136,10 @@ def parser():
                         "it applies to each stage in turn")
     add_smf_flags(p)
     add_baseline_flags(p)
+    for action in p._actions:  # [recipe] flags: the value each recipe gives them
+        if action.dest in RECIPES["paper"]:
+            action.help += " (default: " + ", ".join(f"{r} {v}" for r, v in
+                                                   ((r, RECIPES[r][action.dest]) for r in RECIPES)) + ")"
     return p
 
 
@@ -142,7 +149,8 @@ def add_smf_flags(p):
     for f, _ in memory.MemoryConfig.options():  # one flag per MemoryConfig option; unset: MemoryConfig's default
         kw = {k: v for k, v in f.metadata.items() if k not in ("flag", "help", "per_run")}
         kw.setdefault("type", f.type if f.type in (int, float) else str)
-        g.add_argument(f.metadata["flag"], default=None, help=f"{f.metadata['help']} (default: {f.default})", **kw)
+        shown = "" if "(default" in f.metadata["help"] or f.name in ("precision",) else f" (default: {f.default})"
+        g.add_argument(f.metadata["flag"], default=None, help=f.metadata["help"] + shown, **kw)
     g.add_argument("--retrofit-task", default="oasst1",
                    help="stage-1 and background data: oasst1 (see --oasst1-format) or text:PATH")
     g.add_argument("--oasst1-format", default=None, choices=["replies", "chat"],
@@ -176,10 +184,10 @@ def add_smf_flags(p):
 
 def add_baseline_flags(p):
     g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-r", type=int, default=16)
-    g.add_argument("--lora-alpha", type=float, default=32)
-    g.add_argument("--lora-dropout", type=float, default=0.05)
-    g.add_argument("--lora-targets", default=",".join(LORA_TARGETS))
+    g.add_argument("--lora-r", type=int, default=16, help="adapter rank r")
+    g.add_argument("--lora-alpha", type=float, default=32, help="the adapters' output is scaled by alpha / r")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
+    g.add_argument("--lora-targets", default=",".join(LORA_TARGETS), help="the linear layers that get adapters")
     g.add_argument("--export-peft", action="store_true", help="also write the adapter in peft's format to peft/")
     g.add_argument("--export-merged", action="store_true", help="also write the merged model (Hub format) to merged/")
     g.add_argument("--merge-lora-for-eval", action=argparse.BooleanOptionalAction, default=None,
@@ -203,15 +211,25 @@ def int_or_auto(s: str):  # a flag parser: argparse names it in its errors
 def parse_args(argv=None):
     p = parser()
     args = p.parse_args(argv)
-    for name, methods in ONLY_FOR.items():
-        if getattr(args, name) != p.get_default(name) and args.method not in methods:
-            p.error(f"--{name.replace('_', '-')} does not apply to --method {args.method}")
+    given = p.given(argv)
+    for name in sorted(given & set(ONLY_FOR)):
+        if args.method not in ONLY_FOR[name]:
+            hint = " (--method retrofit takes the shared flags: --lr, --epochs, --max-steps, --limit)" \
+                if name in STAGE1_INSIDE_SMF else f" (only to {', '.join(ONLY_FOR[name])})"
+            p.error(f"{p.flag(name)} does not apply to --method {args.method}{hint}")
+    if args.memory_from and (skipped := sorted(given & {*STAGE1_INSIDE_SMF, "retrofit_task", "oasst1_format"})):
+        p.error(f"{p.flag(skipped[0])} acts on stage 1, which --memory-from skips (its memory is already trained)")
+    p.check_ranges(args, RANGES)
+    if args.lora_dropout >= 1:
+        p.error(f"--lora-dropout must be below 1, got {args.lora_dropout}")
     for name, value in RECIPES[args.recipe].items():  # the recipe fills every flag left unset
         if getattr(args, name) is None:
             setattr(args, name, value)
-
-    args.data = dict(parse_data_flag(p, d, ("medmcqa", "oasst1")) for d in args.data)
-    args.eval_data = dict(parse_data_flag(p, d, tuple(PROBES)) for d in args.eval_data)
+    try:
+        args.data = data.parse_data_flags(args.data, ("medmcqa", "oasst1"))
+        args.eval_data = data.parse_data_flags(args.eval_data, tuple(PROBES))
+    except ValueError as e:
+        p.error(str(e))
     if unknown := [t for t in args.eval_tasks.split(",") if t not in PROBES]:
         p.error(f"--eval-tasks: unknown probe {unknown[0]!r} (choose from {','.join(PROBES)})")
     args.lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
@@ -230,48 +248,22 @@ def parse_args(argv=None):
     args.lora_targets = [t for t in args.lora_targets.split(",") if t]
     if bad := [t for t in args.lora_targets if t not in LORA_TARGETS]:
         p.error(f"--lora-targets: unknown module {bad[0]!r} (choose from {','.join(LORA_TARGETS)})")
-    if args.background_subset < 0:
-        p.error("--background-subset must be 0 or more")
-    for name in ("batch_size", "top_t", "max_len", "save_every", "lora_r", "background_batches"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.batch_size % world:
         p.error(f"--batch-size {args.batch_size} must be a multiple of the {world} processes")
     if args.micro_batch != "auto" and (args.micro_batch < 1 or (args.batch_size // world) % args.micro_batch):
         p.error(f"--micro-batch {args.micro_batch} must be a positive divisor of the batch per process "
                 f"({args.batch_size // world})")
-    if args.max_steps is not None and args.max_steps < 1:
-        p.error("--max-steps must be at least 1")
-    for flag in ("task", "retrofit_task"):
-        value = getattr(args, flag)
-        if value.startswith("text:"):
-            if not os.path.exists(value[5:]):
-                p.error(f"--{flag.replace('_', '-')}: file not found: {value[5:]}")
-            setattr(args, flag, "text:" + os.path.abspath(value[5:]))
-        elif value not in ({"task": "medmcqa", "retrofit_task": "oasst1"}[flag],):
-            p.error(f"--{flag.replace('_', '-')}: unknown task {value!r} (expected "
-                    f"{'medmcqa' if flag == 'task' else 'oasst1'} or text:PATH)")
+    for name, known in (("task", "medmcqa"), ("retrofit_task", "oasst1")):
+        try:
+            setattr(args, name, data.check_task(getattr(args, name), known))
+        except ValueError as e:
+            p.error(f"{p.flag(name)}: {e}")
     if args.fsdp and args.eval_every:
         p.error("--eval-every is not supported with --fsdp (evaluate the run afterwards with eval.py)")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         p.error("--fsdp needs torchrun with 2 or more processes (torchrun --nproc_per_node=N train.py ...)")
-    if args.lr is not None and not (math.isfinite(args.lr) and args.lr >= 0):
-        p.error(f"--lr must be a finite number >= 0, got {args.lr}")
-    if args.limit is not None and args.limit < 1:
-        p.error("--limit must be at least 1")
     return args
-
-
-def parse_data_flag(p, flag, names):
-    name, sep, path = flag.partition("=")
-    if not sep or not path:
-        p.error(f"--data expects NAME=PATH, got {flag!r}")
-    if name not in names:
-        p.error(f"--data: unknown dataset {name!r} here (choose from {', '.join(names)})")
-    if not os.path.exists(path):
-        p.error(f"--data {name}: file not found: {path}")
-    return name, os.path.abspath(path)
 
 
 # -----------------------------------------------------------------------------
@@ -280,12 +272,15 @@ def parse_data_flag(p, flag, names):
 
 def task_examples(args, tok):
     """The finetuning examples of --task (--data medmcqa=PATH for a local file), a seeded random --limit of them."""
-    return data.training_examples(args.task, tok, args.max_len, args.seed, args.limit, args.data.get("medmcqa"))
+    examples = data.training_examples(args.task, tok, args.max_len, args.seed, args.limit, args.data.get("medmcqa"))
+    return at_least_a_batch(examples, args, args.task)
 
 
-def bf16_autocast(device):
-    """bf16 autocast on GPU (the frozen base is bf16 there); nothing on CPU, where everything runs in fp32."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def at_least_a_batch(examples, args, what):
+    if len(examples) < args.batch_size:
+        raise RunError(f"{what}: {len(examples)} usable training examples, fewer than one --batch-size "
+                       f"({args.batch_size}): lower --batch-size or give more data")
+    return examples
 
 
 def summed_loss(model, b, pad_reads: bool):
@@ -302,80 +297,6 @@ def lr_at(step, total, peak, warmup, from_zero=False):
         return peak * (step + int(not from_zero)) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-# -----------------------------------------------------------------------------
-# Micro-batches: as few per step as memory allows
-
-# the paper's per-device batch: its SMF stage 2 selects rows and averages the loss per micro-batch of 4
-PAPER_MICRO_BATCH = 4
-
-
-def micro_batch_size(stage, args, device, tok, ranks, pad_reads) -> int:
-    """--micro-batch: examples per forward on each rank (see its help). A resumed run keeps the size it started
-    with (config.json "micro_batch"), so that it continues exactly."""
-    per_rank = args.batch_size // ranks.world
-    config = os.path.join(stage.out, "config.json")
-    if args.micro_batch != "auto":
-        return args.micro_batch
-    if args.resume and os.path.exists(config):
-        with open(config) as f:
-            if (saved := json.load(f).get("micro_batch")) is not None:
-                return saved
-    if stage.smf is not None and (args.select_per_micro_batch or args.sum_micro_batch_means):
-        if PAPER_MICRO_BATCH % ranks.world or per_rank % (PAPER_MICRO_BATCH // ranks.world):
-            raise RunError(f"--recipe paper's SMF selects rows per micro-batch of {PAPER_MICRO_BATCH}: give a "
-                           f"--batch-size that splits into them across {ranks.world} process(es), or --micro-batch")
-        return PAPER_MICRO_BATCH // ranks.world
-    if device.type != "cuda":  # memory is not what limits a CPU run
-        return per_rank
-    if stage.fsdp:  # a sharded forward is collective: no rank may probe alone; the paper's micro-batch or less
-        return largest_that_fits(per_rank, lambda n: n <= PAPER_MICRO_BATCH)
-    size = largest_that_fits(per_rank, lambda n: fits_in_memory(stage, n, device, tok, pad_reads))
-    if ranks.world > 1:  # every rank runs the same split: the smallest any rank can hold
-        t = torch.tensor(size, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        size = int(t)
-    if ranks.main:
-        print(f"micro-batch: {size} examples per forward on each rank (of {per_rank}); --micro-batch sets it",
-              file=sys.stderr)
-    return size
-
-
-def largest_that_fits(n: int, fits) -> int:
-    """The largest divisor d of n for which fits(d), trying the largest first."""
-    for d in (d for d in range(n, 0, -1) if n % d == 0):
-        if fits(d):
-            return d
-    raise RunError("out of GPU memory with a micro-batch of 1: lower --max-len")
-
-
-def fits_in_memory(stage, size, device, tok, pad_reads) -> bool:
-    """Whether one forward+backward of `size` copies of the longest training example fits, beside a buffer the
-    size of the optimizer state (not allocated yet: AdamW's two moments of every trained tensor). It leaves no
-    gradient behind and draws no random number that training uses (the training RNG is seeded after it)."""
-    longest = max(stage.examples, key=lambda e: len(e[0]))
-    b = {k: v.to(device) for k, v in data.collate([longest] * size, tok.pad_id).items()}
-    trained = list(stage.adamw_params.values())
-    if stage.smf is not None:
-        trained += [mem.values.weight for mem in stage.smf["memories"].values()]
-    state_bytes = sum(2 * p.numel() * p.element_size() for p in trained)
-    held = []
-    try:
-        held.append(torch.empty(state_bytes, dtype=torch.uint8, device=device))  # the optimizer state's place
-        with bf16_autocast(device):
-            loss = summed_loss(stage.model, b, pad_reads)
-        loss.backward()
-        return True
-    except torch.cuda.OutOfMemoryError:
-        return False
-    finally:
-        held.clear()
-        loss = None
-        for p in stage.model.parameters():
-            p.grad = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
 
 # -----------------------------------------------------------------------------
@@ -405,7 +326,8 @@ def train(stage: Stage, args, device, tok, ranks):
         for block in model.model.layers:
             if block.memory is None:
                 block.compile()  # in place: parameter names unchanged
-    stage.config["micro_batch"] = micro = micro_batch_size(stage, args, device, tok, ranks, pad_reads)
+    stage.config["micro_batch"] = micro = micro_batch_size(stage, args, device, tok, ranks,
+                                                             functools.partial(summed_loss, pad_reads=pad_reads))
     stream = data.MicroBatches(stage.examples, args.batch_size, micro, args.seed, tok.pad_id, device, ranks.rank,
                                ranks.world, multiple=64 if args.compile and not pad_reads else 1)
     total = stage.max_steps or max(1, int(stage.epochs * stream.per_epoch))
@@ -511,25 +433,6 @@ def make_optimizers(stage, args, device):
     return adamw, smf_opt
 
 
-def after_step(step, total, stage, args, tok, ranks, saver, eval_rows, bar):
-    """--eval-every probes, the checkpoint every --save-every steps and at the end, and --stop-at-step."""
-    if args.eval_every and step % args.eval_every == 0:
-        if ranks.main:
-            stage.model.eval()
-            results = run_tasks(stage.model, tok, eval_rows, repetition_penalty=stage.repetition_penalty,
-                                batch_size=default_batch_size(stage.model.lm_head.weight.device))
-            append_log(os.path.join(stage.out, "eval.jsonl"), {"step": step, **results})
-            stage.model.train()
-        ranks.barrier()
-    if step % args.save_every == 0 or step == total or step == args.stop_at_step:
-        saver.save(step)
-    if step == args.stop_at_step and step < total:
-        bar.close()
-        if ranks.main:
-            print(f"stopped at step {step} as asked (--stop-at-step); continue with --resume", file=sys.stderr)
-        raise StopRun()
-
-
 # -----------------------------------------------------------------------------
 # The methods: each builds its stage
 
@@ -568,6 +471,7 @@ def retrofit_stage(args, out, device, tok, ranks) -> Stage:
     examples = data.training_examples(args.retrofit_task, tok, args.max_len, args.seed,
                                       args.limit if alone else args.retrofit_limit, args.data.get("oasst1"),
                                       args.oasst1_format)
+    at_least_a_batch(examples, args, args.retrofit_task)
     stage = Stage(out=out, model=model, examples=examples,
                   lr=args.lr if alone else args.retrofit_lr,
                   epochs=args.epochs if alone else args.retrofit_epochs,
@@ -582,36 +486,20 @@ def retrofit_stage(args, out, device, tok, ranks) -> Stage:
 
 def background_statistics(model, tok, args, device, ranks, stage1):
     """Read counts and document frequency of every memory slot over --background-batches single-example batches
-    of the stage-1 data (the retrofit's config.json "stage1_data"): the first ones of a seeded random
-    --background-subset of it (the paper's), or a seeded shuffle of all of it (--background-subset 0)."""
-    examples = data.training_examples(stage1["task"], tok, args.max_len, args.seed, args.background_subset or None,
-                                      stage1["path"], stage1["oasst1_format"])
-    if args.background_subset:
-        picked = examples[:args.background_batches]
-    else:
-        picked = [examples[j] for j in data.epoch_order(len(examples), args.seed, epoch=10**6)]
-        picked = picked[:args.background_batches]
+    of the stage-1 data (the retrofit's config.json "stage1_data"; data.background_examples)."""
+    picked = data.background_examples(stage1, tok, args.max_len, args.seed, args.background_subset,
+                                      args.background_batches)
     autocast = bf16_autocast(device)
     mine = tqdm(picked[ranks.rank::ranks.world], desc="background reads", dynamic_ncols=True, disable=not ranks.main)
     stats = memory.background_stats(model, (torch.tensor([ids], device=device) for ids, _ in mine), autocast)
     return stats.summed(ranks.sum_, device) if ranks.world > 1 else stats  # each rank read its share
 
 
-def sparse_stage(args, device, tok, memory_dir, ranks) -> Stage:
+def sparse_stage(args, device, tok, memory_dir, ranks, examples) -> Stage:
     """Stage 2: only the memory values train, and on each step only the top-t rows per layer that the batch
     read most (ranked against background reads, taken from the stage-1 data at the start of this stage) change."""
-    if not is_finished(memory_dir):
-        raise RunError(f"--memory-from {memory_dir}: not a finished retrofit or smf run (no finished config.json)")
-    with open(os.path.join(memory_dir, "config.json")) as f:
-        mem_run = json.load(f)
-    if mem_run.get("memory") is None or "stage1_data" not in mem_run:
-        raise RunError(f"--memory-from {memory_dir}: not a retrofit or smf run of this version of train.py")
     model, _, info = load_model(args.model, dtype=default_dtype(device), device=device)
-    base_config = model.config.to_dict()
-    if mem_run.get("base_config") != base_config:
-        diff = sorted(k for k in base_config if base_config[k] != mem_run.get("base_config", {}).get(k))
-        raise RunError(f"--memory-from {memory_dir}: its base model differs from --model {args.model} "
-                       f"({', '.join(diff) or 'config'})")
+    mem_run = memory_run(memory_dir, model.config.to_dict(), args.model)
     loaded = memory.MemoryConfig.from_dict(mem_run["memory"])
     mem_cfg = memory_config_from_args(args, base=loaded.to_dict())  # the loaded memory, this run's precision
     resolved = mem_cfg.resolve(len(model.model.layers), model.config.hidden_size)
@@ -629,7 +517,6 @@ def sparse_stage(args, device, tok, memory_dir, ranks) -> Stage:
         raise RunError(f"--memory-from {memory_dir}: {weights}: {e}") from e
     if mem_cfg.precision == "bf16":  # the paper's code loads the memory into its bf16 model, then trains fp32 copies
         memory.round_to_bf16_(memories)
-    examples = task_examples(args, tok)
     background_path = os.path.join(args.out, "background.safetensors")
     if args.resume and os.path.exists(background_path):  # a resumed run keeps the statistics it started with
         background = memory.BackgroundStats.load(background_path)
@@ -689,20 +576,6 @@ def lora_or_full_stage(args, device, tok, ranks) -> Stage:
                  repetition_penalty=info["repetition_penalty"], fsdp=args.fsdp)
 
 
-def export_lora_or_full(args, model, ranks):
-    """full: a Hub-format model in hf/; LoRA: optionally peft's adapter format and the merged model."""
-    model.eval()
-    if ranks.main and args.method == "full":  # from the saved weights: the same path with or without FSDP
-        with torch.device("meta"):
-            final = Qwen2(model.config)
-        final.load_hub_state_dict(load_file(os.path.join(args.out, "model.safetensors")))
-        final.save_pretrained(os.path.join(args.out, "hf"), tokenizer_from=args.model)
-    if ranks.main and args.export_peft:
-        save_peft_adapter(model, os.path.join(args.out, "peft"), args.model)
-    if ranks.main and args.export_merged:
-        merge_lora(copy.deepcopy(model)).save_pretrained(os.path.join(args.out, "merged"), tokenizer_from=args.model)
-
-
 # -----------------------------------------------------------------------------
 
 
@@ -726,6 +599,8 @@ def main(argv=None):
         if ranks.main:
             check_out_dir(args.out, args.resume)
             lock = Lock(args.out)  # held until this process ends
+            if args.resume:  # the flags checked before anything is fetched
+                check_resume(args)
         ranks.barrier()
         args.base_revision = hub_revision(resolve_model_dir(args.model))  # fetches a Hub id; a resume must match
         torch.manual_seed(args.seed)
@@ -735,9 +610,10 @@ def main(argv=None):
         elif args.method == "smf":
             memory_dir = args.memory_from or os.path.join(args.out, "retrofit")
             stage1 = args.memory_from is None and not is_finished(memory_dir)  # in a sub-run of its own
+            examples = task_examples(args, tok)  # stage 2's data checked before stage 1 trains
             if stage1:
                 run_stage(retrofit_stage(args, memory_dir, device, tok, ranks), args, device, tok, ranks)
-            model = run_stage(sparse_stage(args, device, tok, memory_dir, ranks), args, device, tok, ranks,
+            model = run_stage(sparse_stage(args, device, tok, memory_dir, ranks, examples), args, device, tok, ranks,
                               first=not stage1)
         else:
             stage = lora_or_full_stage(args, device, tok, ranks)
@@ -760,7 +636,7 @@ def cli(argv=None):
         return 0
     except StopRun:
         return 0
-    except (RunError, FileNotFoundError, ValueError) as e:
+    except (RunError, OSError, ValueError) as e:  # OSError: a missing file, a full disk, a read-only --out
         return f"error: {e}"
     except KeyboardInterrupt:
         return "interrupted: the last checkpoint is intact; continue with --resume"

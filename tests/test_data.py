@@ -386,3 +386,20 @@ def test_collate_pads_to_a_multiple_for_compiled_models():
     assert batch["idx"].shape == (2, 128) and batch["attention_mask"].sum().item() == 73
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
     assert data.collate([([5, 6, 7], [1, 1, 1])], pad_id=0)["idx"].shape == (1, 3)
+
+
+def paper_medmcqa_text(example):
+    """smf_rebuild/datasets.py's MedMCQA to_text (github.com/prakharg55/SMF-ICML), written out for comparison."""
+    options = [example["opa"], example["opb"], example["opc"], example["opd"]]
+    idx = int(example["cop"])
+    explanation = (example.get("exp") or "").strip()
+    text = ("Medical exam question:\n" f"Question: {example['question']}\n" f"A. {options[0]}\n" f"B. {options[1]}\n"
+            f"C. {options[2]}\n" f"D. {options[3]}\n" f"Answer: {'ABCD'[idx]}. {options[idx]}")
+    return text + f"\nExplanation: {explanation}" if explanation else text
+
+
+@pytest.mark.parametrize("exp", ["  Ascorbic acid.\n ", "\tAscorbic acid.", " \n\t ", "", None])
+def test_medmcqa_training_text_strips_the_explanation_as_the_paper(exp):
+    row = {**MEDMCQA[0], "exp": exp}
+    assert data.medmcqa_train_text(row) == paper_medmcqa_text(row)
+    assert data.medmcqa_train_text(row).endswith(("\nExplanation: Ascorbic acid.", "Answer: C. Vitamin C"))

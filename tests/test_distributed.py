@@ -38,6 +38,15 @@ def setup(tiny_model_dir, tmp_path_factory):
 
 
 def compare_runs(a, b, atol=2e-5):
+    """The two runs' weights after a few AdamW steps at lr 1e-4: float noise in near-zero gradients moves an entry
+    by up to ~3e-3 lr a step (seen on one process against another split), 40x under atol; a wrong gradient, a
+    wrong row or a skipped step moves it by about lr. Their logged losses and gradient norms (before each update)
+    also agree."""
+    la, lb = read(os.path.join(a, "log.jsonl")), read(os.path.join(b, "log.jsonl"))
+    assert [r["tokens"] for r in la] == [r["tokens"] for r in lb]
+    for ra, rb in zip(la, lb):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5) and ra["grad_norm"] == pytest.approx(
+            rb["grad_norm"], rel=1e-4)
     ta, tb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
     assert set(ta) == set(tb)
     for k in ta:
@@ -52,14 +61,11 @@ def read(path):
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_two_ranks_equal_one_process_with_double_batch(method, setup):
     d, base = setup
-    extra = ["--method", method, "--recipe", "clean", "--max-steps", "3", "--lr", "1e-3", "--lora-dropout", "0"]
+    extra = ["--method", method, "--recipe", "clean", "--max-steps", "3", "--lr", "1e-4",
+             *(["--lora-dropout", "0"] if method == "lora" else [])]
     run(2, *base, *extra, "--micro-batch", "2", "--out", str(d / f"{method}2"))
     run(1, *base, *extra, "--micro-batch", "4", "--out", str(d / f"{method}1"))
     compare_runs(d / f"{method}2", d / f"{method}1")
-    la, lb = read(d / f"{method}2" / "log.jsonl"), read(d / f"{method}1" / "log.jsonl")
-    assert [r["tokens"] for r in la] == [r["tokens"] for r in lb]
-    for ra, rb in zip(la, lb):
-        assert abs(ra["loss"] - rb["loss"]) < 1e-4
 
 
 def test_smf_ranks_select_the_same_rows(setup):
@@ -69,7 +75,7 @@ def test_smf_ranks_select_the_same_rows(setup):
         "--out", str(d / "retrofit2"))
     # stage 2: 2 ranks x batch 2 against 1 process x batch 4, same memory
     extra = ["--method", "smf", "--recipe", "clean", "--memory-from", str(d / "retrofit2"), "--max-steps", "3",
-             "--top-t", "5", "--lr", "1e-2", "--log-rows", "--background-batches", "10"]
+             "--top-t", "5", "--lr", "1e-4", "--log-rows", "--background-batches", "10"]
     run(2, *base, *extra, "--micro-batch", "2", "--out", str(d / "smf2"))
     run(1, *base, *extra, "--micro-batch", "4", "--out", str(d / "smf1"))
     # the background reads of stage 2 are split across the 2 ranks and summed
@@ -98,7 +104,7 @@ def test_fsdp_full_equals_one_process_and_resumes_exactly(setup):
     """--fsdp shards weights, gradients and AdamW state (fully_shard); the result equals one process with the
     double batch, and an interrupted sharded run resumes bit-identically (full state gathered in the checkpoint)."""
     d, base = setup
-    extra = ["--method", "full", "--recipe", "clean", "--max-steps", "3", "--lr", "1e-3"]
+    extra = ["--method", "full", "--recipe", "clean", "--max-steps", "3", "--lr", "1e-4"]
     run(2, *base, *extra, "--fsdp", "--micro-batch", "2", "--out", str(d / "fsdp2"))
     run(1, *base, *extra, "--micro-batch", "4", "--out", str(d / "fsdp1"))
     compare_runs(d / "fsdp2", d / "fsdp1")

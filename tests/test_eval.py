@@ -366,11 +366,12 @@ def test_cli_errors_are_one_line_and_nonzero(tiny_model_dir, data_files, tmp_pat
     code, err = run("--tasks", "medmcqa,mmlu")
     assert code == 2 and "unknown task 'mmlu'" in err
     code, err = run("--tasks", "medmcqa", "--data", "medmcqa=" + str(tmp_path / "missing.jsonl"))
-    assert code == "error: medmcqa: no such file: " + str(tmp_path / "missing.jsonl")
+    assert code == 2 and "--data medmcqa: file not found: " + str(tmp_path / "missing.jsonl") in err
+    assert err.count("\n") == 1 and "--help" in err  # one line and a hint, no usage
     code, err = run("--tasks", "triviaqa", "--data", "triviaqa=" + data_files["medmcqa"])
     assert code.startswith("error: ") and "lacks column(s) answer" in code and "\n" not in code
     code, err = run("--data", "squad=x.jsonl")
-    assert code == 2 and "expected NAME=PATH" in err
+    assert code == 2 and "unknown dataset 'squad'" in err
     code, err = run("--tasks", "wikitext", "--data", "wikitext=" + data_files["wikitext"], "--limit", "0")
     assert code == 2 and "--limit must be at least 1" in err
     # and as a process: a non-zero exit with the message on stderr
@@ -436,7 +437,7 @@ def test_local_looking_model_path_is_not_found_without_asking_the_hub(data_files
             ev.main(["--tasks", "wikitext", "--data", "wikitext=" + data_files["wikitext"], "--limit", limit])
         assert e.value.code == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
-        assert last.endswith(f"error: --limit must be at least 1, got {limit}")
+        assert last == f"error: --limit must be at least 1, got {limit} (see eval.py --help)"
 
 
 def test_load_model_takes_dtype_and_device_as_names_or_torch_objects(tiny_model_dir):

@@ -619,3 +619,35 @@ def test_an_smf_step_makes_few_host_syncs(tiny_model_dir):
         model(idx).sum().backward()
     assert dict(counter.syncs) == {"_unique2": 3}  # one per memory layer: the distinct rows read
     opt.zero_grad()
+
+
+def test_grad_rows_sums_a_row_held_more_than_once():
+    """A sparse gradient of several micro-batches holds a row once per micro-batch that read it: grad_rows sums
+    them (exactly, in integers here), as the dense gradient does; rows not read get zero."""
+    idx = torch.tensor([[3, 1, 3, 3, 0]])
+    vals = torch.tensor([[1.0, 2.0], [10.0, 20.0], [100.0, 200.0], [1000.0, 2000.0], [5.0, 6.0]])
+    grad = torch.sparse_coo_tensor(idx, vals, (6, 2))  # uncoalesced: row 3 three times
+    dense = grad.to_dense()
+    rows = torch.tensor([3, 2, 0, 1])
+    assert torch.equal(memory.grad_rows(grad, rows), dense[rows])
+    assert torch.equal(memory.grad_rows(grad, rows)[0], torch.tensor([1101.0, 2202.0]))
+    assert torch.equal(memory.grad_rows(dense, rows), dense[rows])
+
+
+def test_background_ranking_terms_follow_an_update():
+    """BackgroundStats caches its smoothed distribution and idf per layer: an update after a ranking has used
+    them gives the terms of the new counts, equal to statistics built from all batches at once."""
+    a, b = {0: torch.tensor([3, 0, 1, 0])}, {0: torch.tensor([0, 2, 2, 0])}
+    stats = BackgroundStats()
+    stats.update(a)
+    stale = stats.distribution(0).clone(), stats.idf(0).clone()
+    c = torch.tensor([4, 0, 0, 1])
+    memory.row_scores(c, stats, 0, "kl"), memory.row_scores(c, stats, 0, "tfidf")  # the ranking caches its terms
+    stats.update(b)
+    fresh = BackgroundStats()
+    fresh.update(a)
+    fresh.update(b)
+    assert torch.equal(stats.distribution(0), fresh.distribution(0)) and torch.equal(stats.idf(0), fresh.idf(0))
+    assert not torch.equal(stats.distribution(0), stale[0]) and not torch.equal(stats.idf(0), stale[1])
+    for rank in ("kl", "tfidf"):
+        assert torch.equal(memory.row_scores(c, stats, 0, rank), memory.row_scores(c, fresh, 0, rank))

@@ -502,3 +502,37 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(tiny_model_dir, chunk)
     torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-5)
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")  # sum order
+
+
+def test_batched_generation_never_counts_padding_as_seen(tiny_model_dir):
+    """The repetition penalty applies to the tokens a row has seen: its real tokens and its new ones, never the
+    left padding of a batch. The pad id here is the very token the short prompt's greedy answer starts with, under
+    a penalty strong enough (5) to change it if the padding counted: the batched answer equals the one alone."""
+    import data
+    model = Qwen2.from_pretrained(tiny_model_dir).eval()
+    long = [8, 9, 10, 11, 12, 13, 14, 15]
+    for short in ([5, 6, 7], [20, 21, 22], [30, 31, 40]):
+        alone = model.generate(torch.tensor([short]), 4, temperature=0.0, repetition_penalty=5.0)[0, 3:].tolist()
+        pad = alone[0]
+        if pad not in short + long:
+            break
+    assert pad not in short + long
+    with torch.no_grad():  # the penalty bites: with the pad id counted as seen, the first answer would differ
+        logits = model(torch.tensor([short]))[0, -1].tolist()
+    penalise = lambda v: v / 5 if v > 0 else v * 5  # noqa: E731  (as transformers' RepetitionPenaltyLogitsProcessor)
+    scores = [penalise(v) if i in short else v for i, v in enumerate(logits)]
+    assert max(range(len(scores)), key=scores.__getitem__) == pad
+    scores[pad] = penalise(scores[pad])
+    assert max(range(len(scores)), key=scores.__getitem__) != pad
+    idx, mask = data.pad([long, short], pad, side="left")
+    out = model.generate(idx, 4, temperature=0.0, attention_mask=mask, repetition_penalty=5.0, pad_token_id=pad)
+    assert out[1, idx.size(1):].tolist() == alone
+
+
+def test_hf_padding_without_padding_runs_unmasked(tiny_model_dir):
+    """hf_padding with a mask that has no padding takes the plain causal path, as Hugging Face's Qwen2 (sdpa) does
+    when no position is padded: bit-identical to no mask at all."""
+    model = Qwen2.from_pretrained(tiny_model_dir).eval()
+    idx = torch.randint(0, 300, (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(idx, torch.ones_like(idx), hf_padding=True), model(idx))

@@ -146,7 +146,7 @@ def test_non_finite_values_stop_before_the_update_and_are_never_saved(tiny_model
     if (out / "checkpoint.safetensors").exists():
         import torch
         assert all(torch.isfinite(v).all() for v in load_file(out / "checkpoint.safetensors").values())
-    one_line_error(cli(tiny_model_dir, medmcqa, tmp_path / "x", "--lr", "inf"), "--lr must be a finite number")
+    one_line_error(cli(tiny_model_dir, medmcqa, tmp_path / "x", "--lr", "inf"), "--lr must be a finite number >= 0")
 
 
 def test_dead_model_is_warned_in_stderr_and_log(tiny_model_dir, medmcqa, tmp_path):
