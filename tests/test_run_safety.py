@@ -188,3 +188,23 @@ def test_a_checkpoint_with_a_non_finite_tensor_is_never_written(tmp_path):
         saver.save(2)
     assert torch.equal(load_file(tmp_path / "model.safetensors")["weight"], good["weight"])  # left as it was
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_same_rows_stops_when_ranks_disagree(monkeypatch):
+    """Ranks.same_rows all-gathers a fingerprint of every layer's selection (faked here: rank 1 sends the
+    fingerprint of its own selection): the same rows in any order pass, one different row stops the run."""
+    import torch
+    mine = {1: torch.tensor([9, 3, 5]), 2: torch.tensor([1, 4])}
+    for theirs, same in (({1: torch.tensor([3, 5, 9]), 2: torch.tensor([4, 1])}, True),
+                         ({1: torch.tensor([3, 5, 9]), 2: torch.tensor([2, 3])}, False),  # same count and id sum
+                         ({1: torch.tensor([3, 5, 8]), 2: torch.tensor([1, 4])}, False),
+                         ({1: torch.tensor([3, 5, 9]), 2: torch.tensor([4])}, False)):
+        def all_gather(seen, fp, theirs=theirs):
+            seen[0].copy_(fp)
+            seen[1].copy_(checkpoint.selection_fingerprint(theirs))
+        monkeypatch.setattr(checkpoint.dist, "all_gather", all_gather)
+        if same:
+            checkpoint.Ranks(rank=0, world=2).same_rows(mine)
+        else:
+            with pytest.raises(checkpoint.RunError, match="selected different memory rows"):
+                checkpoint.Ranks(rank=0, world=2).same_rows(mine)

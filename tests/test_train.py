@@ -367,6 +367,21 @@ def test_micro_batch_auto(retrofit_run, tiny_model_dir, files, tmp_path, monkeyp
     assert r.returncode != 0 and "--micro-batch 3 must be a positive divisor of the batch per process (8)" in r.stderr
 
 
+def test_paper_micro_batch_is_split_across_ranks(retrofit_run, tiny_model_dir, files, tmp_path):
+    """The paper recipe's SMF selects rows per micro-batch of 4 examples (its 4 per device): under 2 processes each
+    rank takes 2 of them, so that a micro-batch still holds 4 across the ranks; a world that cannot split 4 is an
+    error, as an explicit --micro-batch is its own choice."""
+    args = train.parse_args(common(tiny_model_dir, files, tmp_path / "p", "--method", "smf", "--memory-from",
+                                   retrofit_run, "--batch-size", "16", "--micro-batch", "auto"))
+    stage = train.Stage(out=str(tmp_path / "p"), model=None, examples=[], lr=0, epochs=1, max_steps=1,
+                        adamw_params={}, trained=None, config={}, smf={})
+    sizes = {w: checkpoint.micro_batch_size(stage, args, torch.device("cpu"), None, checkpoint.Ranks(0, w), None)
+             for w in (1, 2, 4)}
+    assert sizes == {1: 4, 2: 2, 4: 1}
+    with pytest.raises(train.RunError, match="micro-batch of 4"):
+        checkpoint.micro_batch_size(stage, args, torch.device("cpu"), None, checkpoint.Ranks(0, 3), None)
+
+
 def test_largest_micro_batch_that_fits_backs_off():
     tried = []
 
