@@ -540,3 +540,18 @@ def test_hf_padding_without_padding_runs_unmasked(tiny_model_dir, monkeypatch):
         want = model(idx)
         monkeypatch.setattr(model_module, "padded_attention", lambda *a: pytest.fail("a mask was built"))
         assert torch.equal(model(idx, torch.ones_like(idx), hf_padding=True), want)
+
+
+def test_the_readme_fixture_needs_no_test_only_package(tmp_path):
+    """tiny.write_checkpoint(reference=False), the README's offline fixture, is written by our own Qwen2 (no
+    transformers) in the Hub layout that transformers reads, with the same random weights as the reference one."""
+    from safetensors.torch import load_file
+    from transformers import Qwen2ForCausalLM
+    ours = write_checkpoint(str(tmp_path / "ours"), reference=False)
+    ref = write_checkpoint(str(tmp_path / "ref"))
+    a, b = load_file(os.path.join(ours, "model.safetensors")), load_file(os.path.join(ref, "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    hf = Qwen2ForCausalLM.from_pretrained(ours).eval()
+    idx = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.equal(hf(idx).logits, Qwen2ForCausalLM.from_pretrained(ref).eval()(idx).logits)
