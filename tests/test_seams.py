@@ -242,3 +242,41 @@ def test_usage_errors_are_one_line_with_a_hint():
         r = run(script, *args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
         assert needle in r.stderr and r.stderr.startswith("error: ") and f"(see {script} --help)" in r.stderr
+
+
+def test_the_readmes_tiny_commands_run_as_written(tmp_path):
+    """The README's block of commands on tiny local fixtures, run as written (its /tmp and runs/ moved into a
+    temporary folder), with nothing but the runtime packages imported by the fixtures."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    start = text.index("```bash", text.index("The same commands on tiny local fixtures")) + len("```bash")
+    block = text[start:text.index("```", start)]
+    block = block.replace("/tmp/", f"{tmp_path}/").replace("runs/", f"{tmp_path}/runs/")
+    blocker = tmp_path / "no_transformers"
+    os.makedirs(blocker / "transformers")
+    (blocker / "transformers" / "__init__.py").write_text("raise ImportError('a test-only package')\n")
+    r = subprocess.run(["bash", "-ec", block], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(blocker), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(tmp_path / "runs" / "tiny-smf" / "eval.json"))["medmcqa"]["n"] == 8
+
+
+def test_help_shows_true_defaults_under_both_recipes(capsys):
+    import re
+    import eval as ev
+    raw = train.parser().format_help()
+    raw = raw[raw.index("\noptions:"):]
+    entries = {m.group(1): " ".join(m.group(0).split()) for m in re.finditer(r"\n  (--[\w-]+).*?(?=\n  -|\n\n|$)", raw,
+                                                                           re.S)}
+    for flag, shown in (("--memory-precision", "(default: paper bf16, clean fp32)"),
+                        ("--optimizer", "(default: paper dense_adamw, clean adamw)"),
+                        ("--pure-bf16", "(default: paper True, clean False)"),
+                        ("--seed", "(default: 0)"), ("--weight-decay", "(default: 0.0)"), ("--lora-r", "(default: 16)"),
+                        ("--lora-dropout", "(default: 0.05)")):
+        assert shown in entries[flag], (flag, entries[flag])
+    assert "fp32)" not in entries["--memory-precision"].replace("clean fp32)", "")
+    assert entries["--memory-layers"].count("default") == 1
+    for name, value in train.RECIPES["paper"].items():  # every [recipe] flag shows both recipes' values
+        assert f"(default: paper {value}, clean {train.RECIPES['clean'][name]})" in entries[train.ArgParser.flag(name)]
+    with pytest.raises(SystemExit):
+        ev.main(["--help"])
+    assert "(default: 1000)" in " ".join(capsys.readouterr().out.split())
