@@ -267,10 +267,11 @@ def truncate_log(path, step):
     atomic_write(path, lambda p: open(p, "w").writelines(lines))
 
 
-def finish_stage(out, config, ranks):
-    """Mark a stage finished: eval.py and --memory-from accept only finished runs."""
+def finish_stage(out, config, ranks, device):
+    """Mark a stage finished (eval.py and --memory-from accept only finished runs), with what it cost."""
     config["finished"] = True
     if ranks.main:
+        config["cost"] = run_cost(os.path.join(out, "log.jsonl"), device, ranks.world)
         write_json(os.path.join(out, "config.json"), config)
     ranks.barrier()
 
@@ -526,6 +527,73 @@ def after_step(step, total, stage, args, tok, ranks, saver, eval_rows, bar):
         if ranks.main:
             print(f"stopped at step {step} as asked (--stop-at-step); continue with --resume", file=sys.stderr)
         raise StopRun()
+
+
+# -----------------------------------------------------------------------------
+# Cost: tokens/s and MFU per step (as nanochat logs them), the run's time and GPU-hours in config.json
+
+# dense bf16 peak FLOP/s (no sparsity) of known GPUs, by a part of torch.cuda.get_device_name (first match wins)
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12,
+                   "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def peak_flops(device) -> float | None:
+    """The device's dense bf16 peak from PEAK_BF16_FLOPS; None on a CPU or an unknown GPU (no MFU then)."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+
+
+class Throughput:
+    """Tokens per second and, on a GPU of known peak, the model FLOPs utilisation of each optimizer step, added to
+    its log record (input_tokens, tok_s, mfu) and returned for the progress bar. FLOPs as nanochat and PaLM count
+    them: per token 6 per weight of every matmul (forward 2, backward 4, as if every weight trained: for LoRA and
+    SMF, whose frozen weights skip their weight gradients, this overstates the work by up to a third) plus
+    12 * layers * hidden * length for attention; lookups (embeddings, the memory's value table) are not matmuls,
+    and tied embeddings count once, as the output layer. Tokens are the examples' own (padding excluded)."""
+
+    def __init__(self, model, device, world, stream):
+        cfg = model.config
+        self.stream, self.world, self.peak = stream, world, peak_flops(device)
+        lookups = [p for name, p in model.named_parameters() if name.endswith("memory.values.weight")
+                   or (name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings)]
+        self.matmul_weights = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in lookups)
+        self.attention = 12 * cfg.num_hidden_layers * cfg.hidden_size
+
+    def flops(self, lengths) -> int:
+        """Training FLOPs of one step over examples of these token counts."""
+        return sum(6 * self.matmul_weights * t + self.attention * t * t for t in lengths)
+
+    def __call__(self, record, step) -> dict:
+        lengths = self.stream.lengths(step)
+        seconds = max(1e-9, record["seconds"])
+        record["input_tokens"] = sum(lengths)
+        record["tok_s"] = round(record["input_tokens"] / seconds, 1)
+        shown = {"tok_s": f"{record['tok_s']:.0f}"}
+        if self.peak:
+            record["mfu"] = round(self.flops(lengths) / seconds / (self.peak * self.world), 5)
+            shown["mfu"] = f"{record['mfu']:.1%}"
+        return shown
+
+
+def run_cost(log_path, device, world) -> dict:
+    """What a finished stage cost, from its log: the optimizer steps' time (not loading, background reads or
+    exports), tokens, tokens/s, GPU-hours (seconds x processes, on a GPU) and the time-weighted mean MFU."""
+    with open(log_path) if os.path.exists(log_path) else nullcontext([]) as f:
+        steps = [json.loads(line) for line in f if line.strip()]
+    seconds = sum(r["seconds"] for r in steps)
+    tokens = sum(r.get("input_tokens", 0) for r in steps)
+    mfu = [(r["mfu"], r["seconds"]) for r in steps if "mfu" in r]
+    on_gpu = torch.device(device).type == "cuda"
+    return {"device": device_name(device), "world_size": world, "steps": len(steps), "seconds": round(seconds, 2),
+            "gpu_hours": round(seconds * world / 3600, 4) if on_gpu else 0.0, "input_tokens": tokens,
+            "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+            "mfu": round(sum(m * s for m, s in mfu) / seconds, 5) if mfu and seconds else None}
 
 
 class StepGuard:

@@ -505,6 +505,14 @@ def background_examples(stage1: dict, tok, max_len: int, seed: int, subset: int,
     return examples[:n]
 
 
+def at_least_a_batch(examples: list, batch_size: int, what: str) -> list:
+    """The examples, if there are enough for one optimizer step; else a ValueError naming the problem."""
+    if len(examples) < batch_size:
+        raise ValueError(f"{what}: {len(examples)} usable training examples, fewer than one --batch-size "
+                         f"({batch_size}): lower --batch-size or give more data")
+    return examples
+
+
 class MicroBatches:
     """
     The endless stream of optimizer steps over `examples`, epoch by epoch in a seeded shuffle. Step s of an epoch
@@ -529,10 +537,18 @@ class MicroBatches:
     def order(self, epoch):
         return epoch_order(len(self.ex), self.seed, epoch)
 
+    def step_ids(self, s) -> list:
+        """The examples of optimizer step s, all ranks together."""
+        epoch, i = divmod(s, self.per_epoch)
+        return self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+
+    def lengths(self, s) -> list[int]:
+        """The token count of each example of step s, all ranks together (padding excluded)."""
+        return [len(self.ex[j][0]) for j in self.step_ids(s)]
+
     def step(self, s) -> list:
         """[(this rank's micro-batch on the device, its loss tokens across all ranks)] of optimizer step s."""
-        epoch, i = divmod(s, self.per_epoch)
-        ids = self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        ids = self.step_ids(s)
         size = self.micro * self.world  # one micro-batch, all ranks
         return [self.micro_batch(ids[j:j + size]) for j in range(0, len(ids), size)]
 

@@ -424,6 +424,9 @@ def main(argv=None):
                    help="TriviaQA: decode with a compiled step over a static KV cache (CUDA graphs on a GPU; the same "
                         "tokens; each batch shape compiles once; not yet timed on a GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the tasks already in --out (written with the same model and settings) and run only the "
+                        "others, e.g. after an interrupted evaluation; with every task there, nothing is loaded")
     args = p.parse_args(argv)
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -443,19 +446,34 @@ def main(argv=None):
             p.error(f"{flag} {path}: {problem}")
     if args.out and args.log_samples and os.path.abspath(args.out) == os.path.abspath(args.log_samples):
         p.error("--out and --log-samples name the same file; give each its own")
+    if args.resume and not args.out:
+        p.error("--resume keeps the tasks already in --out: give --out")
+    settings = {"model": args.model, "limit": args.limit, "data": data_paths, "seed": args.seed,
+                "compile": args.compile, "no_repetition_penalty": args.no_repetition_penalty,
+                **{k: getattr(args, k) for k in ("dtype", "batch_size") if getattr(args, k) is not None}}
     torch.manual_seed(args.seed)
     try:
-        task_rows = load_task_rows(tasks, args.limit, data_paths)  # data errors before the model loads
+        results = results_to_keep(args.out, settings) if args.resume else {}
+        kept_meta = results.pop("meta", {})
+        todo = [t for t in tasks if t not in results]
+        if not todo:
+            print(f"every task is already in {args.out} (--resume): nothing to run")
+            print(format_table(results))
+            return
+        task_rows = load_task_rows(todo, args.limit, data_paths)  # data errors before the model loads
         model, tok, info = load_model(args.model, args.dtype, args.device)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     rp = 1.0 if args.no_repetition_penalty else info["repetition_penalty"]
     if args.batch_size is None:
         args.batch_size = default_batch_size(model_device(model))
-    meta = {"model": args.model, "method": info["method"], "base_model": info["base_model"], "tasks": tasks,
-            "limit": args.limit, "data": data_paths, "dtype": info["dtype"], "device": info["device"],
-            "batch_size": args.batch_size, "repetition_penalty": rp, "seed": args.seed, "compile": args.compile}
-    results, samples = {}, ([] if args.log_samples else None)
+    meta = {**settings, "method": info["method"], "base_model": info["base_model"], "tasks": [*results, *todo],
+            "dtype": info["dtype"], "device": info["device"], "batch_size": args.batch_size, "repetition_penalty": rp}
+    for k in ("method", "base_model", "dtype", "batch_size", "repetition_penalty") if results else ():
+        if meta[k] != kept_meta.get(k):  # known only now that the model has loaded
+            sys.exit(f"error: --resume: {args.out} was written with another {k} ({kept_meta.get(k)!r}, now "
+                     f"{meta[k]!r}): evaluate into another --out, or drop --resume to replace it")
+    samples = None if not args.log_samples else kept_samples(args.log_samples, results) if args.resume else []
     for task, rows in task_rows.items():  # each task is written as soon as it finishes, so a failure keeps them
         try:
             results.update(run_tasks(model, tok, {task: rows}, batch_size=args.batch_size, repetition_penalty=rp,
@@ -466,6 +484,28 @@ def main(argv=None):
             sys.exit(f"error: {task}: {(str(e).strip() or type(e).__name__).splitlines()[0]}{kept}")
         write_results(args.out, args.log_samples, {**results, "meta": meta}, samples)
     print(format_table(results))
+
+
+def results_to_keep(out: str, settings: dict) -> dict:
+    """--resume: the results already in `out` ({} if there is none), with their "meta", if it was written with
+    these settings (the flags known before the model loads; main() checks the others once it has)."""
+    if not os.path.exists(out):
+        return {}
+    old = read_json(out)
+    meta = old.get("meta", {})
+    for k, v in settings.items():
+        if json.loads(json.dumps(v)) != meta.get(k, None if k != "no_repetition_penalty" else False):
+            raise ValueError(f"--resume: {out} was written with another {k} ({meta.get(k)!r}, now {v!r}): evaluate "
+                             f"into another --out, or drop --resume to replace it")
+    return {k: v for k, v in old.items() if k in PROBES or k == "meta"}
+
+
+def kept_samples(path: str, results: dict) -> list:
+    """--resume: the lines of --log-samples of the tasks kept (the file is rewritten with them first)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [s for s in map(json.loads, filter(str.strip, f)) if s.get("task") in results]
 
 
 def output_problem(path: str | None, kind: str) -> str | None:

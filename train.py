@@ -34,9 +34,9 @@ from tqdm import tqdm
 
 import data
 import memory
-from checkpoint import (Checkpoint, Lock, RunError, StepGuard, StopRun, append_log, begin_run, begin_stage,
-                        after_step, check_out_dir, check_resume, export_lora_or_full, finish_stage, hub_revision, is_finished,
-                        memory_run, micro_batch_size, setup_ranks)
+from checkpoint import (Checkpoint, Lock, RunError, StepGuard, StopRun, Throughput, after_step, append_log,
+                        begin_run, begin_stage, check_out_dir, check_resume, export_lora_or_full, finish_stage,
+                        hub_revision, is_finished, memory_run, micro_batch_size, setup_ranks)
 from eval import PROBES, default_tasks, load_model, load_task_rows
 from model import (LORA_TARGETS, ArgParser, Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, bf16_autocast,
                    default_dtype, load_tensors, lora_state_dict, resolve_model_dir, write_json)
@@ -273,14 +273,7 @@ def parse_args(argv=None):
 def task_examples(args, tok):
     """The finetuning examples of --task (--data medmcqa=PATH for a local file), a seeded random --limit of them."""
     examples = data.training_examples(args.task, tok, args.max_len, args.seed, args.limit, args.data.get("medmcqa"))
-    return at_least_a_batch(examples, args, args.task)
-
-
-def at_least_a_batch(examples, args, what):
-    if len(examples) < args.batch_size:
-        raise RunError(f"{what}: {len(examples)} usable training examples, fewer than one --batch-size "
-                       f"({args.batch_size}): lower --batch-size or give more data")
-    return examples
+    return data.at_least_a_batch(examples, args.batch_size, args.task)
 
 
 def summed_loss(model, b, pad_reads: bool):
@@ -350,7 +343,7 @@ def train(stage: Stage, args, device, tok, ranks):
     wrapped = ranks.wrap(model, device, ddp=smf is None and not stage.fsdp)
     averaged = ranks.world > 1 and smf is None  # gradients arrive averaged over ranks: scale the loss up
     sum_of_means = smf is not None and args.sum_micro_batch_means
-    guard = StepGuard(stage.out)
+    guard, meter = StepGuard(stage.out), Throughput(model, device, ranks.world, stream)
     log_path = os.path.join(stage.out, "log.jsonl")
     model.train()
     bar = tqdm(total=total, initial=step, desc=os.path.basename(stage.out), dynamic_ncols=True, disable=not ranks.main)
@@ -412,10 +405,11 @@ def train(stage: Stage, args, device, tok, ranks):
         if warning := guard.dead(record["loss"], record["grad_norm"], step):
             record["warning"] = warning
         record["seconds"] = round(time.time() - t0, 4)
+        shown = meter(record, step - 1)  # tokens/s and (on a GPU) MFU
         if ranks.main:
             append_log(log_path, record)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{n_tokens / max(1e-9, record['seconds']):.0f}")
+        bar.set_postfix(loss=f"{loss_mean:.4f}", **shown)
         after_step(step, total, stage, args, tok, ranks, saver, eval_rows, bar)
     bar.close()
 
@@ -471,7 +465,7 @@ def retrofit_stage(args, out, device, tok, ranks) -> Stage:
     examples = data.training_examples(args.retrofit_task, tok, args.max_len, args.seed,
                                       args.limit if alone else args.retrofit_limit, args.data.get("oasst1"),
                                       args.oasst1_format)
-    at_least_a_batch(examples, args, args.retrofit_task)
+    data.at_least_a_batch(examples, args.batch_size, args.retrofit_task)
     stage = Stage(out=out, model=model, examples=examples,
                   lr=args.lr if alone else args.retrofit_lr,
                   epochs=args.epochs if alone else args.retrofit_epochs,
@@ -586,7 +580,7 @@ def run_stage(stage: Stage, args, device, tok, ranks, then=None, first=True):
     train(stage, args, device, tok, ranks)
     if then is not None:
         then()
-    finish_stage(stage.out, stage.config, ranks)
+    finish_stage(stage.out, stage.config, ranks, device)
     return stage.model
 
 

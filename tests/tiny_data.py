@@ -57,3 +57,21 @@ def write_parquet(path: str, rows):
     import pyarrow.parquet as pq
     pq.write_table(pa.Table.from_pylist(rows), path)
     return str(path)
+
+
+def wikitext_rows(n: int, seed: int = 0):
+    """WikiText-style rows ({"text"}), some empty, as the Hub's files have them."""
+    rng = random.Random(seed)
+    return [{"text": "" if i % 3 == 0 else f" The {rng.choice(FRUITS)} and the {rng.choice(ORGANS)} . \n"}
+            for i in range(n)]
+
+
+def triviaqa_rows(n: int, seed: int = 0):
+    """TriviaQA rc.nocontext-style rows: a question and its answer's value and aliases."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        organ = rng.choice(ORGANS)
+        rows.append({"question": f"Which organ does the {FRUITS[i % len(FRUITS)]} help?",
+                     "answer": {"value": organ, "aliases": [organ, organ.title()]}})
+    return rows

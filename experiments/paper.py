@@ -1,0 +1,630 @@
+"""
+The paper's whole table in two commands: `run` trains and evaluates every row, resumably; `table` turns the runs
+into the paper's table, checks its claims and draws its Pareto picture (as the paper's code does with its slurm
+scripts and smf_rebuild/pareto_plot.py, github.com/prakharg55/SMF-ICML).
+
+    python experiments/paper.py run --out runs/paper                 # base eval; per seed: retrofit, smf, lora, full
+    python experiments/paper.py table runs/paper --plot pareto.png   # mean ± std over seeds, deltas, claims, picture
+    python experiments/paper.py run --demo                           # a smoke test on tiny fixtures, CPU, ~2 minutes
+
+run: one job after another, each a `python train.py` or `python eval.py` in a process of its own:
+  base                      eval.py of --model                                   -> OUT/base/eval.json
+  retrofit-seedS            train.py --method retrofit (one per seed and memory, as the paper's scripts; shared by
+                            every SMF variant of that seed; retrofit-replacement-seedS for the replacement memory)
+  NAME-seedS                train.py for each --methods entry (VARIANTS)          -> OUT/NAME-seedS
+  NAME-seedS/eval.json      eval.py --model OUT/NAME-seedS --resume
+--train-args go to every train.py call, --retrofit-args / --smf-args / --lora-args / --full-args to those of one
+kind (a flag for one method is an error for another, so a memory shape goes in --retrofit-args), --eval-args to
+every eval.py call. Re-running the same command after an interruption anywhere (kill -9 included) completes the
+table: a finished run (config.json "finished") or a complete eval.json is skipped, an unfinished run continues with
+--resume (losing at most the steps since its last checkpoint), an unfinished eval keeps the probes it finished
+(eval.py --resume). OUT/paper.json records each job's command: a re-run whose command for a job differs is refused,
+so runs made with other flags are never mixed into one table; OUT/journal.jsonl logs every start, skip and finish,
+and OUT/logs/ each job's output. On Linux a job dies with this script.
+
+table: reads eval JSONs (files; run directories holding eval.json; folders searched for them), names each run by
+what it recorded (config.json's method, memory mode and recipe, args.json's ranking and --train-alpha: VARIANTS'
+names; runs whose other training flags differ get those flags appended), takes its seed from args.json, and prints
+per method and probe the mean ± sample std over seeds (n), the change from the base model (accuracy in points),
+the paper's published figure (PAPER), the verdict on each claim (CLAIMS: decided on the means, as the paper states
+them; "not enough runs" below MIN_SEEDS seeds), what is missing, and what the runs cost (config.json "cost").
+"""
+
+import ctypes
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from eval import PROBES  # noqa: E402
+from model import ArgParser, read_json, write_json  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# The paper's rows, numbers and claims: data in one place, so that a fork can hold its runs against another paper
+
+# name: (train.py --method, the memory of its retrofit (None: none), train.py flags, the paper's name for the row)
+VARIANTS = {
+    "smf": ("smf", "additive", [], "SMF, additive memory, KL ranking"),
+    "smf-alpha": ("smf", "additive", ["--train-alpha"], "SMF, additive, KL, also trains the memory scale"),
+    "smf-tfidf": ("smf", "additive", ["--rank", "tfidf"], "SMF, additive memory, TF-IDF ranking"),
+    "smf-replacement": ("smf", "replacement", [], "SMF, replacement memory, KL ranking"),
+    "smf-replacement-tfidf": ("smf", "replacement", ["--rank", "tfidf"], "SMF, replacement memory, TF-IDF ranking"),
+    "retrofit": ("retrofit", "additive", None, "stage 1 alone (the paper code's 'additive dense')"),
+    "retrofit-replacement": ("retrofit", "replacement", None, "stage 1 alone, replacement memory"),
+    "lora": ("lora", None, [], "LoRA r=16"),
+    "full": ("full", None, [], "full finetuning"),
+}
+RETROFIT_FLAGS = {"additive": [], "replacement": ["--memory-mode", "replacement"]}
+
+PAPER = {  # arXiv 2605.03229, Qwen2.5-0.5B-Instruct, mean of 3 seeds (None: not given exactly; replacement ppl ~16.5)
+    "base": {"medmcqa": 0.344, "wikitext": 13.146, "triviaqa": 0.256},
+    "smf": {"medmcqa": 0.369, "wikitext": 12.723, "triviaqa": 0.252},
+    "smf-alpha": {"medmcqa": 0.378, "wikitext": 13.139, "triviaqa": 0.223},
+    "smf-replacement": {"medmcqa": 0.354, "wikitext": None, "triviaqa": 0.179},
+    "smf-replacement-tfidf": {"medmcqa": 0.355, "wikitext": None, "triviaqa": 0.207},
+    "lora": {"medmcqa": 0.390, "wikitext": 15.470, "triviaqa": 0.193},
+    "full": {"medmcqa": 0.398, "wikitext": 18.907, "triviaqa": 0.163},
+}
+NEAR = {"wikitext": 1.0, "triviaqa": 0.01}  # "about 1 point": 1 perplexity point, 1 accuracy point
+MIN_SEEDS = 2  # a claim about a method is judged on at least this many seeds of it
+
+
+def worse_than_near(delta, probe):  # the change from the base is a loss of more than NEAR[probe]
+    return -delta > NEAR[probe] if PROBES[probe].metric == "acc" else delta > NEAR[probe]
+
+
+def better(delta, probe):  # the change from the base is a gain
+    return delta > 0 if PROBES[probe].metric == "acc" else delta < 0
+
+
+# (the claim, the (method, probe) changes from the base it reads, its test on them in that order)
+CLAIMS = [
+    ("SMF gains on MedMCQA (paper: +2.5 points)", [("smf", "medmcqa")], lambda d: better(d[0], "medmcqa")),
+    ("SMF keeps WikiText perplexity within about 1 point of the base (paper: -0.42)", [("smf", "wikitext")],
+     lambda d: not worse_than_near(d[0], "wikitext")),
+    ("SMF keeps TriviaQA accuracy within about 1 point of the base (paper: -0.4 points)", [("smf", "triviaqa")],
+     lambda d: not worse_than_near(d[0], "triviaqa")),
+    ("LoRA gains more on MedMCQA than SMF (paper: +4.6 vs +2.5 points)", [("lora", "medmcqa"), ("smf", "medmcqa")],
+     lambda d: d[0] > d[1]),
+    ("full finetuning gains more on MedMCQA than SMF (paper: +5.4 vs +2.5 points)",
+     [("full", "medmcqa"), ("smf", "medmcqa")], lambda d: d[0] > d[1]),
+    ("LoRA drifts on both probes, by more than about 1 point (paper: WikiText +2.32, TriviaQA -6.3 points)",
+     [("lora", "wikitext"), ("lora", "triviaqa")],
+     lambda d: worse_than_near(d[0], "wikitext") and worse_than_near(d[1], "triviaqa")),
+    ("full finetuning drifts on both probes, by more than about 1 point (paper: WikiText +5.76, TriviaQA -9.3 "
+     "points)", [("full", "wikitext"), ("full", "triviaqa")],
+     lambda d: worse_than_near(d[0], "wikitext") and worse_than_near(d[1], "triviaqa")),
+]
+
+# -----------------------------------------------------------------------------
+# run: the jobs
+
+
+def parse_run_args(argv):
+    p = ArgParser(prog="paper.py run", description="Train and evaluate every row of the paper's table, resumably.")
+    p.add_argument("--out", default=None, help="the folder of every run (default runs/paper; --demo: runs/paper-demo)")
+    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="base model: Hub id or local directory")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated train.py --seed values")
+    p.add_argument("--methods", default="smf,lora,full", help=f"comma-separated, from {','.join(VARIANTS)}")
+    for kind in ("train", "retrofit", "smf", "lora", "full", "eval"):
+        p.add_argument(f"--{kind}-args", default="", metavar="ARGS",
+                       help="flags for every train.py call" if kind == "train" else
+                       "flags for every eval.py call" if kind == "eval" else f"flags for the {kind} train.py calls")
+    p.add_argument("--dry-run", action="store_true", help="print each job's command and state; run nothing")
+    p.add_argument("--demo", action="store_true",
+                   help="tiny fixtures built in --out (random weights, a few steps and eval rows) on the CPU: a smoke "
+                        "test of the pipeline whose numbers mean nothing")
+    args = p.parse_args(argv)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
+    args.methods = [m for m in args.methods.split(",") if m]
+    if bad := [m for m in args.methods if m not in VARIANTS]:
+        p.error(f"--methods: unknown {bad[0]!r} (choose from {','.join(VARIANTS)})")
+    if not args.seeds or not args.methods:
+        p.error("give at least one seed and one method")
+    for kind in ("train", "retrofit", "smf", "lora", "full", "eval"):
+        try:
+            setattr(args, f"{kind}_args", shlex.split(getattr(args, f"{kind}_args")))
+        except ValueError as e:
+            p.error(f"--{kind}-args: {e}")
+    args.out = os.path.abspath(args.out or os.path.join("runs", "paper-demo" if args.demo else "paper"))
+    return args
+
+
+def jobs(args) -> list[dict]:
+    """Every job in order: {"name", "kind" (train|eval), "dir" (train: the run; eval: the evaluated run), "argv"}."""
+    def train(name, method, flags):
+        argv = ["train.py", "--method", method, "--model", args.model, "--seed", str(seed), "--out",
+                os.path.join(args.out, name), *flags, *args.train_args, *getattr(args, f"{method}_args")]
+        return {"name": name, "kind": "train", "dir": os.path.join(args.out, name), "argv": argv}
+
+    def evaluate(name, model):
+        out = os.path.join(args.out, name, "eval.json")
+        return {"name": f"{name}/eval.json", "kind": "eval", "dir": os.path.join(args.out, name), "out": out,
+                "argv": ["eval.py", "--model", model, "--out", out, "--resume", *args.eval_args]}
+
+    def retrofit_of(mem):
+        return f"retrofit{'' if mem == 'additive' else '-' + mem}-seed{seed}"
+
+    todo = [evaluate("base", args.model)]
+    for seed in args.seeds:
+        for mem in dict.fromkeys(VARIANTS[m][1] for m in args.methods if VARIANTS[m][1]):
+            todo.append(train(retrofit_of(mem), "retrofit", RETROFIT_FLAGS[mem]))  # one per seed and memory
+        for m in args.methods:
+            method, mem, flags, _ = VARIANTS[m]
+            if method == "retrofit":  # the retrofit itself, evaluated
+                todo.append(evaluate(retrofit_of(mem), os.path.join(args.out, retrofit_of(mem))))
+                continue
+            name = f"{m}-seed{seed}"
+            memory_from = ["--memory-from", os.path.join(args.out, retrofit_of(mem))] if mem else []
+            todo.append(train(name, method, memory_from + flags))
+            todo.append(evaluate(name, os.path.join(args.out, name)))
+    return todo
+
+
+def state(job) -> str:
+    """done, resume (an interrupted train.py run or eval), or start."""
+    if job["kind"] == "train":
+        cfg = os.path.join(job["dir"], "config.json")
+        if os.path.exists(cfg) and read_json(cfg).get("finished"):
+            return "done"
+        return "resume" if os.path.exists(os.path.join(job["dir"], "args.json")) else "start"
+    if not os.path.exists(job["out"]):
+        return "start"
+    results = read_json(job["out"])
+    return "done" if all(t in results for t in results.get("meta", {}).get("tasks", [None])) else "resume"
+
+
+def check_plan(out, todo):
+    """OUT/paper.json: each job's command. A job whose command changed since is refused (its run was made with
+    other flags); new jobs are added."""
+    path = os.path.join(out, "paper.json")
+    plan = read_json(path) if os.path.exists(path) else {}
+    for j in todo:
+        if j["name"] in plan and plan[j["name"]] != j["argv"]:
+            was, now = plan[j["name"]], j["argv"]
+            first = next((i for i, (a, b) in enumerate(zip(was, now)) if a != b), min(len(was), len(now)))
+            raise SystemExit(f"error: {j['name']} in {out} was made by another command ({shlex.join(was[first:])!r} "
+                             f"where this one gives {shlex.join(now[first:])!r}): give the same flags, or another "
+                             f"--out")
+        plan[j["name"]] = j["argv"]
+    write_json(path, plan)
+
+
+def die_with_parent():
+    """In the child, before exec: on Linux, SIGTERM it when this script dies (even by kill -9)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def journal(out, **event):
+    with open(os.path.join(out, "journal.jsonl"), "a") as f:
+        f.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
+
+
+def run_job(job, how, out, env):
+    argv = [sys.executable, os.path.join(ROOT, job["argv"][0]), *job["argv"][1:]]
+    if job["kind"] == "train" and how == "resume":
+        argv.append("--resume")
+    if job["kind"] == "eval":
+        os.makedirs(job["dir"], exist_ok=True)
+    log = os.path.join(out, "logs", job["name"].replace("/", "_") + ".log")
+    journal(out, job=job["name"], event="start", resume=how == "resume")
+    t0 = time.time()
+    with open(log, "a") as f:
+        f.write(f"\n$ {shlex.join(argv)}\n")
+        f.flush()
+        rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                            preexec_fn=die_with_parent if sys.platform == "linux" else None).returncode
+    seconds = time.time() - t0
+    if rc != 0:
+        journal(out, job=job["name"], event="failed", rc=rc, seconds=round(seconds, 2))
+        with open(log) as f:
+            tail = [line.rstrip() for line in f if line.strip()][-3:]
+        raise SystemExit(f"error: {job['name']} failed (exit {rc}); its output is in {log}:\n  " + "\n  ".join(tail))
+    journal(out, job=job["name"], event="done", seconds=round(seconds, 2))
+    return seconds
+
+
+def run(argv=None):
+    args = parse_run_args(argv)
+    if args.demo:
+        add_demo_fixtures(args)
+    todo = jobs(args)
+    if args.dry_run:
+        for j in todo:
+            print(f"# {j['name']}: {state(j)}\npython {shlex.join(j['argv'])}")
+        return
+    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    check_plan(args.out, todo)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    t_all = time.time()
+    for i, j in enumerate(todo, 1):
+        how = state(j)
+        if how == "done":
+            journal(args.out, job=j["name"], event="skip")
+            print(f"[{i}/{len(todo)}] {j['name']}: done before, skipped", flush=True)
+            continue
+        print(f"[{i}/{len(todo)}] {j['name']}: {'resuming' if how == 'resume' else 'running'} ...", end=" ",
+              flush=True)
+        print(f"{run_job(j, how, args.out, env):.0f} s", flush=True)
+    print(f"every job done ({time.time() - t_all:.0f} s this time)\n")
+    table([args.out], demo=args.demo)
+
+
+def add_demo_fixtures(args):
+    """--demo: a tiny random Qwen2 in the Hub layout and tiny data files (tests/tiny.py, tests/tiny_data.py: only
+    runtime packages), built once in OUT/fixtures (written beside, then renamed), and the flags that use them."""
+    fixtures = os.path.join(args.out, "fixtures")
+    if not os.path.isdir(fixtures):
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
+        from tiny import write_checkpoint
+        from tiny_data import medmcqa_rows, oasst1_rows, triviaqa_rows, wikitext_rows, write_jsonl, write_parquet
+        tmp = fixtures + f".tmp{os.getpid()}"
+        os.makedirs(tmp)
+        write_checkpoint(os.path.join(tmp, "tiny"), reference=False)
+        write_parquet(os.path.join(tmp, "medmcqa.parquet"), medmcqa_rows(40))
+        write_jsonl(os.path.join(tmp, "oasst1.jsonl"), oasst1_rows(100))
+        write_jsonl(os.path.join(tmp, "wikitext.jsonl"), wikitext_rows(8))
+        write_jsonl(os.path.join(tmp, "triviaqa.jsonl"), triviaqa_rows(8))
+        os.rename(tmp, fixtures)
+    f = lambda name: os.path.join(fixtures, name)  # noqa: E731
+    args.model = f("tiny")
+    if args.seeds == [0, 1, 2]:
+        args.seeds = [0, 1]
+    args.train_args = ["--data", f"medmcqa={f('medmcqa.parquet')}", "--data", f"oasst1={f('oasst1.jsonl')}",
+                       "--device", "cpu", "--max-len", "128", "--max-steps", "3", "--warmup", "1", *args.train_args]
+    args.retrofit_args = ["--n-keys", "8", "--mem-heads", "2", "--mem-topk", "4", "--mem-k-dim", "16",
+                          "--memory-layers", "1,2", *args.retrofit_args]
+    args.smf_args = ["--background-batches", "8", "--top-t", "8", *args.smf_args]
+    args.eval_args = ["--limit", "8", "--device", "cpu", "--quiet",
+                      *[a for t in PROBES if PROBES[t].default
+                        for a in ("--data", f"{t}={f(('medmcqa.parquet' if t == 'medmcqa' else t + '.jsonl'))}")],
+                      *args.eval_args]
+
+
+# -----------------------------------------------------------------------------
+# table: from eval JSONs to the paper's table
+
+
+def eval_files(paths) -> list[str]:
+    """The eval JSONs named: files as given, a run directory's eval.json, every eval.json below a folder."""
+    found = []
+    for p in paths:
+        if os.path.isfile(p):
+            found.append(p)
+        elif os.path.isfile(os.path.join(p, "eval.json")):
+            found.append(os.path.join(p, "eval.json"))
+        elif os.path.isdir(p):
+            found += sorted(os.path.join(d, "eval.json") for d, _, names in os.walk(p) if "eval.json" in names)
+        else:
+            raise SystemExit(f"error: {p}: no such file or folder")
+    return found
+
+
+def variant_name(config: dict, args: dict) -> str:
+    """A run's row name, from what it recorded (VARIANTS' names; a recipe other than the paper's is appended)."""
+    method = config["method"]
+    name = method
+    if method in ("smf", "retrofit"):
+        name = method + ("-replacement" if config["memory"]["mode"] == "replacement" else "")
+        if method == "smf":
+            name += "" if args.get("rank", "kl") == "kl" else "-" + args["rank"]
+            name += "-alpha" if args.get("train_alpha") else ""
+    recipe = (config.get("recipe") or {}).get("name", "paper")
+    return name if recipe == "paper" else f"{name}-{recipe}"
+
+
+# args.json entries that do not make a run another experiment (where it ran, how it was saved, its seed)
+NOT_THE_EXPERIMENT = {"seed", "out", "resume", "device", "stop_at_step", "save_every", "eval_every", "eval_tasks",
+                      "eval_limit", "eval_data", "compile", "memory_from", "command", "git_commit", "git_dirty",
+                      "python", "torch", "tokenizers", "safetensors", "huggingface_hub", "world_size",
+                      "base_revision", "micro_batch"}
+
+
+def is_run(d: str) -> bool:
+    return os.path.isfile(os.path.join(d, "args.json")) and os.path.isfile(os.path.join(d, "config.json"))
+
+
+def read_evals(files):
+    """[{"file", "results", "meta", "name", "seed", "flags" (args.json's experiment entries), "cost"}], and notes
+    on what could not be read."""
+    evals, notes = [], []
+    for path in files:
+        try:
+            results = read_json(path)
+        except (OSError, ValueError) as e:
+            notes.append(f"skipped {path}: {e}")
+            continue
+        meta = results.get("meta", {})
+        here = os.path.dirname(os.path.abspath(path))
+        run = next((d for d in (here, meta.get("model")) if d and is_run(d)), None)
+        e = {"file": path, "results": results, "meta": meta, "seed": None, "flags": {}, "cost": {}}
+        if run is None and meta.get("method") is None:
+            e["name"] = "base"
+        elif run is None:
+            notes.append(f"skipped {path}: the run it evaluated ({meta.get('model')}) is not where it was")
+            continue
+        else:
+            config, args = read_json(os.path.join(run, "config.json")), read_json(os.path.join(run, "args.json"))
+            e.update(name=variant_name(config, args), seed=args.get("seed"), run=os.path.abspath(run),
+                     flags={k: v for k, v in args.items() if k not in NOT_THE_EXPERIMENT},
+                     cost={os.path.abspath(run): (variant_name(config, args), config.get("cost"))})
+            if config.get("memory_from") and is_run(config["memory_from"]):  # its retrofit, a run of its own
+                mem_config = read_json(os.path.join(config["memory_from"], "config.json"))
+                e["cost"][config["memory_from"]] = (variant_name(mem_config, {}), mem_config.get("cost"))
+        evals.append(e)
+    return evals, notes
+
+
+def split_by_flags(evals):
+    """Runs of one name but other flags (e.g. another --lr) become rows of their own, named by what differs."""
+    by_name = {}
+    for e in evals:
+        by_name.setdefault(e["name"], []).append(e)
+    for name, group in by_name.items():
+        kinds = {json.dumps(e["flags"], sort_keys=True) for e in group}
+        if len(kinds) < 2:
+            continue
+        differ = sorted({k for e in group for k in e["flags"] if any(e["flags"].get(k) != o["flags"].get(k)
+                                                                      for o in group)})
+        for e in group:
+            tags = ",".join(f"{k}={e['flags'].get(k)}" for k in differ)
+            e["name"] = f"{name}[{tags}]"
+
+
+def mean_std(values):
+    n = len(values)
+    m = sum(values) / n
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return m, s
+
+
+def summarize(evals, notes):
+    """The table's numbers: {"base", "methods", "claims", "missing", "cost", "notes"} (see the module docstring)."""
+    split_by_flags(evals)
+    probes = [t for t in PROBES if any(t in e["results"] for e in evals)]
+    metric = {t: PROBES[t].metric for t in probes}
+    base_runs = [e for e in evals if e["name"] == "base"]
+    base = {t: mean_std([e["results"][t][metric[t]] for e in base_runs if t in e["results"]])[0]
+            for t in probes if any(t in e["results"] for e in base_runs)}
+    methods, seeds_of, missing = {}, {}, []
+    for e in evals:
+        if e["name"] == "base":
+            continue
+        if e["seed"] in seeds_of.setdefault(e["name"], {}):
+            notes.append(f"{e['name']} seed {e['seed']}: evaluated twice; using {e['file']}")
+        seeds_of[e["name"]][e["seed"]] = e
+    for name, by_seed in sorted(seeds_of.items(), key=lambda kv: row_order(kv[0])):
+        methods[name] = {}
+        for t in probes:
+            values = [e["results"][t][metric[t]] for e in by_seed.values() if t in e["results"]]
+            if not values:
+                missing.append(f"{name}: no {t} result")
+                continue
+            m, s = mean_std(values)
+            methods[name][t] = {"mean": m, "std": s, "n": len(values), "delta": m - base[t] if t in base else None}
+    all_seeds = sorted({s for by_seed in seeds_of.values() for s in by_seed if s is not None})
+    for name, by_seed in seeds_of.items():
+        if lacking := [s for s in all_seeds if s not in by_seed]:
+            missing.append(f"{name}: no run for seed {', '.join(map(str, lacking))}")
+    missing += [f"base: no {t} result" for t in probes if t not in base]
+    missing += [f"{name}: no run" for name in ("smf", "lora", "full") if name not in methods]
+    for t in PROBES:
+        if PROBES[t].default and t not in probes:
+            missing.append(f"no {t} result in any eval")
+    eval_settings = {json.dumps({k: e["meta"].get(k) for k in ("limit", "data", "dtype", "repetition_penalty")},
+                                sort_keys=True) for e in evals}
+    if len(eval_settings) > 1:
+        notes.append(f"the evals differ in their settings (limit, data, dtype or repetition penalty): "
+                     f"{' vs '.join(sorted(eval_settings))}")
+    return {"base": base, "methods": methods, "claims": judge(methods, base), "missing": missing,
+            "cost": cost(evals), "notes": notes}
+
+
+def judge(methods, base):
+    """Each claim: holds true or false on the means over seeds, or null when a change it reads is missing (no run,
+    no base) or rests on fewer than MIN_SEEDS seeds."""
+    verdicts = []
+    for text, reads, test in CLAIMS:
+        rows = [methods.get(m, {}).get(t) for m, t in reads]
+        seen = "; ".join(f"{m} {t}: " + ("no result" if r is None else "no base" if r["delta"] is None else
+                                         f"{fmt_delta(r['delta'], t)} (n={r['n']})")
+                         for (m, t), r in zip(reads, rows))
+        if any(r is None or r["delta"] is None or r["n"] < MIN_SEEDS for r in rows):
+            verdicts.append({"claim": text, "holds": None,
+                             "why": f"not enough runs ({seen}; a verdict needs the base and {MIN_SEEDS} seeds)"})
+        else:
+            verdicts.append({"claim": text, "holds": bool(test([r["delta"] for r in rows])), "why": seen})
+    return verdicts
+
+
+def cost(evals) -> dict:
+    """Per row: its training runs' summed step time and GPU-hours (config.json "cost"); the retrofits the SMF runs
+    read their memory from are rows of their own, each counted once."""
+    runs = {path: named for e in evals for path, named in e["cost"].items()}
+    out = {}
+    for name, c in runs.values():
+        row = out.setdefault(name, {"runs": 0, "seconds": 0.0, "gpu_hours": 0.0, "unknown": 0})
+        row["runs"] += 1
+        if c is None:  # a run of an older train.py, which did not record it
+            row["unknown"] += 1
+            continue
+        row["seconds"] += c["seconds"]
+        row["gpu_hours"] += c["gpu_hours"]
+    return dict(sorted(out.items(), key=lambda kv: row_order(kv[0])))
+
+
+def row_order(name: str):
+    """VARIANTS' order (the paper's), then other names alphabetically."""
+    plain = name.split("[")[0]
+    return (list(VARIANTS).index(plain) if plain in VARIANTS else len(VARIANTS), name)
+
+
+def fmt_value(v):
+    return "-" if v is None else f"{v:.3f}"
+
+
+def fmt_delta(v, probe):
+    if v is None:
+        return "-"
+    return f"{100 * v:+.1f} pts" if PROBES[probe].metric == "acc" else f"{v:+.2f}"
+
+
+def markdown(s) -> str:
+    probes = [t for t in PROBES if t in s["base"] or any(t in m for m in s["methods"].values())]
+    head = ["method"] + [h for t in probes for h in (f"{t} {PROBES[t].metric}", "change", "paper")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines.append("| base | " + " | ".join(c for t in probes for c in (
+        fmt_value(s["base"].get(t)), "", fmt_value(PAPER["base"].get(t)))) + " |")
+    for name, row in s["methods"].items():
+        cells = []
+        for t in probes:
+            r = row.get(t)
+            v = "-" if r is None else fmt_value(r["mean"]) + (f" ± {r['std']:.3f}" if r["std"] is not None else "") \
+                + f" (n={r['n']})"
+            cells += [v, "-" if r is None else fmt_delta(r["delta"], t), fmt_value(PAPER.get(name, {}).get(t))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    out = ["\n".join(lines), "", "Claims (decided on the means over seeds):"]
+    out += [f"  [{'holds' if c['holds'] else 'FAILS' if c['holds'] is False else 'n/a  '}] {c['claim']}: {c['why']}"
+            for c in s["claims"]]
+    if s["missing"]:
+        out += ["", "Missing:"] + [f"  {m}" for m in s["missing"]]
+    if s["notes"]:
+        out += ["", "Notes:"] + [f"  {n}" for n in s["notes"]]
+    if s["cost"]:
+        total = sum(r["gpu_hours"] for r in s["cost"].values())
+        out += ["", "Cost (training steps only, summed over runs):"]
+        out += [f"  {name}: {r['runs']} run(s), {r['seconds']:.0f} s, {r['gpu_hours']:.2f} GPU-hours"
+                + (f" ({r['unknown']} run(s) recorded no cost)" if r["unknown"] else "") for name, r in s["cost"].items()]
+        out.append(f"  total: {total:.2f} GPU-hours")
+    return "\n".join(out)
+
+
+def write_csv(s, path):
+    probes = [t for t in PROBES if t in s["base"] or any(t in m for m in s["methods"].values())]
+    rows = [["method", *[f"{t}_{k}" for t in probes for k in ("mean", "std", "n", "delta", "paper")]]]
+    rows.append(["base", *[x for t in probes for x in (s["base"].get(t), None, None, None, PAPER["base"].get(t))]])
+    for name, row in s["methods"].items():
+        rows.append([name, *[x for t in probes for x in (*(row.get(t, {}).get(k) for k in ("mean", "std", "n",
+                                                                                             "delta")),
+                                                          PAPER.get(name, {}).get(t))]])
+    with open(path, "w") as f:
+        f.writelines(",".join("" if x is None else str(x) for x in r) + "\n" for r in rows)
+
+
+def write_latex(s, path):
+    probes = [t for t in PROBES if t in s["base"] or any(t in m for m in s["methods"].values())]
+    arrow = {t: "$\\uparrow$" if PROBES[t].metric == "acc" else "$\\downarrow$" for t in probes}
+    lines = ["% requires \\usepackage{booktabs}", "\\begin{tabular}{l" + "c" * len(probes) + "}", "\\toprule",
+             " & ".join(["Method", *[f"{t} {PROBES[t].metric} {arrow[t]}" for t in probes]]) + " \\\\", "\\midrule",
+             " & ".join(["base", *[fmt_value(s["base"].get(t)) for t in probes]]) + " \\\\"]
+    for name, row in s["methods"].items():
+        cells = [name.replace("_", "\\_")]
+        for t in probes:
+            r = row.get(t)
+            cells.append("---" if r is None else f"{r['mean']:.3f}" + (f" $\\pm$ {r['std']:.3f}" if r["std"] else ""))
+        lines.append(" & ".join(cells) + " \\\\")
+    with open(path, "w") as f:
+        f.write("\n".join(lines + ["\\bottomrule", "\\end{tabular}"]) + "\n")
+
+
+def pareto(points, lower_y: bool) -> list:
+    """The points (x, y, name) no other point beats on both (higher x; lower or higher y), by increasing x."""
+    def beats(a, b):
+        better_y = a[1] <= b[1] if lower_y else a[1] >= b[1]
+        strictly = a[0] > b[0] or (a[1] < b[1] if lower_y else a[1] > b[1])
+        return a[0] >= b[0] and better_y and strictly
+    return sorted((p for p in points if not any(beats(q, p) for q in points if q is not p)), key=lambda p: p[0])
+
+
+def plot(s, path):
+    """MedMCQA accuracy (x) against WikiText perplexity and TriviaQA accuracy (two panels): one marker per row with
+    its seed standard deviation as error bars, the base as a star, the Pareto frontier dashed. Needs matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    for ax, probe in zip(axes, ("wikitext", "triviaqa")):
+        points = []
+        for name, row in s["methods"].items():
+            if "medmcqa" in row and probe in row:
+                x, y = row["medmcqa"], row[probe]
+                ax.errorbar(x["mean"], y["mean"], xerr=x["std"] or 0, yerr=y["std"] or 0, fmt="o", capsize=3,
+                            markersize=8, label=name)
+                ax.annotate(name, (x["mean"], y["mean"]), xytext=(6, 5), textcoords="offset points", fontsize=9)
+                points.append((x["mean"], y["mean"], name))
+        if "medmcqa" in s["base"] and probe in s["base"]:
+            ax.plot(s["base"]["medmcqa"], s["base"][probe], "*", color="black", markersize=14, label="base")
+            points.append((s["base"]["medmcqa"], s["base"][probe], "base"))
+        front = pareto(points, lower_y=PROBES[probe].metric != "acc")
+        if len(front) > 1:
+            ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="grey", alpha=0.7, zorder=0)
+        ax.set_xlabel("MedMCQA accuracy (higher: more learned)")
+        ax.set_ylabel(f"{probe} {PROBES[probe].metric} ("
+                      f"{'lower' if PROBES[probe].metric != 'acc' else 'higher'}: less forgetting)")
+        ax.grid(alpha=0.25)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def parse_table_args(argv):
+    p = ArgParser(prog="paper.py table", description="The paper's table, its claims and its Pareto picture from "
+                                                     "eval JSONs.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="eval JSONs, run directories, or folders of runs")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the numbers and verdicts as JSON")
+    p.add_argument("--csv", default=None, metavar="FILE", help="write the table as CSV")
+    p.add_argument("--latex", default=None, metavar="FILE", help="write the table as LaTeX (booktabs)")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the Pareto picture (needs matplotlib)")
+    return p.parse_args(argv)
+
+
+def table(paths, json_path=None, csv_path=None, latex_path=None, plot_path=None, demo=False):
+    evals, notes = read_evals(eval_files(paths))
+    if not evals:
+        raise SystemExit(f"error: no eval JSON found in {', '.join(paths)}")
+    s = summarize(evals, notes)
+    if demo:
+        print("SMOKE TEST of the pipeline (--demo: a tiny random model, a few steps): these numbers mean nothing.\n")
+    print(markdown(s))
+    if json_path:
+        write_json(json_path, {k: s[k] for k in ("base", "methods", "claims", "missing", "cost", "notes")})
+    if csv_path:
+        write_csv(s, csv_path)
+    if latex_path:
+        write_latex(s, latex_path)
+    if plot_path:
+        try:
+            plot(s, plot_path)
+            print(f"\nwrote {plot_path}")
+        except ImportError:
+            print(f"\nno picture: matplotlib is not installed (pip install matplotlib); {plot_path} not written")
+    return s
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("run", "table"):
+        raise SystemExit("usage: paper.py run [--demo] ... | paper.py table PATH ... (see paper.py run --help, "
+                         "paper.py table --help)")
+    if argv[0] == "run":
+        return run(argv[1:])
+    a = parse_table_args(argv[1:])
+    table(a.paths, a.json, a.csv, a.latex, a.plot)
+
+
+if __name__ == "__main__":
+    main()
