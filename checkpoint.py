@@ -2,14 +2,16 @@
 The plumbing around train.py's loop, so that train.py reads as the algorithm (as nanochat's checkpoint_manager.py
 and common.py): data-parallel ranks, the run directory (what --out may be, its lock, args.json and --resume),
 checkpoints (trained tensors, optimizer state, every rank's RNG state and the step, in one safetensors file), the
-step log, the exports, and the micro-batch size that fits the GPU. Imported by train.py alone.
+step log and its cost, the exports, and the micro-batch size that fits the GPU. Imported by train.py alone.
 
 A run directory (train.py --out) holds only files train.py writes, each written atomically (write, then rename):
 
     args.json                every resolved argument, library versions, base model revision, git commit
-    config.json              how to rebuild the model: method, base model, memory / LoRA configuration, recipe
+    config.json              how to rebuild the model: method, base model, memory / LoRA configuration, recipe;
+                             once finished, what the stage cost (run_cost)
     model.safetensors        only what the method trained (SMF: the memory layers; LoRA: adapters; full: all)
-    log.jsonl                one line per optimizer step (loss, lr, grad norm, tokens, seconds, SMF rows per layer)
+    log.jsonl                one line per optimizer step (loss, lr, grad norm, tokens, seconds, tokens/s, MFU on a
+                             GPU, SMF rows per layer)
     checkpoint.safetensors   everything --resume needs (trained tensors, optimizer, RNG, step) in one file
     background.safetensors   (SMF) read statistics of every memory slot on the stage-1 data, from stage 2's start
     retrofit/                (SMF) the stage-1 run directory, itself a `--method retrofit` run
@@ -30,6 +32,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -271,7 +274,7 @@ def finish_stage(out, config, ranks, device):
     """Mark a stage finished (eval.py and --memory-from accept only finished runs), with what it cost."""
     config["finished"] = True
     if ranks.main:
-        config["cost"] = run_cost(os.path.join(out, "log.jsonl"), device, ranks.world)
+        config["cost"] = run_cost(out, device, ranks.world)
         write_json(os.path.join(out, "config.json"), config)
     ranks.barrier()
 
@@ -309,6 +312,10 @@ class Checkpoint:
         self.path = os.path.join(out, "checkpoint.safetensors")
         self.out, self.model, self.trained, self.dense = out, model, trained, dense
         self.dense_opt, self.smf_opt, self.ranks, self.fsdp = dense_opt, smf_opt, ranks, fsdp
+        self.started, self.wall_before = time.time(), 0.0  # the loop's wall time, over every resumed segment
+
+    def wall(self) -> float:
+        return self.wall_before + time.time() - self.started
 
     def rng_states(self, device):
         """Every rank's CPU (and CUDA) RNG state, gathered so that rank 0 can write them all."""
@@ -355,7 +362,7 @@ class Checkpoint:
             tensors.update({f"smf_opt.{k}": v.detach().cpu().contiguous()
                             for k, v in self.smf_opt.state_dict().items()})
         tensors.update(rng)
-        meta = {"step": str(step), "world_size": str(self.ranks.world)}
+        meta = {"step": str(step), "world_size": str(self.ranks.world), "wall_seconds": f"{self.wall():.2f}"}
         atomic_write(os.path.join(self.out, "model.safetensors"), lambda p: save_file(trained, p))
         atomic_write(self.path, lambda p: save_file(tensors, p, metadata=meta))
         self.ranks.barrier()
@@ -368,6 +375,7 @@ class Checkpoint:
         try:
             with safe_open(self.path, "pt") as f:
                 step, world = int(f.metadata()["step"]), int(f.metadata()["world_size"])
+                self.started, self.wall_before = time.time(), float(f.metadata().get("wall_seconds", 0))
                 # under FSDP only rank 0 reads the weights and AdamW moments; the others receive their shards
                 tensors = {k: f.get_tensor(k) for k in f.keys()
                            if ranks.main or not self.fsdp or not k.startswith(("model.", "adamw."))}
@@ -581,18 +589,26 @@ class Throughput:
         return shown
 
 
-def run_cost(log_path, device, world) -> dict:
-    """What a finished stage cost, from its log: the optimizer steps' time (not loading, background reads or
-    exports), tokens, tokens/s, GPU-hours (seconds x processes, on a GPU) and the time-weighted mean MFU."""
-    with open(log_path) if os.path.exists(log_path) else nullcontext([]) as f:
+def run_cost(out, device, world) -> dict:
+    """What a finished stage cost: the loop's wall time (steps, checkpoints, --eval-every; summed over resumed runs
+    up to the last checkpoint, from its metadata; not loading, background reads or exports), GPU-hours (that time x
+    processes, on a GPU), and from the log the optimizer steps' own time, tokens, tokens/s and the time-weighted
+    mean MFU."""
+    log, ckpt = os.path.join(out, "log.jsonl"), os.path.join(out, "checkpoint.safetensors")
+    with open(log) if os.path.exists(log) else nullcontext([]) as f:
         steps = [json.loads(line) for line in f if line.strip()]
+    wall = None
+    if os.path.exists(ckpt):
+        with safe_open(ckpt, "pt") as f:
+            wall = float(f.metadata().get("wall_seconds", "nan"))
     seconds = sum(r["seconds"] for r in steps)
     tokens = sum(r.get("input_tokens", 0) for r in steps)
     mfu = [(r["mfu"], r["seconds"]) for r in steps if "mfu" in r]
     on_gpu = torch.device(device).type == "cuda"
-    return {"device": device_name(device), "world_size": world, "steps": len(steps), "seconds": round(seconds, 2),
-            "gpu_hours": round(seconds * world / 3600, 4) if on_gpu else 0.0, "input_tokens": tokens,
-            "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+    wall = seconds if wall is None or math.isnan(wall) else wall
+    return {"device": device_name(device), "world_size": world, "steps": len(steps), "wall_seconds": round(wall, 2),
+            "step_seconds": round(seconds, 2), "gpu_hours": round(wall * world / 3600, 4) if on_gpu else 0.0,
+            "input_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
             "mfu": round(sum(m * s for m, s in mfu) / seconds, 5) if mfu and seconds else None}
 
 

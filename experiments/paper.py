@@ -225,7 +225,7 @@ def run_job(job, how, out, env):
     with open(log, "a") as f:
         f.write(f"\n$ {shlex.join(argv)}\n")
         f.flush()
-        rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+        rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env,  # in the caller's folder, as typed
                             preexec_fn=die_with_parent if sys.platform == "linux" else None).returncode
     seconds = time.time() - t0
     if rc != 0:
@@ -240,7 +240,7 @@ def run_job(job, how, out, env):
 def run(argv=None):
     args = parse_run_args(argv)
     if args.demo:
-        add_demo_fixtures(args)
+        add_demo_fixtures(args, write=not args.dry_run)
     todo = jobs(args)
     if args.dry_run:
         for j in todo:
@@ -263,11 +263,11 @@ def run(argv=None):
     table([args.out], demo=args.demo)
 
 
-def add_demo_fixtures(args):
+def add_demo_fixtures(args, write=True):
     """--demo: a tiny random Qwen2 in the Hub layout and tiny data files (tests/tiny.py, tests/tiny_data.py: only
     runtime packages), built once in OUT/fixtures (written beside, then renamed), and the flags that use them."""
     fixtures = os.path.join(args.out, "fixtures")
-    if not os.path.isdir(fixtures):
+    if write and not os.path.isdir(fixtures):
         sys.path.insert(0, os.path.join(ROOT, "tests"))
         from tiny import write_checkpoint
         from tiny_data import medmcqa_rows, oasst1_rows, triviaqa_rows, wikitext_rows, write_jsonl, write_parquet
@@ -361,7 +361,7 @@ def read_evals(files):
             e.update(name=variant_name(config, args), seed=args.get("seed"), run=os.path.abspath(run),
                      flags={k: v for k, v in args.items() if k not in NOT_THE_EXPERIMENT},
                      cost={os.path.abspath(run): (variant_name(config, args), config.get("cost"))})
-            if config.get("memory_from") and is_run(config["memory_from"]):  # its retrofit, a run of its own
+            if os.path.isfile(os.path.join(config.get("memory_from") or "", "config.json")):  # its retrofit's cost
                 mem_config = read_json(os.path.join(config["memory_from"], "config.json"))
                 e["cost"][config["memory_from"]] = (variant_name(mem_config, {}), mem_config.get("cost"))
         evals.append(e)
@@ -451,17 +451,18 @@ def judge(methods, base):
 
 
 def cost(evals) -> dict:
-    """Per row: its training runs' summed step time and GPU-hours (config.json "cost"); the retrofits the SMF runs
-    read their memory from are rows of their own, each counted once."""
+    """Per row: its training runs' summed wall time and GPU-hours (config.json "cost": the training loops, not
+    loading or evaluation); the retrofits the SMF runs read their memory from are rows of their own, each counted
+    once."""
     runs = {path: named for e in evals for path, named in e["cost"].items()}
     out = {}
     for name, c in runs.values():
-        row = out.setdefault(name, {"runs": 0, "seconds": 0.0, "gpu_hours": 0.0, "unknown": 0})
+        row = out.setdefault(name, {"runs": 0, "wall_seconds": 0.0, "gpu_hours": 0.0, "unknown": 0})
         row["runs"] += 1
         if c is None:  # a run of an older train.py, which did not record it
             row["unknown"] += 1
             continue
-        row["seconds"] += c["seconds"]
+        row["wall_seconds"] += c["wall_seconds"]
         row["gpu_hours"] += c["gpu_hours"]
     return dict(sorted(out.items(), key=lambda kv: row_order(kv[0])))
 
@@ -505,9 +506,10 @@ def markdown(s) -> str:
         out += ["", "Notes:"] + [f"  {n}" for n in s["notes"]]
     if s["cost"]:
         total = sum(r["gpu_hours"] for r in s["cost"].values())
-        out += ["", "Cost (training steps only, summed over runs):"]
-        out += [f"  {name}: {r['runs']} run(s), {r['seconds']:.0f} s, {r['gpu_hours']:.2f} GPU-hours"
-                + (f" ({r['unknown']} run(s) recorded no cost)" if r["unknown"] else "") for name, r in s["cost"].items()]
+        out += ["", "Cost (the training loops, summed over runs; not loading or evaluation):"]
+        out += [f"  {name}: {r['runs']} run(s), {r['wall_seconds']:.1f} s, {r['gpu_hours']:.2f} GPU-hours"
+                + (f" ({r['unknown']} run(s) recorded no cost)" if r["unknown"] else "")
+                for name, r in s["cost"].items()]
         out.append(f"  total: {total:.2f} GPU-hours")
     return "\n".join(out)
 
@@ -621,7 +623,10 @@ def main(argv=None):
         raise SystemExit("usage: paper.py run [--demo] ... | paper.py table PATH ... (see paper.py run --help, "
                          "paper.py table --help)")
     if argv[0] == "run":
-        return run(argv[1:])
+        try:
+            return run(argv[1:])
+        except KeyboardInterrupt:
+            raise SystemExit("interrupted: every finished job is kept; re-run the same command to continue") from None
     a = parse_table_args(argv[1:])
     table(a.paths, a.json, a.csv, a.latex, a.plot)
 

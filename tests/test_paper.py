@@ -1,0 +1,375 @@
+"""experiments/paper.py: `table` against a hand computation on hand-made runs (means, sample stds, deltas, a claim
+that holds and one that fails, a method with one seed, a missing probe, runs of other flags kept apart), `run`
+end to end on the --demo fixtures killed with kill -9 in the middle of a training job and re-run (it completes,
+every job done exactly once, the killed run resumed), a changed command refused; eval.py --resume; the cost
+training records (tokens/s, MFU, config.json's cost) against a hand count."""
+
+import fcntl
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER = os.path.join(ROOT, "experiments", "paper.py")
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import paper  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# table on hand-made runs
+
+BASE = {"medmcqa": 0.30, "wikitext": 10.0, "triviaqa": 0.25}
+VALUES = {  # row: {seed: {probe: value}}; full has one seed and no TriviaQA
+    "smf": {0: {"medmcqa": 0.33, "wikitext": 10.2, "triviaqa": 0.22}, 1: {"medmcqa": 0.35, "wikitext": 10.4,
+                                                                          "triviaqa": 0.23},
+            2: {"medmcqa": 0.34, "wikitext": 10.3, "triviaqa": 0.21}},
+    "lora": {0: {"medmcqa": 0.40, "wikitext": 12.0, "triviaqa": 0.20}, 1: {"medmcqa": 0.42, "wikitext": 13.0,
+                                                                           "triviaqa": 0.18}},
+    "full": {0: {"medmcqa": 0.45, "wikitext": 15.0}},
+}
+METRIC = {"medmcqa": "acc", "wikitext": "ppl", "triviaqa": "acc"}
+
+
+def eval_json(path, model, method, values):
+    results = {t: {METRIC[t]: v, "n": 10} for t, v in values.items()}
+    results["meta"] = {"model": model, "method": method, "tasks": list(values), "limit": 10, "data": {},
+                       "dtype": "float32", "repetition_penalty": 1.1}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f)
+
+
+def fake_run(d, method, seed, values, mode="additive", cost=None, **args):
+    """A finished run directory as train.py leaves it (the fields table reads), evaluated into d/eval.json."""
+    os.makedirs(d, exist_ok=True)
+    config = {"method": method, "memory": {"mode": mode} if method in ("smf", "retrofit") else None,
+              "recipe": {"name": "paper"}, "finished": True, "cost": cost}
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(config, f)
+    with open(os.path.join(d, "args.json"), "w") as f:
+        json.dump({"method": method, "seed": seed, "lr": 1e-4, "rank": "kl", "train_alpha": False,
+                   "out": d, "device": "cpu", **args}, f)
+    if values is not None:
+        eval_json(os.path.join(d, "eval.json"), d, method, values)
+
+
+@pytest.fixture
+def hand_runs(tmp_path):
+    eval_json(str(tmp_path / "base" / "eval.json"), "Qwen/Qwen2.5-0.5B-Instruct", None, BASE)
+    for name, seeds in VALUES.items():
+        for seed, values in seeds.items():
+            cost = {"wall_seconds": 100.0 * (seed + 1), "gpu_hours": 0.5 * (seed + 1)}
+            fake_run(str(tmp_path / f"{name}-seed{seed}"), name, seed, values, cost=cost)
+    return tmp_path
+
+
+def test_table_equals_a_hand_computation(hand_runs, tmp_path):
+    out = tmp_path / "table.json"
+    paper.main(["table", str(hand_runs), "--json", str(out)])
+    got = json.loads(out.read_text())
+    assert got["base"] == BASE
+    assert list(got["methods"]) == ["smf", "lora", "full"]  # the paper's order
+    # by hand: smf medmcqa (0.33, 0.35, 0.34): mean 0.34, sample std 0.01, delta +0.04; wikitext mean 10.3 std 0.1
+    want = {("smf", "medmcqa"): (0.34, 0.01, 3, 0.04), ("smf", "wikitext"): (10.3, 0.1, 3, 0.3),
+            ("smf", "triviaqa"): (0.22, 0.01, 3, -0.03), ("lora", "medmcqa"): (0.41, math.sqrt(2e-4), 2, 0.11),
+            ("lora", "wikitext"): (12.5, math.sqrt(0.5), 2, 2.5),
+            ("lora", "triviaqa"): (0.19, math.sqrt(2e-4), 2, -0.06),
+            ("full", "medmcqa"): (0.45, None, 1, 0.15), ("full", "wikitext"): (15.0, None, 1, 5.0)}
+    for (m, t), (mean, std, n, delta) in want.items():
+        r = got["methods"][m][t]
+        assert r["n"] == n
+        assert r["mean"] == pytest.approx(mean, abs=1e-12) and r["delta"] == pytest.approx(delta, abs=1e-12)
+        assert (r["std"] is None) if std is None else r["std"] == pytest.approx(std, abs=1e-12)
+    assert "triviaqa" not in got["methods"]["full"]
+    assert "full: no triviaqa result" in got["missing"] and "full: no run for seed 1, 2" in got["missing"]
+    claims = {c["claim"].split(" (paper")[0]: c for c in got["claims"]}
+    assert claims["SMF gains on MedMCQA"]["holds"] is True
+    assert claims["SMF keeps WikiText perplexity within about 1 point of the base"]["holds"] is True  # +0.3
+    assert claims["SMF keeps TriviaQA accuracy within about 1 point of the base"]["holds"] is False  # -3 points
+    assert claims["LoRA gains more on MedMCQA than SMF"]["holds"] is True
+    assert claims["LoRA drifts on both probes, by more than about 1 point"]["holds"] is True  # +2.5, -6 points
+    for text in ("full finetuning gains more on MedMCQA than SMF", "full finetuning drifts on both probes, by more "
+                 "than about 1 point"):  # one seed, and no TriviaQA: not enough to say
+        assert claims[text]["holds"] is None and "not enough runs" in claims[text]["why"]
+    assert got["cost"]["smf"] == {"runs": 3, "wall_seconds": 600.0, "gpu_hours": 3.0, "unknown": 0}
+    assert got["cost"]["full"]["gpu_hours"] == 0.5
+
+
+def test_table_outputs_and_what_it_prints(hand_runs, tmp_path, capsys):
+    csv, tex = tmp_path / "t.csv", tmp_path / "t.tex"
+    paper.main(["table", str(hand_runs / "base" / "eval.json"), *(str(hand_runs / f"smf-seed{s}") for s in range(3)),
+                "--csv", str(csv), "--latex", str(tex)])
+    printed = capsys.readouterr().out
+    assert "| smf | 0.340 ± 0.010 (n=3) | +4.0 pts | 0.369 |" in printed  # ours, the change, the paper's figure
+    assert "[holds] SMF gains on MedMCQA" in printed and "[FAILS] SMF keeps TriviaQA" in printed
+    assert "lora: no run" in printed and "[n/a  ] LoRA gains more" in printed
+    rows = [line.split(",") for line in csv.read_text().splitlines()]
+    assert rows[0][:6] == ["method", "medmcqa_mean", "medmcqa_std", "medmcqa_n", "medmcqa_delta", "medmcqa_paper"]
+    assert rows[2][0] == "smf" and float(rows[2][1]) == pytest.approx(0.34, abs=1e-12) and rows[2][3] == "3"
+    assert "smf & 0.340 $\\pm$ 0.010 & 10.300 $\\pm$ 0.100 & 0.220 $\\pm$ 0.010 \\\\" in tex.read_text()
+
+
+def test_table_keeps_runs_of_other_flags_apart_and_finds_a_run_from_its_eval(tmp_path):
+    eval_json(str(tmp_path / "base.json"), "Qwen/Qwen2.5-0.5B-Instruct", None, BASE)
+    fake_run(str(tmp_path / "a"), "lora", 0, None)
+    fake_run(str(tmp_path / "b"), "lora", 0, {"medmcqa": 0.5}, lr=1e-3)
+    fake_run(str(tmp_path / "c"), "smf", 0, {"medmcqa": 0.6}, rank="tfidf", train_alpha=True, mode="replacement")
+    eval_json(str(tmp_path / "elsewhere" / "eval-a.json"), str(tmp_path / "a"), "lora", {"medmcqa": 0.4})
+    s = paper.table([str(tmp_path / "base.json"), str(tmp_path / "elsewhere" / "eval-a.json"),
+                     str(tmp_path / "b"), str(tmp_path / "c")])
+    assert s["methods"]["lora[lr=0.0001]"]["medmcqa"]["mean"] == 0.4  # named from run a's own args.json
+    assert s["methods"]["lora[lr=0.001]"]["medmcqa"]["mean"] == 0.5
+    assert s["methods"]["smf-replacement-tfidf-alpha"]["medmcqa"]["mean"] == 0.6
+    assert any("seed 0" not in m and "smf: no run" in m for m in s["missing"])
+
+
+def test_every_variant_is_named_by_what_its_runs_record():
+    for name, (method, mem, flags, _) in paper.VARIANTS.items():
+        flags = (flags or []) + paper.RETROFIT_FLAGS.get(mem, [])
+        recorded = {"rank": flags[flags.index("--rank") + 1] if "--rank" in flags else "kl",
+                    "train_alpha": "--train-alpha" in flags}
+        config = {"method": method, "recipe": {"name": "paper"},
+                  "memory": {"mode": "replacement" if "replacement" in flags else "additive"} if mem else None}
+        assert paper.variant_name(config, recorded) == name
+    assert paper.variant_name({"method": "lora", "recipe": {"name": "clean"}}, {}) == "lora-clean"
+
+
+def test_pareto_frontier():
+    pts = [(0.3, 10.0, "base"), (0.35, 9.0, "a"), (0.4, 12.0, "b"), (0.33, 11.0, "c"), (0.4, 13.0, "d")]
+    assert [p[2] for p in paper.pareto(pts, lower_y=True)] == ["a", "b"]  # c and base beaten by a, d by b
+    assert [p[2] for p in paper.pareto(pts, lower_y=False)] == ["d"]
+
+
+def test_table_plot_writes_a_png(hand_runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "pareto.png"
+    paper.main(["table", str(hand_runs), "--plot", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_table_plot_without_matplotlib_says_so(hand_runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    paper.main(["table", str(hand_runs), "--plot", str(tmp_path / "p.png")])
+    assert "matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "p.png").exists()
+
+
+# -----------------------------------------------------------------------------
+# run --demo, killed with kill -9 in the middle of a training job, then re-run
+
+
+def journal(out):
+    with open(os.path.join(out, "journal.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def lock_is_free(run_dir):
+    with open(os.path.join(run_dir, ".lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("paper") / "runs")
+    cmd = [sys.executable, PAPER, "run", "--demo", "--out", out, "--smf-args", "--max-steps 30 --save-every 5"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                             start_new_session=True)
+    log = os.path.join(out, "smf-seed0", "log.jsonl")
+    try:
+        deadline = time.time() + 300
+        while not (os.path.exists(log) and sum(1 for _ in open(log)) >= 8):  # past its checkpoint at step 5
+            assert first.poll() is None and time.time() < deadline, "paper.py ended before smf-seed0 trained"
+            time.sleep(0.01)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        deadline = time.time() + 60
+        while not lock_is_free(os.path.join(out, "smf-seed0")):  # the job dies with paper.py (PR_SET_PDEATHSIG)
+            assert time.time() < deadline, "train.py outlived the killed paper.py"
+            time.sleep(0.05)
+    finally:
+        try:
+            os.killpg(first.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    before = journal(out)
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return out, before, journal(out)[len(before):], second
+
+
+def test_run_killed_in_a_job_completes_with_nothing_done_twice(demo_run):
+    out, before, after, second = demo_run
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    plan = json.load(open(os.path.join(out, "paper.json")))
+    names = ["base/eval.json"] + [f"{n}-seed{s}{e}" for s in (0, 1) for n in ("retrofit", "smf", "lora", "full")
+                                    for e in (("",) if n == "retrofit" else ("", "/eval.json"))]
+    assert sorted(plan) == sorted(names)
+    done_first = {e["job"] for e in before if e["event"] == "done"}
+    assert {"base/eval.json", "retrofit-seed0"} <= done_first and "smf-seed0" not in done_first
+    for name in names:  # each job finished exactly once over the two invocations; the first's were skipped
+        assert sum(e["event"] == "done" and e["job"] == name for e in before + after) == 1, name
+        assert not any(e["job"] == name and e["event"] == "start" for e in after) or name not in done_first
+    assert [e["job"] for e in after if e["event"] == "skip"] == [n for n in names if n in done_first]
+    restart = [e for e in after if e["job"] == "smf-seed0" and e["event"] == "start"]
+    assert len(restart) == 1 and restart[0]["resume"] is True  # the killed run continued from its checkpoint
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "smf-seed0", "log.jsonl"))]
+    assert steps == list(range(1, 31))  # every step once in the final log
+    for name in names:
+        if not name.endswith("eval.json"):
+            assert json.load(open(os.path.join(out, name, "config.json")))["finished"] is True
+    cost = json.load(open(os.path.join(out, "smf-seed0", "config.json")))["cost"]
+    assert cost["steps"] == 30 and cost["device"] == "cpu" and cost["gpu_hours"] == 0.0 and cost["mfu"] is None
+    assert "SMOKE TEST" in second.stdout and "| smf | " in second.stdout and "| full | " in second.stdout
+
+
+def test_demo_table_reads_every_run(demo_run):
+    out = demo_run[0]
+    s = paper.table([out])
+    assert list(s["methods"]) == ["smf", "lora", "full"]
+    for m in ("smf", "lora", "full"):
+        for t in ("medmcqa", "wikitext", "triviaqa"):
+            values = [json.load(open(os.path.join(out, f"{m}-seed{seed}", "eval.json")))[t][METRIC[t]]
+                      for seed in (0, 1)]
+            assert s["methods"][m][t]["n"] == 2 and s["methods"][m][t]["mean"] == pytest.approx(sum(values) / 2,
+                                                                                               rel=1e-15)
+    assert s["cost"]["retrofit"]["runs"] == 2 and s["cost"]["smf"]["runs"] == 2  # each retrofit counted once
+    assert all(c["holds"] is not None for c in s["claims"])  # 2 seeds of each: every claim decided
+
+
+def test_run_refuses_a_changed_command(demo_run):
+    out = demo_run[0]
+    n = len(journal(out))
+    proc = subprocess.run([sys.executable, PAPER, "run", "--demo", "--out", out, "--smf-args",
+                           "--max-steps 30 --save-every 5", "--lora-args", "--lora-r 4"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "lora-seed0" in proc.stderr and "another command" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and len(journal(out)) == n  # nothing ran
+
+
+def test_dry_run_prints_every_command_and_writes_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, PAPER, "run", "--out", str(tmp_path / "r"), "--seeds", "0",
+                           "--methods", "smf,smf-replacement,retrofit,lora", "--dry-run"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "r").exists()
+    lines = proc.stdout.splitlines()
+    assert [line for line in lines if line.startswith("# ")] == [
+        f"# {n}: start" for n in ("base/eval.json", "retrofit-seed0", "retrofit-replacement-seed0", "smf-seed0",
+                                  "smf-seed0/eval.json", "smf-replacement-seed0", "smf-replacement-seed0/eval.json",
+                                  "retrofit-seed0/eval.json", "lora-seed0", "lora-seed0/eval.json")]
+    smf = next(line for line in lines if "--method smf" in line and "replacement" in line)
+    assert f"--memory-from {tmp_path / 'r' / 'retrofit-replacement-seed0'}" in smf
+    assert any("--method retrofit" in line and "--memory-mode replacement" in line for line in lines)
+
+
+# -----------------------------------------------------------------------------
+# eval.py --resume
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory):
+    from tiny_data import medmcqa_rows, triviaqa_rows, wikitext_rows, write_jsonl, write_parquet
+    d = tmp_path_factory.mktemp("eval_data")
+    return {"medmcqa": write_parquet(str(d / "m.parquet"), medmcqa_rows(10)),
+            "wikitext": write_jsonl(str(d / "w.jsonl"), wikitext_rows(6)),
+            "triviaqa": write_jsonl(str(d / "t.jsonl"), triviaqa_rows(4))}
+
+
+def test_eval_resume_runs_only_the_missing_probes(tiny_model_dir, eval_data, tmp_path, monkeypatch):
+    import eval as ev
+    out = str(tmp_path / "eval.json")
+    flags = ["--model", tiny_model_dir, "--limit", "4", "--device", "cpu", "--quiet", "--out", out,
+             *[a for t, p in eval_data.items() for a in ("--data", f"{t}={p}")]]
+    ev.main([*flags, "--tasks", "medmcqa"])
+    first = json.load(open(out))
+    ran = []
+    real = ev.run_tasks
+    monkeypatch.setattr(ev, "run_tasks", lambda model, tok, tasks, **kw: ran.append(list(tasks)) or
+                        real(model, tok, tasks, **kw))
+    ev.main([*flags, "--resume"])
+    got = json.load(open(out))
+    assert ran == [["wikitext"], ["triviaqa"]]  # medmcqa kept, not run again
+    assert got["medmcqa"] == first["medmcqa"] and got["meta"]["tasks"] == ["medmcqa", "wikitext", "triviaqa"]
+    # every probe there: nothing is loaded
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: pytest.fail("--resume loaded a model with nothing to do"))
+    ev.main([*flags, "--resume"])
+    assert json.load(open(out)) == got
+    # other settings: refused, naming the one that differs
+    with pytest.raises(SystemExit) as e:
+        ev.main([*flags[:3], "8", *flags[4:], "--resume"])
+    assert "another limit" in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# what training records about its cost
+
+
+def test_throughput_and_mfu_equal_a_hand_count(tiny_model_dir, monkeypatch):
+    import checkpoint
+    import memory
+    from eval import load_model
+    model, _, _ = load_model(tiny_model_dir, device="cpu")
+    memory.add_memory(model, memory.MemoryConfig(n_keys=8, heads=2, topk=4, k_dim=16, layers=[1]).resolve(4, 64))
+    cfg = model.config  # hidden 64, 4 layers, 4 heads of 16, 2 kv heads, MLP 128, vocab 384 (tests/tiny.py)
+    h, kv, inter, layers, vocab = 64, 2 * 16, 128, 4, cfg.vocab_size
+    per_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * inter + 2 * h
+    mem = model.model.layers[1].memory
+    mem_matmuls = sum(p.numel() for n, p in mem.named_parameters()) - 8 * 8 * h  # all but the 64-row value table
+    n = layers * per_layer + vocab * h + h + mem_matmuls  # tied embeddings: once, as the output layer
+    stream = type("S", (), {"lengths": lambda self, s: [3, 5]})()
+    monkeypatch.setattr(checkpoint, "peak_flops", lambda device: 1e12)
+    meter = checkpoint.Throughput(model, torch.device("cpu"), 2, stream)
+    assert meter.matmul_weights == n
+    record = {"seconds": 0.5}
+    shown = meter(record, 0)
+    flops = 6 * n * 8 + 12 * layers * h * (9 + 25)
+    assert record["input_tokens"] == 8 and record["tok_s"] == 16.0
+    assert record["mfu"] == round(flops / 0.5 / 2e12, 5) and set(shown) == {"tok_s", "mfu"}
+
+
+def test_run_cost_from_the_log_and_the_checkpoint(tmp_path):
+    import checkpoint
+    from safetensors.torch import save_file
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "seconds": 1.5, "input_tokens": 100, "mfu": 0.2}, {"step": 2, "seconds": 2.5, "input_tokens": 300,
+                                                                       "mfu": 0.4}]))
+    want = {"device": "cpu", "world_size": 1, "steps": 2, "wall_seconds": 4.0, "step_seconds": 4.0, "gpu_hours": 0.0,
+            "input_tokens": 400, "tokens_per_s": 100.0, "mfu": round((0.2 * 1.5 + 0.4 * 2.5) / 4.0, 5)}
+    assert checkpoint.run_cost(str(tmp_path), torch.device("cpu"), 1) == want  # no checkpoint: the steps' time
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "checkpoint.safetensors"), metadata={"wall_seconds": "7.25"})
+    assert checkpoint.run_cost(str(tmp_path), torch.device("cpu"), 1) == {**want, "wall_seconds": 7.25}
+
+
+def test_wall_time_adds_up_over_a_resumed_run(tmp_path, monkeypatch):
+    """The checkpoint carries the loop's wall time so far; a resumed run adds its own to it."""
+    import checkpoint
+    from checkpoint import Checkpoint, Ranks
+
+    class Clock:
+        now = 100.0
+
+        def time(self):
+            return self.now
+    clock = Clock()
+    monkeypatch.setattr(checkpoint, "time", clock)
+    model = torch.nn.Linear(2, 2)
+    make = lambda: Checkpoint(str(tmp_path), model, lambda: dict(model.state_dict()), {}, None, None, Ranks())  # noqa
+    first = make()
+    clock.now = 130.0
+    first.save(1)  # 30 s so far
+    clock.now = 500.0  # killed; resumed much later
+    second = make()
+    assert second.load(torch.device("cpu")) == 1
+    clock.now = 512.5
+    second.save(2)
+    assert checkpoint.run_cost(str(tmp_path), torch.device("cpu"), 1)["wall_seconds"] == 42.5
