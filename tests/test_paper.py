@@ -180,9 +180,14 @@ def lock_is_free(run_dir):
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("paper") / "runs")
+    tmp = tmp_path_factory.mktemp("paper")
+    out = str(tmp / "runs")
     cmd = [sys.executable, PAPER, "run", "--demo", "--out", out, "--smf-args", "--max-steps 30 --save-every 5"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    blocker = tmp / "no_test_packages"  # the demo needs only the runtime requirements
+    for name in ("transformers", "peft"):
+        os.makedirs(blocker / name)
+        (blocker / name / "__init__.py").write_text("raise ImportError('a test-only package')\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(blocker)}
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                              start_new_session=True)
     log = os.path.join(out, "smf-seed0", "log.jsonl")
