@@ -46,8 +46,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from eval import default_batch_size, run_tasks
-from model import (Qwen2, atomic_write, bf16_autocast, check_tensors, is_eval_output, is_temp_file, merge_lora,
-                   read_json, remove_temp_files, resolve_device, save_peft_adapter, write_json)
+from model import (Qwen2, atomic_write, bf16_autocast, check_tensors, is_eval_output, is_temp_file, load_tensors,
+                   merge_lora, read_json, remove_temp_files, resolve_device, save_peft_adapter, write_json)
 
 RUN_FILES = {"args.json", "config.json", "model.safetensors", "log.jsonl", "checkpoint.safetensors",
              "background.safetensors", "eval.jsonl", "retrofit", "hf", "peft", "merged", ".lock"}
@@ -279,18 +279,74 @@ def finish_stage(out, config, ranks, device):
     ranks.barrier()
 
 
-def memory_run(memory_dir: str, base_config: dict, model_name: str) -> dict:
-    """The config.json of a --memory-from run: a finished retrofit or smf run on the same base model."""
-    if not is_finished(memory_dir):
-        raise RunError(f"--memory-from {memory_dir}: not a finished retrofit or smf run (no finished config.json)")
-    run = read_json(os.path.join(memory_dir, "config.json"))
-    if run.get("memory") is None or "stage1_data" not in run:
-        raise RunError(f"--memory-from {memory_dir}: not a retrofit or smf run of this version of train.py")
+def finished_run(run_dir: str, base_config: dict, model_name: str, flag: str, methods: tuple) -> dict:
+    """The config.json of a run that a flag continues from (--memory-from, --lora-from): a finished run of one of
+    `methods` on the same base model."""
+    if not is_finished(run_dir):
+        raise RunError(f"{flag} {run_dir}: not a finished {' or '.join(methods)} run (no finished config.json)")
+    run = read_json(os.path.join(run_dir, "config.json"))
+    if run.get("method") not in methods:
+        raise RunError(f"{flag} {run_dir}: a {run.get('method')} run, not a {' or '.join(methods)} run")
     if run.get("base_config") != base_config:
         diff = sorted(k for k in base_config if base_config[k] != run.get("base_config", {}).get(k))
-        raise RunError(f"--memory-from {memory_dir}: its base model differs from --model {model_name} "
+        raise RunError(f"{flag} {run_dir}: its base model differs from --model {model_name} "
                        f"({', '.join(diff) or 'config'})")
     return run
+
+
+def memory_run(memory_dir: str, base_config: dict, model_name: str) -> dict:
+    """The config.json of a --memory-from run: a finished retrofit, or an smf run (which carries its chain's
+    stage-1 data), on the same base model."""
+    run = finished_run(memory_dir, base_config, model_name, "--memory-from", ("retrofit", "smf"))
+    if run.get("memory") is None or "stage1_data" not in run:
+        raise RunError(f"--memory-from {memory_dir}: not a retrofit or smf run of this version of train.py")
+    return run
+
+
+def load_trained(own: dict, run_dir: str, flag: str):
+    """Copy a finished run's model.safetensors into `own` ({name: tensor} of a model's parameters; every key and
+    shape checked), or a RunError naming the file."""
+    weights = os.path.join(run_dir, "model.safetensors")
+    try:
+        load_tensors(own, load_file(weights), weights)
+    except Exception as e:  # unreadable file, missing or misshapen tensor (named)
+        raise RunError(f"{flag} {run_dir}: {weights}: {e}") from e
+
+
+def lineage(previous: str | None) -> list:
+    """The chain of runs a run continues (config.json "lineage"): the lineage of the run it started from plus that
+    run itself ({"run", "method", "task"}); [] for a run from the base model."""
+    if previous is None:
+        return []
+    prev = read_json(os.path.join(previous, "config.json"))
+    return prev.get("lineage", []) + [{"run": os.path.abspath(previous), "method": prev["method"],
+                                       "task": prev.get("task")}]
+
+
+def previous_full_run(model_dir: str) -> str | None:
+    """A full run whose hf/ export is --model (a full chain's previous link), else None."""
+    parent = os.path.dirname(os.path.abspath(model_dir))
+    if os.path.basename(os.path.normpath(model_dir)) == "hf" and is_finished(parent):
+        return parent if read_json(os.path.join(parent, "config.json")).get("method") == "full" else None
+    return None
+
+
+def inherit_lora(args, given: set):
+    """--lora-from RUN: the adapters' shape (r, alpha, targets) is the run's; a flag given for it must agree."""
+    if args.lora_from is None:
+        return
+    args.lora_from = os.path.abspath(args.lora_from)  # resolved, so that --resume compares it whatever its spelling
+    cfg = os.path.join(args.lora_from, "config.json")
+    if not os.path.exists(cfg):
+        raise ValueError(f"--lora-from {args.lora_from}: no config.json (not a run of train.py)")
+    lora = read_json(cfg).get("lora") or {}
+    for key, dest in (("r", "lora_r"), ("alpha", "lora_alpha"), ("targets", "lora_targets")):
+        if key not in lora:
+            raise ValueError(f"--lora-from {args.lora_from}: not a LoRA run (its config.json has no lora {key})")
+        if dest in given and getattr(args, dest) != lora[key]:
+            raise ValueError(f"--{dest.replace('_', '-')} {getattr(args, dest)} contradicts the adapters of "
+                             f"--lora-from {args.lora_from} ({key} {lora[key]}): drop the flag")
+        setattr(args, dest, lora[key])
 
 
 def is_finished(run_dir):

@@ -879,6 +879,17 @@ class ArgParser(argparse.ArgumentParser):
     def flag(dest: str) -> str:
         return "--" + dest.replace("_", "-")
 
+    @staticmethod
+    def int_or_auto(s: str):  # a flag's type: argparse names it in its errors
+        return s if s == "auto" else int(s)
+
+    def show_presets(self, presets: dict):
+        """Append to each flag set by a preset (a {name: {dest: value}}, e.g. train.py's recipes) every preset's
+        value: "(default: paper bf16, clean fp32)"."""
+        for action in self._actions:
+            if action.dest in next(iter(presets.values())):
+                action.help += " (default: " + ", ".join(f"{n} {v[action.dest]}" for n, v in presets.items()) + ")"
+
     def check_ranges(self, args, ranges: dict):
         """Every flag of ranges {dest: (lowest value, whether the lowest is allowed)} is finite and in range."""
         for dest, (low, inclusive) in ranges.items():

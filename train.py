@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
 
@@ -36,10 +35,11 @@ import data
 import memory
 from checkpoint import (Checkpoint, Lock, RunError, StepGuard, StopRun, Throughput, after_step, append_log,
                         begin_run, begin_stage, check_out_dir, check_resume, export_lora_or_full, finish_stage,
-                        hub_revision, is_finished, memory_run, micro_batch_size, setup_ranks)
+                        finished_run, hub_revision, inherit_lora, is_finished, lineage, load_trained, memory_run,
+                        micro_batch_size, previous_full_run, setup_ranks)
 from eval import PROBES, default_tasks, load_model, load_task_rows
 from model import (LORA_TARGETS, ArgParser, Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, bf16_autocast,
-                   default_dtype, load_tensors, lora_state_dict, resolve_model_dir, write_json)
+                   default_dtype, lora_state_dict, resolve_model_dir, write_json)
 
 METHODS = ("smf", "retrofit", "lora", "full")
 
@@ -56,14 +56,14 @@ RECIPES = {
               "merge_lora_for_eval": False},
 }
 SMF_ONLY = ("top_t", "rank", "optimizer", "select_per_micro_batch", "count_pad_reads", "sum_micro_batch_means",
-            "train_alpha", "log_rows", "background_batches", "background_subset", "memory_from")
+            "train_alpha", "log_rows", "background_batches", "background_subset", "background_task", "memory_from")
 STAGE1_INSIDE_SMF = ("retrofit_epochs", "retrofit_lr", "retrofit_limit", "retrofit_max_steps")
 ONLY_FOR = {  # flags that act on some methods only: given for another method, they are an error, never ignored
     **{d: ("smf", "retrofit") for d in ["oasst1_format", "retrofit_task",
                                         *(dest for _, dest in memory.MemoryConfig.options())]},
     **{d: ("smf",) for d in SMF_ONLY + STAGE1_INSIDE_SMF}, "task": ("smf", "lora", "full"),
     **{d: ("lora",) for d in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "merge_lora_for_eval",
-                              "export_peft", "export_merged")},
+                              "export_peft", "export_merged", "lora_from")},
     "pure_bf16": ("full",), "fsdp": ("full",), "init": ("full",),
 }
 # every numeric flag: (lowest value, whether the lowest itself is allowed); floats must also be finite
@@ -107,7 +107,7 @@ def parser():
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
     g.add_argument("--batch-size", type=int, default=16,
                    help="examples per optimizer step, all ranks together (the paper's effective batch)")
-    g.add_argument("--micro-batch", type=int_or_auto, default="auto",
+    g.add_argument("--micro-batch", type=ArgParser.int_or_auto, default="auto",
                    help="examples per forward on each rank; gradient accumulation makes up the batch. auto: the "
                         "whole batch on the CPU; on a GPU the largest divisor of it that fits (tried on the longest "
                         "example, backing off on out-of-memory); 4 for SMF under --recipe paper, whose row "
@@ -136,16 +136,15 @@ def parser():
                         "it applies to each stage in turn")
     add_smf_flags(p)
     add_baseline_flags(p)
-    for action in p._actions:  # [recipe] flags: the value each recipe gives them
-        if action.dest in RECIPES["paper"]:
-            action.help += " (default: " + ", ".join(f"{r} {v}" for r, v in
-                                                   ((r, RECIPES[r][action.dest]) for r in RECIPES)) + ")"
+    p.show_presets(RECIPES)  # [recipe] flags: the value each recipe gives them
     return p
 
 
 def add_smf_flags(p):
     g = p.add_argument_group("SMF: memory layers (stage 1 builds them)")
-    g.add_argument("--memory-from", default=None, help="reuse the memory of a finished retrofit (or smf) run")
+    g.add_argument("--memory-from", default=None, metavar="RUN",
+                   help="the memory of a finished retrofit run, or of a finished smf run to continue (a chain: the "
+                        "background still from the chain's stage-1 data; the optimizer state starts fresh)")
     for f, _ in memory.MemoryConfig.options():  # one flag per MemoryConfig option; unset: MemoryConfig's default
         kw = {k: v for k, v in f.metadata.items() if k not in ("flag", "help", "per_run")}
         kw.setdefault("type", f.type if f.type in (int, float) else str)
@@ -178,6 +177,8 @@ def add_smf_flags(p):
     g.add_argument("--sum-micro-batch-means", action=argparse.BooleanOptionalAction, default=None,
                    help="[recipe] the step's loss is the sum of micro-batch means, as HF's Trainer makes of the "
                         "paper's compute_loss (paper); else the token mean over the step (clean)")
+    g.add_argument("--background-task", default=None,
+                   help="the background reads' data: oasst1 or text:PATH (default: the stage-1 data of the memory)")
     g.add_argument("--train-alpha", action="store_true", help="also train the memory's scale alpha")
     g.add_argument("--log-rows", action="store_true", help="also log the ids of the rows chosen at every step")
 
@@ -188,6 +189,8 @@ def add_baseline_flags(p):
     g.add_argument("--lora-alpha", type=float, default=32, help="the adapters' output is scaled by alpha / r")
     g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
     g.add_argument("--lora-targets", default=",".join(LORA_TARGETS), help="the linear layers that get adapters")
+    g.add_argument("--lora-from", default=None, metavar="RUN",
+                   help="train on the adapters of a finished LoRA run (a chain: its r, alpha, targets; new optimizer)")
     g.add_argument("--export-peft", action="store_true", help="also write the adapter in peft's format to peft/")
     g.add_argument("--export-merged", action="store_true", help="also write the merged model (Hub format) to merged/")
     g.add_argument("--merge-lora-for-eval", action=argparse.BooleanOptionalAction, default=None,
@@ -202,10 +205,6 @@ def add_baseline_flags(p):
     g.add_argument("--eval-limit", type=int, default=200, help="examples per probe")
     g.add_argument("--eval-data", action="append", default=[], metavar="NAME=PATH",
                    help="local file for a probe, as eval.py --data; repeatable")
-
-
-def int_or_auto(s: str):  # a flag parser: argparse names it in its errors
-    return s if s == "auto" else int(s)
 
 
 def parse_args(argv=None):
@@ -248,15 +247,20 @@ def parse_args(argv=None):
     args.lora_targets = [t for t in args.lora_targets.split(",") if t]
     if bad := [t for t in args.lora_targets if t not in LORA_TARGETS]:
         p.error(f"--lora-targets: unknown module {bad[0]!r} (choose from {','.join(LORA_TARGETS)})")
+    try:
+        inherit_lora(args, given)  # --lora-from: the adapters' shape is the previous run's
+    except ValueError as e:
+        p.error(str(e))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.batch_size % world:
         p.error(f"--batch-size {args.batch_size} must be a multiple of the {world} processes")
     if args.micro_batch != "auto" and (args.micro_batch < 1 or (args.batch_size // world) % args.micro_batch):
         p.error(f"--micro-batch {args.micro_batch} must be a positive divisor of the batch per process "
                 f"({args.batch_size // world})")
-    for name, known in (("task", "medmcqa"), ("retrofit_task", "oasst1")):
+    for name, known in (("task", "medmcqa"), ("retrofit_task", "oasst1"), ("background_task", "oasst1")):
         try:
-            setattr(args, name, data.check_task(getattr(args, name), known))
+            if getattr(args, name) is not None:
+                setattr(args, name, data.check_task(getattr(args, name), known))
         except ValueError as e:
             p.error(f"{p.flag(name)}: {e}")
     if args.fsdp and args.eval_every:
@@ -434,8 +438,9 @@ def make_optimizers(stage, args, device):
 def run_config(args, method, model, **extra):
     """config.json: how eval.py rebuilds the model, and the recipe with every value it resolved to."""
     recipe = {"name": args.recipe, **{k: getattr(args, k) for k in RECIPES[args.recipe]}}
-    return {"method": method, "base_model": args.model, "base_revision": args.base_revision,
-            "base_config": model.config.to_dict(), "memory": None, "lora": None, "recipe": recipe, **extra}
+    return {"method": method, "task": args.retrofit_task if method == "retrofit" else args.task, "lineage": [],
+            "base_model": args.model, "base_revision": args.base_revision, "base_config": model.config.to_dict(),
+            "memory": None, "lora": None, "recipe": recipe, **extra}
 
 
 def memory_config_from_args(args, base: dict | None = None):
@@ -504,18 +509,16 @@ def sparse_stage(args, device, tok, memory_dir, ranks, examples) -> Stage:
     if args.train_alpha and loaded.alpha_init is None:
         raise RunError(f"--train-alpha: the memory of {memory_dir} has no alpha (it was built with --alpha-init none)")
     memories = memory.add_memory(model, mem_cfg)
-    weights = os.path.join(memory_dir, "model.safetensors")
-    try:
-        load_tensors(memory.memory_state_dict(model), load_file(weights), weights)
-    except Exception as e:  # unreadable file, missing or misshapen tensor (named)
-        raise RunError(f"--memory-from {memory_dir}: {weights}: {e}") from e
+    load_trained(memory.memory_state_dict(model), memory_dir, "--memory-from")  # a retrofit's, or the chain's
     if mem_cfg.precision == "bf16":  # the paper's code loads the memory into its bf16 model, then trains fp32 copies
         memory.round_to_bf16_(memories)
     background_path = os.path.join(args.out, "background.safetensors")
     if args.resume and os.path.exists(background_path):  # a resumed run keeps the statistics it started with
         background = memory.BackgroundStats.load(background_path)
     else:
-        background = background_statistics(model, tok, args, device, ranks, mem_run["stage1_data"])
+        stage1 = mem_run["stage1_data"] if args.background_task is None else {  # carried along a chain
+            **mem_run["stage1_data"], "task": args.background_task, "path": args.data.get(args.background_task)}
+        background = background_statistics(model, tok, args, device, ranks, stage1)
         if ranks.main:
             atomic_write(background_path, background.save)
     model.requires_grad_(False)
@@ -526,7 +529,8 @@ def sparse_stage(args, device, tok, memory_dir, ranks, examples) -> Stage:
         if args.train_alpha:
             mem.alpha.requires_grad_(True)
             adamw_params[f"model.layers.{i}.memory.alpha"] = mem.alpha
-    config = run_config(args, "smf", model, memory=mem_cfg.to_dict(), memory_from=os.path.abspath(memory_dir))
+    config = run_config(args, "smf", model, memory=mem_cfg.to_dict(), memory_from=os.path.abspath(memory_dir),
+                        stage1_data=mem_run["stage1_data"], lineage=lineage(memory_dir))
     return Stage(out=args.out, model=model, examples=examples, lr=args.lr, epochs=args.epochs,
                  max_steps=args.max_steps, adamw_params=adamw_params,
                  trained=lambda: memory.memory_state_dict(model), config=config,
@@ -552,6 +556,9 @@ def lora_or_full_stage(args, device, tok, ranks) -> Stage:
                     "targets": args.lora_targets, "merge_for_eval": args.merge_lora_for_eval}
         model.requires_grad_(False)
         add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
+        if args.lora_from:  # a chain: the previous link's adapters, trained on (one base and one adapter set)
+            finished_run(args.lora_from, model.config.to_dict(), args.model, "--lora-from", ("lora",))
+            load_trained(lora_state_dict(model), args.lora_from, "--lora-from")
         adamw_params = {k: p for k, p in model.named_parameters() if k.endswith((".lora_A", ".lora_B"))}
         trained = lambda: lora_state_dict(model)  # noqa: E731
     else:
@@ -564,7 +571,8 @@ def lora_or_full_stage(args, device, tok, ranks) -> Stage:
             sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
                 if args.fsdp else model.state_dict()
             return {k: v for k, v in sd.items() if k in hub_names}
-    config = run_config(args, args.method, model, lora=lora_cfg)
+    previous = args.lora_from if args.method == "lora" else previous_full_run(args.model)  # a chain's last link
+    config = run_config(args, args.method, model, lora=lora_cfg, lineage=lineage(previous))
     return Stage(out=args.out, model=model, examples=task_examples(args, tok), lr=args.lr, epochs=args.epochs,
                  max_steps=args.max_steps, adamw_params=adamw_params, trained=trained, config=config,
                  repetition_penalty=info["repetition_penalty"], fsdp=args.fsdp)

@@ -1,0 +1,137 @@
+"""Chains of runs (continual learning): an smf run continued from an smf run trains only the rows it selects in the
+continued memory (every other tensor and row bit-identical to the previous run's), takes its background reads from
+the chain's stage-1 data and records its lineage; LoRA (--lora-from) and full finetuning (--model RUN/hf) continue
+from the previous run's weights exactly (at lr 0 a link ends where the previous one ended); eval.py loads a link as
+any run."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import train
+from eval import load_model
+from tiny_data import write_jsonl
+
+MEM = ["--n-keys", "8", "--mem-heads", "2", "--mem-topk", "4", "--mem-k-dim", "16", "--memory-layers", "1,2"]
+
+
+def common(model_dir, files, out, *extra):
+    return ["--model", model_dir, "--data", f"medmcqa={files['medmcqa']}", "--data", f"oasst1={files['oasst1']}",
+            "--out", str(out), "--device", "cpu", "--batch-size", "4", "--max-len", "128", "--warmup", "1", *extra]
+
+
+def config(run):
+    return json.load(open(os.path.join(run, "config.json")))
+
+
+@pytest.fixture(scope="module")
+def smf_chain(tiny_model_dir, files, tmp_path_factory, request):
+    """retrofit -> smf on MedMCQA -> smf on a text file, each link recording the stage-1 data its background
+    reads came from."""
+    d = tmp_path_factory.mktemp("chain")
+    text = write_jsonl(str(d / "facts.jsonl"), [{"text": f"Fact {i}: the kiwi helps the liver {i} times."}
+                                                for i in range(12)])
+    seen = []
+    mp = pytest.MonkeyPatch()
+    real = data.background_examples
+    mp.setattr(data, "background_examples", lambda stage1, *a: seen.append(dict(stage1)) or real(stage1, *a))
+    request.addfinalizer(mp.undo)
+    runs = {k: str(d / k) for k in ("retrofit", "smf1", "smf2")}
+    train.main(common(tiny_model_dir, files, runs["retrofit"], "--method", "retrofit", "--max-steps", "3", *MEM))
+    smf = ["--method", "smf", "--recipe", "clean", "--top-t", "5", "--lr", "1e-2", "--background-batches", "4",
+           "--max-steps", "3", "--log-rows"]
+    train.main(common(tiny_model_dir, files, runs["smf1"], *smf, "--memory-from", runs["retrofit"]))
+    train.main(common(tiny_model_dir, files, runs["smf2"], *smf, "--memory-from", runs["smf1"], "--task",
+                      f"text:{text}", "--seed", "1"))
+    return runs, seen, text
+
+
+def test_smf_continues_an_smf_run_and_trains_only_its_selected_rows(smf_chain):
+    runs, _, _ = smf_chain
+    before, after = load_file(os.path.join(runs["smf1"], "model.safetensors")), \
+        load_file(os.path.join(runs["smf2"], "model.safetensors"))
+    assert set(before) == set(after)
+    log = [json.loads(line) for line in open(os.path.join(runs["smf2"], "log.jsonl"))]
+    for k in before:
+        if not k.endswith(".memory.values.weight"):
+            assert torch.equal(before[k], after[k]), k  # keys, query, alpha: as the previous link left them
+            continue
+        layer = k.split(".")[2]
+        chosen = sorted({r for rec in log for r in rec["selected"][layer]})
+        others = torch.ones(before[k].shape[0], dtype=torch.bool)
+        others[chosen] = False
+        assert torch.equal(before[k][others], after[k][others]), k  # every row not selected: bit-identical
+        assert not torch.equal(before[k][chosen], after[k][chosen])  # the selected ones moved
+
+
+def test_a_chain_records_its_lineage_and_keeps_its_stage1_background(smf_chain):
+    runs, seen, text = smf_chain
+    stage1 = config(runs["retrofit"])["stage1_data"]
+    c1, c2 = config(runs["smf1"]), config(runs["smf2"])
+    assert c1["lineage"] == [{"run": runs["retrofit"], "method": "retrofit", "task": "oasst1"}]
+    assert c2["lineage"] == c1["lineage"] + [{"run": runs["smf1"], "method": "smf", "task": "medmcqa"}]
+    assert c2["task"] == f"text:{text}" and c2["memory_from"] == runs["smf1"]
+    assert c1["stage1_data"] == c2["stage1_data"] == stage1
+    assert seen == [stage1, stage1]  # both links read their background on the retrofit's OASST1, not on MedMCQA
+    # eval.py loads a link as any run: its memory is the link's own
+    model, _, info = load_model(runs["smf2"], device="cpu")
+    assert info["method"] == "smf"
+    saved = load_file(os.path.join(runs["smf2"], "model.safetensors"))
+    own = model.state_dict()
+    assert all(torch.equal(own[k].float(), v.float()) for k, v in saved.items())
+
+
+def test_background_task_overrides_the_chain(smf_chain, tiny_model_dir, files, tmp_path, monkeypatch):
+    runs, _, text = smf_chain
+    seen = []
+    real = data.background_examples
+    monkeypatch.setattr(data, "background_examples", lambda stage1, *a: seen.append(dict(stage1)) or real(stage1, *a))
+    train.main(common(tiny_model_dir, files, tmp_path / "x", "--method", "smf", "--recipe", "clean", "--top-t", "5",
+                      "--background-batches", "4", "--max-steps", "1", "--memory-from", runs["smf2"],
+                      "--background-task", f"text:{text}"))
+    assert seen[0]["task"] == f"text:{text}"
+    assert config(str(tmp_path / "x"))["stage1_data"] == config(runs["retrofit"])["stage1_data"]  # still carried
+
+
+def test_lora_chain_continues_from_the_previous_adapters(tiny_model_dir, files, tmp_path):
+    first, second = tmp_path / "lora1", tmp_path / "lora2"
+    train.main(common(tiny_model_dir, files, first, "--method", "lora", "--lora-r", "4", "--lora-alpha", "8",
+                      "--max-steps", "3", "--lr", "1e-2"))
+    # lr 0: the link ends exactly where it started, which must be the previous link's adapters (not fresh ones)
+    train.main(common(tiny_model_dir, files, second, "--method", "lora", "--lora-from", str(first), "--max-steps",
+                      "1", "--lr", "0"))
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in a.items())  # trained: not the zero init
+    c = config(str(second))
+    assert c["lora"]["r"] == 4 and c["lora"]["alpha"] == 8  # the adapters' shape is the previous run's
+    assert c["lineage"] == [{"run": str(first), "method": "lora", "task": "medmcqa"}]
+    with pytest.raises(SystemExit):  # a shape that contradicts the previous adapters is refused
+        train.parse_args(common(tiny_model_dir, files, tmp_path / "x", "--method", "lora", "--lora-from", str(first),
+                                "--lora-r", "8"))
+
+
+def test_full_chain_continues_from_the_hf_export(tiny_model_dir, files, tmp_path):
+    first, second = tmp_path / "full1", tmp_path / "full2"
+    train.main(common(tiny_model_dir, files, first, "--method", "full", "--recipe", "clean", "--max-steps", "2",
+                      "--lr", "1e-3"))
+    train.main(common(str(first / "hf"), files, second, "--method", "full", "--recipe", "clean", "--max-steps", "1",
+                      "--lr", "0"))
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    base = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert any(not torch.equal(a[k], base[k]) for k in base)  # the first link did train
+    assert config(str(second))["lineage"] == [{"run": str(first), "method": "full", "task": "medmcqa"}]
+    model, _, _ = load_model(str(second), device="cpu")  # eval.py loads the link as any full run
+    assert torch.equal(model.state_dict()["model.norm.weight"], b["model.norm.weight"])
+
+
+def test_memory_from_refuses_a_run_of_another_method(tiny_model_dir, files, tmp_path):
+    lora = tmp_path / "lora"
+    train.main(common(tiny_model_dir, files, lora, "--method", "lora", "--max-steps", "1"))
+    with pytest.raises(train.RunError, match="a lora run, not a retrofit or smf run"):
+        train.main(common(tiny_model_dir, files, tmp_path / "x", "--method", "smf", "--memory-from", str(lora)))
