@@ -244,12 +244,16 @@ def test_usage_errors_are_one_line_with_a_hint():
         assert needle in r.stderr and r.stderr.startswith("error: ") and f"(see {script} --help)" in r.stderr
 
 
+def readme_block(text, after):
+    start = text.index("```bash", text.index(after)) + len("```bash")
+    return text[start:text.index("```", start)]
+
+
 def test_the_readmes_tiny_commands_run_as_written(tmp_path):
-    """The README's block of commands on tiny local fixtures, run as written (its /tmp and runs/ moved into a
-    temporary folder), with nothing but the runtime packages imported by the fixtures."""
+    """The README's block of commands on tiny local fixtures, then its chain commands (continual learning), run as
+    written (their /tmp and runs/ moved into a temporary folder), with nothing but the runtime packages."""
     text = open(os.path.join(ROOT, "README.md")).read()
-    start = text.index("```bash", text.index("The same commands on tiny local fixtures")) + len("```bash")
-    block = text[start:text.index("```", start)]
+    block = readme_block(text, "The same commands on tiny local fixtures") + readme_block(text, "## Continual learning")
     block = block.replace("/tmp/", f"{tmp_path}/").replace("runs/", f"{tmp_path}/runs/")
     blocker = tmp_path / "no_transformers"
     os.makedirs(blocker / "transformers")
@@ -258,6 +262,9 @@ def test_the_readmes_tiny_commands_run_as_written(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(blocker), "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.load(open(tmp_path / "runs" / "tiny-smf" / "eval.json"))["medmcqa"]["n"] == 8
+    for link, previous in (("tiny-smf-2", "tiny-smf"), ("tiny-lora-2", "tiny-lora"), ("tiny-full-2", "tiny-full")):
+        lineage = json.load(open(tmp_path / "runs" / link / "config.json"))["lineage"]
+        assert lineage[-1]["run"] == str(tmp_path / "runs" / previous), link
 
 
 def test_help_shows_true_defaults_under_both_recipes(capsys):
