@@ -64,6 +64,11 @@ DATASETS = {
     "wikitext": Dataset("Salesforce/wikitext", "wikitext-103-v1", "test", ("text",)),
     "oasst1": Dataset("OpenAssistant/oasst1", "data", "train", ("message_id", "parent_id", "role", "text"),
                       ("lang", "deleted", "review_result", "message_tree_id", "rank")),
+    # the paper code's other two probes (eval_tasks.py loads "hellaswag" and "gsm8k" "main"; these are their Hub
+    # repos; the hellaswag parquet layout data/{split}-*.parquet was not fetched here: no network)
+    "hellaswag": Dataset("Rowan/hellaswag", "data", "validation", ("ctx", "endings", "label"),
+                         ("ind", "activity_label", "source_id", "split", "split_type")),
+    "gsm8k": Dataset("openai/gsm8k", "main", "test", ("question", "answer")),
 }
 
 
@@ -166,6 +171,9 @@ def row_problem(name: str, row: dict) -> str | None:
         medmcqa   question and the four options opa..opd are strings (a null option would train on "D. None");
                   cop is 0..3 (the test split has -1: no answers)
         triviaqa  question is a string; answer.aliases is a list of strings with at least one non-empty one
+        hellaswag ctx is a string; endings a list of 4 strings; label 0..3 (the Hub's is a string; the test split
+                  has "": no answers)
+        gsm8k     question is a string; answer a string with the final answer after "####"
     """
     def not_str(field):
         v = row.get(field)
@@ -188,6 +196,20 @@ def row_problem(name: str, row: dict) -> str | None:
             return f"answer.aliases must be a list of strings, got {short(aliases)}"
         if not any(aliases):
             return f"answer.aliases: no answer aliases once empty ones are dropped, got {short(aliases)}"
+    elif name == "hellaswag":
+        if (problem := not_str("ctx")) is not None:
+            return problem
+        endings = row.get("endings")
+        if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+            return f"endings must be a list of 4 strings, got {short(endings)}"
+        if str(row.get("label")) not in ("0", "1", "2", "3"):
+            return f"label must be 0..3 (the test split has no answers), got {short(row.get('label'))}"
+    elif name == "gsm8k":
+        for field in ("question", "answer"):
+            if (problem := not_str(field)) is not None:
+                return problem
+        if "####" not in row["answer"]:
+            return f"answer has no final answer after '####', got {short(row['answer'])}"
     return None
 
 
@@ -315,6 +337,22 @@ def medmcqa_train_text(row) -> str:
     text = context + continuations[target]
     exp = (row.get("exp") or "").strip()
     return text + f"\nExplanation: {exp}" if exp else text
+
+
+def hellaswag_item(row) -> tuple[str, list[str], int]:
+    """(ctx, [" " + ending for the 4 endings], label), as the paper's eval_tasks.py scores them (ctx as given)."""
+    check_row("hellaswag", row)
+    return row["ctx"], [" " + e for e in row["endings"]], int(row["label"])
+
+
+def gsm8k_prompt(row) -> str:
+    check_row("gsm8k", row)
+    return f"Question: {row['question']}\nLet's think step by step.\nAnswer:"
+
+
+def gsm8k_gold(row) -> str:
+    """The final answer: what follows the last "####", stripped, commas removed (a string, compared as one)."""
+    return row["answer"].split("####")[-1].strip().replace(",", "")
 
 
 def triviaqa_prompt(row) -> str:

@@ -1,6 +1,6 @@
 """
-The three probes of the paper (as its code, github.com/prakharg55/SMF-ICML smf_rebuild/eval_tasks.py, runs them),
-on a Hub model, a local model directory or a run directory:
+The probes of the paper's code (github.com/prakharg55/SMF-ICML smf_rebuild/eval_tasks.py), run as it runs them, on
+a Hub model, a local model directory or a run directory; the paper's table uses the first three:
 
     medmcqa   accuracy; each of the 4 continuations " A. {opa}" .. " D. {opd}" scored by the mean log-probability
               of its tokens after "Medical exam question:\\nQuestion: ...\\nAnswer:"; argmax
@@ -9,6 +9,10 @@ on a Hub model, a local model directory or a run directory:
     triviaqa  accuracy; greedy decoding of 32 tokens after "Question: {q}\\nAnswer:" (stopping at the tokenizer's
               stop ids, with the checkpoint's generation_config repetition_penalty as Hugging Face's generate
               applies it); correct if a normalized alias is a substring of the normalized prediction
+    hellaswag accuracy (off by default); each of the 4 endings scored by the summed log-probability of " " + ending
+              after ctx; argmax
+    gsm8k     accuracy (off by default); greedy decoding of 256 tokens after "Question: {q}\\nLet's think step by
+              step.\\nAnswer:"; correct if the last number in the answer equals the one after "####"
 
     python eval.py --model Qwen/Qwen2.5-0.5B-Instruct --tasks medmcqa,wikitext,triviaqa --limit 1000 --out results.json
 
@@ -142,11 +146,13 @@ def token_logprobs(model, h, targets, chunk: int = 512):
 
 
 @torch.inference_mode()
-def score_continuations(model, tok, pairs, batch_size: int = 64, show: bool = False):
+def score_continuations(model, tok, pairs, batch_size: int = 64, show: bool = False, reduce: str = "mean",
+                        desc: str = "medmcqa"):
     """
-    Mean token log-probability of each continuation given its context, for [(context, continuation), ...].
-    As the paper's code: context + continuation tokenized together; the scored tokens are those after the
-    context's own token count. Sequences are sorted by length and run in right-padded batches of batch_size.
+    Mean (reduce "sum": summed) token log-probability of each continuation given its context, for
+    [(context, continuation), ...]. As the paper's code: context + continuation tokenized together; the scored
+    tokens are those after the context's own token count. Sequences are sorted by length and run in right-padded
+    batches of batch_size.
     """
     device = model_device(model)
     pad = tok.pad_id if tok.pad_id is not None else 0
@@ -159,7 +165,7 @@ def score_continuations(model, tok, pairs, batch_size: int = 64, show: bool = Fa
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     scores = [0.0] * len(seqs)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in progress(batches, "medmcqa", len(batches), show):
+    for batch in progress(batches, desc, len(batches), show):
         idx, mask = data.pad([seqs[i] for i in batch], pad)
         idx, mask = idx.to(device), mask.to(device)
         h = model.hidden_states(idx, mask)  # (B, T, C)
@@ -172,9 +178,9 @@ def score_continuations(model, tok, pairs, batch_size: int = 64, show: bool = Fa
         lp = token_logprobs(model, h[rows, cols], torch.tensor(targets, device=device))  # (N,)
         rows = torch.tensor(rows, device=device)
         sums = lp.new_zeros(len(batch)).index_add_(0, rows, lp)  # (B,): each sequence's summed log-probability
-        means = (sums / torch.bincount(rows, minlength=len(batch))).tolist()  # one host sync per batch
+        got = (sums if reduce == "sum" else sums / torch.bincount(rows, minlength=len(batch))).tolist()  # one sync
         for b, i in enumerate(batch):
-            scores[i] = means[b]
+            scores[i] = got[b]
     return scores
 
 
@@ -309,6 +315,56 @@ def eval_triviaqa(model, tok, rows, batch_size: int = 16, samples: list | None =
 
 
 # -----------------------------------------------------------------------------
+# HellaSwag and GSM8K: the paper code's other probes (its eval_tasks.py; off by default, as its table uses three)
+
+
+def eval_hellaswag(model, tok, rows, batch_size: int = 16, samples: list | None = None, show: bool = False) -> dict:
+    """Accuracy over rows (data.load_rows("hellaswag", ...): Rowan/hellaswag validation) as eval_tasks.py's
+    eval_hellaswag: each ending scored as the summed log-probability of " " + ending after ctx (ctx + ending
+    tokenized together, the tokens after ctx's own token count scored: its continuation_score, unnormalized), the
+    prediction the first argmax (np.argmax), compared with int(label). batch_size counts questions (4 each)."""
+    items = [data.hellaswag_item(r) for r in rows]
+    pairs = [(ctx, x) for ctx, endings, _ in items for x in endings]
+    scores = score_continuations(model, tok, pairs, 4 * batch_size, show, reduce="sum", desc="hellaswag")
+    correct = 0
+    for i, (ctx, endings, target) in enumerate(items):
+        s = scores[4 * i:4 * i + 4]
+        pred = max(range(4), key=lambda j: s[j])  # the first of equal scores, as np.argmax
+        correct += pred == target
+        if samples is not None:
+            samples.append({"task": "hellaswag", "index": i, "prompt": ctx, "choices": endings, "scores": s,
+                            "prediction": pred, "target": target, "correct": pred == target})
+    return {"acc": correct / len(items), "n": len(items)}
+
+
+def gsm8k_correct(response: str, gold: str) -> bool:
+    """eval_tasks.py's check: the last match of [-+]?\\d[\\d,]*\\.?\\d* in the response with commas removed equals
+    the gold string exactly (so "-3" matches "-3" but "18.0" or a sentence-final "18." does not match "18"); no
+    number: wrong."""
+    numbers = re.findall(r"[-+]?\d[\d,]*\.?\d*", response.replace(",", ""))
+    return bool(numbers) and numbers[-1] == gold
+
+
+def eval_gsm8k(model, tok, rows, batch_size: int = 16, samples: list | None = None, show: bool = False,
+               repetition_penalty: float = 1.0, max_new_tokens: int = 256, compiled: bool = False) -> dict:
+    """Accuracy over rows (openai/gsm8k main test) as eval_tasks.py's eval_gsm8k: greedy decoding of up to 256
+    tokens after "Question: {question}\\nLet's think step by step.\\nAnswer:" (generate_answers, as TriviaQA's:
+    eos <|im_end|>, the checkpoint's repetition penalty), gsm8k_correct against the number after "####"."""
+    prompts = [data.gsm8k_prompt(r) for r in rows]
+    golds = [data.gsm8k_gold(r) for r in rows]
+    preds = generate_answers(model, tok, prompts, batch_size, max_new_tokens, repetition_penalty, show, desc="gsm8k",
+                             compiled=compiled)
+    correct = 0
+    for i, (prompt, pred, gold) in enumerate(zip(prompts, preds, golds)):
+        ok = gsm8k_correct(pred, gold)
+        correct += ok
+        if samples is not None:
+            samples.append({"task": "gsm8k", "index": i, "prompt": prompt, "prediction": pred, "target": gold,
+                            "correct": ok})
+    return {"acc": correct / len(rows), "n": len(rows)}
+
+
+# -----------------------------------------------------------------------------
 # All tasks
 
 
@@ -330,6 +386,8 @@ PROBES = {
     "medmcqa": Probe(eval_medmcqa, "acc"),
     "wikitext": Probe(eval_wikitext, "ppl"),
     "triviaqa": Probe(eval_triviaqa, "acc", generates=True),
+    "hellaswag": Probe(eval_hellaswag, "acc", default=False),
+    "gsm8k": Probe(eval_gsm8k, "acc", default=False, generates=True),
 }
 
 
@@ -392,8 +450,9 @@ def format_table(results: dict) -> str:
 
 
 def main(argv=None):
-    p = ArgParser(prog="eval.py", description="Evaluate a model on MedMCQA, WikiText and TriviaQA with the paper's "
-                                              "protocol (its code: github.com/prakharg55/SMF-ICML).")
+    p = ArgParser(prog="eval.py", description="Evaluate a model on MedMCQA, WikiText and TriviaQA (and HellaSwag, "
+                                              "GSM8K) with the protocol of the paper's code "
+                                              "(github.com/prakharg55/SMF-ICML).")
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct",
                    help="Hub id, local model directory, or run directory written by train.py")
     p.add_argument("--tasks", default=",".join(default_tasks()),
