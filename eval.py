@@ -19,6 +19,7 @@ a Hub model, a local model directory or a run directory; the paper's table uses 
 The eval_* functions take rows (data.load_rows) and a loaded model, so train.py can call them during training.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -271,12 +272,12 @@ def triviaqa_correct(prediction: str, aliases: list[str]) -> bool:
 @torch.inference_mode()
 def generate_answers(model, tok, prompts: list[str], batch_size: int = 16, max_new_tokens: int = 32,
                      repetition_penalty: float = 1.0, show: bool = False, desc: str = "triviaqa",
-                     stop_ids: list[int] | None = None, compiled: bool = False) -> list[str]:
+                     stop_ids: list[int] | None = None, compiled: bool = False, strip: bool = True) -> list[str]:
     """
     Greedy continuations of each prompt (left-padded batches, sorted by length), as the paper's Hugging Face
     generate made them: stop at the tokenizer's eos alone (<|im_end|>; stop_ids overrides), then decode every new
-    token without special tokens (so an <|endoftext|> mid-answer is dropped, not a stop), stripped.
-    compiled: model.generate's compiled decoding (the same tokens).
+    token without special tokens (so an <|endoftext|> mid-answer is dropped, not a stop), stripped (unless strip
+    is False). compiled: model.generate's compiled decoding (the same tokens).
     """
     device = model_device(model)
     stop = stop_ids or ([tok.eos_id] if tok.eos_id is not None else tok.stop_ids)
@@ -294,7 +295,8 @@ def generate_answers(model, tok, prompts: list[str], batch_size: int = 16, max_n
         for b, i in enumerate(batch):
             new = gen[b]
             cut = next((k for k, t in enumerate(new) if t in stop), len(new))  # eos, then padding
-            out[i] = tok.decode(new[:cut], skip_special_tokens=True).strip()
+            text = tok.decode(new[:cut], skip_special_tokens=True)
+            out[i] = text.strip() if strip else text
     return out
 
 
@@ -391,6 +393,133 @@ PROBES = {
 }
 
 
+# -----------------------------------------------------------------------------
+# lm-evaluation-harness: any of its tasks as a forgetting probe (optional: pip install -r requirements-harness.txt)
+
+
+class HarnessLM:
+    """Our model behind lm-evaluation-harness's LM interface (run_harness mixes it into lm_eval.api.model.LM):
+    loglikelihood (batched; the summed log-probability and whether every continuation token is the greedy one),
+    loglikelihood_rolling (the harness's disjoint rolling windows of max_length tokens, the first after the eos
+    token), generate_until (greedy, batched, cut at the first stop string; the checkpoint's repetition penalty,
+    as Hugging Face's generate applies a generation_config's). Tokenized as the harness's HFLM: context and
+    continuation together, the continuation being the tokens after the context's own count (trailing spaces of
+    the context moved to the continuation); an empty context is the eos token. Inputs longer than max_length + 1
+    tokens lose their first ones. Chat template (ChatML) only when the harness asks for it."""
+
+    def __init__(self, model, tok, batch_size: int = 16, max_length: int = 1024, repetition_penalty: float = 1.0):
+        super().__init__()
+        self.model, self.tok, self.batch_size, self.max_length = model, tok, batch_size, max_length
+        self.repetition_penalty = repetition_penalty
+        self.prefix = tok.eos_id if tok.eos_id is not None else tok.stop_ids[0]
+
+    def pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if not context:
+            return [self.prefix], self.tok.encode(continuation)
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole, ctx = self.tok.encode(context + continuation), self.tok.encode(context)
+        return ctx, whole[len(ctx):]
+
+    @torch.inference_mode()
+    def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(summed log p, all greedy) of each (context ids, continuation ids), in right-padded batches."""
+        device, pad = model_device(self.model), self.tok.pad_id if self.tok.pad_id is not None else 0
+        seqs = [(c + x)[-(self.max_length + 1):] for c, x in pairs]  # the input is seq[:-1], the targets seq[1:]
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        out = [None] * len(seqs)
+        for k in range(0, len(order), self.batch_size):
+            batch = order[k:k + self.batch_size]
+            idx, mask = data.pad([seqs[i][:-1] for i in batch], pad)
+            h = self.model.hidden_states(idx.to(device), mask.to(device))  # (B, T, C)
+            rows, cols = [], []
+            for b, i in enumerate(batch):  # the last len(continuation) positions predict the continuation
+                n_in, n = len(seqs[i]) - 1, len(pairs[i][1])
+                rows += [b] * n
+                cols += range(n_in - n, n_in)
+            targets = torch.tensor([t for i in batch for t in seqs[i][-len(pairs[i][1]):]], device=device)
+            lp, greedy = [], []
+            for j in range(0, len(rows), 256):  # (n, vocab) fp32 logits, 256 positions at a time
+                logits = self.model.lm_head(h[rows[j:j + 256], cols[j:j + 256]]).float()
+                lp.append(logits.log_softmax(-1).gather(1, targets[j:j + 256, None])[:, 0])
+                greedy.append(logits.argmax(-1) != targets[j:j + 256])
+            r = torch.tensor(rows, device=device)
+            sums = torch.zeros(len(batch), device=device).index_add_(0, r, torch.cat(lp))
+            misses = torch.zeros(len(batch), device=device).index_add_(0, r, torch.cat(greedy).float())
+            for b, (total, missed) in enumerate(zip(sums.tolist(), misses.tolist())):
+                out[batch[b]] = (total, missed == 0)
+        return out
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return self.score([self.pair(*r.args) for r in requests])
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+        windows, owner = [], []
+        for n, r in enumerate(requests):
+            for w in get_rolling_token_windows(self.tok.encode(r.args[0]), self.prefix, self.max_length, 1):
+                windows.append(make_disjoint_window(w))
+                owner.append(n)
+        totals = [0.0] * len(requests)
+        for n, (lp, _) in zip(owner, self.score(windows)):
+            totals[n] += lp
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = [None] * len(requests)
+        groups = {}
+        for n, r in enumerate(requests):  # one batched decoding per distinct set of generation arguments
+            groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(n)
+        for key, members in groups.items():
+            kw = json.loads(key)
+            if kw.get("do_sample") or float(kw.get("temperature", 0.0) or 0.0) > 0:
+                raise ValueError(f"--harness: the adapter decodes greedily; a task asked for sampling ({kw})")
+            until = kw.get("until") or []
+            until = [until] if isinstance(until, str) else until
+            texts = generate_answers(self.model, self.tok, [requests[n].args[0] for n in members], self.batch_size,
+                                     int(kw.get("max_gen_toks", 256)), self.repetition_penalty, desc="harness",
+                                     strip=False)
+            for n, text in zip(members, texts):
+                out[n] = min((text.split(u)[0] for u in until if u), key=len, default=text)
+        return out
+
+    def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+        return self.tok.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return "qwen2-chatml"
+
+    def chat_template(self, chat_template=False) -> str:
+        return "chatml" if chat_template else ""
+
+
+def run_harness(model, tok, tasks: list[str], repetition_penalty: float, batch_size: int, limit: int | None,
+                include: str | None = None, fewshot: int | None = None, chat: bool = False) -> dict:
+    """lm-evaluation-harness's tasks on our model (HarnessLM) -> {"results": {task: metrics}, "versions",
+    "n-samples", "config"}; include: a folder of task YAMLs (local tasks). A one-line error without lm-eval."""
+    try:
+        import lm_eval
+        from lm_eval.api.model import LM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise ValueError(f"--harness needs lm-evaluation-harness ({e}): pip install -r requirements-harness.txt")
+    lm = type("HarnessModel", (HarnessLM, LM), {})(model, tok, batch_size, repetition_penalty=repetition_penalty)
+    try:
+        manager = TaskManager(include_path=include) if include else TaskManager()
+    except Exception as e:  # a bad --harness-include folder
+        raise ValueError(f"--harness-include {include}: {e}") from e
+    if unknown := [t for t in tasks if t not in manager.all_tasks]:
+        raise ValueError(f"--harness: unknown task {unknown[0]!r} (lm-eval --tasks list shows them; local ones need "
+                         f"--harness-include)")
+    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=fewshot, limit=limit, task_manager=manager,
+                                  apply_chat_template=chat, log_samples=False, bootstrap_iters=0)
+    keep = lambda d: {k: v for k, v in d.items() if isinstance(v, (int, float, str)) or v is None}  # noqa: E731
+    return {"results": {t: keep(m) for t, m in res["results"].items()}, "versions": res.get("versions", {}),
+            "n-samples": res.get("n-samples", {}), "fewshot": fewshot, "chat_template": chat}
+
+
 def default_tasks() -> list[str]:
     return [name for name, probe in PROBES.items() if probe.default]
 
@@ -443,13 +572,17 @@ def run_tasks(model, tok, tasks, limit: int | None = None, data_paths: dict | No
 def format_table(results: dict) -> str:
     lines = [f"{'task':<10}{'metric':<8}{'value':>10}{'n':>10}{'seconds':>10}"]
     for task, r in results.items():
-        metric = PROBES[task].metric
-        n = r.get("n", r.get("tokens"))
-        lines.append(f"{task:<10}{metric:<8}{r[metric]:>10.4f}{n:>10}{r['seconds']:>10.1f}")
+        if task in PROBES:
+            metric = PROBES[task].metric
+            n = r.get("n", r.get("tokens"))
+            lines.append(f"{task:<10}{metric:<8}{r[metric]:>10.4f}{n:>10}{r['seconds']:>10.1f}")
+    for task, metrics in results.get("harness", {}).get("results", {}).items():  # lm-eval's "acc,none" names
+        lines += [f"{task} {name.split(',')[0]}: {v:.4f}" for name, v in metrics.items()
+                  if isinstance(v, float) and "stderr" not in name]
     return "\n".join(lines)
 
 
-def main(argv=None):
+def parser() -> ArgParser:
     p = ArgParser(prog="eval.py", description="Evaluate a model on MedMCQA, WikiText and TriviaQA (and HellaSwag, "
                                               "GSM8K) with the protocol of the paper's code "
                                               "(github.com/prakharg55/SMF-ICML).")
@@ -486,12 +619,28 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="keep the tasks already in --out (written with the same model and settings) and run only the "
                         "others, e.g. after an interrupted evaluation; with every task there, nothing is loaded")
-    args = p.parse_args(argv)
+    g = p.add_argument_group("lm-evaluation-harness (optional: pip install -r requirements-harness.txt)")
+    g.add_argument("--harness", default=None, metavar="TASKS",
+                   help="comma-separated lm-eval tasks, run on this model through its LM interface (eval.HarnessLM) "
+                        "after the probes, alone if --tasks is not given; results under \"harness\" in --out")
+    g.add_argument("--harness-include", default=None, metavar="DIR", help="a folder of task YAMLs (local tasks)")
+    g.add_argument("--harness-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    g.add_argument("--harness-chat-template", action="store_true",
+                   help="prompts in the ChatML chat template (off: raw text, as the paper's probes)")
+    return p
 
+
+def main(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.harness and "tasks" not in p.given(argv):
+        tasks = []  # the harness alone
     unknown = [t for t in tasks if t not in PROBES]
-    if unknown or not tasks:
+    if unknown or not (tasks or args.harness):
         p.error(f"unknown task {unknown[0]!r}; choose from {','.join(PROBES)}" if unknown else "no task given")
+    if args.harness and importlib.util.find_spec("lm_eval") is None:
+        p.error("--harness needs lm-evaluation-harness: pip install -r requirements-harness.txt")
     try:
         data_paths = data.parse_data_flags(args.data, PROBES)
     except ValueError as e:
@@ -515,7 +664,7 @@ def main(argv=None):
         results = results_to_keep(args.out, settings) if args.resume else {}
         kept_meta = results.pop("meta", {})
         todo = [t for t in tasks if t not in results]
-        if not todo:
+        if not todo and not args.harness:
             print(f"every task is already in {args.out} (--resume): nothing to run")
             print(format_table(results))
             return
@@ -527,7 +676,9 @@ def main(argv=None):
     if args.batch_size is None:
         args.batch_size = default_batch_size(model_device(model))
     meta = {**settings, "method": info["method"], "base_model": info["base_model"], "tasks": [*results, *todo],
-            "dtype": info["dtype"], "device": info["device"], "batch_size": args.batch_size, "repetition_penalty": rp}
+            "dtype": info["dtype"], "device": info["device"], "batch_size": args.batch_size, "repetition_penalty": rp,
+            **({"harness": args.harness, "harness_fewshot": args.harness_fewshot,
+                "harness_chat_template": args.harness_chat_template} if args.harness else {})}
     for k in ("method", "base_model", "dtype", "batch_size", "repetition_penalty") if results else ():
         if meta[k] != kept_meta.get(k):  # known only now that the model has loaded
             sys.exit(f"error: --resume: {args.out} was written with another {k} ({kept_meta.get(k)!r}, now "
@@ -541,6 +692,13 @@ def main(argv=None):
             written = " and ".join(f for f in (args.out, args.log_samples) if f)
             kept = f"; finished: {', '.join(results)}, in {written}" if results and written else ""
             sys.exit(f"error: {task}: {(str(e).strip() or type(e).__name__).splitlines()[0]}{kept}")
+        write_results(args.out, args.log_samples, {**results, "meta": meta}, samples)
+    if args.harness:
+        try:
+            results["harness"] = run_harness(model, tok, args.harness.split(","), rp, args.batch_size, args.limit,
+                                             args.harness_include, args.harness_fewshot, args.harness_chat_template)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
         write_results(args.out, args.log_samples, {**results, "meta": meta}, samples)
     print(format_table(results))
 
