@@ -185,20 +185,28 @@ def score_continuations(model, tok, pairs, batch_size: int = 64, show: bool = Fa
     return scores
 
 
-def eval_medmcqa(model, tok, rows, batch_size: int = 16, samples: list | None = None, show: bool = False) -> dict:
-    """Accuracy over rows (data.load_rows("medmcqa", ...)); batch_size counts questions (4 sequences each)."""
-    items = [data.medmcqa_eval_item(r) for r in rows]
+def choice_accuracy(task, model, tok, items, batch_size, samples, show, reduce="mean") -> dict:
+    """Accuracy over multiple-choice items [(context, [continuation, ...], index of the right one)]: each
+    continuation scored by score_continuations, the prediction the first of the highest scores (as np.argmax).
+    batch_size counts questions."""
     pairs = [(context, x) for context, continuations, _ in items for x in continuations]
-    scores = score_continuations(model, tok, pairs, 4 * batch_size, show)
+    k = len(items[0][1])
+    scores = score_continuations(model, tok, pairs, k * batch_size, show, reduce=reduce, desc=task)
     correct = 0
     for i, (context, continuations, target) in enumerate(items):
-        s = scores[4 * i:4 * i + 4]
-        pred = max(range(4), key=lambda j: s[j])
+        s = scores[k * i:k * i + k]
+        pred = max(range(k), key=lambda j: s[j])
         correct += pred == target
         if samples is not None:
-            samples.append({"task": "medmcqa", "index": i, "prompt": context, "choices": continuations,
+            samples.append({"task": task, "index": i, "prompt": context, "choices": continuations,
                             "scores": s, "prediction": pred, "target": target, "correct": pred == target})
     return {"acc": correct / len(items), "n": len(items)}
+
+
+def eval_medmcqa(model, tok, rows, batch_size: int = 16, samples: list | None = None, show: bool = False) -> dict:
+    """Accuracy over rows (data.load_rows("medmcqa", ...)); batch_size counts questions (4 sequences each)."""
+    return choice_accuracy("medmcqa", model, tok, [data.medmcqa_eval_item(r) for r in rows], batch_size, samples,
+                           show)
 
 
 # -----------------------------------------------------------------------------
@@ -300,20 +308,26 @@ def generate_answers(model, tok, prompts: list[str], batch_size: int = 16, max_n
     return out
 
 
+def generation_accuracy(task, model, tok, prompts, targets, correct, batch_size, max_new_tokens, repetition_penalty,
+                        show, compiled, samples) -> dict:
+    """Accuracy of greedy answers (generate_answers) to prompts, correct(prediction, target) deciding each."""
+    preds = generate_answers(model, tok, prompts, batch_size, max_new_tokens, repetition_penalty, show, desc=task,
+                             compiled=compiled)
+    n_correct = 0
+    for i, (prompt, pred, target) in enumerate(zip(prompts, preds, targets)):
+        ok = correct(pred, target)
+        n_correct += ok
+        if samples is not None:
+            samples.append({"task": task, "index": i, "prompt": prompt, "prediction": pred, "target": target,
+                            "correct": ok})
+    return {"acc": n_correct / len(prompts), "n": len(prompts)}
+
+
 def eval_triviaqa(model, tok, rows, batch_size: int = 16, samples: list | None = None, show: bool = False,
                   repetition_penalty: float = 1.0, max_new_tokens: int = 32, compiled: bool = False) -> dict:
-    prompts = [data.triviaqa_prompt(r) for r in rows]
-    aliases = [data.triviaqa_aliases(r) for r in rows]
-    preds = generate_answers(model, tok, prompts, batch_size, max_new_tokens, repetition_penalty, show,
-                             compiled=compiled)
-    correct = 0
-    for i, (prompt, pred, al) in enumerate(zip(prompts, preds, aliases)):
-        ok = triviaqa_correct(pred, al)
-        correct += ok
-        if samples is not None:
-            samples.append({"task": "triviaqa", "index": i, "prompt": prompt, "prediction": pred,
-                            "target": al, "correct": ok})
-    return {"acc": correct / len(rows), "n": len(rows)}
+    return generation_accuracy("triviaqa", model, tok, [data.triviaqa_prompt(r) for r in rows],
+                               [data.triviaqa_aliases(r) for r in rows], triviaqa_correct, batch_size, max_new_tokens,
+                               repetition_penalty, show, compiled, samples)
 
 
 # -----------------------------------------------------------------------------
@@ -325,18 +339,8 @@ def eval_hellaswag(model, tok, rows, batch_size: int = 16, samples: list | None 
     eval_hellaswag: each ending scored as the summed log-probability of " " + ending after ctx (ctx + ending
     tokenized together, the tokens after ctx's own token count scored: its continuation_score, unnormalized), the
     prediction the first argmax (np.argmax), compared with int(label). batch_size counts questions (4 each)."""
-    items = [data.hellaswag_item(r) for r in rows]
-    pairs = [(ctx, x) for ctx, endings, _ in items for x in endings]
-    scores = score_continuations(model, tok, pairs, 4 * batch_size, show, reduce="sum", desc="hellaswag")
-    correct = 0
-    for i, (ctx, endings, target) in enumerate(items):
-        s = scores[4 * i:4 * i + 4]
-        pred = max(range(4), key=lambda j: s[j])  # the first of equal scores, as np.argmax
-        correct += pred == target
-        if samples is not None:
-            samples.append({"task": "hellaswag", "index": i, "prompt": ctx, "choices": endings, "scores": s,
-                            "prediction": pred, "target": target, "correct": pred == target})
-    return {"acc": correct / len(items), "n": len(items)}
+    return choice_accuracy("hellaswag", model, tok, [data.hellaswag_item(r) for r in rows], batch_size, samples,
+                           show, reduce="sum")
 
 
 def gsm8k_correct(response: str, gold: str) -> bool:
@@ -352,18 +356,9 @@ def eval_gsm8k(model, tok, rows, batch_size: int = 16, samples: list | None = No
     """Accuracy over rows (openai/gsm8k main test) as eval_tasks.py's eval_gsm8k: greedy decoding of up to 256
     tokens after "Question: {question}\\nLet's think step by step.\\nAnswer:" (generate_answers, as TriviaQA's:
     eos <|im_end|>, the checkpoint's repetition penalty), gsm8k_correct against the number after "####"."""
-    prompts = [data.gsm8k_prompt(r) for r in rows]
-    golds = [data.gsm8k_gold(r) for r in rows]
-    preds = generate_answers(model, tok, prompts, batch_size, max_new_tokens, repetition_penalty, show, desc="gsm8k",
-                             compiled=compiled)
-    correct = 0
-    for i, (prompt, pred, gold) in enumerate(zip(prompts, preds, golds)):
-        ok = gsm8k_correct(pred, gold)
-        correct += ok
-        if samples is not None:
-            samples.append({"task": "gsm8k", "index": i, "prompt": prompt, "prediction": pred, "target": gold,
-                            "correct": ok})
-    return {"acc": correct / len(rows), "n": len(rows)}
+    return generation_accuracy("gsm8k", model, tok, [data.gsm8k_prompt(r) for r in rows],
+                               [data.gsm8k_gold(r) for r in rows], gsm8k_correct, batch_size, max_new_tokens,
+                               repetition_penalty, show, compiled, samples)
 
 
 # -----------------------------------------------------------------------------

@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import forgetting  # noqa: E402
 from eval import load_model  # noqa: E402
-from model import ArgParser, write_json  # noqa: E402
+from model import ArgParser  # noqa: E402
 from world import WORLD_ATTRIBUTES, eval_documents_ppl, eval_world_facts, world_fact_items, world_qa_texts  # noqa: E402
 
 METHODS = ["smf-clean", "smf-paper", "lora", "full"]
@@ -301,20 +301,10 @@ def main(argv=None):
     if args.pilot:
         res["chosen"] = choose_lrs(summary)
         md += f"\nChosen by the rule (put these in LRS): {res['chosen']}\n"
-    try:
-        figure(summary, scale["k"], args.figure, f"{'QUICK SMOKE TEST: ' if args.quick else ''}continual learning "
-               f"of {scale['k']} sets, mean over {len(scale['seeds'])} seeds, 95% t-intervals")
-        res["figure"] = args.figure
-        md += f"\nFigure: {args.figure}\n"
-    except ImportError:
-        res["figure"] = None
-        md += "\nNo figure: matplotlib is not installed (`pip install matplotlib`); the tables above hold its points.\n"
-    write_json(os.path.join(args.out, "results.json"), res)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(md)
-    print("\n" + md, flush=True)
-    return res
-
+    title = (f"{'QUICK SMOKE TEST: ' if args.quick else ''}continual learning of {scale['k']} sets, mean over "
+             f"{len(scale['seeds'])} seeds, 95% t-intervals")
+    return forgetting.write_results(args.out, res, md, lambda: figure(summary, scale["k"], args.figure, title),
+                                    args.figure)
 
 if __name__ == "__main__":
     main()

@@ -549,17 +549,25 @@ def main(argv=None):
             f"{args.jobs} processes at a time, wall time {wall / 60:.1f} min, CPU time {cpu / 60:.1f} min; "
             f"chance accuracy 0.10\n\n")
     md = (f"{QUICK_NOTE}\n\n" if args.quick else "") + head + report(res, seeds, args.levels)
+    title = (f"{'QUICK SMOKE TEST (not expected to learn): ' if args.quick else ''}learning vs forgetting on a "
+             f"synthetic world, mean over {len(seeds)} seeds, 95% t-intervals")
+    return write_results(args.out, res, md, lambda: figure(res, args.figure, title), args.figure,
+                         f"\nEvery run:\n\n{every_run(rows)}")
+
+
+def write_results(out, res, md, draw, figure_path, appendix=""):
+    """The figure (draw(); none without matplotlib, said in the text), results.json, results.md (md + appendix);
+    md printed. -> res."""
     try:
-        figure(res, args.figure, f"{'QUICK SMOKE TEST (not expected to learn): ' if args.quick else ''}"
-               f"learning vs forgetting on a synthetic world, mean over {len(seeds)} seeds, 95% t-intervals")
-        res["figure"] = args.figure
-        md += f"\nFigure: {args.figure}\n"
+        draw()
+        res["figure"] = figure_path
+        md += f"\nFigure: {figure_path}\n"
     except ImportError:
         res["figure"] = None
         md += "\nNo figure: matplotlib is not installed (`pip install matplotlib`); the tables above hold its points.\n"
-    write_json(os.path.join(args.out, "results.json"), res)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(md + f"\nEvery run:\n\n{every_run(rows)}")
+    write_json(os.path.join(out, "results.json"), res)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(md + appendix)
     print("\n" + md, flush=True)
     return res
 
