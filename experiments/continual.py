@@ -3,7 +3,7 @@ Continual learning on the synthetic world of experiments/world.py: K sets of new
 each method continuing from its own previous run (SMF comes from continual learning: Lin et al. 2025, "Continual
 Learning via Sparse Memory Finetuning", arXiv 2510.15103), with the retention matrix and backward transfer.
 
-    python experiments/continual.py            # 5 seeds, K = 3 sets: about 10 minutes on 2 CPU cores
+    python experiments/continual.py            # 5 seeds, K = 3 sets: 9.4 minutes on 2 CPU cores (see README)
     python experiments/continual.py --pilot    # the lr choice on seeds 10 and 11 (the rule below); prints LRS
     python experiments/continual.py --quick    # a smoke test of the pipeline (what the tests run): it does not learn
 
