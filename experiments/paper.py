@@ -358,9 +358,10 @@ def read_evals(files):
             continue
         else:
             config, args = read_json(os.path.join(run, "config.json")), read_json(os.path.join(run, "args.json"))
-            e.update(name=variant_name(config, args), seed=args.get("seed"), run=os.path.abspath(run),
+            name = variant_name(config, args)
+            e.update(name=name, seed=args.get("seed"), run=os.path.abspath(run),
                      flags={k: v for k, v in args.items() if k not in NOT_THE_EXPERIMENT},
-                     cost={os.path.abspath(run): (variant_name(config, args), config.get("cost"))})
+                     cost={os.path.abspath(run): (name, config.get("cost"))})
             if os.path.isfile(os.path.join(config.get("memory_from") or "", "config.json")):  # its retrofit's cost
                 mem_config = read_json(os.path.join(config["memory_from"], "config.json"))
                 e["cost"][config["memory_from"]] = (variant_name(mem_config, {}), mem_config.get("cost"))
