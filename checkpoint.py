@@ -1,8 +1,8 @@
 """
-The plumbing around train.py's loop, so that train.py reads as the algorithm (as nanochat's checkpoint_manager.py
-and common.py): data-parallel ranks, the run directory (what --out may be, its lock, args.json and --resume),
-checkpoints (trained tensors, optimizer state, every rank's RNG state and the step, in one safetensors file), the
-step log and its cost, the exports, and the micro-batch size that fits the GPU. Imported by train.py alone.
+What is on disk (as nanochat's checkpoint_manager.py): the run directory (what --out may be, its lock, args.json and
+--resume), chains of runs, checkpoints (trained tensors, optimizer state, every rank's RNG state and the step, in one
+safetensors file), the step log and the cost of a stage, the exports (a Hub-format folder, peft's adapter format),
+rebuilding a model from a Hub id, a model folder or a run directory (load_model), and atomic writes.
 
 A run directory (train.py --out) holds only files train.py writes, each written atomically (write, then rename):
 
@@ -17,11 +17,11 @@ A run directory (train.py --out) holds only files train.py writes, each written 
     retrofit/                (SMF) the stage-1 run directory, itself a `--method retrofit` run
     peft/, merged/, hf/      exports (LoRA: --export-peft, --export-merged; full: always hf/)
     eval.jsonl, .lock        --eval-every results; the lock a live run holds
-    eval*.json, samples*.jsonl   eval.py's results and per-example logs, if it was pointed here (model.is_eval_output)
+    eval*.json, samples*.jsonl   eval.py's results and per-example logs, if it was pointed here (is_eval_output)
 
 train.py never writes into a directory holding anything else, and a live run holds an exclusive lock on its
 directory (released by the OS when the process dies, so a run killed with kill -9 leaves no obstacle). What a
-killed save leaves (model.is_temp_file: ours and safetensors' temporary files) is removed when the run resumes.
+killed save leaves (is_temp_file: ours and safetensors' temporary files) is removed when the run resumes.
 """
 
 import copy
@@ -30,11 +30,12 @@ import json
 import math
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -42,110 +43,93 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-import data
-from eval import default_batch_size, run_tasks
-from model import (Qwen2, atomic_write, bf16_autocast, check_tensors, is_eval_output, is_temp_file, load_tensors,
-                   merge_lora, read_json, remove_temp_files, resolve_device, save_peft_adapter, write_json)
+import memory
+from common import RunError, default_dtype, device_name, parse_dtype, resolve_device
+from data import Tokenizer
+from model import (LoRALinear, Qwen2, Qwen2Config, add_lora, check_tensors, load_safetensors_dir, load_tensors,
+                   lora_state_dict, merge_lora, read_json, resolve_model_dir)
 
 RUN_FILES = {"args.json", "config.json", "model.safetensors", "log.jsonl", "checkpoint.safetensors",
              "background.safetensors", "eval.jsonl", "retrofit", "hf", "peft", "merged", ".lock"}
-# flags that may differ between a run and its resumption; every other flag must be the same
-RESUME_FREE = {"resume", "stop_at_step", "device", "eval_every", "eval_tasks", "eval_limit", "save_every", "compile",
-               "out"}  # a moved run directory resumes where it is now
-
-
-class RunError(Exception):
-    """A problem with the user's input or the run; printed as one line, exit status 1."""
-
-
-class StopRun(Exception):
-    """--stop-at-step reached: leave as if interrupted, exit status 0."""
+# The flags that do not change what a run trains: they may differ between a run and its resumption (every other flag
+# must be the same), and experiments/paper.py leaves them out when it names and groups runs.
+RESUME_FREE = {"resume", "stop_at_step", "device", "eval_every", "eval_tasks", "eval_limit", "eval_data",
+               "save_every", "compile", "out"}  # out: a moved run directory resumes where it is now
 
 
 # -----------------------------------------------------------------------------
-# Ranks
+# Files: atomic writes, JSON, logs
+
+def is_run_dir(path: str) -> bool:
+    """A run directory of train.py (its config.json has a "method"), which load_model rebuilds; not a model
+    folder in the Hub layout."""
+    cfg = os.path.join(path, "config.json")
+    if not (os.path.isdir(path) and os.path.exists(cfg)):
+        return False
+    return "method" in read_json(cfg)
 
 
-@dataclass
-class Ranks:
-    """Where this process stands under torchrun: rank r of `world` processes, each with its own data shard.
-    With one process (plain `python train.py`) every method below is a no-op."""
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:  # rank 0 alone logs, shows progress and writes files
-        return self.rank == 0
-
-    def sum_(self, t):
-        """All-reduce (sum) a tensor in place across ranks."""
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-    def wrap(self, model, device, ddp: bool):
-        """The model under DDP when several ranks average dense gradients, else the model itself."""
-        if self.world == 1 or not ddp:
-            return model
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    @staticmethod
-    def grad_sync(wrapped, model, fsdp: bool, last: bool):
-        """Gradients cross ranks on a step's last micro-batch only (DDP's no_sync, FSDP's gradient sync flag)."""
-        if fsdp:
-            model.set_requires_gradient_sync(last)
-        return wrapped.no_sync() if isinstance(wrapped, DDP) and not last else nullcontext()
-
-    @staticmethod
-    def shard(model, device):
-        """--fsdp: each block, then the rest (embeddings, norm, head), sharded across the ranks (fully_shard)."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if device.type == "cuda" else MixedPrecisionPolicy()
-        for block in model.model.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-
-    def same_rows(self, selected: dict):
-        """Every rank must choose the same memory rows (their read counts are summed first); a fingerprint
-        of each layer's selection proves it."""
-        if self.world == 1:
-            return
-        fp = selection_fingerprint(selected)
-        seen = [torch.zeros_like(fp) for _ in range(self.world)]
-        dist.all_gather(seen, fp)
-        if any(not torch.equal(seen[0], s) for s in seen):
-            raise RunError("data-parallel ranks selected different memory rows (their read counts disagree)")
+def is_eval_output(name: str) -> bool:
+    """What eval.py may write into a run directory: results eval*.json and per-example logs samples*.jsonl
+    (never train.py's eval.jsonl); train.py accepts these names there, so a run evaluated in place still resumes."""
+    return re.fullmatch(r"eval[\w.-]*\.json|samples[\w.-]*\.jsonl", name) is not None
 
 
-def selection_fingerprint(selected: dict):
-    """Per layer (count, sum of the sorted slot ids weighted 1, 2, ...): equal for the same rows in any order."""
-    return torch.stack([torch.stack([r.numel() * torch.ones((), dtype=torch.long, device=r.device),
-                                     (r.sort().values * torch.arange(1, r.numel() + 1, device=r.device)).sum()])
-                        for r in selected.values()]).flatten()
 
-
-def setup_ranks(device_name: str):
-    """(Ranks, device): join the process group torchrun set up (WORLD_SIZE > 1), NCCL with one GPU per process,
-    else gloo on CPU."""
+def atomic_write(path: str, write):
+    """Call write(tmp_path), then rename onto path, so a crash never leaves a half-written file. A failure (a full
+    disk, a read-only folder, a writer's own error) is an OSError naming `path`; the temporary file is removed
+    (one that a kill -9 leaves behind is removed by the next remove_temp_files of its folder)."""
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        device = resolve_device(device_name)
-    except ValueError as e:
-        raise RunError(f"--device: {e}") from e
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Ranks(), device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), world), device
+        write(tmp)
+        os.replace(tmp, path)
+    except Exception as e:  # e.g. safetensors' SafetensorError, which names no file
+        raise OSError(f"could not write {path}: {str(e).strip() or type(e).__name__}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def is_temp_file(name: str) -> bool:
+    """A temporary file of an interrupted save: atomic_write's NAME.tmpPID, or the .tmpXXXXXX that safetensors'
+    save_file writes beside its target before renaming it."""
+    return re.fullmatch(r".+\.tmp\d+|\.tmp[A-Za-z0-9]{6}", name) is not None
+
+
+def remove_temp_files(folder: str):
+    """Remove what interrupted saves left in `folder` (before writing there again)."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if is_temp_file(name):
+                os.remove(os.path.join(folder, name))
+
+
+def write_json(path: str, obj):
+    """Write obj as indented JSON, atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+
+
+def append_log(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path, step):
+    """Keep the log lines up to `step` (none for a fresh start)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write(path, lambda p: open(p, "w").writelines(lines))
+
 
 
 # -----------------------------------------------------------------------------
@@ -200,13 +184,21 @@ class Lock:
         self.f.close()
 
 
-def check_resume_args(args, saved: dict):
-    """--resume takes the run's own flags; only RESUME_FREE may differ (paths compared resolved)."""
-    for k, v in vars(args).items():
-        if k not in RESUME_FREE and k in saved and json.loads(json.dumps(v)) != saved[k]:
-            raise RunError(f"--resume: --{k.replace('_', '-')} is {v!r} but the run was started with {saved[k]!r}; "
-                           f"resume with the run's flags, or start a new run with --out elsewhere (an SMF run "
-                           f"can reuse a finished stage 1 there with --memory-from RUN/retrofit)")
+def first_change(now: dict, before: dict, free=()) -> str | None:
+    """The first setting of `now` (those in `free` aside) whose value, as JSON stores it, differs from the one
+    recorded in `before`; a setting `before` lacks (a file of an older version) counts as unchanged. train.py's and
+    eval.py's --resume both compare with it."""
+    return next((k for k, v in now.items() if k not in free and k in before and json.loads(json.dumps(v)) != before[k]),
+                None)
+
+
+def check_resume_args(flags: dict, saved: dict):
+    """--resume takes the run's own flags ({dest: value}, every flag of train.py); only RESUME_FREE may differ
+    (paths compared resolved)."""
+    if (k := first_change(flags, saved, RESUME_FREE)) is not None:
+        raise RunError(f"--resume: --{k.replace('_', '-')} is {flags[k]!r} but the run was started with {saved[k]!r}; "
+                       f"resume with the run's flags, or start a new run with --out elsewhere (an SMF run "
+                       f"can reuse a finished stage 1 there with --memory-from RUN/retrofit)")
 
 
 def run_info():
@@ -230,44 +222,33 @@ def hub_revision(model_dir):
     return name if os.path.basename(parent) == "snapshots" else None
 
 
-def check_resume(args):
+def check_resume(out: str, flags: dict):
     """--resume: the flags must be the run's (args.json), checked before anything is fetched or loaded."""
-    check_resume_args(args, read_json(os.path.join(args.out, "args.json")))
+    check_resume_args(flags, read_json(os.path.join(out, "args.json")))
 
 
-def begin_run(args, ranks, device):
-    """Write args.json once the first stage has loaded its model and data (a start-up error leaves none), or on
-    --resume check that the flags match the run's (now with the base model's revision)."""
-    path = os.path.join(args.out, "args.json")
-    if args.resume:
-        check_resume(args)
+def begin_run(out: str, flags: dict, resume: bool, ranks, device):
+    """Write args.json (flags: every resolved flag, and the base model's revision) once the first stage has loaded
+    its model and data (a start-up error leaves none), or on --resume check that the flags match the run's."""
+    if resume:
+        check_resume(out, flags)
     elif ranks.main:
-        write_json(path, {**vars(args), "device": str(device), "world_size": ranks.world, **run_info()})
+        write_json(os.path.join(out, "args.json"), {**flags, "device": str(device), "world_size": ranks.world,
+                                                     **run_info()})
 
 
-def begin_stage(out: str, step: int, total: int, ranks):
-    """The log of a stage as one run: a fresh stage starts an empty log, a resumed one keeps the lines up to the
-    checkpoint's step; temporary files of an interrupted save are removed."""
-    if not ranks.main:
-        return
-    remove_temp_files(out)
-    for name in ("log.jsonl", "eval.jsonl"):
-        truncate_log(os.path.join(out, name), step)
-    print(f"{'resuming' if step else 'starting'} {out} at step {step}/{total}", file=sys.stderr)
-
-
-def append_log(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def truncate_log(path, step):
-    """Keep the log lines up to `step` (none for a fresh start)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write(path, lambda p: open(p, "w").writelines(lines))
+def begin_stage(out: str, config: dict, step: int, total: int, ranks) -> bool:
+    """Whether a stage (at `step` of `total`, from its checkpoint) has steps left; if so, config.json is written
+    unfinished. The log of a stage as one run: a fresh stage starts an empty log, a resumed one keeps the lines up to
+    the checkpoint's step; temporary files of an interrupted save are removed."""
+    if ranks.main:
+        remove_temp_files(out)
+        for name in ("log.jsonl", "eval.jsonl"):
+            truncate_log(os.path.join(out, name), step)
+        print(f"{'resuming' if step else 'starting'} {out} at step {step}/{total}", file=sys.stderr)
+        if step < total:
+            write_json(os.path.join(out, "config.json"), {**config, "finished": False})
+    return step < total
 
 
 def finish_stage(out, config, ranks, device):
@@ -277,6 +258,10 @@ def finish_stage(out, config, ranks, device):
         config["cost"] = run_cost(out, device, ranks.world)
         write_json(os.path.join(out, "config.json"), config)
     ranks.barrier()
+
+
+# -----------------------------------------------------------------------------
+# Chains: a run that continues a finished one (--memory-from, --lora-from, --model RUN/hf)
 
 
 def finished_run(run_dir: str, base_config: dict, model_name: str, flag: str, methods: tuple) -> dict:
@@ -331,29 +316,51 @@ def previous_full_run(model_dir: str) -> str | None:
     return None
 
 
-def inherit_lora(args, given: set):
-    """--lora-from RUN: the adapters' shape (r, alpha, targets) is the run's; a flag given for it must agree."""
-    if args.lora_from is None:
-        return
-    args.lora_from = os.path.abspath(args.lora_from)  # resolved, so that --resume compares it whatever its spelling
-    cfg = os.path.join(args.lora_from, "config.json")
+def lora_from(run_dir: str) -> dict:
+    """--lora-from RUN: the adapters' shape of a LoRA run, {"r", "alpha", "targets"} (train.py's flags must agree)."""
+    cfg = os.path.join(run_dir, "config.json")
     if not os.path.exists(cfg):
-        raise ValueError(f"--lora-from {args.lora_from}: no config.json (not a run of train.py)")
+        raise ValueError(f"--lora-from {run_dir}: no config.json (not a run of train.py)")
     lora = read_json(cfg).get("lora") or {}
-    for key, dest in (("r", "lora_r"), ("alpha", "lora_alpha"), ("targets", "lora_targets")):
+    for key in ("r", "alpha", "targets"):
         if key not in lora:
-            raise ValueError(f"--lora-from {args.lora_from}: not a LoRA run (its config.json has no lora {key})")
-        if dest in given and getattr(args, dest) != lora[key]:
-            raise ValueError(f"--{dest.replace('_', '-')} {getattr(args, dest)} contradicts the adapters of "
-                             f"--lora-from {args.lora_from} ({key} {lora[key]}): drop the flag")
-        setattr(args, dest, lora[key])
+            raise ValueError(f"--lora-from {run_dir}: not a LoRA run (its config.json has no lora {key})")
+    return {key: lora[key] for key in ("r", "alpha", "targets")}
 
 
-def is_finished(run_dir):
+def is_finished(run_dir) -> bool:
+    """Whether run_dir holds a run whose config.json says it finished."""
     try:
         return read_json(os.path.join(run_dir, "config.json")).get("finished", False)
     except (OSError, ValueError):
         return False
+
+
+# -----------------------------------------------------------------------------
+# Cost: the wall time, GPU-hours, tokens/s and MFU of a finished stage (config.json "cost")
+
+
+def run_cost(out, device, world) -> dict:
+    """What a finished stage cost: the loop's wall time (steps, checkpoints, --eval-every; summed over resumed runs
+    up to the last checkpoint, from its metadata; not loading, background reads or exports), GPU-hours (that time x
+    processes, on a GPU), and from the log the optimizer steps' own time, tokens, tokens/s and the time-weighted
+    mean MFU."""
+    log, ckpt = os.path.join(out, "log.jsonl"), os.path.join(out, "checkpoint.safetensors")
+    with open(log) if os.path.exists(log) else nullcontext([]) as f:
+        steps = [json.loads(line) for line in f if line.strip()]
+    wall = None
+    if os.path.exists(ckpt):
+        with safe_open(ckpt, "pt") as f:
+            wall = float(f.metadata().get("wall_seconds", "nan"))
+    seconds = sum(r["seconds"] for r in steps)
+    tokens = sum(r.get("input_tokens", 0) for r in steps)
+    mfu = [(r["mfu"], r["seconds"]) for r in steps if "mfu" in r]
+    on_gpu = torch.device(device).type == "cuda"
+    wall = seconds if wall is None or math.isnan(wall) else wall
+    return {"device": device_name(device), "world_size": world, "steps": len(steps), "wall_seconds": round(wall, 2),
+            "step_seconds": round(seconds, 2), "gpu_hours": round(wall * world / 3600, 4) if on_gpu else 0.0,
+            "input_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+            "mfu": round(sum(m * s for m, s in mfu) / seconds, 5) if mfu and seconds else None}
 
 
 # -----------------------------------------------------------------------------
@@ -484,213 +491,147 @@ class Checkpoint:
         self.dense_opt.load_state_dict(sd)
 
 
-def export_lora_or_full(args, model, ranks):
-    """full: a Hub-format model in hf/; LoRA: optionally peft's adapter format and the merged model (each export
-    first removes what an interrupted one left)."""
-    model.eval()
-    if ranks.main and args.method == "full":  # from the saved weights: the same path with or without FSDP
+# -----------------------------------------------------------------------------
+# Exports: a Hub-format model folder, peft's adapter format
+
+
+def save_pretrained(model: Qwen2, out_dir: str, tokenizer_from: str | None = None):
+    """Write a Hub-format directory (config.json + model.safetensors) of a plain Qwen2 that transformers and we can
+    load; tokenizer_from: a model (Hub id or directory) whose tokenizer and generation config files to copy."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("save_pretrained: the model has LoRA adapters; merge_lora(model) first, "
+                         "or save_peft_adapter for the adapters alone")
+    if any(b.memory is not None or b.mlp is None for b in model.model.layers):
+        raise ValueError("save_pretrained: the model has memory layers, which a Hub Qwen2 checkpoint cannot hold; "
+                         "save them with memory.memory_state_dict (train.py's run directory does)")
+    os.makedirs(out_dir, exist_ok=True)
+    remove_temp_files(out_dir)  # what an interrupted export left
+    hub = model.hub_state_shapes()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in hub}
+    cfg = model.config.to_dict()
+    cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(state, p, metadata={"format": "pt"}))
+    write_json(os.path.join(out_dir, "config.json"), cfg)
+    if tokenizer_from is not None:
+        src = resolve_model_dir(tokenizer_from)
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json"):
+            if os.path.exists(os.path.join(src, name)):
+                shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
+
+
+# peft's file format, so an adapter trained here loads with PeftModel.from_pretrained (and back):
+# adapter_model.safetensors with keys `base_model.model.<our module name>.lora_{A,B}.weight`, adapter_config.json.
+PEFT_PREFIX = "base_model.model."
+
+
+def save_peft_adapter(model, out_dir: str, base_model_name_or_path: str):
+    """Write the adapters as peft does (adapter_model.safetensors + adapter_config.json), without peft."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not layers:
+        raise ValueError("save_peft_adapter: the model has no LoRA adapters")
+    settings = {(m.r, m.lora_alpha, m.lora_dropout.p) for m in layers.values()}
+    if len(settings) != 1:
+        raise ValueError(f"save_peft_adapter: adapters differ in (r, alpha, dropout): {sorted(settings)}")
+    (r, alpha, dropout), = settings
+    state = {}
+    for name, m in layers.items():
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous()  # (r, in)
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous()  # (out, r)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    remove_temp_files(out_dir)  # what an interrupted export left
+    atomic_write(os.path.join(out_dir, "adapter_model.safetensors"),
+                 lambda p: save_file(state, p, metadata={"format": "pt"}))
+    write_json(os.path.join(out_dir, "adapter_config.json"), config)
+
+
+def export_run(out: str, model, run: dict, peft: bool = False, merged: bool = False):
+    """A stage's exports into its run directory `out` (run: its config.json; each export first removes what an
+    interrupted one left): full: a Hub-format model in hf/ (always; rebuilt from the saved model.safetensors, so
+    the same with or without FSDP); LoRA: peft's adapter format in peft/, the merged model in merged/, if asked."""
+    base = run["base_model"]
+    if run["method"] == "full":
+        final, _ = rebuild(out, run, dtype=None, device=None)
+        save_pretrained(final, os.path.join(out, "hf"), tokenizer_from=base)
+    if peft:
+        save_peft_adapter(model, os.path.join(out, "peft"), base)
+    if merged:
+        save_pretrained(merge_lora(copy.deepcopy(model)), os.path.join(out, "merged"), tokenizer_from=base)
+
+
+# -----------------------------------------------------------------------------
+# Rebuilding a model: a Hub id, a model folder, or a run directory
+
+
+def rebuild(run_dir: str, run: dict, dtype, device):
+    """The model a run directory describes (its config.json `run`) -> (model, base model folder): the base rebuilt
+    from "base_model" (at "base_revision"), memory layers (smf, retrofit) or LoRA adapters (lora) added, and the
+    run's model.safetensors loaded into them, its key set and every shape checked; for "full" that file holds every
+    Hub tensor. dtype None: the base's weights as stored."""
+    base = resolve_model_dir(run["base_model"], run.get("base_revision"))
+    weights = os.path.join(run_dir, "model.safetensors")
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"run directory without weights: {weights}")
+    state = load_safetensors_dir(run_dir)
+    method = run["method"]
+    if method == "full":  # every Hub tensor is in the run's file; only the base's config.json is needed
         with torch.device("meta"):
-            final = Qwen2(model.config)
-        final.load_hub_state_dict(load_file(os.path.join(args.out, "model.safetensors")))
-        final.save_pretrained(os.path.join(args.out, "hf"), tokenizer_from=args.model)
-    if ranks.main and args.export_peft:
-        save_peft_adapter(model, os.path.join(args.out, "peft"), args.model)
-    if ranks.main and args.export_merged:
-        merge_lora(copy.deepcopy(model)).save_pretrained(os.path.join(args.out, "merged"), tokenizer_from=args.model)
+            model = Qwen2(Qwen2Config.from_json(os.path.join(base, "config.json")))
+        return model.load_hub_state_dict(state, dtype=dtype, device=device), base
+    model = Qwen2.from_pretrained(base, dtype=dtype, device=device)
+    if method in ("smf", "retrofit"):
+        memory.add_memory(model, memory.MemoryConfig.from_dict(run["memory"]))
+        expected = memory.memory_state_dict(model)
+    elif method == "lora":
+        lora = run["lora"]
+        add_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"], targets=lora["targets"])
+        expected = lora_state_dict(model)
+    else:
+        raise ValueError(f"{run_dir}/config.json: unknown method {method!r} (expected smf, retrofit, lora or full)")
+    load_tensors(expected, state, weights)  # key set and shapes checked, copied into the fp32 tensors
+    return model, base
 
 
-
-# -----------------------------------------------------------------------------
-# Micro-batches: as few per step as memory allows (train.py's --micro-batch auto)
-
-# the paper's per-device batch: its SMF stage 2 selects rows and averages the loss per micro-batch of 4
-PAPER_MICRO_BATCH = 4
-
-
-def micro_batch_size(stage, args, device, tok, ranks, loss_fn) -> int:
-    """--micro-batch: examples per forward on each rank (see train.py's help). A resumed run keeps the size it
-    started with (config.json "micro_batch"), so that it continues exactly. loss_fn(model, batch): the summed
-    training loss of a micro-batch, as the loop computes it."""
-    per_rank = args.batch_size // ranks.world
-    config = os.path.join(stage.out, "config.json")
-    if args.micro_batch != "auto":
-        return args.micro_batch
-    if args.resume and os.path.exists(config) and (saved := read_json(config).get("micro_batch")) is not None:
-        return saved
-    if stage.smf is not None and (args.select_per_micro_batch or args.sum_micro_batch_means):
-        if PAPER_MICRO_BATCH % ranks.world or per_rank % (PAPER_MICRO_BATCH // ranks.world):
-            raise RunError(f"--recipe paper's SMF selects rows per micro-batch of {PAPER_MICRO_BATCH}: give a "
-                           f"--batch-size that splits into them across {ranks.world} process(es), or --micro-batch")
-        return PAPER_MICRO_BATCH // ranks.world
-    if device.type != "cuda":  # memory is not what limits a CPU run
-        return per_rank
-    if stage.fsdp:  # a sharded forward is collective: no rank may probe alone; the paper's micro-batch or less
-        return largest_that_fits(per_rank, lambda n: n <= PAPER_MICRO_BATCH)
-    size = largest_that_fits(per_rank, lambda n: fits_in_memory(stage, n, device, tok, loss_fn))
-    if ranks.world > 1:  # every rank runs the same split: the smallest any rank can hold
-        t = torch.tensor(size, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        size = int(t)
-    if ranks.main:
-        print(f"micro-batch: {size} examples per forward on each rank (of {per_rank}); --micro-batch sets it",
-              file=sys.stderr)
-    return size
-
-
-def largest_that_fits(n: int, fits) -> int:
-    """The largest divisor d of n for which fits(d), trying the largest first."""
-    for d in (d for d in range(n, 0, -1) if n % d == 0):
-        if fits(d):
-            return d
-    raise RunError("out of GPU memory with a micro-batch of 1: lower --max-len")
-
-
-def fits_in_memory(stage, size, device, tok, loss_fn) -> bool:
-    """Whether one forward+backward of `size` copies of the longest training example fits, beside a buffer the
-    size of the optimizer state (not allocated yet: AdamW's two moments of every trained tensor). It leaves no
-    gradient behind and draws no random number that training uses (the training RNG is seeded after it)."""
-    longest = max(stage.examples, key=lambda e: len(e[0]))
-    b = {k: v.to(device) for k, v in data.collate([longest] * size, tok.pad_id).items()}
-    trained = list(stage.adamw_params.values())
-    if stage.smf is not None:
-        trained += [mem.values.weight for mem in stage.smf["memories"].values()]
-    state_bytes = sum(2 * p.numel() * p.element_size() for p in trained)
-    held = []
-    try:
-        held.append(torch.empty(state_bytes, dtype=torch.uint8, device=device))  # the optimizer state's place
-        with bf16_autocast(device):
-            loss = loss_fn(stage.model, b)
-        loss.backward()
-        return True
-    except torch.cuda.OutOfMemoryError:
-        return False
-    finally:
-        held.clear()
-        loss = None
-        for p in stage.model.parameters():
-            p.grad = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def after_step(step, total, stage, args, tok, ranks, saver, eval_rows, bar):
-    """What train.py's loop does after each step: --eval-every probes (into eval.jsonl), the checkpoint every
-    --save-every steps and at the end, and --stop-at-step."""
-    if args.eval_every and step % args.eval_every == 0:
-        if ranks.main:
-            stage.model.eval()
-            results = run_tasks(stage.model, tok, eval_rows, repetition_penalty=stage.repetition_penalty,
-                                batch_size=default_batch_size(stage.model.lm_head.weight.device))
-            append_log(os.path.join(stage.out, "eval.jsonl"), {"step": step, **results})
-            stage.model.train()
-        ranks.barrier()
-    if step % args.save_every == 0 or step == total or step == args.stop_at_step:
-        saver.save(step)
-    if step == args.stop_at_step and step < total:
-        bar.close()
-        if ranks.main:
-            print(f"stopped at step {step} as asked (--stop-at-step); continue with --resume", file=sys.stderr)
-        raise StopRun()
-
-
-# -----------------------------------------------------------------------------
-# Cost: tokens/s and MFU per step (as nanochat logs them), the run's time and GPU-hours in config.json
-
-# dense bf16 peak FLOP/s (no sparsity) of known GPUs, by a part of torch.cuda.get_device_name (first match wins)
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12,
-                   "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12}
-
-
-def peak_flops(device) -> float | None:
-    """The device's dense bf16 peak from PEAK_BF16_FLOPS; None on a CPU or an unknown GPU (no MFU then)."""
-    if torch.device(device).type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def device_name(device) -> str:
-    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
-
-
-class Throughput:
-    """Tokens per second and, on a GPU of known peak, the model FLOPs utilisation of each optimizer step, added to
-    its log record (input_tokens, tok_s, mfu) and returned for the progress bar. FLOPs as nanochat and PaLM count
-    them: per token 6 per weight of every matmul (forward 2, backward 4, as if every weight trained: for LoRA and
-    SMF, whose frozen weights skip their weight gradients, this overstates the work by up to a third) plus
-    12 * layers * hidden * length for attention; lookups (embeddings, the memory's value table) are not matmuls,
-    and tied embeddings count once, as the output layer. Tokens are the examples' own (padding excluded)."""
-
-    def __init__(self, model, device, world, stream):
-        cfg = model.config
-        self.stream, self.world, self.peak = stream, world, peak_flops(device)
-        lookups = [p for name, p in model.named_parameters() if name.endswith("memory.values.weight")
-                   or (name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings)]
-        self.matmul_weights = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in lookups)
-        self.attention = 12 * cfg.num_hidden_layers * cfg.hidden_size
-
-    def flops(self, lengths) -> int:
-        """Training FLOPs of one step over examples of these token counts."""
-        return sum(6 * self.matmul_weights * t + self.attention * t * t for t in lengths)
-
-    def __call__(self, record, step) -> dict:
-        lengths = self.stream.lengths(step)
-        seconds = max(1e-9, record["seconds"])
-        record["input_tokens"] = sum(lengths)
-        record["tok_s"] = round(record["input_tokens"] / seconds, 1)
-        shown = {"tok_s": f"{record['tok_s']:.0f}"}
-        if self.peak:
-            record["mfu"] = round(self.flops(lengths) / seconds / (self.peak * self.world), 5)
-            shown["mfu"] = f"{record['mfu']:.1%}"
-        return shown
-
-
-def run_cost(out, device, world) -> dict:
-    """What a finished stage cost: the loop's wall time (steps, checkpoints, --eval-every; summed over resumed runs
-    up to the last checkpoint, from its metadata; not loading, background reads or exports), GPU-hours (that time x
-    processes, on a GPU), and from the log the optimizer steps' own time, tokens, tokens/s and the time-weighted
-    mean MFU."""
-    log, ckpt = os.path.join(out, "log.jsonl"), os.path.join(out, "checkpoint.safetensors")
-    with open(log) if os.path.exists(log) else nullcontext([]) as f:
-        steps = [json.loads(line) for line in f if line.strip()]
-    wall = None
-    if os.path.exists(ckpt):
-        with safe_open(ckpt, "pt") as f:
-            wall = float(f.metadata().get("wall_seconds", "nan"))
-    seconds = sum(r["seconds"] for r in steps)
-    tokens = sum(r.get("input_tokens", 0) for r in steps)
-    mfu = [(r["mfu"], r["seconds"]) for r in steps if "mfu" in r]
-    on_gpu = torch.device(device).type == "cuda"
-    wall = seconds if wall is None or math.isnan(wall) else wall
-    return {"device": device_name(device), "world_size": world, "steps": len(steps), "wall_seconds": round(wall, 2),
-            "step_seconds": round(seconds, 2), "gpu_hours": round(wall * world / 3600, 4) if on_gpu else 0.0,
-            "input_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
-            "mfu": round(sum(m * s for m, s in mfu) / seconds, 5) if mfu and seconds else None}
-
-
-class StepGuard:
-    """Stops a run before an update with a non-finite loss or gradient norm (so no non-finite tensor is ever
-    saved), and warns once when the gradient norm has been 0 and the loss flat (within 1e-3) for `patience`
-    steps (a dead model, e.g. after too large an lr)."""
-
-    def __init__(self, out, patience=5):
-        self.out, self.patience, self.still, self.last, self.warned = out, patience, 0, None, False
-
-    def check(self, step, loss, grad_norm=0.0):
-        for what, v in (("loss", loss), ("gradient norm", grad_norm)):
-            if not math.isfinite(v):
-                raise RunError(f"{what} is {v} at step {step} in {self.out}; stopped before the update. The last "
-                               f"checkpoint holds only finite values: start a new run with a lower --lr (--resume "
-                               f"continues with the same flags) or check the data")
-
-    def dead(self, loss, grad_norm, step):
-        """A warning (printed, and returned for the log) the first time the model looks dead, else None."""
-        self.still = self.still + 1 if grad_norm == 0 and (self.last is None or abs(loss - self.last) < 1e-3) else 0
-        self.last = loss
-        if self.still < self.patience or self.warned:
-            return None
-        self.warned = True
-        msg = (f"warning: the loss has stayed near {loss:.6g} with a gradient norm of 0 for {self.still} steps (step "
-               f"{step}): the model may be dead (too large an --lr?)")
-        print(msg, file=sys.stderr)
-        return msg
+def load_model(name_or_dir: str, dtype=None, device=None):
+    """
+    -> (model in eval mode, tokenizer, info). name_or_dir: a Hub id, a model directory (Hub layout), or a finished
+    run directory of train.py (rebuild). The base is in `dtype` (a torch.dtype or a name in common.DTYPES;
+    default common.default_dtype: bf16 GPU, fp32 CPU); memory and adapters stay fp32, except as the run's recipe
+    says (the paper's: a memory of precision "bf16" is cast to bf16, LoRA adapters are merged). device: a
+    torch.device or a name ("auto", "cpu", "cuda:1", ...).
+    info: {"path", "method", "base_model", "dtype", "device", "repetition_penalty", "generation_config"}.
+    """
+    device = resolve_device(device)
+    dtype = default_dtype(device) if dtype is None else parse_dtype(dtype)
+    method, run = None, {}
+    if is_run_dir(name_or_dir):
+        run = read_json(os.path.join(name_or_dir, "config.json"))
+        method = run["method"]
+        if run.get("finished") is False:
+            raise ValueError(f"{name_or_dir}: the run has not finished (continue it with train.py --resume)")
+        if "base_model" not in run:
+            raise ValueError(f"{name_or_dir}/config.json has no base_model")
+        model, base = rebuild(name_or_dir, run, dtype, device)
+        if method in ("smf", "retrofit") and run["memory"].get("precision") == "bf16":
+            for mem in memory.memory_layers(model).values():  # the paper's code evaluates the whole model
+                mem.to(torch.bfloat16)                        # in bf16, memory included
+        if method == "lora" and run["lora"].get("merge_for_eval"):
+            merge_lora(model)  # into the base weights in their dtype, as the paper's merge_and_unload
+    else:
+        base = resolve_model_dir(name_or_dir)
+        model = Qwen2.from_pretrained(base, dtype=dtype, device=device)
+    model.eval()
+    tok = Tokenizer.from_pretrained(base)
+    gen_path = os.path.join(base, "generation_config.json")
+    gen = read_json(gen_path) if os.path.exists(gen_path) else {}
+    info = {"path": name_or_dir, "method": method, "base_model": run.get("base_model", name_or_dir),
+            "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+            "repetition_penalty": float(gen.get("repetition_penalty", 1.0)), "generation_config": gen}
+    return model, tok, info

@@ -1,5 +1,6 @@
 """
-Datasets and prompts: MedMCQA (the task), TriviaQA and WikiText (the forgetting probes), OASST1 (stage-1 data).
+Datasets, prompts and tokenization: MedMCQA (the task), TriviaQA and WikiText (the forgetting probes), OASST1
+(stage-1 data); Qwen2.5's tokenizer with its chat template (Tokenizer); examples into batches (MicroBatches).
 
 Rows come from the Hugging Face Hub (dataset repos, parquet files read with pyarrow, cached by huggingface_hub,
 so `HF_HUB_OFFLINE=1` serves them from the cache) or from a local file in the Hub's column schema:
@@ -41,6 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from model import read_json, resolve_model_dir
 
 # -----------------------------------------------------------------------------
 # Where each dataset lives
@@ -426,6 +429,132 @@ def seeded_subset(n: int, size: int | None, seed: int) -> list[int]:
     if size is None or size >= n:
         return list(range(n))
     return np.random.default_rng(seed).permutation(n)[:size].tolist()
+
+
+# -----------------------------------------------------------------------------
+# The tokenizer: Qwen2.5's (tokenizer.json, or vocab.json + merges.txt) with its ChatML template, and a small BPE
+# trainer for the synthetic experiments' models
+
+# Qwen2's pre-tokenizer: contractions, words, single digits, punctuation runs, newlines, spaces
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+class Tokenizer:
+    """A thin wrapper over `tokenizers.Tokenizer` with the ChatML chat format of Qwen2.5."""
+
+    def __init__(self, tok, config: dict):
+        self.tok = tok
+        self.config = config
+
+        def token_id(field):
+            t = config.get(field)
+            t = t.get("content") if isinstance(t, dict) else t
+            return None if t is None else tok.token_to_id(t)
+
+        self.eos_id = token_id("eos_token")
+        self.pad_id = token_id("pad_token")
+        self.special_ids = {tok.token_to_id(t.content) for t in tok.get_added_tokens_decoder().values() if t.special}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+        path = resolve_model_dir(name_or_path)
+        cfg_path = os.path.join(path, "tokenizer_config.json")
+        config = {}
+        if os.path.exists(cfg_path):
+            config = read_json(cfg_path)
+        if os.path.exists(os.path.join(path, "tokenizer.json")):
+            tok = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        elif os.path.exists(os.path.join(path, "vocab.json")) and os.path.exists(os.path.join(path, "merges.txt")):
+            tok = build_bpe_tokenizer(path, config)
+        else:
+            raise FileNotFoundError(f"no tokenizer.json (nor vocab.json + merges.txt) in {path}")
+        return cls(tok, config)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end a reply: eos, and <|endoftext|> where the vocabulary has it (as generation_config says)."""
+        ids = [self.eos_id, self.token_to_id("<|endoftext|>")]
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """ChatML as Qwen2.5's template writes it (no tools): a default system turn unless one is given."""
+        text = ""
+        if not messages or messages[0]["role"] != "system":
+            text += f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
+        for m in messages:
+            text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+        if add_generation_prompt:
+            text += "<|im_start|>assistant\n"
+        return text
+
+
+BPE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen's, so Tokenizer reads them alike
+
+
+def train_bpe_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 1024) -> int:
+    """Train a byte-level BPE on texts; write tokenizer.json and a tokenizer_config.json with Qwen's special tokens
+    (eos <|im_end|>, pad <|endoftext|>). Returns the vocabulary size, specials included."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(BPE_SPECIALS), special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens(BPE_SPECIALS)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                       "single_word": False, "special": True} for t in BPE_SPECIALS}
+    cfg = {"added_tokens_decoder": added, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+           "bos_token": None, "model_max_length": 4096, "tokenizer_class": "Qwen2Tokenizer"}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return tok.get_vocab_size()
+
+
+def build_bpe_tokenizer(path: str, config: dict):
+    """The byte-level BPE that tokenizer.json describes, built from vocab.json + merges.txt + added tokens."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    vocab = read_json(os.path.join(path, "vocab.json"))
+    with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
+        merges = [tuple(line.split(" ")) for line in f.read().split("\n") if line and not line.startswith("#version")]
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    for i, t in sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0])):
+        added = AddedToken(t["content"], single_word=t.get("single_word", False), lstrip=t.get("lstrip", False),
+                           rstrip=t.get("rstrip", False), normalized=t.get("normalized", False),
+                           special=t.get("special", False))
+        tok.add_special_tokens([added]) if t.get("special", False) else tok.add_tokens([added])
+        if tok.token_to_id(t["content"]) != int(i):
+            raise ValueError(f"tokenizer_config.json: added token {t['content']!r} got id "
+                             f"{tok.token_to_id(t['content'])}, expected {i}")
+    return tok
 
 
 # -----------------------------------------------------------------------------

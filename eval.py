@@ -15,6 +15,7 @@ a Hub model, a local model directory or a run directory; the paper's table uses 
               step.\\nAnswer:"; correct if the last number in the answer equals the one after "####"
 
     python eval.py --model Qwen/Qwen2.5-0.5B-Instruct --tasks medmcqa,wikitext,triviaqa --limit 1000 --out results.json
+    python eval.py --model runs/smf-seed0 --prompt "What causes scurvy?"     # talk to a model instead
 
 The eval_* functions take rows (data.load_rows) and a loaded model, so train.py can call them during training.
 """
@@ -33,88 +34,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-import memory
-from model import ArgParser, Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, default_dtype, is_eval_output, \
-    is_run_dir, load_safetensors_dir, load_tensors, looks_like_hub_id, lora_state_dict, merge_lora, parse_dtype, \
-    read_json, resolve_device, resolve_model_dir, write_json, DTYPES, HUB_FILES
-
-
-# -----------------------------------------------------------------------------
-# Loading a model: Hub id, model directory, or run directory
-
-
-def base_model_dir(name_or_path: str, revision: str | None = None) -> str:
-    """A local directory as is; a Hub id at the given revision (as train.py recorded it), fetched or cached."""
-    if revision is None or not looks_like_hub_id(name_or_path):
-        return resolve_model_dir(name_or_path)
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(name_or_path, revision=revision, allow_patterns=HUB_FILES)
-    except Exception as e:
-        raise FileNotFoundError(f"could not fetch {name_or_path!r} at revision {revision} from the Hub: {e}") from e
-
-
-def load_model(name_or_dir: str, dtype=None, device=None):
-    """
-    -> (model in eval mode, tokenizer, info). name_or_dir: a Hub id, a model directory (Hub layout), or a run
-    directory of train.py (config.json with "method"): the base model is rebuilt from "base_model" (at
-    "base_revision"), memory layers (smf, retrofit) or LoRA adapters (lora) are added, and the run's
-    model.safetensors is loaded, its key set and every shape checked; for "full" it holds every Hub tensor.
-    The base is in `dtype` (a torch.dtype or a name in model.DTYPES; default model.default_dtype: bf16 GPU, fp32
-    CPU); memory and adapters stay fp32, except as the run's recipe says (the paper's: a memory of precision "bf16"
-    is cast to bf16, LoRA adapters are merged). device: a torch.device or a name ("auto", "cpu", "cuda:1", ...).
-    info: {"path", "method", "base_model", "dtype", "device", "repetition_penalty", "generation_config"}.
-    """
-    device = resolve_device(device)
-    dtype = default_dtype(device) if dtype is None else parse_dtype(dtype)
-    method, run = None, {}
-    if is_run_dir(name_or_dir):
-        run = read_json(os.path.join(name_or_dir, "config.json"))
-        method = run["method"]
-        if run.get("finished") is False:
-            raise ValueError(f"{name_or_dir}: the run has not finished (continue it with train.py --resume)")
-        if "base_model" not in run:
-            raise ValueError(f"{name_or_dir}/config.json has no base_model")
-        base = base_model_dir(run["base_model"], run.get("base_revision"))
-        weights = os.path.join(name_or_dir, "model.safetensors")
-        if not os.path.exists(weights):
-            raise FileNotFoundError(f"run directory without weights: {weights}")
-        state = load_safetensors_dir(name_or_dir)
-        if method == "full":  # every Hub tensor is in the run's file; only the base's config.json is needed
-            with torch.device("meta"):
-                model = Qwen2(Qwen2Config.from_json(os.path.join(base, "config.json")))
-            model.load_hub_state_dict(state, dtype=dtype, device=device)
-        else:
-            model = Qwen2.from_pretrained(base, dtype=dtype, device=device)
-            if method in ("smf", "retrofit"):
-                memory.add_memory(model, memory.MemoryConfig.from_dict(run["memory"]))
-                expected = memory.memory_state_dict(model)
-            elif method == "lora":
-                lora = run["lora"]
-                add_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"], targets=lora["targets"])
-                expected = lora_state_dict(model)
-            else:
-                raise ValueError(f"{name_or_dir}/config.json: unknown method {method!r} "
-                                 "(expected smf, retrofit, lora or full)")
-            load_tensors(expected, state, weights)  # key set and shapes checked, copied into the fp32 tensors
-            if method in ("smf", "retrofit") and run["memory"].get("precision") == "bf16":
-                for mem in memory.memory_layers(model).values():  # the paper's code evaluates the whole model
-                    mem.to(torch.bfloat16)                        # in bf16, memory included
-            if method == "lora" and run["lora"].get("merge_for_eval"):
-                merge_lora(model)  # into the base weights in their dtype, as the paper's merge_and_unload
-    else:
-        base = resolve_model_dir(name_or_dir)
-        model = Qwen2.from_pretrained(base, dtype=dtype, device=device)
-    model.eval()
-    tok = Tokenizer.from_pretrained(base)
-    gen_path = os.path.join(base, "generation_config.json")
-    gen = {}
-    if os.path.exists(gen_path):
-        gen = read_json(gen_path)
-    info = {"path": name_or_dir, "method": method, "base_model": run.get("base_model", name_or_dir),
-            "dtype": str(dtype).removeprefix("torch."), "device": str(device),
-            "repetition_penalty": float(gen.get("repetition_penalty", 1.0)), "generation_config": gen}
-    return model, tok, info
+from checkpoint import atomic_write, first_change, is_eval_output, is_run_dir, load_model, read_json, write_json
+from common import DTYPES, ArgParser
 
 
 # -----------------------------------------------------------------------------
@@ -362,10 +283,6 @@ def eval_gsm8k(model, tok, rows, batch_size: int = 16, samples: list | None = No
 
 
 # -----------------------------------------------------------------------------
-# All tasks
-
-
-# -----------------------------------------------------------------------------
 # The probes by name: `--tasks` offers them, run_tasks runs them, the table prints their metric. A new probe is
 # its function and one entry here (its rows: data.load_rows by the same name, from the Hub if data.DATASETS knows
 # it, else from the file given with --data NAME=PATH).
@@ -520,8 +437,9 @@ def default_tasks() -> list[str]:
 
 
 def check_tasks(tasks):
+    """The one check of probe names (eval.py --tasks, train.py --eval-tasks, run_tasks)."""
     if unknown := [t for t in tasks if t not in PROBES]:
-        raise ValueError(f"unknown task {unknown[0]!r}; expected one of {', '.join(PROBES)}")
+        raise ValueError(f"unknown task {unknown[0]!r} (choose from {','.join(PROBES)})")
 
 
 def load_task_rows(tasks, limit: int | None = None, data_paths: dict | None = None) -> dict:
@@ -614,6 +532,14 @@ def parser() -> ArgParser:
     p.add_argument("--resume", action="store_true",
                    help="keep the tasks already in --out (written with the same model and settings) and run only the "
                         "others, e.g. after an interrupted evaluation; with every task there, nothing is loaded")
+    g = p.add_argument_group("talk to the model instead (--prompt): its reply, streamed, then exit")
+    g.add_argument("--prompt", default=None, help="the user message (in the chat template unless --raw)")
+    g.add_argument("--system", default=None, help="system message (default: Qwen's own)")
+    g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
     g = p.add_argument_group("lm-evaluation-harness (optional: pip install -r requirements-harness.txt)")
     g.add_argument("--harness", default=None, metavar="TASKS",
                    help="comma-separated lm-eval tasks, run on this model through its LM interface (eval.HarnessLM) "
@@ -628,12 +554,18 @@ def parser() -> ArgParser:
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
+    if args.prompt is not None:
+        return talk(args.model, args.prompt, args.system, args.raw, args.max_new_tokens, args.temperature, args.top_k,
+                    args.top_p, 1.0 if args.no_repetition_penalty else None, args.seed, args.device, args.dtype)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.harness and "tasks" not in p.given(argv):
         tasks = []  # the harness alone
-    unknown = [t for t in tasks if t not in PROBES]
-    if unknown or not (tasks or args.harness):
-        p.error(f"unknown task {unknown[0]!r}; choose from {','.join(PROBES)}" if unknown else "no task given")
+    try:
+        check_tasks(tasks)
+    except ValueError as e:
+        p.error(str(e))
+    if not (tasks or args.harness):
+        p.error("no task given")
     if args.harness and importlib.util.find_spec("lm_eval") is None:
         p.error("--harness needs lm-evaluation-harness: pip install -r requirements-harness.txt")
     try:
@@ -674,10 +606,10 @@ def main(argv=None):
             "dtype": info["dtype"], "device": info["device"], "batch_size": args.batch_size, "repetition_penalty": rp,
             **({"harness": args.harness, "harness_fewshot": args.harness_fewshot,
                 "harness_chat_template": args.harness_chat_template} if args.harness else {})}
-    for k in ("method", "base_model", "dtype", "batch_size", "repetition_penalty") if results else ():
-        if meta[k] != kept_meta.get(k):  # known only now that the model has loaded
-            sys.exit(f"error: --resume: {args.out} was written with another {k} ({kept_meta.get(k)!r}, now "
-                     f"{meta[k]!r}): evaluate into another --out, or drop --resume to replace it")
+    loaded = {k: meta[k] for k in ("method", "base_model", "dtype", "batch_size", "repetition_penalty")}
+    if results and (k := first_change(loaded, kept_meta)) is not None:  # known only now that the model has loaded
+        sys.exit(f"error: --resume: {args.out} was written with another {k} ({kept_meta.get(k)!r}, now "
+                 f"{meta[k]!r}): evaluate into another --out, or drop --resume to replace it")
     samples = None if not args.log_samples else kept_samples(args.log_samples, results) if args.resume else []
     for task, rows in task_rows.items():  # each task is written as soon as it finishes, so a failure keeps them
         try:
@@ -698,6 +630,38 @@ def main(argv=None):
     print(format_table(results))
 
 
+def talk(model_name, prompt, system=None, raw=False, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,
+         repetition_penalty=None, seed=0, device="auto", dtype=None):
+    """eval.py --prompt: the model's reply to one message, streamed to stdout; any model eval.py loads (a Hub id,
+    a model folder, a run directory of every method). repetition_penalty None: the checkpoint's own."""
+    torch.manual_seed(seed)
+    try:
+        model, tok, info = load_model(model_name, dtype, device)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if raw:
+        text = prompt
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    idx = torch.tensor([tok.encode(text)], device=model_device(model))
+    eos, printed, shown = tok.stop_ids, [], [""]
+
+    def stream(nxt):  # decode the whole continuation each time so multi-byte characters print whole
+        if int(nxt[0]) in eos:
+            return
+        printed.append(int(nxt[0]))
+        text = tok.decode(printed)
+        if not text.endswith("\ufffd"):
+            print(text[len(shown[0]):], end="", flush=True)
+            shown[0] = text
+
+    rp = info["repetition_penalty"] if repetition_penalty is None else repetition_penalty
+    model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos or None,
+                   repetition_penalty=rp, stream=stream)
+    print()
+
+
 def results_to_keep(out: str, settings: dict) -> dict:
     """--resume: the results already in `out` ({} if there is none), with their "meta", if it was written with
     these settings (the flags known before the model loads; main() checks the others once it has)."""
@@ -705,10 +669,9 @@ def results_to_keep(out: str, settings: dict) -> dict:
         return {}
     old = read_json(out)
     meta = old.get("meta", {})
-    for k, v in settings.items():
-        if json.loads(json.dumps(v)) != meta.get(k, None if k != "no_repetition_penalty" else False):
-            raise ValueError(f"--resume: {out} was written with another {k} ({meta.get(k)!r}, now {v!r}): evaluate "
-                             f"into another --out, or drop --resume to replace it")
+    if (k := first_change(settings, meta)) is not None:
+        raise ValueError(f"--resume: {out} was written with another {k} ({meta[k]!r}, now {settings[k]!r}): evaluate "
+                         f"into another --out, or drop --resume to replace it")
     return {k: v for k, v in old.items() if k in PROBES or k == "meta"}
 
 
@@ -723,7 +686,7 @@ def kept_samples(path: str, results: dict) -> list:
 def output_problem(path: str | None, kind: str) -> str | None:
     """Why eval.py must not write a results file (kind "eval") or samples file ("samples") at path, or None. In
     a run directory of train.py (or any folder inside one) or a model folder (config.json), only names that the
-    run recognises as eval.py's (model.is_eval_output) are allowed, so a run's own files are never replaced."""
+    run recognises as eval.py's (checkpoint.is_eval_output) are allowed, so a run's own files are never replaced."""
     if not path:
         return None
     if os.path.isdir(path):

@@ -8,15 +8,23 @@ Sparse Memory Finetuning (SMF), everything specific to it, top to bottom:
    `counts`, `tfidf`, `kl`) and pick the top-t slots per layer.
 4. SparseMemoryOptimizer: update only the picked rows of the `values` tables (lazy AdamW, plain SGD, or the
    paper code's dense AdamW with the other rows' gradients zeroed).
-5. The paper code's variants (train.py --recipe paper): per-micro-batch selection, bf16 rounding.
+5. The paper code's variants (the default recipe, train.py --recipe paper): per-micro-batch selection, bf16
+   rounding.
 
-A training step of stage 2 (only `values` trainable) reads, as train.py's "SMF 1. 2. 3." lines do:
+One training step of stage 2 (only `values` trainable), as train.py's lines marked "SMF 1. 2. 3." run it. The
+default recipe ("paper") reproduces the paper's code (github.com/prakharg55/SMF-ICML); "clean" is SMF as the method
+describes it; each differs from the other at one labelled branch:
 
-    loss = model(idx, attention_mask, labels=labels)         # every memory keeps its slot indices
-    counts = read_counts(model, attention_mask)              # 1. reads: {layer: (n_slots,)} by real tokens
-    loss.backward()
-    selected = select_rows(counts, background, "kl", 512)    # 2. select: {layer: slot ids}
-    optimizer.step(selected, max_grad_norm=1.0)              # 3. masked step: only those rows (and state) change
+    for b in micro_batches:                                   # the step's examples, a few per forward
+        loss = model(b["idx"], labels=b["labels"])            # every memory keeps its slot indices
+        reads = read_counts(model, b["attention_mask"])       # 1. reads: {layer: (n_slots,)} by real tokens
+        # 2. select: the top-t rows per layer, ranked (RANKS) against the background's reads
+        #    paper: from this micro-batch's reads, its gradient masked to them (select_per_micro_batch)
+        #    clean: once per step, from all its micro-batches' reads (select_rows, at the last one)
+        loss.backward()
+    optimizer.step(selected, max_grad_norm=1.0)               # 3. masked step (SparseMemoryOptimizer)
+    #    paper ("dense_adamw"): AdamW over the whole table with the other rows' gradients zeroed, so rows selected
+    #    earlier keep moving on their moments; clean ("adamw"): lazy AdamW, only the selected rows (and state) change
     optimizer.zero_grad()
 
 Shape letters: B batch, T positions, N = B*T tokens, C hidden size, h heads, k topk, n n_keys per half,
@@ -511,12 +519,21 @@ class SparseMemoryOptimizer:
     MODES = ("adamw", "sgd", "dense_adamw")
 
     def __init__(self, memories: dict, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, mode: str = "adamw"):
+                 weight_decay: float = 0.0, mode: str = "adamw", reduce=None, also=(), check_norm=None,
+                 check: bool = True):
+        """reduce: optional in-place function applied to each layer's selected-rows gradient (R, D) and to the
+        gradients of `also` before clipping; data-parallel training passes an all-reduce (sum over ranks), so only
+        the t chosen rows per layer cross the network, never the whole table. also: other parameters clipped
+        together with the values (e.g. alpha: their .grad is scaled in place; their own optimizer steps them).
+        check_norm: called with the gradient norm before any row changes (train.py stops there on a non-finite
+        norm). check: refuse slot ids out of range or repeated (a device sync per layer; train.py skips it, as
+        select_rows makes valid selections)."""
         if mode not in self.MODES:
             raise ValueError(f"SparseMemoryOptimizer: mode {mode!r} is unknown (use one of {', '.join(self.MODES)})")
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError("SparseMemoryOptimizer: need lr, eps, weight_decay >= 0 and betas in [0, 1)")
         self.memories, self.mode = dict(memories), mode
+        self.reduce, self.also, self.check_norm, self.check = reduce, list(also), check_norm, check
         self.param_groups = [{"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}]
         self.state = {i: self._empty_state(mem) for i, mem in self.memories.items()} if mode != "sgd" else {}
 
@@ -551,16 +568,9 @@ class SparseMemoryOptimizer:
         return pos
 
     @torch.no_grad()
-    def step(self, selected: dict, max_grad_norm: float | None = None, reduce=None, also=(), check_norm=None,
-             check: bool = True) -> dict:
-        """Update the rows selected[layer] of each table; returns the gradient norm (before clipping) and
-        how many rows of each layer changed. reduce: optional in-place function applied to each layer's
-        selected-rows gradient (R, D) before clipping; data-parallel training passes an all-reduce (sum over
-        ranks), so only the t chosen rows per layer cross the network, never the whole table.
-        also: other parameters clipped together with the values (their .grad is scaled in place; their
-        own optimizer steps them afterwards). check_norm: called with the gradient norm before any row changes
-        (train.py stops there on a non-finite norm). check: refuse slot ids out of range or repeated (costs a
-        device sync per layer; train.py skips it, as select_rows makes valid selections)."""
+    def step(self, selected: dict, max_grad_norm: float | None = None) -> dict:
+        """Update the rows selected[layer] of each table; returns the gradient norm (before clipping) and how many
+        rows of each layer changed."""
         group = self.param_groups[0]
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         rows, grads = {}, {}
@@ -568,19 +578,21 @@ class SparseMemoryOptimizer:
             r = selected.get(i)
             r = torch.zeros(0, dtype=torch.long) if r is None else r
             r = r.to(mem.values.weight.device, torch.long)
-            if check and r.numel() and (r.min() < 0 or r.max() >= mem.n_slots):
+            if self.check and r.numel() and (r.min() < 0 or r.max() >= mem.n_slots):
                 raise ValueError(f"SparseMemoryOptimizer: layer {i} slot ids must lie in 0..{mem.n_slots - 1}")
-            if check and len(r.unique()) != len(r):
+            if self.check and len(r.unique()) != len(r):
                 raise ValueError(f"SparseMemoryOptimizer: layer {i} selection has repeated slot ids")
             table = mem.values.weight
             rows[i], grads[i] = r, grad_rows(table.grad, r) if len(r) else table.new_zeros(0, table.shape[1])
-            if reduce is not None:
-                reduce(grads[i])
-        clipped = list(grads.values()) + [p.grad for p in also if p.grad is not None]
+        also = [p.grad for p in self.also if p.grad is not None]
+        if self.reduce is not None:
+            for g in [*grads.values(), *also]:
+                self.reduce(g)
+        clipped = list(grads.values()) + also
         total = torch.stack([g.float().pow(2).sum() for g in clipped]).sum().sqrt() if clipped else torch.zeros(())
         norm = float(total)  # the one host sync of a step (plus one for `rows`, below)
-        if check_norm is not None:
-            check_norm(norm)
+        if self.check_norm is not None:
+            self.check_norm(norm)
         if max_grad_norm is not None:  # as torch.nn.utils.clip_grad_norm_
             coef = (max_grad_norm / (total + 1e-6)).clamp(max=1.0)
             for g in clipped:
@@ -652,16 +664,17 @@ class SparseMemoryOptimizer:
 
 
 # -----------------------------------------------------------------------------
-# The paper code's variants (train.py --recipe paper): per-micro-batch selection and its bf16 rounding. Its
-# dense AdamW is SparseMemoryOptimizer's "dense_adamw" mode; its bf16 maths are MemoryConfig.precision "bf16".
+# The paper code's variants (the default recipe, train.py --recipe paper): per-micro-batch selection and its bf16
+# rounding. Its dense AdamW is SparseMemoryOptimizer's "dense_adamw" mode; its bf16 maths MemoryConfig.precision.
 
 
 @torch.no_grad()
 def round_to_bf16_(memories: dict):
-    """Round every weight of these memories to bf16 precision, in place, keeping their dtype: the paper's code
-    builds the memory inside its bf16 model (stage 1) or loads it into one (stage 2), then trains fp32 copies."""
+    """Round every weight of the memories of precision "bf16" (the paper's) to bf16 precision, in place, keeping
+    their dtype: the paper's code builds the memory inside its bf16 model (stage 1) or loads it into one (stage 2),
+    then trains fp32 copies. Memories of precision "fp32" are left as they are."""
     for mem in memories.values():
-        for p in mem.parameters():
+        for p in mem.parameters() if mem.cfg.precision == "bf16" else ():
             p.copy_(p.to(torch.bfloat16))
 
 
@@ -673,7 +686,7 @@ def union_rows(a: dict, b: dict) -> dict:
 def select_per_micro_batch(memories: dict, counts: dict, background: "BackgroundStats | None" = None,
                            rank: str = "kl", top_t: int = 512, selected: dict | None = None) -> dict:
     """
-    The paper code's selection, kept for comparison: rows are chosen on every micro-batch from its own reads,
+    The paper code's selection (the default recipe): rows are chosen on every micro-batch from its own reads,
     and that micro-batch's gradient is kept only on its own rows. Call it after the micro-batch's forward and
     BEFORE its loss.backward(): it hooks each value table so that the next backward keeps only these rows.
     Returns the union with `selected` (the rows chosen so far in this optimizer step), for

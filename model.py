@@ -1,5 +1,5 @@
 """
-Qwen2.5 in one file: config, model, KV cache, generation, LoRA and the tokenizer.
+Qwen2.5 in one file: config, model, KV cache, generation, loading the Hub's weights, and LoRA.
 
 It loads the Hugging Face Hub's safetensors weights directly and keeps Hugging Face's
 parameter names, so a checkpoint's keys map one to one onto `state_dict()` keys:
@@ -16,17 +16,14 @@ parameter names, so a checkpoint's keys map one to one onto `state_dict()` keys:
 Shape letters: B batch, T new positions, S key positions (cache included), C hidden size,
 nh query heads, nkv key/value heads, hs head size, F MLP size.
 
-Run `python model.py --help` to talk to a model.
+Imports nothing of this project. Writing a Hub-format folder, the tokenizer and talking to a model live elsewhere
+(checkpoint.save_pretrained, data.Tokenizer, eval.py --prompt).
 """
 
-import argparse
 import json
 import math
 import os
-import shutil
 import re
-import sys
-from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -472,30 +469,6 @@ class Qwen2(nn.Module):
             shapes.pop("lm_head.weight", None)
         return shapes
 
-    def save_pretrained(self, out_dir: str, tokenizer_from: str | None = None):
-        """Write a Hub-format directory (config.json + model.safetensors) that transformers and we can load;
-        tokenizer_from: a model (Hub id or directory) whose tokenizer and generation config files to copy."""
-        from safetensors.torch import save_file
-        if any(isinstance(m, LoRALinear) for m in self.modules()):
-            raise ValueError("save_pretrained: the model has LoRA adapters; merge_lora(model) first, "
-                             "or save_peft_adapter for the adapters alone")
-        if any(b.memory is not None or b.mlp is None for b in self.model.layers):
-            raise ValueError("save_pretrained: the model has memory layers, which a Hub Qwen2 checkpoint cannot hold; "
-                             "save them with memory.memory_state_dict (train.py's run directory does)")
-        os.makedirs(out_dir, exist_ok=True)
-        remove_temp_files(out_dir)  # what an interrupted export left
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k in self.hub_state_shapes()}
-        cfg = self.config.to_dict()
-        cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-        atomic_write(os.path.join(out_dir, "model.safetensors"),
-                     lambda p: save_file(state, p, metadata={"format": "pt"}))
-        write_json(os.path.join(out_dir, "config.json"), cfg)
-        if tokenizer_from is not None:
-            src = resolve_model_dir(tokenizer_from)
-            for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                         "generation_config.json"):
-                if os.path.exists(os.path.join(src, name)):
-                    shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
 
 
 def chunk_loss(lm_head, h, targets):
@@ -612,99 +585,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-# peft's file format, so an adapter trained here loads with PeftModel.from_pretrained (and back):
-# adapter_model.safetensors with keys `base_model.model.<our module name>.lora_{A,B}.weight`, adapter_config.json.
-PEFT_PREFIX = "base_model.model."
-
-
-def save_peft_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str):
-    """Write the adapters as peft does (adapter_model.safetensors + adapter_config.json), without peft."""
-    from safetensors.torch import save_file
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-    if not layers:
-        raise ValueError("save_peft_adapter: the model has no LoRA adapters")
-    settings = {(m.r, m.lora_alpha, m.lora_dropout.p) for m in layers.values()}
-    if len(settings) != 1:
-        raise ValueError(f"save_peft_adapter: adapters differ in (r, alpha, dropout): {sorted(settings)}")
-    (r, alpha, dropout), = settings
-    state = {}
-    for name, m in layers.items():
-        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous()  # (r, in)
-        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous()  # (out, r)
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
-    }
-    os.makedirs(out_dir, exist_ok=True)
-    remove_temp_files(out_dir)  # what an interrupted export left
-    atomic_write(os.path.join(out_dir, "adapter_model.safetensors"),
-                 lambda p: save_file(state, p, metadata={"format": "pt"}))
-    write_json(os.path.join(out_dir, "adapter_config.json"), config)
-
-
-def load_peft_adapter(model: Qwen2, adapter_dir: str) -> Qwen2:
-    """The reverse: add_lora with the adapter's settings, then load its tensors (key set and shapes checked)."""
-    from safetensors.torch import load_file
-    cfg = read_json(os.path.join(adapter_dir, "adapter_config.json"))
-    for key, plain in [("peft_type", "LORA"), ("bias", "none"), ("use_rslora", False), ("use_dora", False),
-                       ("fan_in_fan_out", False), ("layers_to_transform", None), ("modules_to_save", None),
-                       ("rank_pattern", {}), ("alpha_pattern", {})]:
-        if cfg.get(key, plain) not in (plain, None, {}):
-            raise ValueError(f"adapter_config.json: {key}={cfg[key]!r} is not supported")
-    if not isinstance(cfg["target_modules"], list):
-        raise ValueError(f"adapter_config.json: target_modules must be a list, got {cfg['target_modules']!r}")
-    add_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), cfg["target_modules"])
-    state = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
-    ours = lora_state_dict(model)  # {'model.layers.0.self_attn.q_proj.lora_A': ...}, sharing the adapters' storage
-    load_tensors({f"{PEFT_PREFIX}{k}.weight": t for k, t in ours.items()}, state, "adapter")
-    return model
-
-
 # -----------------------------------------------------------------------------
-# Device and dtype: the one policy every script uses
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(name="auto") -> torch.device:
-    """"auto" (or None): cuda when available, else cpu; a cuda device on a machine without CUDA is a ValueError."""
-    if name is None or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"device {name!r}: not a device name (expected auto, cpu, cuda, cuda:1, ...)") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name}: CUDA is not available on this machine")
-    return device
-
-
-def bf16_autocast(device):
-    """bf16 autocast on GPU (the frozen base is bf16 there); nothing on CPU, where everything runs in fp32."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
-
-
-def default_dtype(device) -> torch.dtype:
-    """Weights that do not train: bfloat16 on GPU, float32 on CPU."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def parse_dtype(name) -> torch.dtype:
-    """A torch.dtype, or one of the names in DTYPES ("bf16", "float32", ...)."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name!r}: expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-# -----------------------------------------------------------------------------
-# Files: Hub download, safetensors, atomic writes
+# Files: the Hub download, safetensors and config.json, each key and shape checked
 
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
              "merges.txt", "*.safetensors", "model.safetensors.index.json"]
@@ -718,32 +600,19 @@ def looks_like_hub_id(name: str) -> bool:
             and not os.path.exists(name) and not os.path.isdir(owner))
 
 
-def resolve_model_dir(name_or_path: str) -> str:
-    """A local directory as is; otherwise a Hub repo id, fetched (config, tokenizer, safetensors only)."""
+def resolve_model_dir(name_or_path: str, revision: str | None = None) -> str:
+    """A local directory as is; otherwise a Hub repo id, fetched at `revision` (default: the newest) or taken
+    from the cache (config, tokenizer, safetensors only)."""
     if os.path.isdir(name_or_path):
         return name_or_path
     if not looks_like_hub_id(name_or_path):
         raise FileNotFoundError(f"model directory not found: {name_or_path}")
     from huggingface_hub import snapshot_download
     try:
-        return snapshot_download(name_or_path, allow_patterns=HUB_FILES)
+        return snapshot_download(name_or_path, revision=revision, allow_patterns=HUB_FILES)
     except Exception as e:  # offline, unknown repo, ...
-        raise FileNotFoundError(f"could not fetch {name_or_path!r} from the Hugging Face Hub: {e}") from e
-
-
-def is_run_dir(path: str) -> bool:
-    """A run directory of train.py (its config.json has a "method"), which eval.load_model rebuilds; not a model
-    folder in the Hub layout."""
-    cfg = os.path.join(path, "config.json")
-    if not (os.path.isdir(path) and os.path.exists(cfg)):
-        return False
-    return "method" in read_json(cfg)
-
-
-def is_eval_output(name: str) -> bool:
-    """What eval.py may write into a run directory: results eval*.json and per-example logs samples*.jsonl
-    (never train.py's eval.jsonl); train.py accepts these names there, so a run evaluated in place still resumes."""
-    return re.fullmatch(r"eval[\w.-]*\.json|samples[\w.-]*\.jsonl", name) is not None
+        at = f" at revision {revision}" if revision else ""
+        raise FileNotFoundError(f"could not fetch {name_or_path!r}{at} from the Hugging Face Hub: {e}") from e
 
 
 def load_safetensors_dir(path: str) -> dict:
@@ -795,291 +664,11 @@ def load_tensors(expected: dict, state: dict, where: str):
             t.copy_(state[k])
 
 
-def atomic_write(path: str, write):
-    """Call write(tmp_path), then rename onto path, so a crash never leaves a half-written file. A failure (a full
-    disk, a read-only folder, a writer's own error) is an OSError naming `path`; the temporary file is removed
-    (one that a kill -9 leaves behind is removed by the next remove_temp_files of its folder)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except Exception as e:  # e.g. safetensors' SafetensorError, which names no file
-        raise OSError(f"could not write {path}: {str(e).strip() or type(e).__name__}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def is_temp_file(name: str) -> bool:
-    """A temporary file of an interrupted save: atomic_write's NAME.tmpPID, or the .tmpXXXXXX that safetensors'
-    save_file writes beside its target before renaming it."""
-    return re.fullmatch(r".+\.tmp\d+|\.tmp[A-Za-z0-9]{6}", name) is not None
-
-
-def remove_temp_files(folder: str):
-    """Remove what interrupted saves left in `folder` (before writing there again)."""
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            if is_temp_file(name):
-                os.remove(os.path.join(folder, name))
-
-
-def write_json(path: str, obj):
-    """Write obj as indented JSON, atomically."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    atomic_write(path, write)
-
-
 def read_json(path: str):
-    """The JSON in path; a ValueError naming the file if it is not valid JSON (e.g. truncated)."""
+    """The JSON in path (config.json here; every JSON file of a run elsewhere); a ValueError naming the file if it
+    is not valid JSON (e.g. truncated)."""
     with open(path, encoding="utf-8") as f:
         try:
             return json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON ({e}): restore or remove it") from e
-
-
-# -----------------------------------------------------------------------------
-# Command lines: argparse as every script here uses it
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show real defaults (0 included); flags whose default is None, False or empty say theirs in their help."""
-
-    def _get_help_string(self, action):
-        quiet = action.default is None or action.default is False or action.default == [] or \
-            action.default == argparse.SUPPRESS or "(default" in (action.help or "")
-        return action.help if quiet else super()._get_help_string(action)
-
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse with real defaults in --help and an error as one line plus a hint, not 35 lines of usage."""
-
-    def __init__(self, **kw):
-        super().__init__(formatter_class=HelpFormatter, **kw)
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-    def given(self, argv=None) -> set:
-        """The dests of the flags on the command line (parsed again with every default suppressed)."""
-        defaults = {a: a.default for a in self._actions}
-        for a in defaults:
-            a.default = argparse.SUPPRESS
-        try:
-            return set(vars(self.parse_args(argv)))
-        finally:
-            for a, d in defaults.items():
-                a.default = d
-
-    @staticmethod
-    def flag(dest: str) -> str:
-        return "--" + dest.replace("_", "-")
-
-    @staticmethod
-    def int_or_auto(s: str):  # a flag's type: argparse names it in its errors
-        return s if s == "auto" else int(s)
-
-    def show_presets(self, presets: dict):
-        """Append to each flag set by a preset (a {name: {dest: value}}, e.g. train.py's recipes) every preset's
-        value: "(default: paper bf16, clean fp32)"."""
-        for action in self._actions:
-            if action.dest in next(iter(presets.values())):
-                action.help += " (default: " + ", ".join(f"{n} {v[action.dest]}" for n, v in presets.items()) + ")"
-
-    def check_ranges(self, args, ranges: dict):
-        """Every flag of ranges {dest: (lowest value, whether the lowest is allowed)} is finite and in range."""
-        for dest, (low, inclusive) in ranges.items():
-            v = getattr(args, dest)
-            if v is not None and not (math.isfinite(v) and (v >= low if inclusive else v > low)):
-                self.error(f"{self.flag(dest)} must be a finite number {'>=' if inclusive else '>'} {low}, got {v}")
-
-
-# -----------------------------------------------------------------------------
-# Tokenizer
-
-# Qwen2's pre-tokenizer: contractions, words, single digits, punctuation runs, newlines, spaces
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-
-
-class Tokenizer:
-    """A thin wrapper over `tokenizers.Tokenizer` with the ChatML chat format of Qwen2.5."""
-
-    def __init__(self, tok, config: dict):
-        self.tok = tok
-        self.config = config
-
-        def token_id(field):
-            t = config.get(field)
-            t = t.get("content") if isinstance(t, dict) else t
-            return None if t is None else tok.token_to_id(t)
-
-        self.eos_id = token_id("eos_token")
-        self.pad_id = token_id("pad_token")
-        self.special_ids = {tok.token_to_id(t.content) for t in tok.get_added_tokens_decoder().values() if t.special}
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str) -> "Tokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
-        path = resolve_model_dir(name_or_path)
-        cfg_path = os.path.join(path, "tokenizer_config.json")
-        config = {}
-        if os.path.exists(cfg_path):
-            config = read_json(cfg_path)
-        if os.path.exists(os.path.join(path, "tokenizer.json")):
-            tok = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
-        elif os.path.exists(os.path.join(path, "vocab.json")) and os.path.exists(os.path.join(path, "merges.txt")):
-            tok = build_bpe_tokenizer(path, config)
-        else:
-            raise FileNotFoundError(f"no tokenizer.json (nor vocab.json + merges.txt) in {path}")
-        return cls(tok, config)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tok.get_vocab_size(with_added_tokens=True)
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.tok.token_to_id(token)
-
-    @property
-    def stop_ids(self) -> list[int]:
-        """Ids that end a reply: eos, and <|endoftext|> where the vocabulary has it (as generation_config says)."""
-        ids = [self.eos_id, self.token_to_id("<|endoftext|>")]
-        return list(dict.fromkeys(i for i in ids if i is not None))
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """ChatML as Qwen2.5's template writes it (no tools): a default system turn unless one is given."""
-        text = ""
-        if not messages or messages[0]["role"] != "system":
-            text += f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
-        for m in messages:
-            text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
-        if add_generation_prompt:
-            text += "<|im_start|>assistant\n"
-        return text
-
-
-BPE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen's, so model.Tokenizer reads them alike
-
-
-def train_bpe_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 1024) -> int:
-    """Train a byte-level BPE on texts; write tokenizer.json and a tokenizer_config.json with Qwen's special tokens
-    (eos <|im_end|>, pad <|endoftext|>). Returns the vocabulary size, specials included."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(BPE_SPECIALS), special_tokens=[],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.add_special_tokens(BPE_SPECIALS)
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
-    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                       "single_word": False, "special": True} for t in BPE_SPECIALS}
-    cfg = {"added_tokens_decoder": added, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-           "bos_token": None, "model_max_length": 4096, "tokenizer_class": "Qwen2Tokenizer"}
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    return tok.get_vocab_size()
-
-
-def build_bpe_tokenizer(path: str, config: dict):
-    """The byte-level BPE that tokenizer.json describes, built from vocab.json + merges.txt + added tokens."""
-    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-    vocab = read_json(os.path.join(path, "vocab.json"))
-    with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
-        merges = [tuple(line.split(" ")) for line in f.read().split("\n") if line and not line.startswith("#version")]
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    for i, t in sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0])):
-        added = AddedToken(t["content"], single_word=t.get("single_word", False), lstrip=t.get("lstrip", False),
-                           rstrip=t.get("rstrip", False), normalized=t.get("normalized", False),
-                           special=t.get("special", False))
-        tok.add_special_tokens([added]) if t.get("special", False) else tok.add_tokens([added])
-        if tok.token_to_id(t["content"]) != int(i):
-            raise ValueError(f"tokenizer_config.json: added token {t['content']!r} got id "
-                             f"{tok.token_to_id(t['content'])}, expected {i}")
-    return tok
-
-
-# -----------------------------------------------------------------------------
-# Talk to a model: python model.py --model Qwen/Qwen2.5-0.5B-Instruct --prompt "..."
-
-
-def main(argv=None):
-    p = ArgParser(prog="model.py", description="Chat with a Qwen2.5 model (streamed output).")
-    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct",
-                   help="Hub repo id or local model directory (a train.py run directory: its hf/ or merged/ export)")
-    p.add_argument("--prompt", default="Give me a short introduction to large language models.",
-                   help="the user message")
-    p.add_argument("--system", default=None, help="system message (default: Qwen's own)")
-    p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
-    args = p.parse_args(argv)
-    torch.manual_seed(args.seed)
-    try:
-        if is_run_dir(args.model):  # rebuilding one (base + memory or adapters) is eval.py's job
-            raise ValueError(f"{args.model} is a train.py run directory; pass a model folder (RUN/hf for full, "
-                             "RUN/merged for LoRA trained with --export-merged), or rebuild it in Python with "
-                             "eval.load_model(RUN) (SMF runs have no model folder)")
-        device = resolve_device(args.device)
-        dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(device)
-        model = Qwen2.from_pretrained(args.model, dtype=dtype, device=device).eval()
-        tok = Tokenizer.from_pretrained(args.model)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    if args.raw:
-        text = args.prompt
-    else:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                   [{"role": "user", "content": args.prompt}]
-        text = tok.apply_chat_template(messages, add_generation_prompt=True)
-    idx = torch.tensor([tok.encode(text)], device=device)
-    eos = tok.stop_ids
-    printed = []
-
-    def stream(nxt):  # decode the whole continuation each time so multi-byte characters print whole
-        if int(nxt[0]) in eos:
-            return
-        printed.append(int(nxt[0]))
-        text = tok.decode(printed)
-        if not text.endswith("\ufffd"):
-            print(text[len(stream.shown):], end="", flush=True)
-            stream.shown = text
-
-    stream.shown = ""
-    model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   eos_token_id=eos or None, repetition_penalty=args.repetition_penalty, stream=stream)
-    print()
-
-
-if __name__ == "__main__":
-    main()

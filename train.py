@@ -13,8 +13,10 @@ SMF (RECIPES below lists every difference, each also a flag). The run directory 
 runs/<method>-seed<seed>; its files are listed in checkpoint.py) holds only what the method trained; on the CPU a
 run resumed with --resume ends bit-identical to one never interrupted. Evaluate it with `python eval.py --model RUN`.
 
-Read in this order: RECIPES and the arguments, then train() (the SMF step is marked "SMF 1. 2. 3."), then the
-methods' stage builders and main().
+Read in this order: RECIPES, then train(), the loop shared by every method, where one SMF step is the lines marked
+"SMF 1. reads", "SMF 2. select" and "SMF 3. masked step" (memory.py's docstring shows the same step in twelve lines),
+then the methods' stage builders, main() and the arguments. Only parser(), parse_args() and main() see the argparse
+namespace: main() turns it into the frozen settings below (Run, Loop, SMFStep), which the functions take.
 """
 
 import argparse
@@ -24,7 +26,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -33,13 +35,14 @@ from tqdm import tqdm
 
 import data
 import memory
-from checkpoint import (Checkpoint, Lock, RunError, StepGuard, StopRun, Throughput, after_step, append_log,
-                        begin_run, begin_stage, check_out_dir, check_resume, export_lora_or_full, finish_stage,
-                        finished_run, hub_revision, inherit_lora, is_finished, lineage, load_trained, memory_run,
-                        micro_batch_size, previous_full_run, setup_ranks)
-from eval import PROBES, default_tasks, load_model, load_task_rows
-from model import (LORA_TARGETS, ArgParser, Qwen2, Qwen2Config, Tokenizer, add_lora, atomic_write, bf16_autocast,
-                   default_dtype, lora_state_dict, resolve_model_dir, write_json)
+from checkpoint import (Checkpoint, Lock, append_log, atomic_write, begin_run, begin_stage, check_out_dir,
+                        check_resume, export_run, finish_stage, finished_run, hub_revision, is_finished, lineage,
+                        load_model, load_trained, lora_from, memory_run, previous_full_run, read_json)
+from common import (ArgParser, RunError, StepGuard, StopRun, Throughput, add_flag, bf16_autocast, default_dtype,
+                    fits_in_memory, micro_batch_size, setup_ranks)
+from data import Tokenizer
+from eval import PROBES, check_tasks, default_batch_size, default_tasks, load_task_rows, run_tasks
+from model import LORA_TARGETS, Qwen2, Qwen2Config, add_lora, lora_state_dict, resolve_model_dir
 
 METHODS = ("smf", "retrofit", "lora", "full")
 
@@ -55,229 +58,188 @@ RECIPES = {
               "sum_micro_batch_means": False, "warmup_from_zero": False, "pure_bf16": False,
               "merge_lora_for_eval": False},
 }
-SMF_ONLY = ("top_t", "rank", "optimizer", "select_per_micro_batch", "count_pad_reads", "sum_micro_batch_means",
-            "train_alpha", "log_rows", "background_batches", "background_subset", "background_task", "memory_from")
-STAGE1_INSIDE_SMF = ("retrofit_epochs", "retrofit_lr", "retrofit_limit", "retrofit_max_steps")
-ONLY_FOR = {  # flags that act on some methods only: given for another method, they are an error, never ignored
-    **{d: ("smf", "retrofit") for d in ["oasst1_format", "retrofit_task",
-                                        *(dest for _, dest in memory.MemoryConfig.options())]},
-    **{d: ("smf",) for d in SMF_ONLY + STAGE1_INSIDE_SMF}, "task": ("smf", "lora", "full"),
-    **{d: ("lora",) for d in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "merge_lora_for_eval",
-                              "export_peft", "export_merged", "lora_from")},
-    "pure_bf16": ("full",), "fsdp": ("full",), "init": ("full",),
-}
-# every numeric flag: (lowest value, whether the lowest itself is allowed); floats must also be finite
-RANGES = {"lr": (0, True), "epochs": (0, False), "max_steps": (1, True), "batch_size": (1, True), "warmup": (0, True),
-          "weight_decay": (0, True), "grad_clip": (0, True), "max_len": (2, True), "limit": (1, True),
-          "save_every": (1, True), "stop_at_step": (1, True), "seed": (0, True), "retrofit_epochs": (0, False),
-          "retrofit_lr": (0, True), "retrofit_limit": (1, True), "retrofit_max_steps": (1, True),
-          "background_batches": (1, True), "background_subset": (0, True), "top_t": (1, True), "lora_r": (1, True),
-          "lora_alpha": (0, False), "lora_dropout": (0, True), "eval_every": (0, True), "eval_limit": (1, True)}
 DEFAULT_LR = {"smf": 5e-4, "retrofit": 5e-4, "lora": 2e-4, "full": 5e-5}
+PAPER_MICRO_BATCH = 4  # the paper's per-device batch: its SMF stage 2 selects rows and averages the loss per 4
 
 
 # -----------------------------------------------------------------------------
-# Arguments
+# The settings the functions below take, built once from the flags by main() (frozen: nothing changes them)
 
 
-def parser():
-    p = ArgParser(prog="train.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--method", required=True, choices=METHODS,
-                   help="smf: stage 1 (retrofit) + background reads + stage 2 (sparse finetuning); retrofit: "
-                        "stage 1 alone; lora: adapters; full: every weight")
-    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="base model: Hub id or local directory")
-    p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
-                   help="local file for a dataset (medmcqa, oasst1) in the Hub's column schema; repeatable")
-    p.add_argument("--task", default="medmcqa",
-                   help="finetuning data: medmcqa (question, options, answer, explanation) or text:PATH (a .jsonl "
-                        "of {\"text\": ...} or a plain-text file, one example per line; loss on every token)")
-    p.add_argument("--init", default="pretrained", choices=["pretrained", "random"],
-                   help="random: build the model from --model's config.json with random weights (full only; "
-                        "pretraining a small model from scratch)")
-    p.add_argument("--out", default=None, help="run directory (default runs/<method>-seed<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--seed", type=int, default=0, help="initialisation, data order and dropout")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--recipe", default="paper", choices=sorted(RECIPES),
-                   help="paper: the paper's code, flaws included (its lr was tuned with them); clean: our corrected "
-                        "SMF. Sets the defaults of the flags marked [recipe]; each such flag overrides it")
-    g = p.add_argument_group("optimization (shared)")
-    g.add_argument("--lr", type=float, default=None, help="default: smf/retrofit 5e-4, lora 2e-4, full 5e-5")
-    g.add_argument("--epochs", type=float, default=None, help="epochs over the training data (default: 3; retrofit 2)")
-    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
-    g.add_argument("--batch-size", type=int, default=16,
-                   help="examples per optimizer step, all ranks together (the paper's effective batch)")
-    g.add_argument("--micro-batch", type=ArgParser.int_or_auto, default="auto",
-                   help="examples per forward on each rank; gradient accumulation makes up the batch. auto: the "
-                        "whole batch on the CPU; on a GPU the largest divisor of it that fits (tried on the longest "
-                        "example, backing off on out-of-memory); 4 for SMF under --recipe paper, whose row "
-                        "selection and loss are per micro-batch of 4")
-    g.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay to 0")
-    g.add_argument("--warmup-from-zero", action=argparse.BooleanOptionalAction, default=None,
-                   help="[recipe] lr = peak * s / warmup at step s = 0, 1, ..., the first update at lr 0 (Hugging "
-                        "Face's; paper); else peak * (s + 1) / warmup (clean)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    g.add_argument("--max-len", type=int, default=1024, help="tokens per example (longer ones are truncated)")
-    g.add_argument("--limit", type=int, default=None,
-                   help="a seeded random N of the training examples, as the paper's code draws them (all of them, "
-                        "in order, if there are no more than N; default: medmcqa 60000; retrofit --retrofit-limit; "
-                        "text: all)")
-    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (and at the end)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile every block without a memory layer (the SMF lookup stays eager), with batches "
-                        "padded to a multiple of 64 tokens so that few shapes recompile (not when padding reads "
-                        "count: there the padding is part of the recipe)")
-    g.add_argument("--fsdp", action="store_true",
-                   help="full finetuning under torchrun: shard weights, gradients and optimizer state across ranks "
-                        "(PyTorch's fully_shard) instead of replicating them (DDP), for models that do not fit one GPU")
-    g.add_argument("--stop-at-step", type=int, default=None,
-                   help="stop after this step's checkpoint, as if interrupted (to test --resume); in --method smf "
-                        "it applies to each stage in turn")
-    add_smf_flags(p)
-    add_baseline_flags(p)
-    p.show_presets(RECIPES)  # [recipe] flags: the value each recipe gives them
-    return p
+@dataclass(frozen=True)
+class Run:
+    """What every stage of a run shares: where it goes, the base model (and its Hub revision: None for a local
+    folder), the recipe as config.json records it, and the flags every stage reads."""
+    out: str
+    base_model: str
+    base_revision: str | None
+    recipe: dict  # {"name": ..., every recipe flag: its value}
+    seed: int
+    max_len: int
+    batch_size: int
+    resume: bool
+    data: dict  # {dataset: local file} (--data)
 
 
-def add_smf_flags(p):
-    g = p.add_argument_group("SMF: memory layers (stage 1 builds them)")
-    g.add_argument("--memory-from", default=None, metavar="RUN",
-                   help="the memory of a finished retrofit run, or of a finished smf run to continue (a chain: the "
-                        "background still from the chain's stage-1 data; the optimizer state starts fresh)")
-    for f, _ in memory.MemoryConfig.options():  # one flag per MemoryConfig option; unset: MemoryConfig's default
-        kw = {k: v for k, v in f.metadata.items() if k not in ("flag", "help", "per_run")}
-        kw.setdefault("type", f.type if f.type in (int, float) else str)
-        shown = "" if "(default" in f.metadata["help"] or f.name in ("precision",) else f" (default: {f.default})"
-        g.add_argument(f.metadata["flag"], default=None, help=f.metadata["help"] + shown, **kw)
-    g.add_argument("--retrofit-task", default="oasst1",
-                   help="stage-1 and background data: oasst1 (see --oasst1-format) or text:PATH")
-    g.add_argument("--oasst1-format", default=None, choices=["replies", "chat"],
-                   help="[recipe] replies: English assistant replies ranked 0-1 with 50+ characters as raw text "
-                        "(paper); chat: ChatML conversations, loss on the replies (clean)")
-    g.add_argument("--retrofit-epochs", type=float, default=2, help="stage-1 epochs inside --method smf")
-    g.add_argument("--retrofit-lr", type=float, default=5e-4, help="stage-1 lr inside --method smf")
-    g.add_argument("--retrofit-limit", type=int, default=50000, help="stage-1 examples (a seeded random subset)")
-    g.add_argument("--retrofit-max-steps", type=int, default=None, help="stage-1 steps inside --method smf")
-    g.add_argument("--background-batches", type=int, default=2000,
-                   help="single-example batches of the stage-1 data read for the background, at stage 2's start")
-    g.add_argument("--background-subset", type=int, default=None,
-                   help="[recipe] N: they are the first of a seeded random N of the stage-1 data (paper: 20000); 0: "
-                        "of a seeded shuffle of all of it (clean)")
-    g = p.add_argument_group("SMF: stage 2 (sparse finetuning)")
-    g.add_argument("--top-t", type=int, default=512, help="memory rows updated per layer per step")
-    g.add_argument("--rank", default="kl", choices=sorted(memory.RANKS), help="how rows are ranked (memory.RANKS)")
-    g.add_argument("--optimizer", default=None, choices=list(memory.SparseMemoryOptimizer.MODES),
-                   help="[recipe] dense_adamw: AdamW over whole value tables, other rows' gradients zeroed, moments "
-                        "leak (paper); adamw: lazy, only chosen rows change (clean); sgd: plain SGD (Lin et al.)")
-    g.add_argument("--select-per-micro-batch", action=argparse.BooleanOptionalAction, default=None,
-                   help="[recipe] re-select rows on every micro-batch (paper); else once per step (clean)")
-    g.add_argument("--count-pad-reads", action=argparse.BooleanOptionalAction, default=None,
-                   help="[recipe] padding positions count as reads, run as HF's Qwen2 runs them (paper); else not")
-    g.add_argument("--sum-micro-batch-means", action=argparse.BooleanOptionalAction, default=None,
-                   help="[recipe] the step's loss is the sum of micro-batch means, as HF's Trainer makes of the "
-                        "paper's compute_loss (paper); else the token mean over the step (clean)")
-    g.add_argument("--background-task", default=None,
-                   help="the background reads' data: oasst1 or text:PATH (default: the stage-1 data of the memory)")
-    g.add_argument("--train-alpha", action="store_true", help="also train the memory's scale alpha")
-    g.add_argument("--log-rows", action="store_true", help="also log the ids of the rows chosen at every step")
+@dataclass(frozen=True)
+class Loop:
+    """The training loop's settings, the same for every method and stage (the flags of the same names)."""
+    batch_size: int
+    micro_batch: int | str
+    warmup: int
+    warmup_from_zero: bool
+    weight_decay: float
+    grad_clip: float
+    save_every: int
+    stop_at_step: int | None
+    compile: bool
+    seed: int
+    resume: bool
+    eval_every: int
+    eval_tasks: str
+    eval_limit: int
+    eval_data: dict
 
 
-def add_baseline_flags(p):
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-r", type=int, default=16, help="adapter rank r")
-    g.add_argument("--lora-alpha", type=float, default=32, help="the adapters' output is scaled by alpha / r")
-    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
-    g.add_argument("--lora-targets", default=",".join(LORA_TARGETS), help="the linear layers that get adapters")
-    g.add_argument("--lora-from", default=None, metavar="RUN",
-                   help="train on the adapters of a finished LoRA run (a chain: its r, alpha, targets; new optimizer)")
-    g.add_argument("--export-peft", action="store_true", help="also write the adapter in peft's format to peft/")
-    g.add_argument("--export-merged", action="store_true", help="also write the merged model (Hub format) to merged/")
-    g.add_argument("--merge-lora-for-eval", action=argparse.BooleanOptionalAction, default=None,
-                   help="[recipe] eval.py merges the adapters into the base in its dtype (paper); else not (clean)")
-    g = p.add_argument_group("full finetuning")
-    g.add_argument("--pure-bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="[recipe] weights, gradients, AdamW state in bf16 (paper); else fp32 weights (clean)")
-    g = p.add_argument_group("evaluation during training")
-    g.add_argument("--eval-every", type=int, default=0, help="run eval.py's probes every N steps (0: never)")
-    g.add_argument("--eval-tasks", default=",".join(default_tasks()),
-                   help=f"probes of eval.PROBES ({','.join(PROBES)})")
-    g.add_argument("--eval-limit", type=int, default=200, help="examples per probe")
-    g.add_argument("--eval-data", action="append", default=[], metavar="NAME=PATH",
-                   help="local file for a probe, as eval.py --data; repeatable")
+@dataclass(frozen=True)
+class SMFStep:
+    """SMF stage 2: the memories whose value rows train, the background reads they are ranked against, and how a
+    step reads, selects and updates (the flags of the same names)."""
+    memories: dict                # {layer: ProductKeyMemory}
+    background: memory.BackgroundStats
+    top_t: int
+    rank: str
+    optimizer: str                # SparseMemoryOptimizer mode
+    select_per_micro_batch: bool
+    count_pad_reads: bool
+    sum_micro_batch_means: bool
+    log_rows: bool
 
 
-def parse_args(argv=None):
-    p = parser()
-    args = p.parse_args(argv)
-    given = p.given(argv)
-    for name in sorted(given & set(ONLY_FOR)):
-        if args.method not in ONLY_FOR[name]:
-            hint = " (--method retrofit takes the shared flags: --lr, --epochs, --max-steps, --limit)" \
-                if name in STAGE1_INSIDE_SMF else f" (only to {', '.join(ONLY_FOR[name])})"
-            p.error(f"{p.flag(name)} does not apply to --method {args.method}{hint}")
-    if args.memory_from and (skipped := sorted(given & {*STAGE1_INSIDE_SMF, "retrofit_task", "oasst1_format"})):
-        p.error(f"{p.flag(skipped[0])} acts on stage 1, which --memory-from skips (its memory is already trained)")
-    p.check_ranges(args, RANGES)
-    if args.lora_dropout >= 1:
-        p.error(f"--lora-dropout must be below 1, got {args.lora_dropout}")
-    for name, value in RECIPES[args.recipe].items():  # the recipe fills every flag left unset
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    try:
-        args.data = data.parse_data_flags(args.data, ("medmcqa", "oasst1"))
-        args.eval_data = data.parse_data_flags(args.eval_data, tuple(PROBES))
-    except ValueError as e:
-        p.error(str(e))
-    if unknown := [t for t in args.eval_tasks.split(",") if t not in PROBES]:
-        p.error(f"--eval-tasks: unknown probe {unknown[0]!r} (choose from {','.join(PROBES)})")
-    args.lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
-    args.epochs = (args.retrofit_epochs if args.method == "retrofit" else 3) if args.epochs is None else args.epochs
-    if args.limit is None:  # the paper: a seeded random 60k of the single-answer MedMCQA train questions
-        args.limit = args.retrofit_limit if args.method == "retrofit" else 60000 if args.task == "medmcqa" else None
-    args.out = os.path.abspath(args.out or os.path.join("runs", f"{args.method}-seed{args.seed}"))
-    if args.memory_from:  # paths resolved, so that --resume compares them whatever their spelling
-        args.memory_from = os.path.abspath(args.memory_from)
-    if os.path.isdir(args.model):
-        args.model = os.path.abspath(args.model)
-    try:
-        memory_config_from_args(args)
-    except ValueError as e:
-        p.error(str(e))
-    args.lora_targets = [t for t in args.lora_targets.split(",") if t]
-    if bad := [t for t in args.lora_targets if t not in LORA_TARGETS]:
-        p.error(f"--lora-targets: unknown module {bad[0]!r} (choose from {','.join(LORA_TARGETS)})")
-    try:
-        inherit_lora(args, given)  # --lora-from: the adapters' shape is the previous run's
-    except ValueError as e:
-        p.error(str(e))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.batch_size % world:
-        p.error(f"--batch-size {args.batch_size} must be a multiple of the {world} processes")
-    if args.micro_batch != "auto" and (args.micro_batch < 1 or (args.batch_size // world) % args.micro_batch):
-        p.error(f"--micro-batch {args.micro_batch} must be a positive divisor of the batch per process "
-                f"({args.batch_size // world})")
-    for name, known in (("task", "medmcqa"), ("retrofit_task", "oasst1"), ("background_task", "oasst1")):
-        try:
-            if getattr(args, name) is not None:
-                setattr(args, name, data.check_task(getattr(args, name), known))
-        except ValueError as e:
-            p.error(f"{p.flag(name)}: {e}")
-    if args.fsdp and args.eval_every:
-        p.error("--eval-every is not supported with --fsdp (evaluate the run afterwards with eval.py)")
-    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        p.error("--fsdp needs torchrun with 2 or more processes (torchrun --nproc_per_node=N train.py ...)")
-    return args
+@dataclass
+class Stage:
+    out: str                      # run directory
+    model: torch.nn.Module
+    examples: list                # [(ids, loss_mask)]
+    lr: float
+    epochs: float
+    max_steps: int | None
+    adamw_params: dict            # name -> Parameter stepped by torch.optim.AdamW (adapters, weights, memory, alpha)
+    trained: callable             # () -> {name: tensor}: what model.safetensors holds
+    config: dict                  # config.json
+    smf: SMFStep | None = None    # SMF stage 2
+    repetition_penalty: float = 1.0
+    fsdp: bool = False            # the model is sharded with fully_shard (full finetuning, --fsdp)
+
+
+def settings(cls, flags: dict, **values):
+    """cls (Run, Loop, SMFStep) from the flags of its fields' names, and `values` for the others."""
+    return cls(**{f.name: flags[f.name] for f in fields(cls) if f.name not in values}, **values)
 
 
 # -----------------------------------------------------------------------------
-# Data
+# One training stage: the loop shared by every method
 
 
-def task_examples(args, tok):
-    """The finetuning examples of --task (--data medmcqa=PATH for a local file), a seeded random --limit of them."""
-    examples = data.training_examples(args.task, tok, args.max_len, args.seed, args.limit, args.data.get("medmcqa"))
-    return data.at_least_a_batch(examples, args.batch_size, args.task)
+def train(stage: Stage, loop: Loop, device, tok, ranks, on_step=None):
+    """Train stage.model on stage.examples from its last checkpoint to the end (or --stop-at-step). on_step(step):
+    called after each optimizer step, before its checkpoint (bench/bench_train.py times the steps with it)."""
+    model, smf = stage.model, stage.smf
+    pad_reads = smf is not None and smf.count_pad_reads  # pads run as in HF's Qwen2: their reads count
+    for block in (b for b in model.model.layers if loop.compile and b.memory is None):
+        block.compile()  # --compile: every block without a memory layer, in place (parameter names unchanged)
+    stage.config["micro_batch"] = micro = micro_batch(stage, loop, device, tok, ranks)
+    stream = data.MicroBatches(stage.examples, loop.batch_size, micro, loop.seed, tok.pad_id, device, ranks.rank,
+                               ranks.world, multiple=64 if loop.compile and not pad_reads else 1)
+    total = stage.max_steps or max(1, int(stage.epochs * stream.per_epoch))
+    autocast = bf16_autocast(device)
+    guard, meter = StepGuard(stage.out), Throughput(model, device, ranks.world, stream)
+    adamw, smf_opt = make_optimizers(stage, loop.weight_decay, device, ranks, guard)
+    optimizers = [o for o in (adamw, smf_opt) if o is not None]
+    saver = Checkpoint(stage.out, model, stage.trained, stage.adamw_params, adamw, smf_opt, ranks, stage.fsdp)
+    step = saver.load(device)  # weights, optimizer state and every rank's RNG state, if there is a checkpoint
+    if step == 0:  # the training RNG (dropout) of each rank: its own stream, rank 0's as in a single process
+        torch.manual_seed(loop.seed + 1_000_003 * ranks.rank)
+    if not begin_stage(stage.out, stage.config, step, total, ranks):
+        return
+    eval_rows = load_task_rows(loop.eval_tasks.split(","), loop.eval_limit, loop.eval_data) if loop.eval_every else None
+    # Data parallel: DDP (or FSDP) averages dense gradients across ranks in backward; SMF sums its read counts (so
+    # every rank selects the same rows), then only those rows' gradients (DDP would all-reduce whole value tables)
+    wrapped = ranks.wrap(model, device, ddp=smf is None and not stage.fsdp)
+    averaged = ranks.world > 1 and smf is None  # gradients arrive averaged over ranks: scale the loss up
+    model.train()
+    bar = tqdm(total=total, initial=step, desc=os.path.basename(stage.out), dynamic_ncols=True, disable=not ranks.main)
+    while step < total:
+        t0 = time.time()
+        lr = lr_at(step, total, stage.lr, loop.warmup, loop.warmup_from_zero)
+        for group in (g for opt in optimizers for g in opt.param_groups):
+            group["lr"] = lr
+        batches = stream.step(step)
+        n_tokens = sum(n for _, n in batches)  # loss tokens in this optimizer step, all ranks together
+        loss_sum, counts, selected = torch.zeros((), device=device), None, None
+        for k, (b, n) in enumerate(batches):
+            last = k == len(batches) - 1
+            with ranks.grad_sync(wrapped, model, stage.fsdp, last):
+                with autocast:
+                    loss_tokens = summed_loss(wrapped, b, pad_reads)
+                # divided by the step's token count: the gradient of the step's mean token loss, whatever the split
+                # into micro-batches and ranks; or by this micro-batch's own count (all ranks), making the step's
+                # gradient the sum of micro-batch means (the paper's stage 2)
+                loss = loss_tokens / max(1, n if smf is not None and smf.sum_micro_batch_means else n_tokens)
+                if smf is not None:
+                    # SMF 1. reads: how often this micro-batch read each memory slot (summed over ranks)
+                    reads = memory.read_counts(model, None if pad_reads else b["attention_mask"])
+                    reads = {i: ranks.sum_(c) for i, c in reads.items()}
+                    counts = reads if counts is None else {i: counts[i] + reads[i] for i in counts}
+                    # SMF 2. select: the top-t rows per layer against the background reads, before the backward
+                    if smf.select_per_micro_batch:  # paper: this micro-batch's rows; its gradient is masked to them
+                        selected = memory.select_per_micro_batch(smf.memories, reads, smf.background, smf.rank,
+                                                                 smf.top_t, selected)
+                    elif last:  # clean: once per step, from all the step's reads
+                        selected = memory.select_rows(counts, smf.background, smf.rank, smf.top_t)
+                (loss * ranks.world if averaged else loss).backward()
+            loss_sum += loss_tokens.detach()
+        loss_sum = ranks.sum_(loss_sum)  # the step's mean token loss, whatever the recipe, is loss_sum / n_tokens
+        record = {"step": step + 1, "loss": None, "lr": lr, "tokens": n_tokens}  # loss: filled in below
+        if smf is not None:
+            record["loss"] = loss_mean = loss_sum.item() / max(1, n_tokens)
+            guard.check(step + 1, loss_mean)
+            ranks.same_rows(selected)
+            # SMF 3. masked step: the selected rows' gradients (and alpha's) clipped together, then the update.
+            # paper (dense_adamw): AdamW over whole tables, other rows' gradients zero; clean (adamw): only these rows
+            stats = smf_opt.step(selected, max_grad_norm=loop.grad_clip or None)
+            record.update(grad_norm=stats["grad_norm"], rows={str(k): v for k, v in stats["rows"].items()})
+            if smf.log_rows:
+                log_rows(record, selected, stage.out, step, ranks)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(list(stage.adamw_params.values()), loop.grad_clip or math.inf)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+            loss_sum, record["grad_norm"] = torch.stack([loss_sum, norm.float().to(device)]).tolist()  # one sync
+            record["loss"] = loss_mean = loss_sum / max(1, n_tokens)
+            guard.check(step + 1, loss_mean, record["grad_norm"])
+        if adamw is not None:
+            adamw.step()
+        for opt in optimizers:
+            opt.zero_grad()
+        step += 1
+        if warning := guard.dead(record["loss"], record["grad_norm"], step):
+            record["warning"] = warning
+        record["seconds"] = round(time.time() - t0, 4)
+        shown = meter(record, step - 1)  # tokens/s and (on a GPU) MFU
+        if ranks.main:
+            append_log(os.path.join(stage.out, "log.jsonl"), record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_mean:.4f}", **shown)
+        if on_step is not None:
+            on_step(step)
+        if loop.eval_every and step % loop.eval_every == 0:  # evaluation: eval.py's probes, into eval.jsonl
+            evaluate(stage, tok, eval_rows, step, ranks)
+        if step % loop.save_every == 0 or step == total or step == loop.stop_at_step:  # checkpoint
+            saver.save(step)
+        if step == loop.stop_at_step and step < total:  # stop as if interrupted (--stop-at-step)
+            bar.close()
+            raise StopRun(f"stopped at step {step} as asked (--stop-at-step); continue with --resume")
+    bar.close()
 
 
 def summed_loss(model, b, pad_reads: bool):
@@ -296,304 +258,228 @@ def lr_at(step, total, peak, warmup, from_zero=False):
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# -----------------------------------------------------------------------------
-# One training stage: the loop shared by every method
-
-
-@dataclass
-class Stage:
-    out: str                      # run directory
-    model: torch.nn.Module
-    examples: list                # [(ids, loss_mask)]
-    lr: float
-    epochs: float
-    max_steps: int | None
-    adamw_params: dict            # name -> Parameter stepped by torch.optim.AdamW (adapters, weights, memory, alpha)
-    trained: callable             # () -> {name: tensor}: what model.safetensors holds
-    config: dict                  # config.json
-    smf: dict | None = None       # SMF stage 2: {"memories": {layer: memory}, "background": BackgroundStats}
-    repetition_penalty: float = 1.0
-    fsdp: bool = False            # the model is sharded with fully_shard (full finetuning, --fsdp)
-
-
-def train(stage: Stage, args, device, tok, ranks):
-    model, smf = stage.model, stage.smf
-    pad_reads = smf is not None and args.count_pad_reads  # pads run as in HF's Qwen2: their reads count
-    if args.compile:
-        for block in model.model.layers:
-            if block.memory is None:
-                block.compile()  # in place: parameter names unchanged
-    stage.config["micro_batch"] = micro = micro_batch_size(stage, args, device, tok, ranks,
-                                                             functools.partial(summed_loss, pad_reads=pad_reads))
-    stream = data.MicroBatches(stage.examples, args.batch_size, micro, args.seed, tok.pad_id, device, ranks.rank,
-                               ranks.world, multiple=64 if args.compile and not pad_reads else 1)
-    total = stage.max_steps or max(1, int(stage.epochs * stream.per_epoch))
-    autocast = bf16_autocast(device)
-    adamw, smf_opt = make_optimizers(stage, args, device)
-    optimizers = [o for o in (adamw, smf_opt) if o is not None]
-    saver = Checkpoint(stage.out, model, stage.trained, stage.adamw_params, adamw, smf_opt, ranks, stage.fsdp)
-    step = saver.load(device)  # weights, optimizer state and every rank's RNG state, if there is a checkpoint
-    if step == 0:  # the training RNG (dropout) of each rank: its own stream, rank 0's as in a single process
-        torch.manual_seed(args.seed + 1_000_003 * ranks.rank)
-    begin_stage(stage.out, step, total, ranks)
-    if step >= total:
-        return
-    if ranks.main:
-        write_json(os.path.join(stage.out, "config.json"), {**stage.config, "finished": False})
-    eval_rows = load_task_rows(args.eval_tasks.split(","), args.eval_limit, args.eval_data) if args.eval_every else None
-    # Data parallel: DDP (or FSDP's reduce-scatter) averages the dense gradients across ranks as backward runs.
-    # SMF instead sums its read counts across ranks (so every rank selects the same rows) and then only the
-    # selected rows' gradients (SparseMemoryOptimizer's reduce hook): DDP would all-reduce whole value tables.
-    wrapped = ranks.wrap(model, device, ddp=smf is None and not stage.fsdp)
-    averaged = ranks.world > 1 and smf is None  # gradients arrive averaged over ranks: scale the loss up
-    sum_of_means = smf is not None and args.sum_micro_batch_means
-    guard, meter = StepGuard(stage.out), Throughput(model, device, ranks.world, stream)
-    log_path = os.path.join(stage.out, "log.jsonl")
-    model.train()
-    bar = tqdm(total=total, initial=step, desc=os.path.basename(stage.out), dynamic_ncols=True, disable=not ranks.main)
-    while step < total:
-        t0 = time.time()
-        lr = lr_at(step, total, stage.lr, args.warmup, args.warmup_from_zero)
-        for group in (g for opt in optimizers for g in opt.param_groups):
-            group["lr"] = lr
-        batches = stream.step(step)
-        n_tokens = sum(n for _, n in batches)  # loss tokens in this optimizer step, all ranks together
-        loss_sum, counts, selected = torch.zeros((), device=device), None, None
-        for k, (b, n) in enumerate(batches):
-            with ranks.grad_sync(wrapped, model, stage.fsdp, last=k == len(batches) - 1):
-                with autocast:
-                    loss_tokens = summed_loss(wrapped, b, pad_reads)
-                # divided by the step's token count: the gradient of the step's mean token loss, whatever the split
-                # into micro-batches and ranks; or by this micro-batch's own count (all ranks), making the step's
-                # gradient the sum of micro-batch means (paper, stage 2)
-                loss = loss_tokens / max(1, n if sum_of_means else n_tokens)
-                if smf is not None:  # SMF 1. reads: which memory slots this micro-batch read (all ranks)
-                    reads = memory.read_counts(model, None if pad_reads else b["attention_mask"])
-                    reads = {i: ranks.sum_(c) for i, c in reads.items()}
-                    counts = reads if counts is None else {i: counts[i] + reads[i] for i in counts}
-                    if args.select_per_micro_batch:  # the paper's code: rows chosen per micro-batch, before backward
-                        selected = memory.select_per_micro_batch(smf["memories"], reads, smf["background"],
-                                                                 args.rank, args.top_t, selected)
-                (loss * ranks.world if averaged else loss).backward()
-            loss_sum += loss_tokens.detach()
-        loss_sum = ranks.sum_(loss_sum)  # the step's mean token loss, whatever the recipe, is loss_sum / n_tokens
-        record = {"step": step + 1, "loss": None, "lr": lr, "tokens": n_tokens}  # loss: filled in below
-        if smf is not None:
-            record["loss"] = loss_mean = loss_sum.item() / max(1, n_tokens)
-            alpha = list(stage.adamw_params.values())  # under --train-alpha (outside DDP): summed across ranks here
-            for p in alpha:
-                ranks.sum_(p.grad)
-            if not args.select_per_micro_batch:  # SMF 2. select: the top-t rows per layer from all the step's reads
-                selected = memory.select_rows(counts, smf["background"], args.rank, args.top_t)
-            ranks.same_rows(selected)
-            # SMF 3. masked step: only those rows change (values and alpha clipped together, as one clip_grad_norm_)
-            stats = smf_opt.step(selected, max_grad_norm=args.grad_clip or None, reduce=ranks.sum_, also=alpha,
-                                 check_norm=functools.partial(guard.check, step + 1, loss_mean), check=False)
-            record.update(grad_norm=stats["grad_norm"], rows={str(k): v for k, v in stats["rows"].items()})
-            if args.log_rows:
-                record["selected"] = {str(k): v.tolist() for k, v in selected.items()}
-                if ranks.world > 1:  # evidence that every rank chose the same rows
-                    append_log(os.path.join(stage.out, f"selected.rank{ranks.rank}.jsonl"),
-                               {"step": step + 1, **record["selected"]})
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(list(stage.adamw_params.values()), args.grad_clip or math.inf)
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-            loss_sum, record["grad_norm"] = torch.stack([loss_sum, norm.float().to(device)]).tolist()  # one sync
-            record["loss"] = loss_mean = loss_sum / max(1, n_tokens)
-            guard.check(step + 1, loss_mean, record["grad_norm"])
-        if adamw is not None:
-            adamw.step()
-        for opt in optimizers:
-            opt.zero_grad()
-        step += 1
-        if warning := guard.dead(record["loss"], record["grad_norm"], step):
-            record["warning"] = warning
-        record["seconds"] = round(time.time() - t0, 4)
-        shown = meter(record, step - 1)  # tokens/s and (on a GPU) MFU
-        if ranks.main:
-            append_log(log_path, record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_mean:.4f}", **shown)
-        after_step(step, total, stage, args, tok, ranks, saver, eval_rows, bar)
-    bar.close()
-
-
-def make_optimizers(stage, args, device):
-    """torch's AdamW for stage.adamw_params (None if empty), and SMF's SparseMemoryOptimizer for the values."""
+def make_optimizers(stage, weight_decay, device, ranks, guard):
+    """torch's AdamW for stage.adamw_params (None if empty), and SMF's SparseMemoryOptimizer for the values (its
+    reduction across ranks, alpha's joint clipping and the non-finite check configured here, once)."""
     adamw = smf_opt = None
     if stage.adamw_params:
         fused = device.type == "cuda" and not stage.fsdp  # as the paper's Trainer (optim "adamw_torch_fused")
         adamw = torch.optim.AdamW(list(stage.adamw_params.values()), lr=stage.lr, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=args.weight_decay, fused=fused or None)
-    if stage.smf is not None:
-        smf_opt = memory.SparseMemoryOptimizer(stage.smf["memories"], lr=stage.lr, weight_decay=args.weight_decay,
-                                               mode=args.optimizer)
+                                  weight_decay=weight_decay, fused=fused or None)
+    if stage.smf is not None:  # alpha (--train-alpha) is outside DDP: summed across ranks and clipped with the rows
+        smf_opt = memory.SparseMemoryOptimizer(stage.smf.memories, lr=stage.lr, weight_decay=weight_decay,
+                                               mode=stage.smf.optimizer, reduce=ranks.sum_,
+                                               also=list(stage.adamw_params.values()),
+                                               check_norm=guard.check_grad_norm, check=False)
     return adamw, smf_opt
+
+
+def micro_batch(stage, loop, device, tok, ranks) -> int:
+    """--micro-batch (see its help): as given; as the run started (config.json "micro_batch", so that a resumed
+    run continues exactly); the paper's 4 (across the ranks) for its SMF; else common.micro_batch_size."""
+    per_rank = loop.batch_size // ranks.world
+    config = os.path.join(stage.out, "config.json")
+    if loop.micro_batch != "auto":
+        return loop.micro_batch
+    if loop.resume and os.path.exists(config) and (saved := read_json(config).get("micro_batch")) is not None:
+        return saved
+    if stage.smf is not None and (stage.smf.select_per_micro_batch or stage.smf.sum_micro_batch_means):
+        if PAPER_MICRO_BATCH % ranks.world or per_rank % (PAPER_MICRO_BATCH // ranks.world):
+            raise RunError(f"--recipe paper's SMF selects rows per micro-batch of {PAPER_MICRO_BATCH}: give a "
+                           f"--batch-size that splits into them across {ranks.world} process(es), or --micro-batch")
+        return PAPER_MICRO_BATCH // ranks.world
+    longest = max(stage.examples, key=lambda e: len(e[0]))
+    trained = list(stage.adamw_params.values()) + \
+        ([mem.values.weight for mem in stage.smf.memories.values()] if stage.smf is not None else [])
+    loss = functools.partial(summed_loss, pad_reads=stage.smf is not None and stage.smf.count_pad_reads)
+    fits = lambda n: fits_in_memory(stage.model, data.collate([longest] * n, tok.pad_id), trained, loss,  # noqa
+                                    device)
+    return micro_batch_size(per_rank, device, ranks, fits, stage.fsdp, PAPER_MICRO_BATCH)
+
+
+def evaluate(stage, tok, eval_rows, step, ranks):
+    """--eval-every: eval.py's probes on the model being trained, appended to eval.jsonl (rank 0)."""
+    if ranks.main:
+        stage.model.eval()
+        results = run_tasks(stage.model, tok, eval_rows, repetition_penalty=stage.repetition_penalty,
+                            batch_size=default_batch_size(stage.model.lm_head.weight.device))
+        append_log(os.path.join(stage.out, "eval.jsonl"), {"step": step, **results})
+        stage.model.train()
+    ranks.barrier()
+
+
+def log_rows(record, selected, out, step, ranks):
+    """--log-rows: the ids of the rows chosen at this step, in the step's log line (and, under several ranks,
+    each rank's in selected.rankN.jsonl: evidence that every rank chose the same rows)."""
+    record["selected"] = {str(k): v.tolist() for k, v in selected.items()}
+    if ranks.world > 1:
+        append_log(os.path.join(out, f"selected.rank{ranks.rank}.jsonl"), {"step": step + 1, **record["selected"]})
 
 
 # -----------------------------------------------------------------------------
 # The methods: each builds its stage
 
 
-def run_config(args, method, model, **extra):
+def run_config(run: Run, method: str, task: str, model, **extra) -> dict:
     """config.json: how eval.py rebuilds the model, and the recipe with every value it resolved to."""
-    recipe = {"name": args.recipe, **{k: getattr(args, k) for k in RECIPES[args.recipe]}}
-    return {"method": method, "task": args.retrofit_task if method == "retrofit" else args.task, "lineage": [],
-            "base_model": args.model, "base_revision": args.base_revision, "base_config": model.config.to_dict(),
-            "memory": None, "lora": None, "recipe": recipe, **extra}
+    return {"method": method, "task": task, "lineage": [], "base_model": run.base_model,
+            "base_revision": run.base_revision, "base_config": model.config.to_dict(), "memory": None, "lora": None,
+            "recipe": run.recipe, **extra}
 
 
-def memory_config_from_args(args, base: dict | None = None):
-    """The MemoryConfig of the flags given (the others: MemoryConfig's defaults, or `base`'s values)."""
-    given = {f.name: getattr(args, d) for f, d in memory.MemoryConfig.options() if getattr(args, d) is not None}
+def memory_config(flags: dict, base: dict | None = None) -> memory.MemoryConfig:
+    """The MemoryConfig of the memory flags given ({dest: value}, e.g. vars(args); the others: MemoryConfig's
+    defaults, or `base`'s values)."""
+    given = {f.name: flags[d] for f, d in memory.MemoryConfig.options() if flags.get(d) is not None}
     return memory.MemoryConfig(**{**(base or {}), **given})
 
 
-def retrofit_stage(args, out, device, tok, ranks) -> Stage:
-    """Stage 1: add fresh memory layers and train all their parameters densely on OASST1, base frozen."""
+def retrofit_stage(run: Run, out: str, mem_cfg: memory.MemoryConfig, examples: list, stage1_data: dict, lr: float,
+                   epochs: float, max_steps: int | None, device, ranks) -> Stage:
+    """Stage 1: add fresh memory layers and train all their parameters densely on OASST1, base frozen.
+    stage1_data: {"task", "path", "oasst1_format"} of `examples`, recorded for stage 2's background reads."""
     if ranks.main:
         os.makedirs(out, exist_ok=True)
     ranks.barrier()
-    model, _, info = load_model(args.model, dtype=default_dtype(device), device=device)
-    torch.manual_seed(args.seed)
-    mem_cfg = memory_config_from_args(args).resolve(model.config.num_hidden_layers, model.config.hidden_size)
+    model, _, info = load_model(run.base_model, dtype=default_dtype(device), device=device)
+    torch.manual_seed(run.seed)
+    mem_cfg = mem_cfg.resolve(model.config.num_hidden_layers, model.config.hidden_size)
     memories = memory.add_memory(model, mem_cfg)
-    if mem_cfg.precision == "bf16":  # the paper's code builds the memory inside its bf16 model
-        memory.round_to_bf16_(memories)
+    memory.round_to_bf16_(memories)  # precision bf16: the paper's code builds the memory inside its bf16 model
     model.requires_grad_(False)
     adamw_params = {}
     for i, mem in memories.items():
         for name, p in mem.named_parameters():
             p.requires_grad_(True)
             adamw_params[f"model.layers.{i}.memory.{name}"] = p
-    alone = args.method == "retrofit"  # stage 1 on its own takes the shared flags, inside smf the --retrofit-* ones
-    examples = data.training_examples(args.retrofit_task, tok, args.max_len, args.seed,
-                                      args.limit if alone else args.retrofit_limit, args.data.get("oasst1"),
-                                      args.oasst1_format)
-    data.at_least_a_batch(examples, args.batch_size, args.retrofit_task)
-    stage = Stage(out=out, model=model, examples=examples,
-                  lr=args.lr if alone else args.retrofit_lr,
-                  epochs=args.epochs if alone else args.retrofit_epochs,
-                  max_steps=args.max_steps if alone else args.retrofit_max_steps,
-                  adamw_params=adamw_params, trained=lambda: memory.memory_state_dict(model),
-                  config=run_config(args, "retrofit", model, memory=mem_cfg.to_dict(), stage1_data={  # for stage 2
-                      "task": args.retrofit_task, "path": args.data.get("oasst1"),
-                      "oasst1_format": args.oasst1_format}),
-                  repetition_penalty=info["repetition_penalty"])
-    return stage
+    return Stage(out=out, model=model, examples=examples, lr=lr, epochs=epochs, max_steps=max_steps,
+                 adamw_params=adamw_params, trained=lambda: memory.memory_state_dict(model),
+                 config=run_config(run, "retrofit", stage1_data["task"], model, memory=mem_cfg.to_dict(),
+                                   stage1_data=stage1_data),  # for stage 2
+                 repetition_penalty=info["repetition_penalty"])
 
 
-def background_statistics(model, tok, args, device, ranks, stage1):
-    """Read counts and document frequency of every memory slot over --background-batches single-example batches
-    of the stage-1 data (the retrofit's config.json "stage1_data"; data.background_examples)."""
-    picked = data.background_examples(stage1, tok, args.max_len, args.seed, args.background_subset,
-                                      args.background_batches)
+def background_statistics(model, tok, stage1: dict, run: Run, subset: int, n: int, device, ranks):
+    """Read counts and document frequency of every memory slot over n single-example batches of the stage-1 data
+    (the retrofit's config.json "stage1_data"; data.background_examples, from a seeded random `subset` of it)."""
+    picked = data.background_examples(stage1, tok, run.max_len, run.seed, subset, n)
     autocast = bf16_autocast(device)
     mine = tqdm(picked[ranks.rank::ranks.world], desc="background reads", dynamic_ncols=True, disable=not ranks.main)
     stats = memory.background_stats(model, (torch.tensor([ids], device=device) for ids, _ in mine), autocast)
     return stats.summed(ranks.sum_, device) if ranks.world > 1 else stats  # each rank read its share
 
 
-def sparse_stage(args, device, tok, memory_dir, ranks, examples) -> Stage:
+def sparse_stage(run: Run, task: str, memory_dir: str, mem_flags: dict, step_flags: dict, background: dict,
+                 train_alpha: bool, examples: list, lr: float, epochs: float, max_steps: int | None, device, tok,
+                 ranks) -> Stage:
     """Stage 2: only the memory values train, and on each step only the top-t rows per layer that the batch
-    read most (ranked against background reads, taken from the stage-1 data at the start of this stage) change."""
-    model, _, info = load_model(args.model, dtype=default_dtype(device), device=device)
-    mem_run = memory_run(memory_dir, model.config.to_dict(), args.model)
+    read most (ranked against background reads, taken from the stage-1 data at the start of this stage) change.
+    mem_flags: the memory flags given (memory_config); step_flags: SMFStep's flags; background: {"task" (None:
+    the memory's stage-1 data), "subset", "batches"}."""
+    model, _, info = load_model(run.base_model, dtype=default_dtype(device), device=device)
+    mem_run = memory_run(memory_dir, model.config.to_dict(), run.base_model)
     loaded = memory.MemoryConfig.from_dict(mem_run["memory"])
-    mem_cfg = memory_config_from_args(args, base=loaded.to_dict())  # the loaded memory, this run's precision
+    mem_cfg = memory_config(mem_flags, base=loaded.to_dict())  # the loaded memory, this run's precision
     resolved = mem_cfg.resolve(len(model.model.layers), model.config.hidden_size)
     for f, dest in memory.MemoryConfig.options():  # a flag that contradicts the loaded memory is an error
         if not f.metadata.get("per_run") and getattr(resolved, f.name) != getattr(loaded, f.name):
-            raise RunError(f"{f.metadata['flag']} {getattr(args, dest)} contradicts the memory of --memory-from "
+            raise RunError(f"{f.metadata['flag']} {mem_flags[dest]} contradicts the memory of --memory-from "
                            f"{memory_dir} ({f.name} {getattr(loaded, f.name)}): drop the flag")
-    if args.train_alpha and loaded.alpha_init is None:
+    if train_alpha and loaded.alpha_init is None:
         raise RunError(f"--train-alpha: the memory of {memory_dir} has no alpha (it was built with --alpha-init none)")
     memories = memory.add_memory(model, mem_cfg)
     load_trained(memory.memory_state_dict(model), memory_dir, "--memory-from")  # a retrofit's, or the chain's
-    if mem_cfg.precision == "bf16":  # the paper's code loads the memory into its bf16 model, then trains fp32 copies
-        memory.round_to_bf16_(memories)
-    background_path = os.path.join(args.out, "background.safetensors")
-    if args.resume and os.path.exists(background_path):  # a resumed run keeps the statistics it started with
-        background = memory.BackgroundStats.load(background_path)
+    memory.round_to_bf16_(memories)  # precision bf16: the paper's code loads it into its bf16 model
+    background_path = os.path.join(run.out, "background.safetensors")
+    if run.resume and os.path.exists(background_path):  # a resumed run keeps the statistics it started with
+        stats = memory.BackgroundStats.load(background_path)
     else:
-        stage1 = mem_run["stage1_data"] if args.background_task is None else {  # carried along a chain
-            **mem_run["stage1_data"], "task": args.background_task, "path": args.data.get(args.background_task)}
-        background = background_statistics(model, tok, args, device, ranks, stage1)
+        stage1 = mem_run["stage1_data"] if background["task"] is None else {  # carried along a chain
+            **mem_run["stage1_data"], "task": background["task"], "path": run.data.get(background["task"])}
+        stats = background_statistics(model, tok, stage1, run, background["subset"], background["batches"], device,
+                                      ranks)
         if ranks.main:
-            atomic_write(background_path, background.save)
+            atomic_write(background_path, stats.save)
     model.requires_grad_(False)
     adamw_params = {}
     for i, mem in memories.items():
         mem.values.weight.requires_grad_(True)
         mem.sparse_grad = True  # the values gradient holds only the rows read
-        if args.train_alpha:
+        if train_alpha:
             mem.alpha.requires_grad_(True)
             adamw_params[f"model.layers.{i}.memory.alpha"] = mem.alpha
-    config = run_config(args, "smf", model, memory=mem_cfg.to_dict(), memory_from=os.path.abspath(memory_dir),
+    config = run_config(run, "smf", task, model, memory=mem_cfg.to_dict(), memory_from=os.path.abspath(memory_dir),
                         stage1_data=mem_run["stage1_data"], lineage=lineage(memory_dir))
-    return Stage(out=args.out, model=model, examples=examples, lr=args.lr, epochs=args.epochs,
-                 max_steps=args.max_steps, adamw_params=adamw_params,
-                 trained=lambda: memory.memory_state_dict(model), config=config,
-                 smf={"memories": memories, "background": background.to(device)},
+    return Stage(out=run.out, model=model, examples=examples, lr=lr, epochs=epochs, max_steps=max_steps,
+                 adamw_params=adamw_params, trained=lambda: memory.memory_state_dict(model), config=config,
+                 smf=settings(SMFStep, step_flags, memories=memories, background=stats.to(device)),
                  repetition_penalty=info["repetition_penalty"])
 
 
-def lora_or_full_stage(args, device, tok, ranks) -> Stage:
-    """LoRA (adapters only) or full finetuning (every weight) on MedMCQA with AdamW."""
-    if args.init == "random":  # pretraining from scratch: --model only gives config.json and the tokenizer
-        torch.manual_seed(args.seed)
-        model = Qwen2(Qwen2Config.from_json(os.path.join(resolve_model_dir(args.model), "config.json")))
-        model = model.init_weights().to(device, torch.bfloat16 if args.pure_bf16 else torch.float32)
+def lora_or_full_stage(run: Run, method: str, task: str, examples: list, lr: float, epochs: float,
+                       max_steps: int | None, device, ranks, lora: dict | None = None, lora_from: str | None = None,
+                       init: str = "pretrained", pure_bf16: bool = False, fsdp: bool = False) -> Stage:
+    """LoRA (adapters only; lora: {"r", "alpha", "dropout", "targets", "merge_for_eval"}; lora_from: a finished
+    LoRA run whose adapters to train on) or full finetuning (every weight; init "random": from scratch; pure_bf16:
+    weights, gradients and AdamW state in bf16; fsdp: sharded across the ranks) with AdamW."""
+    if init == "random":  # pretraining from scratch: --model only gives config.json and the tokenizer
+        torch.manual_seed(run.seed)
+        model = Qwen2(Qwen2Config.from_json(os.path.join(resolve_model_dir(run.base_model), "config.json")))
+        model = model.init_weights().to(device, torch.bfloat16 if pure_bf16 else torch.float32)
         info = {"repetition_penalty": 1.0}
     else:  # full: fp32 master weights, or bf16 alone (--pure-bf16, the paper's); LoRA: a frozen base
-        weights_dtype = (torch.bfloat16 if args.pure_bf16 else torch.float32) if args.method == "full" \
-            else default_dtype(device)
-        model, _, info = load_model(args.model, dtype=weights_dtype, device=device)
-    torch.manual_seed(args.seed)
-    lora_cfg = None
-    if args.method == "lora":
-        lora_cfg = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                    "targets": args.lora_targets, "merge_for_eval": args.merge_lora_for_eval}
+        weights_dtype = (torch.bfloat16 if pure_bf16 else torch.float32) if method == "full" else default_dtype(device)
+        model, _, info = load_model(run.base_model, dtype=weights_dtype, device=device)
+    torch.manual_seed(run.seed)
+    if method == "lora":
         model.requires_grad_(False)
-        add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
-        if args.lora_from:  # a chain: the previous link's adapters, trained on (one base and one adapter set)
-            finished_run(args.lora_from, model.config.to_dict(), args.model, "--lora-from", ("lora",))
-            load_trained(lora_state_dict(model), args.lora_from, "--lora-from")
+        add_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"], targets=lora["targets"])
+        if lora_from:  # a chain: the previous link's adapters, trained on (one base and one adapter set)
+            finished_run(lora_from, model.config.to_dict(), run.base_model, "--lora-from", ("lora",))
+            load_trained(lora_state_dict(model), lora_from, "--lora-from")
         adamw_params = {k: p for k, p in model.named_parameters() if k.endswith((".lora_A", ".lora_B"))}
         trained = lambda: lora_state_dict(model)  # noqa: E731
     else:
         hub_names = set(model.hub_state_shapes())  # tied embeddings: no lm_head.weight
-        if args.fsdp:
+        if fsdp:
             ranks.shard(model, device)
         adamw_params = dict(model.named_parameters())  # tied embeddings appear once
 
         def trained():  # every Hub tensor, gathered in full (on rank 0 under FSDP)
             sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
-                if args.fsdp else model.state_dict()
+                if fsdp else model.state_dict()
             return {k: v for k, v in sd.items() if k in hub_names}
-    previous = args.lora_from if args.method == "lora" else previous_full_run(args.model)  # a chain's last link
-    config = run_config(args, args.method, model, lora=lora_cfg, lineage=lineage(previous))
-    return Stage(out=args.out, model=model, examples=task_examples(args, tok), lr=args.lr, epochs=args.epochs,
-                 max_steps=args.max_steps, adamw_params=adamw_params, trained=trained, config=config,
-                 repetition_penalty=info["repetition_penalty"], fsdp=args.fsdp)
+    previous = lora_from if method == "lora" else previous_full_run(run.base_model)  # a chain's last link
+    config = run_config(run, method, task, model, lora=lora, lineage=lineage(previous))
+    return Stage(out=run.out, model=model, examples=examples, lr=lr, epochs=epochs, max_steps=max_steps,
+                 adamw_params=adamw_params, trained=trained, config=config,
+                 repetition_penalty=info["repetition_penalty"], fsdp=fsdp)
+
+
+def task_examples(task: str, path: str | None, tok, run: Run, limit: int | None, oasst1_format: str | None = None):
+    """The examples of a stage's data (a seeded random `limit` of them), at least a batch of them."""
+    examples = data.training_examples(task, tok, run.max_len, run.seed, limit, path, oasst1_format)
+    return data.at_least_a_batch(examples, run.batch_size, task)
 
 
 # -----------------------------------------------------------------------------
+# The pipeline
 
 
-def run_stage(stage: Stage, args, device, tok, ranks, then=None, first=True):
+def run_stage(stage: Stage, run: Run, flags: dict, loop: Loop, device, tok, ranks, then=None, first=True,
+              on_step=None):
     """args.json (once the first stage's model and data have loaded), the loop, `then` (exports), finished."""
     if first:
-        begin_run(args, ranks, device)
-    train(stage, args, device, tok, ranks)
+        begin_run(run.out, flags, run.resume, ranks, device)
+    train(stage, loop, device, tok, ranks, on_step)
     if then is not None:
         then()
     finish_stage(stage.out, stage.config, ranks, device)
     return stage.model
 
 
-def main(argv=None):
-    """Run the pipeline; returns the trained model (for tests and notebooks)."""
+def main(argv=None, on_step=None):
+    """Run the pipeline; returns the trained model (for tests and notebooks). on_step: see train()."""
     args = parse_args(argv)
     ranks, device = setup_ranks(args.device)
     lock = None
@@ -602,25 +488,49 @@ def main(argv=None):
             check_out_dir(args.out, args.resume)
             lock = Lock(args.out)  # held until this process ends
             if args.resume:  # the flags checked before anything is fetched
-                check_resume(args)
+                check_resume(args.out, vars(args))
         ranks.barrier()
-        args.base_revision = hub_revision(resolve_model_dir(args.model))  # fetches a Hub id; a resume must match
+        revision = hub_revision(resolve_model_dir(args.model))  # fetches a Hub id; a resume must match
+        flags = {**vars(args), "base_revision": revision}  # args.json
+        run = settings(Run, flags, base_model=args.model,
+                       recipe={"name": args.recipe, **{k: flags[k] for k in RECIPES[args.recipe]}})
         torch.manual_seed(args.seed)
         tok = Tokenizer.from_pretrained(args.model)
-        if args.method == "retrofit":
-            model = run_stage(retrofit_stage(args, args.out, device, tok, ranks), args, device, tok, ranks)
-        elif args.method == "smf":
+        stages = functools.partial(run_stage, run=run, flags=flags, loop=settings(Loop, flags), device=device,
+                                   tok=tok, ranks=ranks, on_step=on_step)
+        stage1_data = {"task": args.retrofit_task, "path": args.data.get("oasst1"), "oasst1_format": args.oasst1_format}
+        if args.method == "retrofit":  # stage 1 alone takes the shared flags (--lr, --epochs, ...)
+            examples = task_examples(args.retrofit_task, args.data.get("oasst1"), tok, run, args.limit,
+                                     args.oasst1_format)
+            model = stages(retrofit_stage(run, args.out, memory_config(flags), examples, stage1_data, args.lr,
+                                          args.epochs, args.max_steps, device, ranks))
+        elif args.method == "smf":  # stage 1 in the sub-run retrofit/ (the --retrofit-* flags), unless --memory-from
             memory_dir = args.memory_from or os.path.join(args.out, "retrofit")
-            stage1 = args.memory_from is None and not is_finished(memory_dir)  # in a sub-run of its own
-            examples = task_examples(args, tok)  # stage 2's data checked before stage 1 trains
+            stage1 = args.memory_from is None and not is_finished(memory_dir)
+            examples = task_examples(args.task, args.data.get("medmcqa"), tok, run, args.limit)  # before stage 1
             if stage1:
-                run_stage(retrofit_stage(args, memory_dir, device, tok, ranks), args, device, tok, ranks)
-            model = run_stage(sparse_stage(args, device, tok, memory_dir, ranks, examples), args, device, tok, ranks,
-                              first=not stage1)
+                retro = task_examples(args.retrofit_task, args.data.get("oasst1"), tok, run, args.retrofit_limit,
+                                      args.oasst1_format)
+                stages(retrofit_stage(run, memory_dir, memory_config(flags), retro, stage1_data, args.retrofit_lr,
+                                      args.retrofit_epochs, args.retrofit_max_steps, device, ranks))
+            background = {"task": args.background_task, "subset": args.background_subset,
+                          "batches": args.background_batches}
+            model = stages(sparse_stage(run, args.task, memory_dir, flags, flags, background, args.train_alpha,
+                                        examples, args.lr, args.epochs, args.max_steps, device, tok, ranks),
+                           first=not stage1)
         else:
-            stage = lora_or_full_stage(args, device, tok, ranks)
-            model = run_stage(stage, args, device, tok, ranks,
-                              then=lambda: export_lora_or_full(args, stage.model, ranks))
+            lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                    "targets": args.lora_targets, "merge_for_eval": args.merge_lora_for_eval}
+            examples = task_examples(args.task, args.data.get("medmcqa"), tok, run, args.limit)
+            stage = lora_or_full_stage(run, args.method, args.task, examples, args.lr, args.epochs, args.max_steps,
+                                       device, ranks, lora=lora if args.method == "lora" else None,
+                                       lora_from=args.lora_from, init=args.init, pure_bf16=args.pure_bf16,
+                                       fsdp=args.fsdp)
+            model = stages(stage, then=functools.partial(export, stage, args.export_peft, args.export_merged, ranks))
+    except StopRun as stop:
+        if ranks.main:
+            print(stop, file=sys.stderr)
+        raise
     finally:
         if ranks.world > 1:
             dist.destroy_process_group()
@@ -629,6 +539,230 @@ def main(argv=None):
     if ranks.main:
         print(f"done: {args.out}  (evaluate: python eval.py --model {args.out})")
     return model
+
+
+def export(stage: Stage, peft: bool, merged: bool, ranks):
+    """The exports of a LoRA or full run (checkpoint.export_run), once its last checkpoint is saved."""
+    stage.model.eval()
+    if ranks.main:
+        export_run(stage.out, stage.model, stage.config, peft=peft, merged=merged)
+
+
+# -----------------------------------------------------------------------------
+# Arguments: each flag's range and the methods it applies to are declared beside it (common.add_flag); the flags
+# that may change on --resume are checkpoint.RESUME_FREE
+
+STAGE1_INSIDE_SMF = ("retrofit_epochs", "retrofit_lr", "retrofit_limit", "retrofit_max_steps")
+STAGE1_HINT = "--method retrofit takes the shared flags: --lr, --epochs, --max-steps, --limit"
+
+
+def parser():
+    p = ArgParser(prog="train.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--method", required=True, choices=METHODS,
+                   help="smf: stage 1 (retrofit) + background reads + stage 2 (sparse finetuning); retrofit: "
+                        "stage 1 alone; lora: adapters; full: every weight")
+    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="base model: Hub id or local directory")
+    p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                   help="local file for a dataset (medmcqa, oasst1) in the Hub's column schema; repeatable")
+    add_flag(p, "--task", methods=("smf", "lora", "full"), default="medmcqa",
+                   help="finetuning data: medmcqa (question, options, answer, explanation) or text:PATH (a .jsonl "
+                        "of {\"text\": ...} or a plain-text file, one example per line; loss on every token)")
+    add_flag(p, "--init", methods=("full",), default="pretrained", choices=["pretrained", "random"],
+                   help="random: build the model from --model's config.json with random weights (full only; "
+                        "pretraining a small model from scratch)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<method>-seed<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_flag(p, "--seed", at_least=0, type=int, default=0, help="initialisation, data order and dropout")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--recipe", default="paper", choices=sorted(RECIPES),
+                   help="paper: the paper's code, flaws included (its lr was tuned with them); clean: our corrected "
+                        "SMF. Sets the defaults of the flags marked [recipe]; each such flag overrides it")
+    g = p.add_argument_group("optimization (shared)")
+    add_flag(g, "--lr", at_least=0, type=float, default=None, help="default: smf/retrofit 5e-4, lora 2e-4, full 5e-5")
+    add_flag(g, "--epochs", above=0, type=float, default=None,
+             help="epochs over the training data (default: 3; retrofit 2)")
+    add_flag(g, "--max-steps", at_least=1, type=int, default=None, help="optimizer steps; overrides --epochs")
+    add_flag(g, "--batch-size", at_least=1, type=int, default=16,
+                   help="examples per optimizer step, all ranks together (the paper's effective batch)")
+    g.add_argument("--micro-batch", type=ArgParser.int_or_auto, default="auto",
+                   help="examples per forward on each rank; gradient accumulation makes up the batch. auto: the "
+                        "whole batch on the CPU; on a GPU the largest divisor of it that fits (tried on the longest "
+                        "example, backing off on out-of-memory); 4 for SMF under --recipe paper, whose row "
+                        "selection and loss are per micro-batch of 4")
+    add_flag(g, "--warmup", at_least=0, type=int, default=100, help="linear warmup steps, then cosine decay to 0")
+    g.add_argument("--warmup-from-zero", action=argparse.BooleanOptionalAction, default=None,
+                   help="[recipe] lr = peak * s / warmup at step s = 0, 1, ..., the first update at lr 0 (Hugging "
+                        "Face's; paper); else peak * (s + 1) / warmup (clean)")
+    add_flag(g, "--weight-decay", at_least=0, type=float, default=0.0, help="AdamW's decoupled weight decay")
+    add_flag(g, "--grad-clip", at_least=0, type=float, default=1.0, help="max gradient norm (0: off)")
+    add_flag(g, "--max-len", at_least=2, type=int, default=1024, help="tokens per example (longer ones are truncated)")
+    add_flag(g, "--limit", at_least=1, type=int, default=None,
+                   help="a seeded random N of the training examples, as the paper's code draws them (all of them, "
+                        "in order, if there are no more than N; default: medmcqa 60000; retrofit --retrofit-limit; "
+                        "text: all)")
+    add_flag(g, "--save-every", at_least=1, type=int, default=500,
+             help="checkpoint every N optimizer steps (and at the end)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile every block without a memory layer (the SMF lookup stays eager), with batches "
+                        "padded to a multiple of 64 tokens so that few shapes recompile (not when padding reads "
+                        "count: there the padding is part of the recipe)")
+    add_flag(g, "--fsdp", methods=("full",), action="store_true",
+                   help="full finetuning under torchrun: shard weights, gradients and optimizer state across ranks "
+                        "(PyTorch's fully_shard) instead of replicating them (DDP), for models that do not fit one GPU")
+    add_flag(g, "--stop-at-step", at_least=1, type=int, default=None,
+                   help="stop after this step's checkpoint, as if interrupted (to test --resume); in --method smf "
+                        "it applies to each stage in turn")
+    add_smf_flags(p)
+    add_baseline_flags(p)
+    p.show_presets(RECIPES)  # [recipe] flags: the value each recipe gives them
+    return p
+
+
+def add_smf_flags(p):
+    g = p.add_argument_group("SMF: memory layers (stage 1 builds them)")
+    add_flag(g, "--memory-from", methods=("smf",), default=None, metavar="RUN",
+                   help="the memory of a finished retrofit run, or of a finished smf run to continue (a chain: the "
+                        "background still from the chain's stage-1 data; the optimizer state starts fresh)")
+    for f, _ in memory.MemoryConfig.options():  # one flag per MemoryConfig option; unset: MemoryConfig's default
+        kw = {k: v for k, v in f.metadata.items() if k not in ("flag", "help", "per_run")}
+        kw.setdefault("type", f.type if f.type in (int, float) else str)
+        shown = "" if "(default" in f.metadata["help"] or f.name in ("precision",) else f" (default: {f.default})"
+        add_flag(g, f.metadata["flag"], methods=("smf", "retrofit"), default=None,
+                 help=f.metadata["help"] + shown, **kw)
+    add_flag(g, "--retrofit-task", methods=("smf", "retrofit"), default="oasst1",
+                   help="stage-1 and background data: oasst1 (see --oasst1-format) or text:PATH")
+    add_flag(g, "--oasst1-format", methods=("smf", "retrofit"), default=None, choices=["replies", "chat"],
+                   help="[recipe] replies: English assistant replies ranked 0-1 with 50+ characters as raw text "
+                        "(paper); chat: ChatML conversations, loss on the replies (clean)")
+    add_flag(g, "--retrofit-epochs", above=0, methods=("smf",), hint=STAGE1_HINT, type=float, default=2,
+             help="stage-1 epochs inside --method smf")
+    add_flag(g, "--retrofit-lr", at_least=0, methods=("smf",), hint=STAGE1_HINT, type=float, default=5e-4,
+             help="stage-1 lr inside --method smf")
+    add_flag(g, "--retrofit-limit", at_least=1, methods=("smf",), hint=STAGE1_HINT, type=int, default=50000,
+             help="stage-1 examples (a seeded random subset)")
+    add_flag(g, "--retrofit-max-steps", at_least=1, methods=("smf",), hint=STAGE1_HINT, type=int, default=None,
+             help="stage-1 steps inside --method smf")
+    add_flag(g, "--background-batches", at_least=1, methods=("smf",), type=int, default=2000,
+                   help="single-example batches of the stage-1 data read for the background, at stage 2's start")
+    add_flag(g, "--background-subset", at_least=0, methods=("smf",), type=int, default=None,
+                   help="[recipe] N: they are the first of a seeded random N of the stage-1 data (paper: 20000); 0: "
+                        "of a seeded shuffle of all of it (clean)")
+    g = p.add_argument_group("SMF: stage 2 (sparse finetuning)")
+    add_flag(g, "--top-t", at_least=1, methods=("smf",), type=int, default=512,
+             help="memory rows updated per layer per step")
+    add_flag(g, "--rank", methods=("smf",), default="kl", choices=sorted(memory.RANKS),
+             help="how rows are ranked (memory.RANKS)")
+    add_flag(g, "--optimizer", methods=("smf",), default=None, choices=list(memory.SparseMemoryOptimizer.MODES),
+                   help="[recipe] dense_adamw: AdamW over whole value tables, other rows' gradients zeroed, moments "
+                        "leak (paper); adamw: lazy, only chosen rows change (clean); sgd: plain SGD (Lin et al.)")
+    add_flag(g, "--select-per-micro-batch", methods=("smf",), action=argparse.BooleanOptionalAction, default=None,
+                   help="[recipe] re-select rows on every micro-batch (paper); else once per step (clean)")
+    add_flag(g, "--count-pad-reads", methods=("smf",), action=argparse.BooleanOptionalAction, default=None,
+                   help="[recipe] padding positions count as reads, run as HF's Qwen2 runs them (paper); else not")
+    add_flag(g, "--sum-micro-batch-means", methods=("smf",), action=argparse.BooleanOptionalAction, default=None,
+                   help="[recipe] the step's loss is the sum of micro-batch means, as HF's Trainer makes of the "
+                        "paper's compute_loss (paper); else the token mean over the step (clean)")
+    add_flag(g, "--background-task", methods=("smf",), default=None,
+                   help="the background reads' data: oasst1 or text:PATH (default: the stage-1 data of the memory)")
+    add_flag(g, "--train-alpha", methods=("smf",), action="store_true", help="also train the memory's scale alpha")
+    add_flag(g, "--log-rows", methods=("smf",), action="store_true",
+             help="also log the ids of the rows chosen at every step")
+
+
+def add_baseline_flags(p):
+    g = p.add_argument_group("LoRA")
+    add_flag(g, "--lora-r", at_least=1, methods=("lora",), type=int, default=16, help="adapter rank r")
+    add_flag(g, "--lora-alpha", above=0, methods=("lora",), type=float, default=32,
+             help="the adapters' output is scaled by alpha / r")
+    add_flag(g, "--lora-dropout", at_least=0, methods=("lora",), type=float, default=0.05,
+             help="dropout on the adapters' input")
+    add_flag(g, "--lora-targets", methods=("lora",), default=",".join(LORA_TARGETS),
+             help="the linear layers that get adapters")
+    add_flag(g, "--lora-from", methods=("lora",), default=None, metavar="RUN",
+                   help="train on the adapters of a finished LoRA run (a chain: its r, alpha, targets; new optimizer)")
+    add_flag(g, "--export-peft", methods=("lora",), action="store_true",
+             help="also write the adapter in peft's format to peft/")
+    add_flag(g, "--export-merged", methods=("lora",), action="store_true",
+             help="also write the merged model (Hub format) to merged/")
+    add_flag(g, "--merge-lora-for-eval", methods=("lora",), action=argparse.BooleanOptionalAction, default=None,
+             help="[recipe] eval.py merges the adapters into the base in its dtype (paper); else not (clean)")
+    g = p.add_argument_group("full finetuning")
+    add_flag(g, "--pure-bf16", methods=("full",), action=argparse.BooleanOptionalAction, default=None,
+             help="[recipe] weights, gradients, AdamW state in bf16 (paper); else fp32 weights (clean)")
+    g = p.add_argument_group("evaluation during training")
+    add_flag(g, "--eval-every", at_least=0, type=int, default=0, help="run eval.py's probes every N steps (0: never)")
+    g.add_argument("--eval-tasks", default=",".join(default_tasks()),
+                   help=f"probes of eval.PROBES ({','.join(PROBES)})")
+    add_flag(g, "--eval-limit", at_least=1, type=int, default=200, help="examples per probe")
+    g.add_argument("--eval-data", action="append", default=[], metavar="NAME=PATH",
+                   help="local file for a probe, as eval.py --data; repeatable")
+
+
+def parse_args(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    given = p.given(argv)
+    p.check_flags(args, given, args.method)  # the methods and ranges declared beside each flag
+    if args.memory_from and (skipped := sorted(given & {*STAGE1_INSIDE_SMF, "retrofit_task", "oasst1_format"})):
+        p.error(f"{p.flag(skipped[0])} acts on stage 1, which --memory-from skips (its memory is already trained)")
+    if args.lora_dropout >= 1:
+        p.error(f"--lora-dropout must be below 1, got {args.lora_dropout}")
+    for name, value in RECIPES[args.recipe].items():  # the recipe fills every flag left unset
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    try:
+        args.data = data.parse_data_flags(args.data, ("medmcqa", "oasst1"))
+        args.eval_data = data.parse_data_flags(args.eval_data, tuple(PROBES))
+    except ValueError as e:
+        p.error(str(e))
+    try:
+        check_tasks(args.eval_tasks.split(","))
+    except ValueError as e:
+        p.error(f"--eval-tasks: {e}")
+    args.lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
+    args.epochs = (args.retrofit_epochs if args.method == "retrofit" else 3) if args.epochs is None else args.epochs
+    if args.limit is None:  # the paper: a seeded random 60k of the single-answer MedMCQA train questions
+        args.limit = args.retrofit_limit if args.method == "retrofit" else 60000 if args.task == "medmcqa" else None
+    args.out = os.path.abspath(args.out or os.path.join("runs", f"{args.method}-seed{args.seed}"))
+    if args.memory_from:  # paths resolved, so that --resume compares them whatever their spelling
+        args.memory_from = os.path.abspath(args.memory_from)
+    if os.path.isdir(args.model):
+        args.model = os.path.abspath(args.model)
+    try:
+        memory_config(vars(args))
+    except ValueError as e:
+        p.error(str(e))
+    args.lora_targets = [t for t in args.lora_targets.split(",") if t]
+    if bad := [t for t in args.lora_targets if t not in LORA_TARGETS]:
+        p.error(f"--lora-targets: unknown module {bad[0]!r} (choose from {','.join(LORA_TARGETS)})")
+    if args.lora_from:  # a chain: the adapters' shape (r, alpha, targets) is the previous run's
+        args.lora_from = os.path.abspath(args.lora_from)  # resolved, so that --resume compares it whatever its spelling
+        try:
+            inherited = lora_from(args.lora_from)
+        except ValueError as e:
+            p.error(str(e))
+        for key, dest in (("r", "lora_r"), ("alpha", "lora_alpha"), ("targets", "lora_targets")):
+            if dest in given and getattr(args, dest) != inherited[key]:
+                p.error(f"{p.flag(dest)} {getattr(args, dest)} contradicts the adapters of --lora-from "
+                        f"{args.lora_from} ({key} {inherited[key]}): drop the flag")
+            setattr(args, dest, inherited[key])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        p.error(f"--batch-size {args.batch_size} must be a multiple of the {world} processes")
+    if args.micro_batch != "auto" and (args.micro_batch < 1 or (args.batch_size // world) % args.micro_batch):
+        p.error(f"--micro-batch {args.micro_batch} must be a positive divisor of the batch per process "
+                f"({args.batch_size // world})")
+    for name, known in (("task", "medmcqa"), ("retrofit_task", "oasst1"), ("background_task", "oasst1")):
+        try:
+            if getattr(args, name) is not None:
+                setattr(args, name, data.check_task(getattr(args, name), known))
+        except ValueError as e:
+            p.error(f"{p.flag(name)}: {e}")
+    if args.fsdp and args.eval_every:
+        p.error("--eval-every is not supported with --fsdp (evaluate the run afterwards with eval.py)")
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        p.error("--fsdp needs torchrun with 2 or more processes (torchrun --nproc_per_node=N train.py ...)")
+    return args
 
 
 def cli(argv=None):

@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_train import sentence, write_model  # noqa: E402
 from eval import default_batch_size, run_tasks  # noqa: E402
-from model import Qwen2, Tokenizer  # noqa: E402
+from data import Tokenizer  # noqa: E402
+from model import Qwen2  # noqa: E402
 
 
 def rows(n, seed=0):

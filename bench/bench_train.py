@@ -37,7 +37,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import train  # noqa: E402
-from model import Qwen2, Qwen2Config, Tokenizer, train_bpe_tokenizer, write_json  # noqa: E402
+from checkpoint import save_pretrained, write_json  # noqa: E402
+from data import Tokenizer, train_bpe_tokenizer  # noqa: E402
+from model import Qwen2, Qwen2Config  # noqa: E402
 
 # ops whose output size or value the host needs: on a GPU each waits for every kernel queued before it
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "_coalesce", "_unique", "_unique2", "unique_dim", "unique_consecutive", "bincount",
@@ -147,7 +149,7 @@ def write_model(out, shape_dir, seed=0):
     with torch.device("meta"):
         model = Qwen2(Qwen2Config.from_dict(config))
     model = model.to_empty(device="cpu").init_weights().to(torch.bfloat16 if shape_dir else torch.float32)
-    model.save_pretrained(out)
+    save_pretrained(model, out)
     return out
 
 
@@ -185,21 +187,16 @@ def sync(device):
 
 
 def run_train(argv, device, counter=None):
-    """train.main(argv) with train.after_step wrapped: [(seconds, ops, optim ops, syncs, non-view ops)] per optimizer
-    step."""
-    marks, original = [], train.after_step
+    """train.main(argv), marking the end of every optimizer step (train.train's on_step, before its checkpoint):
+    [(seconds, ops, optim ops, syncs, non-view ops)] per optimizer step."""
+    marks = []
 
-    def after_step(*a, **kw):
+    def on_step(step):
         sync(device)
         marks.append((time.perf_counter(), *(counter.snapshot() if counter else (0, 0, Counter(), 0))))
-        original(*a, **kw)
 
-    train.after_step = after_step
-    try:
-        with counter if counter is not None else contextlib.nullcontext():
-            train.main(argv)
-    finally:
-        train.after_step = original
+    with counter if counter is not None else contextlib.nullcontext():
+        train.main(argv, on_step=on_step)
     return [tuple(y - x for x, y in zip(a, b)) for a, b in zip(marks, marks[1:])]  # (s, ops, optim, syncs, kernels)
 
 

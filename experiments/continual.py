@@ -49,8 +49,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import forgetting  # noqa: E402
-from eval import load_model  # noqa: E402
-from model import ArgParser  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from common import ArgParser  # noqa: E402
 from world import WORLD_ATTRIBUTES, eval_documents_ppl, eval_world_facts, world_fact_items, world_qa_texts  # noqa: E402
 
 METHODS = ["smf-clean", "smf-paper", "lora", "full"]

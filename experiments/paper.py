@@ -44,7 +44,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from eval import PROBES  # noqa: E402
-from model import ArgParser, read_json, write_json  # noqa: E402
+from checkpoint import RESUME_FREE, read_json, write_json  # noqa: E402
+from common import ArgParser  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # The paper's rows, numbers and claims: data in one place, so that a fork can hold its runs against another paper
@@ -327,10 +328,11 @@ def variant_name(config: dict, args: dict) -> str:
 
 
 # args.json entries that do not make a run another experiment (where it ran, how it was saved, its seed)
-NOT_THE_EXPERIMENT = {"seed", "out", "resume", "device", "stop_at_step", "save_every", "eval_every", "eval_tasks",
-                      "eval_limit", "eval_data", "compile", "memory_from", "command", "git_commit", "git_dirty",
-                      "python", "torch", "tokenizers", "safetensors", "huggingface_hub", "world_size",
-                      "base_revision", "micro_batch"}
+# what args.json holds besides the experiment's flags: the flags that do not change what is trained (train.py's
+# --resume may change them too), the seed and memory a row pools over, and the machine's record (checkpoint.run_info)
+NOT_THE_EXPERIMENT = RESUME_FREE | {"seed", "memory_from", "command", "git_commit", "git_dirty", "python", "torch",
+                                    "tokenizers", "safetensors", "huggingface_hub", "world_size", "base_revision",
+                                    "micro_batch"}
 
 
 def is_run(d: str) -> bool:

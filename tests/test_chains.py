@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import data
 import train
-from eval import load_model
+from checkpoint import load_model
 from tiny_data import write_jsonl
 
 MEM = ["--n-keys", "8", "--mem-heads", "2", "--mem-topk", "4", "--mem-k-dim", "16", "--memory-layers", "1,2"]

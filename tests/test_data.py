@@ -9,7 +9,7 @@ import torch
 
 import data
 from tiny_data import write_jsonl, write_parquet
-from model import Tokenizer
+from data import Tokenizer
 
 MEDMCQA = [
     {"id": "q1", "question": "Which vitamin prevents scurvy?", "opa": "Vitamin A", "opb": "Vitamin B12",

@@ -84,7 +84,7 @@ def test_smf_ranks_select_the_same_rows(setup):
     with safe_open(str(d / "smf2" / "background.safetensors"), "pt") as f:
         assert int(f.metadata()["n_batches"]) == 10
     # every token of every batch read heads * topk slots, each counted once across the ranks
-    from model import Tokenizer
+    from data import Tokenizer
     import data
     tok = Tokenizer.from_pretrained(base[1])
     chats = data.oasst1_conversations(data.load_rows("oasst1", path=base[5].split("=", 1)[1]))

@@ -17,7 +17,9 @@ import eval as ev
 import memory
 from conftest import ROOT
 from tiny_data import write_jsonl
-from model import LORA_TARGETS, Qwen2, Qwen2Config, Tokenizer, add_lora, looks_like_hub_id, lora_state_dict
+from data import Tokenizer
+from checkpoint import save_pretrained
+from model import LORA_TARGETS, Qwen2, Qwen2Config, add_lora, looks_like_hub_id, lora_state_dict, resolve_model_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -428,7 +430,7 @@ def test_local_looking_model_path_is_not_found_without_asking_the_hub(data_files
             ev.main(["--model", name, "--tasks", "wikitext", "--data", "wikitext=" + data_files["wikitext"]])
         assert e.value.code == f"error: model directory not found: {name}"
     with pytest.raises(FileNotFoundError, match="model directory not found: runs/typo"):  # a run's base model
-        ev.base_model_dir("runs/typo", revision="0123abcd")
+        resolve_model_dir("runs/typo", revision="0123abcd")
     assert looks_like_hub_id("Qwen/Qwen2.5-0.5B-Instruct") and not looks_like_hub_id("runs/typo")
     os.makedirs("Qwen")  # a local folder of that name makes it a local path
     assert not looks_like_hub_id("Qwen/Qwen2.5-0.5B-Instruct")
@@ -465,7 +467,7 @@ def real_tokenizer_model(tmp_path_factory):
     torch.manual_seed(0)
     cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, torch_dtype="float32")
-    Qwen2(cfg).init_weights().save_pretrained(d)
+    save_pretrained(Qwen2(cfg).init_weights(), d)
     for f in ("vocab.json", "merges.txt", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(os.path.join(src, f), d)
     return d
@@ -534,3 +536,55 @@ def test_cli_compile_decodes_triviaqa_with_the_compiled_step(tiny_model_dir, dat
     ev.main(["--model", tiny_model_dir, "--tasks", "triviaqa", "--data", f"triviaqa={data_files['triviaqa']}",
              "--limit", "3", "--batch-size", "2", "--compile", "--quiet", "--out", str(out)])
     assert seen == [True, True] and json.loads(out.read_text())["meta"]["compile"] is True
+
+
+# -----------------------------------------------------------------------------
+# eval.py --prompt: talk to any model eval.py loads
+
+
+def run_prompt(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *args], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def greedy_reply(model, tok, prompt, n, repetition_penalty=1.0):
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    idx = torch.tensor([tok.encode(text)])
+    new = model.generate(idx, n, eos_token_id=tok.stop_ids, repetition_penalty=repetition_penalty)
+    return tok.decode([t for t in new[0, idx.size(1):].tolist() if t not in tok.stop_ids]).strip()
+
+
+def test_prompt_help():
+    r = run_prompt("--help")
+    assert r.returncode == 0 and "--max-new-tokens" in r.stdout and "--prompt" in r.stdout
+
+
+def test_prompt_talks_to_a_local_model(tiny_model_dir):
+    r = run_prompt("--model", tiny_model_dir, "--prompt", "hi", "--max-new-tokens", "5")
+    assert r.returncode == 0, r.stderr
+    model, tok, info = ev.load_model(tiny_model_dir)  # what it prints is what greedy generation makes
+    assert r.stdout.strip() == greedy_reply(model, tok, "hi", 5, info["repetition_penalty"])
+
+
+def test_prompt_bad_model_dir_is_one_line_error(tmp_path):
+    r = run_prompt("--model", str(tmp_path / "nowhere"), "--prompt", "hi", "--max-new-tokens", "1")
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [f"error: model directory not found: {tmp_path / 'nowhere'}"]
+
+
+def test_prompt_talks_to_a_run_directory(tiny_model_dir, tmp_path):
+    """A train.py run directory is rebuilt (base + its trained tensors) as for the probes, whatever the method."""
+    torch.manual_seed(0)
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "targets": list(LORA_TARGETS)}
+    trained = add_lora(Qwen2.from_pretrained(tiny_model_dir, dtype="float32"), **lora).eval()
+    with torch.no_grad():
+        for k, p in trained.named_parameters():
+            if k.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    cfg = {"method": "lora", "base_model": tiny_model_dir, "base_revision": None, "memory": None, "lora": lora,
+           "finished": True}
+    run = write_run(tmp_path / "runs" / "tiny-lora", cfg, lora_state_dict(trained))
+    r = run_prompt("--model", run, "--prompt", "hi", "--max-new-tokens", "5", "--no-repetition-penalty")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == greedy_reply(trained, Tokenizer.from_pretrained(tiny_model_dir), "hi", 5)

@@ -26,10 +26,10 @@ def test_every_memory_option_has_a_flag_that_reaches_the_config():
     assert {f.name for f in options} >= {"layers", "n_keys", "heads", "topk", "k_dim", "mode", "alpha_init", "precision"}
     argv = ["--method", "retrofit", "--memory-layers", "0,3", "--n-keys", "9", "--mem-heads", "3", "--mem-topk", "5",
             "--mem-k-dim", "12", "--memory-mode", "replacement", "--alpha-init", "0.25", "--memory-precision", "bf16"]
-    cfg = train.memory_config_from_args(train.parse_args(argv))
+    cfg = train.memory_config(vars(train.parse_args(argv)))
     assert cfg == memory.MemoryConfig(layers=[0, 3], n_keys=9, heads=3, topk=5, k_dim=12, mode="replacement",
                                       alpha_init=0.25, precision="bf16")
-    assert train.memory_config_from_args(train.parse_args(["--method", "retrofit", "--recipe", "clean"])) == \
+    assert train.memory_config(vars(train.parse_args(["--method", "retrofit", "--recipe", "clean"]))) == \
         memory.MemoryConfig()  # unset flags: MemoryConfig's own defaults
     with pytest.raises(SystemExit):
         train.parse_args(["--method", "retrofit", "--mem-topk", "200"])  # MemoryConfig's own check, as a usage error
@@ -104,7 +104,7 @@ def test_a_new_memory_option_is_a_field_and_nothing_more(monkeypatch):
 
     monkeypatch.setattr(memory, "MemoryConfig", WithDropout)
     args = train.parse_args(["--method", "retrofit", "--mem-value-dropout", "0.25"])
-    cfg = train.memory_config_from_args(args)
+    cfg = train.memory_config(vars(args))
     assert isinstance(cfg, WithDropout) and cfg.value_dropout == 0.25 and cfg.n_keys == 128
     assert cfg.resolve(24, 896).value_dropout == 0.25  # resolve keeps the fork's fields
     assert "--mem-value-dropout" in train.parser().format_help()

@@ -8,14 +8,30 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model import (LORA_TARGETS, LoRALinear, Qwen2, add_lora, load_peft_adapter, lora_state_dict, merge_lora,
-                   save_peft_adapter)
+from checkpoint import PEFT_PREFIX, save_peft_adapter, save_pretrained
+from model import LORA_TARGETS, LoRALinear, Qwen2, add_lora, load_tensors, lora_state_dict, merge_lora, read_json
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def base_model(path):
     return Qwen2.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def load_peft_adapter(model: Qwen2, adapter_dir: str) -> Qwen2:
+    """peft's adapter format read into our LoRA (the reverse of checkpoint.save_peft_adapter, for these tests):
+    add_lora with the adapter's settings, then its tensors (key set and shapes checked)."""
+    from safetensors.torch import load_file
+    cfg = read_json(os.path.join(adapter_dir, "adapter_config.json"))
+    for key, plain in [("peft_type", "LORA"), ("bias", "none"), ("use_rslora", False), ("use_dora", False),
+                       ("fan_in_fan_out", False), ("layers_to_transform", None), ("modules_to_save", None),
+                       ("rank_pattern", {}), ("alpha_pattern", {})]:
+        assert cfg.get(key, plain) in (plain, None, {}), f"adapter_config.json: {key}={cfg[key]!r} is not supported"
+    add_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), cfg["target_modules"])
+    state = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    ours = lora_state_dict(model)  # {'model.layers.0.self_attn.q_proj.lora_A': ...}, sharing the adapters' storage
+    load_tensors({f"{PEFT_PREFIX}{k}.weight": t for k, t in ours.items()}, state, "adapter")
+    return model
 
 
 def ids(vocab, shape=(2, 24), seed=0):
@@ -170,10 +186,10 @@ def test_add_lora_refuses_bad_targets(tiny_model_dir):
 def test_save_pretrained_refuses_unmerged_adapters(tiny_model_dir, tmp_path):
     model = add_lora(base_model(tiny_model_dir), r=2, alpha=4, dropout=0.0)
     with pytest.raises(ValueError, match="merge_lora"):
-        model.save_pretrained(str(tmp_path))
+        save_pretrained(model, str(tmp_path))
     perturb_lora_B(model)
     idx = ids(model.config.vocab_size)
     with torch.no_grad():
         want = model.eval()(idx)
-        merge_lora(model).save_pretrained(str(tmp_path))
+        save_pretrained(merge_lora(model), str(tmp_path))
         assert (base_model(str(tmp_path))(idx) - want).abs().max().item() <= 1e-5

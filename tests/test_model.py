@@ -3,13 +3,11 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
+from checkpoint import save_pretrained
 from model import Qwen2, Qwen2Config, padded_attention, rope_cos_sin, sample_next
 from tiny import write_checkpoint
 
@@ -112,7 +110,7 @@ def test_sharded_checkpoint_loads(tiny_model_dir, tmp_path):
 
 def test_save_pretrained_round_trip_loads_in_transformers(tiny_untied_mha_dir, tmp_path):
     model = ours(tiny_untied_mha_dir)
-    model.save_pretrained(str(tmp_path))
+    save_pretrained(model, str(tmp_path))
     ref = hf_model(str(tmp_path))
     again = ours(str(tmp_path))
     idx = random_ids(2, 20, model.config.vocab_size)
@@ -419,52 +417,8 @@ def test_idx_must_be_long(tiny_model_dir):
 # --- command line ---------------------------------------------------------------------------------
 
 
-def run_cli(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), *args], capture_output=True,
-                          text=True, timeout=120, env=env)
-
-
-def test_cli_help():
-    r = run_cli("--help")
-    assert r.returncode == 0 and "--max-new-tokens" in r.stdout and "--model" in r.stdout
-
-
-def test_cli_talks_to_a_local_model(tiny_model_dir):
-    r = run_cli("--model", tiny_model_dir, "--prompt", "hi", "--max-new-tokens", "5")
-    assert r.returncode == 0, r.stderr
-    # what it prints is what greedy generation makes
-    from model import Tokenizer
-    tok, model = Tokenizer.from_pretrained(tiny_model_dir), ours(tiny_model_dir)
-    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
-    idx = torch.tensor([tok.encode(text)])
-    new = model.generate(idx, 5, eos_token_id=tok.stop_ids)[0, idx.size(1):].tolist()
-    new = [t for t in new if t not in tok.stop_ids]
-    assert r.stdout.strip() == tok.decode(new).strip()
-
-
-def test_cli_bad_model_dir_is_one_line_error(tmp_path):
-    r = run_cli("--model", str(tmp_path / "nowhere"), "--max-new-tokens", "1")
-    assert r.returncode != 0
-    assert r.stderr.strip().splitlines() == [f"error: model directory not found: {tmp_path / 'nowhere'}"]
-
-
-def test_cli_refuses_a_run_directory_and_says_what_to_do(tiny_model_dir, tmp_path, capsys):
-    """A train.py run directory (config.json with "method") is eval.py's to rebuild; model.py says so in one line
-    instead of failing on a missing tensor."""
-    import model
-    run = tmp_path / "runs" / "tiny-smf"
-    run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"method": "smf", "base_model": tiny_model_dir, "memory": {}}))
-    with pytest.raises(SystemExit) as e:
-        model.main(["--model", str(run), "--max-new-tokens", "1"])
-    assert e.value.code.startswith(f"error: {run} is a train.py run directory; pass a model folder (RUN/hf for "
-                                   "full, RUN/merged for LoRA trained with --export-merged)")
-    assert "eval.load_model" in e.value.code and "\n" not in e.value.code and capsys.readouterr().out == ""
-
-
 def test_one_device_and_dtype_policy(monkeypatch):
-    from model import default_dtype, parse_dtype, resolve_device
+    from common import default_dtype, parse_dtype, resolve_device
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device(None) == resolve_device("auto") and resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")

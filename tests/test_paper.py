@@ -320,9 +320,9 @@ def test_eval_resume_runs_only_the_missing_probes(tiny_model_dir, eval_data, tmp
 
 
 def test_throughput_and_mfu_equal_a_hand_count(tiny_model_dir, monkeypatch):
-    import checkpoint
+    import common
     import memory
-    from eval import load_model
+    from checkpoint import load_model
     model, _, _ = load_model(tiny_model_dir, device="cpu")
     memory.add_memory(model, memory.MemoryConfig(n_keys=8, heads=2, topk=4, k_dim=16, layers=[1]).resolve(4, 64))
     cfg = model.config  # hidden 64, 4 layers, 4 heads of 16, 2 kv heads, MLP 128, vocab 384 (tests/tiny.py)
@@ -332,8 +332,8 @@ def test_throughput_and_mfu_equal_a_hand_count(tiny_model_dir, monkeypatch):
     mem_matmuls = sum(p.numel() for n, p in mem.named_parameters()) - 8 * 8 * h  # all but the 64-row value table
     n = layers * per_layer + vocab * h + h + mem_matmuls  # tied embeddings: once, as the output layer
     stream = type("S", (), {"lengths": lambda self, s: [3, 5]})()
-    monkeypatch.setattr(checkpoint, "peak_flops", lambda device: 1e12)
-    meter = checkpoint.Throughput(model, torch.device("cpu"), 2, stream)
+    monkeypatch.setattr(common, "peak_flops", lambda device: 1e12)
+    meter = common.Throughput(model, torch.device("cpu"), 2, stream)
     assert meter.matmul_weights == n
     record = {"seconds": 0.5}
     shown = meter(record, 0)
@@ -358,7 +358,8 @@ def test_run_cost_from_the_log_and_the_checkpoint(tmp_path):
 def test_wall_time_adds_up_over_a_resumed_run(tmp_path, monkeypatch):
     """The checkpoint carries the loop's wall time so far; a resumed run adds its own to it."""
     import checkpoint
-    from checkpoint import Checkpoint, Ranks
+    from checkpoint import Checkpoint
+    from common import Ranks
 
     class Clock:
         now = 100.0

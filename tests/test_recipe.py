@@ -27,7 +27,8 @@ from safetensors.torch import load_file
 import data
 import memory
 import train
-from model import Qwen2, Tokenizer
+from data import Tokenizer
+from model import Qwen2
 from tiny_data import medmcqa_rows, oasst1_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -357,7 +358,7 @@ def test_full_finetuning_in_pure_bf16(tiny_model_dir, files, tmp_path):
 def test_lora_is_evaluated_merged_into_the_bf16_base_as_peft_merges(tiny_model_dir, files, tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import Qwen2ForCausalLM
-    from eval import load_model
+    from checkpoint import load_model
     from model import LoRALinear
     out = tmp_path / "lora"
     train.main(common(tiny_model_dir, files, out, "--method", "lora", "--max-steps", "3", "--lr", "1e-2",
@@ -442,7 +443,7 @@ def test_defaults_are_the_papers_setup():
     for method, values in want.items():
         args = vars(train.parse_args(["--method", method]))
         assert {k: args[k] for k in {**shared, **values}} == {**shared, **values}, method
-    cfg = train.memory_config_from_args(train.parse_args(["--method", "smf"])).resolve(24, 896)
+    cfg = train.memory_config(vars(train.parse_args(["--method", "smf"]))).resolve(24, 896)
     assert (cfg.layers, cfg.mode, cfg.alpha_init, cfg.n_keys, cfg.heads, cfg.topk, cfg.k_dim, cfg.v_dim) == \
         ([6, 12, 18], "additive", 0.01, 128, 4, 16, 256, 896)  # at Qwen2.5-0.5B's 24 layers and hidden size 896
 

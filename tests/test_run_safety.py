@@ -13,6 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 import checkpoint
+import common
 from tiny_data import medmcqa_rows, write_parquet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,16 +159,16 @@ def test_dead_model_is_warned_in_stderr_and_log(tiny_model_dir, medmcqa, tmp_pat
 
 
 def test_dead_model_warning():
-    guard = checkpoint.StepGuard("run")
+    guard = common.StepGuard("run")
     assert [guard.dead(5.9 + s * 1e-5, 0.0, s) for s in range(1, 5)] == [None] * 4
     assert "may be dead" in guard.dead(5.9, 0.0, 5)  # 5 steps with no gradient and a flat loss
     assert guard.dead(5.9, 0.0, 6) is None  # once
-    assert checkpoint.StepGuard("run").dead(5.9, 0.0, 1) is None
-    live = checkpoint.StepGuard("run")
+    assert common.StepGuard("run").dead(5.9, 0.0, 1) is None
+    live = common.StepGuard("run")
     assert all(live.dead(5.9 - s / 10, 0.3, s) is None for s in range(20))
-    flat = checkpoint.StepGuard("run")  # a flat loss alone is no sign: the gradient still flows
+    flat = common.StepGuard("run")  # a flat loss alone is no sign: the gradient still flows
     assert all(flat.dead(5.9, 0.3, s) is None for s in range(20))
-    still = checkpoint.StepGuard("run")  # no gradient but a moving loss (e.g. evaluation noise) is no sign either
+    still = common.StepGuard("run")  # no gradient but a moving loss (e.g. evaluation noise) is no sign either
     assert all(still.dead(5.9 - s / 10, 0.0, s) is None for s in range(20))
     with pytest.raises(checkpoint.RunError, match="gradient norm is nan"):
         live.check(3, 1.0, float("nan"))
@@ -179,7 +180,7 @@ def test_a_checkpoint_with_a_non_finite_tensor_is_never_written(tmp_path):
     import torch
     model = torch.nn.Linear(3, 2)
     saver = checkpoint.Checkpoint(str(tmp_path), model, lambda: dict(model.state_dict()), {}, None, None,
-                                  checkpoint.Ranks())
+                                  common.Ranks())
     saver.save(1)
     good = load_file(tmp_path / "model.safetensors")
     with torch.no_grad():
@@ -201,10 +202,10 @@ def test_same_rows_stops_when_ranks_disagree(monkeypatch):
                          ({1: torch.tensor([3, 5, 9]), 2: torch.tensor([4])}, False)):
         def all_gather(seen, fp, theirs=theirs):
             seen[0].copy_(fp)
-            seen[1].copy_(checkpoint.selection_fingerprint(theirs))
-        monkeypatch.setattr(checkpoint.dist, "all_gather", all_gather)
+            seen[1].copy_(common.selection_fingerprint(theirs))
+        monkeypatch.setattr(common.dist, "all_gather", all_gather)
         if same:
-            checkpoint.Ranks(rank=0, world=2).same_rows(mine)
+            common.Ranks(rank=0, world=2).same_rows(mine)
         else:
             with pytest.raises(checkpoint.RunError, match="selected different memory rows"):
-                checkpoint.Ranks(rank=0, world=2).same_rows(mine)
+                common.Ranks(rank=0, world=2).same_rows(mine)

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import train
-from model import is_temp_file
+from checkpoint import is_temp_file
 from tiny_data import medmcqa_rows, oasst1_rows, write_jsonl, write_parquet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

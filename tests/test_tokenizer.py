@@ -5,7 +5,7 @@ import unicodedata
 
 import pytest
 
-from model import DEFAULT_SYSTEM, Tokenizer
+from data import DEFAULT_SYSTEM, Tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoint
+from common import Ranks, fits_in_memory, largest_that_fits
 import train
-from eval import load_model
+from checkpoint import load_model
 from model import Qwen2
 from grads import assert_same_gradients
 from tiny_data import write_jsonl
@@ -65,7 +65,7 @@ def test_stage2_background_reads_the_retrofits_data(recipe, retrofit_run, tiny_m
     reads heads * topk slots once per memory layer, pads never (single-example batches)."""
     import numpy as np
     import memory
-    from model import Tokenizer
+    from data import Tokenizer
     out = tmp_path / "smf"
     train.main(common(tiny_model_dir, files, out, "--method", "smf", "--recipe", recipe, "--memory-from",
                       retrofit_run, "--max-steps", "1", "--background-batches", "4", "--seed", "3",
@@ -93,7 +93,7 @@ def test_loss_equals_transformers_and_accumulation_equals_a_big_batch(tiny_model
     2 micro-batches of 2 give full finetuning's AdamW the gradients of one batch of 4 (at lr 0: the same weights
     at every step)."""
     import data
-    from model import Tokenizer
+    from data import Tokenizer
     from transformers import Qwen2ForCausalLM
     base = ["--method", "full", "--recipe", "clean", "--lr", "0", "--max-steps", "2"]
     train.main(common(tiny_model_dir, files, tmp_path / "big", *base, "--micro-batch", "4"))
@@ -362,7 +362,8 @@ def test_micro_batch_auto(retrofit_run, tiny_model_dir, files, tmp_path, monkeyp
     args = train.parse_args(common(tiny_model_dir, files, tmp_path / "full", "--method", "full", *base, "--resume"))
     stage = train.Stage(out=str(tmp_path / "full"), model=None, examples=[], lr=0, epochs=1, max_steps=1,
                         adamw_params={}, trained=None, config={})
-    assert checkpoint.micro_batch_size(stage, args, torch.device("cpu"), None, train.setup_ranks("cpu")[0], None) == 2
+    loop = train.settings(train.Loop, vars(args))
+    assert train.micro_batch(stage, loop, torch.device("cpu"), None, train.setup_ranks("cpu")[0]) == 2
     r = run_cli(*common(tiny_model_dir, files, tmp_path / "x", "--method", "full", "--batch-size", "8",
                         "--micro-batch", "3"))
     assert r.returncode != 0 and "--micro-batch 3 must be a positive divisor of the batch per process (8)" in r.stderr
@@ -374,13 +375,14 @@ def test_paper_micro_batch_is_split_across_ranks(retrofit_run, tiny_model_dir, f
     error, as an explicit --micro-batch is its own choice."""
     args = train.parse_args(common(tiny_model_dir, files, tmp_path / "p", "--method", "smf", "--memory-from",
                                    retrofit_run, "--batch-size", "16", "--micro-batch", "auto"))
+    smf = train.settings(train.SMFStep, vars(args), memories={}, background=None)
     stage = train.Stage(out=str(tmp_path / "p"), model=None, examples=[], lr=0, epochs=1, max_steps=1,
-                        adamw_params={}, trained=None, config={}, smf={})
-    sizes = {w: checkpoint.micro_batch_size(stage, args, torch.device("cpu"), None, checkpoint.Ranks(0, w), None)
-             for w in (1, 2, 4)}
+                        adamw_params={}, trained=None, config={}, smf=smf)
+    loop = train.settings(train.Loop, vars(args))
+    sizes = {w: train.micro_batch(stage, loop, torch.device("cpu"), None, Ranks(0, w)) for w in (1, 2, 4)}
     assert sizes == {1: 4, 2: 2, 4: 1}
     with pytest.raises(train.RunError, match="micro-batch of 4"):
-        checkpoint.micro_batch_size(stage, args, torch.device("cpu"), None, checkpoint.Ranks(0, 3), None)
+        train.micro_batch(stage, loop, torch.device("cpu"), None, Ranks(0, 3))
 
 
 def test_largest_micro_batch_that_fits_backs_off():
@@ -390,26 +392,33 @@ def test_largest_micro_batch_that_fits_backs_off():
         tried.append(n)
         return n <= 5
 
-    assert checkpoint.largest_that_fits(16, fits) == 4 and tried == [16, 8, 4]  # divisors of 16, largest first
+    assert largest_that_fits(16, fits) == 4 and tried == [16, 8, 4]  # divisors of 16, largest first
     with pytest.raises(train.RunError, match="micro-batch of 1"):
-        checkpoint.largest_that_fits(6, lambda n: False)
+        largest_that_fits(6, lambda n: False)
 
 
 def test_memory_probe_leaves_no_trace(tiny_model_dir, files, tmp_path, monkeypatch):
     """fits_in_memory runs a forward+backward of the longest example; it leaves no gradient and no changed weight,
     and an out-of-memory error in it means "does not fit"."""
-    args = train.parse_args(common(tiny_model_dir, files, tmp_path / "r", "--method", "lora"))
-    args.base_revision = None
-    from model import Tokenizer
+    import data
+    from data import Tokenizer
     tok = Tokenizer.from_pretrained(tiny_model_dir)
-    stage = train.lora_or_full_stage(args, torch.device("cpu"), tok, train.setup_ranks("cpu")[0])
+    run = train.Run(out=str(tmp_path / "r"), base_model=tiny_model_dir, base_revision=None, recipe={}, seed=0,
+                    max_len=96, batch_size=2, resume=False, data={})
+    examples = train.task_examples("medmcqa", files["medmcqa"], tok, run, None)
+    lora = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": list(train.LORA_TARGETS), "merge_for_eval": False}
+    stage = train.lora_or_full_stage(run, "lora", "medmcqa", examples, 1e-3, 1, None, torch.device("cpu"),
+                                     train.setup_ranks("cpu")[0], lora=lora)
     before = {k: v.clone() for k, v in stage.model.state_dict().items()}
     loss = lambda model, b: train.summed_loss(model, b, pad_reads=False)  # noqa: E731
-    assert checkpoint.fits_in_memory(stage, 3, torch.device("cpu"), tok, loss)
+    longest = max(stage.examples, key=lambda e: len(e[0]))
+    batch = data.collate([longest] * 3, tok.pad_id)
+    trained = list(stage.adamw_params.values())
+    assert fits_in_memory(stage.model, batch, trained, loss, torch.device("cpu"))
     assert all(p.grad is None for p in stage.model.parameters())
     assert all(torch.equal(before[k], v) for k, v in stage.model.state_dict().items())
 
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
     monkeypatch.setattr(stage.model, "forward", oom)
-    assert not checkpoint.fits_in_memory(stage, 3, torch.device("cpu"), tok, loss)
+    assert not fits_in_memory(stage.model, batch, trained, loss, torch.device("cpu"))

@@ -18,7 +18,7 @@ CORPUS = [
 def write_tokenizer(path: str, vocab_size: int = 384):
     """A small byte-level BPE with Qwen's special tokens (tokenizer.json + tokenizer_config.json), trained on CORPUS
     with the same code the synthetic-world experiment uses."""
-    from model import train_bpe_tokenizer
+    from data import train_bpe_tokenizer
     return train_bpe_tokenizer(CORPUS * 20, path, vocab_size)
 
 
@@ -37,9 +37,10 @@ def hf_order(named):
 def write_checkpoint(path: str, tie: bool = True, hidden: int = 64, layers: int = 4, heads: int = 4,
                      kv_heads: int = 2, intermediate: int = 128, vocab: int = 384, seed: int = 0,
                      dtype=torch.float32, reference: bool = True):
-    """A random Qwen2ForCausalLM in the Hub layout, with non-zero biases and norm weights: saved by transformers
-    (reference=True, what the tests load, so that our loader meets the reference's files), or by this repo's own
-    Qwen2.save_pretrained (reference=False: no test-only package needed, for the README's commands)."""
+    """A random Qwen2ForCausalLM in the Hub layout, with non-zero biases and norm weights: built and saved by
+    transformers (reference=True, what the tests load, so that our loader meets the reference's files), or by this
+    repo's own Qwen2 and checkpoint.save_pretrained (reference=False: no test-only package needed, for the README's
+    commands)."""
     os.makedirs(path, exist_ok=True)
     n_tok = write_tokenizer(path, vocab)
     cfg = dict(vocab_size=max(vocab, n_tok), hidden_size=hidden, intermediate_size=intermediate,
@@ -61,5 +62,9 @@ def write_checkpoint(path: str, tie: bool = True, hidden: int = 64, layers: int 
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0, 0.08)
-    model.to(dtype).save_pretrained(path)
+    if reference:
+        model.to(dtype).save_pretrained(path)
+    else:
+        from checkpoint import save_pretrained
+        save_pretrained(model.to(dtype), path)
     return path
