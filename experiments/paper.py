@@ -43,6 +43,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import eval as ev  # noqa: E402
 from eval import PROBES  # noqa: E402
 from checkpoint import RESUME_FREE, read_json, write_json  # noqa: E402
 from common import ArgParser  # noqa: E402
@@ -182,7 +183,16 @@ def state(job) -> str:
     if not os.path.exists(job["out"]):
         return "start"
     results = read_json(job["out"])
-    return "done" if all(t in results for t in results.get("meta", {}).get("tasks", [None])) else "resume"
+    return "done" if all(t in results for t in asked_results(job["argv"])) else "resume"
+
+
+def asked_results(argv) -> list[str]:
+    """What an eval.py command's results file holds when it finished: each probe of its --tasks (default: eval.py's
+    default probes) and "harness" with --harness (alone when --tasks is not given), read by eval.py's own parser."""
+    p = ev.parser()
+    args = p.parse_args(argv[1:])
+    tasks = [] if args.harness and "tasks" not in p.given(argv[1:]) else [t for t in args.tasks.split(",") if t]
+    return tasks + (["harness"] if args.harness else [])
 
 
 def check_plan(out, todo):

@@ -379,3 +379,50 @@ def test_wall_time_adds_up_over_a_resumed_run(tmp_path, monkeypatch):
     clock.now = 512.5
     second.save(2)
     assert checkpoint.run_cost(str(tmp_path), torch.device("cpu"), 1)["wall_seconds"] == 42.5
+
+
+# -----------------------------------------------------------------------------
+# Behaviours a one-line slip would break silently
+
+
+def test_an_evaluation_is_done_only_when_every_probe_it_asked_for_is_there(tmp_path):
+    """A results file cut short (some probes) is resumed, never skipped: the probes counted are those the job's
+    command asks for, whatever the file says of itself."""
+    out = tmp_path / "eval.json"
+    job = {"kind": "eval", "out": str(out), "argv": ["eval.py", "--model", "m", "--out", str(out), "--resume"]}
+    assert paper.state(job) == "start"
+    every = {t: {"acc": 0.5} for t in ["medmcqa", "wikitext", "triviaqa"]}
+    out.write_text(json.dumps({"medmcqa": {"acc": 0.5}, "meta": {"tasks": ["medmcqa"]}}))
+    assert paper.state(job) == "resume"  # the default probes are asked for; one is there
+    out.write_text(json.dumps({**every, "meta": {"tasks": list(every)}}))
+    assert paper.state(job) == "done"
+    asks_gsm8k = {**job, "argv": [*job["argv"], "--tasks", "medmcqa,gsm8k"]}
+    assert paper.state(asks_gsm8k) == "resume"
+    harness = {**job, "argv": [*job["argv"], "--harness", "arc_easy"]}  # the harness alone
+    assert paper.asked_results(harness["argv"]) == ["harness"] and paper.state(harness) == "resume"
+
+
+def test_a_claim_of_two_conditions_holds_only_when_both_do():
+    """"LoRA drifts on both probes": WikiText worse by more than 1 point AND TriviaQA by more than 1 point."""
+    def verdict(method, wikitext, triviaqa):
+        methods = {method: {"wikitext": {"delta": wikitext, "n": 3}, "triviaqa": {"delta": triviaqa, "n": 3}}}
+        claims = {v["claim"].split(" (")[0]: v["holds"] for v in paper.judge(methods, {})}
+        return claims[f"{'LoRA' if method == 'lora' else 'full finetuning'} drifts on both probes, by more than "
+                      "about 1 point"]
+    for method in ("lora", "full"):
+        assert verdict(method, 2.0, -0.05) is True
+        assert verdict(method, 2.0, -0.005) is False  # WikiText alone
+        assert verdict(method, 0.5, -0.05) is False  # TriviaQA alone
+        assert verdict(method, 0.5, 0.0) is False
+
+
+def test_gpu_hours_count_every_process(tmp_path, monkeypatch):
+    """Under torchrun with N processes a stage's GPU-hours are N times its wall hours (on a GPU; 0 on the CPU)."""
+    import checkpoint
+    from safetensors.torch import save_file
+    (tmp_path / "log.jsonl").write_text(json.dumps({"step": 1, "seconds": 1.0, "input_tokens": 10}) + "\n")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "checkpoint.safetensors"), metadata={"wall_seconds": "1800"})
+    monkeypatch.setattr(checkpoint, "device_name", lambda device: "a GPU")
+    for world in (1, 2, 4):
+        assert checkpoint.run_cost(str(tmp_path), torch.device("cuda"), world)["gpu_hours"] == 0.5 * world
+    assert checkpoint.run_cost(str(tmp_path), torch.device("cpu"), 4)["gpu_hours"] == 0.0
