@@ -26,6 +26,7 @@ killed save leaves (is_temp_file: ours and safetensors' temporary files) is remo
 
 import copy
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -48,7 +49,7 @@ import memory
 from common import RunError, default_dtype, device_name, parse_dtype, resolve_device
 from data import Tokenizer
 from model import (LoRALinear, Qwen2, Qwen2Config, add_lora, check_tensors, load_safetensors_dir, load_tensors,
-                   lora_state_dict, merge_lora, read_json, resolve_model_dir)
+                   lora_state_dict, merge_lora, read_json, resolve_model_dir, safetensors_files)
 
 RUN_FILES = {"args.json", "config.json", "model.safetensors", "log.jsonl", "checkpoint.safetensors",
              "background.safetensors", "eval.jsonl", "retrofit", "hf", "peft", "merged", ".lock"}
@@ -115,6 +116,32 @@ def write_json(path: str, obj):
     atomic_write(path, write)
 
 
+
+
+def weights_fingerprint(folder: str) -> str:
+    """What identifies a folder's weights (its model.safetensors or shards) wherever they lie: a digest of every
+    tensor's name, dtype, shape and bytes, in name order (so a moved, copied or re-downloaded model, however it is
+    sharded, has the same one, and other weights another). Recorded by train.py as the run's base_fingerprint."""
+    digests = {}
+    for file in safetensors_files(folder):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                h = hashlib.sha256(f"{t.dtype} {tuple(t.shape)}\n".encode())
+                h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                digests[name] = h.hexdigest()
+    return hashlib.sha256("".join(f"{n} {d}\n" for n, d in sorted(digests.items())).encode()).hexdigest()[:20]
+
+
+def check_base(run_dir: str, run: dict, base_dir: str):
+    """A run's base model must be the weights it was trained on (config.json "base_fingerprint", recorded since
+    train.py records it; a full run holds all its weights and needs only the base's config)."""
+    want = run.get("base_fingerprint")
+    if want is None or run.get("method") == "full":
+        return
+    if (have := weights_fingerprint(base_dir)) != want:
+        raise ValueError(f"{run_dir}: the base model at {base_dir} is not the one it was trained on (weights "
+                         f"fingerprint {have}, the run's {want}); give the run's base with --base PATH")
 
 
 def append_log(path, record):
@@ -192,10 +219,16 @@ def first_change(now: dict, before: dict, free=()) -> str | None:
                 None)
 
 
+# The paths whose weights args.json identifies by a fingerprint: on --resume they may name another place holding the
+# same weights (a moved or re-downloaded base, a moved chain), which check_resume_weights checks once they are read
+MOVABLE = {"model": "base_fingerprint", "memory_from": "from_fingerprint", "lora_from": "from_fingerprint"}
+
+
 def check_resume_args(flags: dict, saved: dict):
     """--resume takes the run's own flags ({dest: value}, every flag of train.py); only RESUME_FREE may differ
-    (paths compared resolved)."""
-    if (k := first_change(flags, saved, RESUME_FREE)) is not None:
+    (paths compared resolved), and the paths of MOVABLE whose weights the run identified by a fingerprint."""
+    movable = {k for k, fp in MOVABLE.items() if saved.get(fp) is not None} | set(MOVABLE.values())
+    if (k := first_change(flags, saved, RESUME_FREE | movable)) is not None:
         raise RunError(f"--resume: --{k.replace('_', '-')} is {flags[k]!r} but the run was started with {saved[k]!r}; "
                        f"resume with the run's flags, or start a new run with --out elsewhere (an SMF run "
                        f"can reuse a finished stage 1 there with --memory-from RUN/retrofit)")
@@ -220,6 +253,17 @@ def hub_revision(model_dir):
     """The commit hash of a Hub snapshot directory (.../snapshots/<hash>), None for a plain local directory."""
     parent, name = os.path.split(os.path.normpath(model_dir))
     return name if os.path.basename(parent) == "snapshots" else None
+
+
+def check_resume_weights(out: str, flags: dict):
+    """--resume: the weights at --model (and --memory-from / --lora-from) are those the run started from, wherever
+    they lie now (flags: with their fingerprints, as args.json records them)."""
+    saved = read_json(os.path.join(out, "args.json"))
+    for flag, key in MOVABLE.items():
+        if flags.get(flag) is not None and saved.get(key) is not None and flags.get(key) != saved[key]:
+            raise RunError(f"--resume: --{flag.replace('_', '-')} {flags[flag]} holds other weights than the run "
+                           f"started from (weights fingerprint {flags.get(key)}, the run's {saved[key]}; it started "
+                           f"from {saved.get(flag)})")
 
 
 def check_resume(out: str, flags: dict):
@@ -264,9 +308,10 @@ def finish_stage(out, config, ranks, device):
 # Chains: a run that continues a finished one (--memory-from, --lora-from, --model RUN/hf)
 
 
-def finished_run(run_dir: str, base_config: dict, model_name: str, flag: str, methods: tuple) -> dict:
+def finished_run(run_dir: str, base_config: dict, model_name: str, flag: str, methods: tuple,
+                 base_fingerprint: str | None = None) -> dict:
     """The config.json of a run that a flag continues from (--memory-from, --lora-from): a finished run of one of
-    `methods` on the same base model."""
+    `methods` on the same base model (its config, and its weights where both fingerprints are known)."""
     if not is_finished(run_dir):
         raise RunError(f"{flag} {run_dir}: not a finished {' or '.join(methods)} run (no finished config.json)")
     run = read_json(os.path.join(run_dir, "config.json"))
@@ -276,13 +321,16 @@ def finished_run(run_dir: str, base_config: dict, model_name: str, flag: str, me
         diff = sorted(k for k in base_config if base_config[k] != run.get("base_config", {}).get(k))
         raise RunError(f"{flag} {run_dir}: its base model differs from --model {model_name} "
                        f"({', '.join(diff) or 'config'})")
+    if None not in (base_fingerprint, run.get("base_fingerprint")) and base_fingerprint != run["base_fingerprint"]:
+        raise RunError(f"{flag} {run_dir}: it was trained on other base weights than --model {model_name} (weights "
+                       f"fingerprint {run['base_fingerprint']}, --model's {base_fingerprint})")
     return run
 
 
-def memory_run(memory_dir: str, base_config: dict, model_name: str) -> dict:
+def memory_run(memory_dir: str, base_config: dict, model_name: str, base_fingerprint: str | None = None) -> dict:
     """The config.json of a --memory-from run: a finished retrofit, or an smf run (which carries its chain's
     stage-1 data), on the same base model."""
-    run = finished_run(memory_dir, base_config, model_name, "--memory-from", ("retrofit", "smf"))
+    run = finished_run(memory_dir, base_config, model_name, "--memory-from", ("retrofit", "smf"), base_fingerprint)
     if run.get("memory") is None or "stage1_data" not in run:
         raise RunError(f"--memory-from {memory_dir}: not a retrofit or smf run of this version of train.py")
     return run
@@ -570,12 +618,14 @@ def export_run(out: str, model, run: dict, peft: bool = False, merged: bool = Fa
 # Rebuilding a model: a Hub id, a model folder, or a run directory
 
 
-def rebuild(run_dir: str, run: dict, dtype, device):
+def rebuild(run_dir: str, run: dict, dtype, device, base: str | None = None):
     """The model a run directory describes (its config.json `run`) -> (model, base model folder): the base rebuilt
-    from "base_model" (at "base_revision"), memory layers (smf, retrofit) or LoRA adapters (lora) added, and the
-    run's model.safetensors loaded into them, its key set and every shape checked; for "full" that file holds every
-    Hub tensor. dtype None: the base's weights as stored."""
-    base = resolve_model_dir(run["base_model"], run.get("base_revision"))
+    from "base_model" (at "base_revision"; or from `base`, a folder where that model lies now), checked to be the
+    weights the run was trained on (check_base), memory layers (smf, retrofit) or LoRA adapters (lora) added, and
+    the run's model.safetensors loaded into them, its key set and every shape checked; for "full" that file holds
+    every Hub tensor. dtype None: the base's weights as stored."""
+    base = resolve_model_dir(base) if base else resolve_model_dir(run["base_model"], run.get("base_revision"))
+    check_base(run_dir, run, base)
     weights = os.path.join(run_dir, "model.safetensors")
     if not os.path.exists(weights):
         raise FileNotFoundError(f"run directory without weights: {weights}")
@@ -599,10 +649,10 @@ def rebuild(run_dir: str, run: dict, dtype, device):
     return model, base
 
 
-def load_model(name_or_dir: str, dtype=None, device=None):
+def load_model(name_or_dir: str, dtype=None, device=None, base: str | None = None):
     """
     -> (model in eval mode, tokenizer, info). name_or_dir: a Hub id, a model directory (Hub layout), or a finished
-    run directory of train.py (rebuild). The base is in `dtype` (a torch.dtype or a name in common.DTYPES;
+    run directory of train.py (rebuild; base: where its base model lies now, if not where the run recorded it). The base is in `dtype` (a torch.dtype or a name in common.DTYPES;
     default common.default_dtype: bf16 GPU, fp32 CPU); memory and adapters stay fp32, except as the run's recipe
     says (the paper's: a memory of precision "bf16" is cast to bf16, LoRA adapters are merged). device: a
     torch.device or a name ("auto", "cpu", "cuda:1", ...).
@@ -618,13 +668,15 @@ def load_model(name_or_dir: str, dtype=None, device=None):
             raise ValueError(f"{name_or_dir}: the run has not finished (continue it with train.py --resume)")
         if "base_model" not in run:
             raise ValueError(f"{name_or_dir}/config.json has no base_model")
-        model, base = rebuild(name_or_dir, run, dtype, device)
+        model, base = rebuild(name_or_dir, run, dtype, device, base)
         if method in ("smf", "retrofit") and run["memory"].get("precision") == "bf16":
             for mem in memory.memory_layers(model).values():  # the paper's code evaluates the whole model
                 mem.to(torch.bfloat16)                        # in bf16, memory included
         if method == "lora" and run["lora"].get("merge_for_eval"):
             merge_lora(model)  # into the base weights in their dtype, as the paper's merge_and_unload
     else:
+        if base is not None:
+            raise ValueError(f"--base applies to a run directory; {name_or_dir} is a model")
         base = resolve_model_dir(name_or_dir)
         model = Qwen2.from_pretrained(base, dtype=dtype, device=device)
     model.eval()

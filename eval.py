@@ -501,6 +501,9 @@ def parser() -> ArgParser:
                                               "(github.com/prakharg55/SMF-ICML).")
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct",
                    help="Hub id, local model directory, or run directory written by train.py")
+    p.add_argument("--base", default=None, metavar="PATH",
+                   help="a run directory's base model where it lies now, if it moved (its weights are checked against "
+                        "the ones the run was trained on)")
     p.add_argument("--tasks", default=",".join(default_tasks()),
                    help=f"comma-separated probes, from {','.join(PROBES)} (eval.PROBES)")
     p.add_argument("--limit", type=int, default=1000,
@@ -556,7 +559,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.prompt is not None:
         return talk(args.model, args.prompt, args.system, args.raw, args.max_new_tokens, args.temperature, args.top_k,
-                    args.top_p, 1.0 if args.no_repetition_penalty else None, args.seed, args.device, args.dtype)
+                    args.top_p, 1.0 if args.no_repetition_penalty else None, args.seed, args.device, args.dtype,
+                    args.base)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.harness and "tasks" not in p.given(argv):
         tasks = []  # the harness alone
@@ -596,7 +600,7 @@ def main(argv=None):
             print(format_table(results))
             return
         task_rows = load_task_rows(todo, args.limit, data_paths)  # data errors before the model loads
-        model, tok, info = load_model(args.model, args.dtype, args.device)
+        model, tok, info = load_model(args.model, args.dtype, args.device, args.base)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     rp = 1.0 if args.no_repetition_penalty else info["repetition_penalty"]
@@ -631,12 +635,12 @@ def main(argv=None):
 
 
 def talk(model_name, prompt, system=None, raw=False, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,
-         repetition_penalty=None, seed=0, device="auto", dtype=None):
+         repetition_penalty=None, seed=0, device="auto", dtype=None, base=None):
     """eval.py --prompt: the model's reply to one message, streamed to stdout; any model eval.py loads (a Hub id,
     a model folder, a run directory of every method). repetition_penalty None: the checkpoint's own."""
     torch.manual_seed(seed)
     try:
-        model, tok, info = load_model(model_name, dtype, device)
+        model, tok, info = load_model(model_name, dtype, device, base)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     if raw:

@@ -615,9 +615,8 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> str:
         raise FileNotFoundError(f"could not fetch {name_or_path!r}{at} from the Hugging Face Hub: {e}") from e
 
 
-def load_safetensors_dir(path: str) -> dict:
-    """All tensors of model.safetensors, or of the shards named by model.safetensors.index.json."""
-    from safetensors.torch import load_file
+def safetensors_files(path: str) -> list[str]:
+    """The weights files of a model folder: model.safetensors, or the shards model.safetensors.index.json names."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         weight_map = read_json(index).get("weight_map")
@@ -628,11 +627,17 @@ def load_safetensors_dir(path: str) -> dict:
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    state = {}
-    for name in files:
-        file = os.path.join(path, name)
+    for file in (files := [os.path.join(path, name) for name in files]):
         if not os.path.exists(file):
             raise FileNotFoundError(f"weights file missing: {file}")
+    return files
+
+
+def load_safetensors_dir(path: str) -> dict:
+    """All tensors of a model folder's weights files (safetensors_files)."""
+    from safetensors.torch import load_file
+    state = {}
+    for file in safetensors_files(path):
         try:
             state.update(load_file(file))
         except Exception as e:

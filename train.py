@@ -36,8 +36,9 @@ from tqdm import tqdm
 import data
 import memory
 from checkpoint import (Checkpoint, Lock, append_log, atomic_write, begin_run, begin_stage, check_out_dir,
-                        check_resume, export_run, finish_stage, finished_run, hub_revision, is_finished, lineage,
-                        load_model, load_trained, lora_from, memory_run, previous_full_run, read_json)
+                        check_resume, check_resume_weights, export_run, finish_stage, finished_run, hub_revision,
+                        is_finished, lineage, load_model, load_trained, lora_from, memory_run, previous_full_run,
+                        read_json, weights_fingerprint)
 from common import (ArgParser, RunError, StepGuard, StopRun, Throughput, add_flag, bf16_autocast, default_dtype,
                     fits_in_memory, micro_batch_size, setup_ranks)
 from data import Tokenizer
@@ -73,6 +74,7 @@ class Run:
     out: str
     base_model: str
     base_revision: str | None
+    base_fingerprint: str | None  # checkpoint.weights_fingerprint of the base (None: --init random)
     recipe: dict  # {"name": ..., every recipe flag: its value}
     seed: int
     max_len: int
@@ -323,8 +325,8 @@ def log_rows(record, selected, out, step, ranks):
 def run_config(run: Run, method: str, task: str, model, **extra) -> dict:
     """config.json: how eval.py rebuilds the model, and the recipe with every value it resolved to."""
     return {"method": method, "task": task, "lineage": [], "base_model": run.base_model,
-            "base_revision": run.base_revision, "base_config": model.config.to_dict(), "memory": None, "lora": None,
-            "recipe": run.recipe, **extra}
+            "base_revision": run.base_revision, "base_fingerprint": run.base_fingerprint,
+            "base_config": model.config.to_dict(), "memory": None, "lora": None, "recipe": run.recipe, **extra}
 
 
 def memory_config(flags: dict, base: dict | None = None) -> memory.MemoryConfig:
@@ -377,7 +379,7 @@ def sparse_stage(run: Run, task: str, memory_dir: str, mem_flags: dict, step_fla
     mem_flags: the memory flags given (memory_config); step_flags: SMFStep's flags; background: {"task" (None:
     the memory's stage-1 data), "subset", "batches"}."""
     model, _, info = load_model(run.base_model, dtype=default_dtype(device), device=device)
-    mem_run = memory_run(memory_dir, model.config.to_dict(), run.base_model)
+    mem_run = memory_run(memory_dir, model.config.to_dict(), run.base_model, run.base_fingerprint)
     loaded = memory.MemoryConfig.from_dict(mem_run["memory"])
     mem_cfg = memory_config(mem_flags, base=loaded.to_dict())  # the loaded memory, this run's precision
     resolved = mem_cfg.resolve(len(model.model.layers), model.config.hidden_size)
@@ -435,7 +437,8 @@ def lora_or_full_stage(run: Run, method: str, task: str, examples: list, lr: flo
         model.requires_grad_(False)
         add_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"], targets=lora["targets"])
         if lora_from:  # a chain: the previous link's adapters, trained on (one base and one adapter set)
-            finished_run(lora_from, model.config.to_dict(), run.base_model, "--lora-from", ("lora",))
+            finished_run(lora_from, model.config.to_dict(), run.base_model, "--lora-from", ("lora",),
+                         run.base_fingerprint)
             load_trained(lora_state_dict(model), lora_from, "--lora-from")
         adamw_params = {k: p for k, p in model.named_parameters() if k.endswith((".lora_A", ".lora_B"))}
         trained = lambda: lora_state_dict(model)  # noqa: E731
@@ -490,8 +493,13 @@ def main(argv=None, on_step=None):
             if args.resume:  # the flags checked before anything is fetched
                 check_resume(args.out, vars(args))
         ranks.barrier()
-        revision = hub_revision(resolve_model_dir(args.model))  # fetches a Hub id; a resume must match
-        flags = {**vars(args), "base_revision": revision}  # args.json
+        base_dir = resolve_model_dir(args.model)  # fetches a Hub id
+        continued = args.memory_from or args.lora_from  # a chain's previous link, whose weights this run starts from
+        flags = {**vars(args), "base_revision": hub_revision(base_dir),  # args.json: the weights, wherever they lie
+                 "base_fingerprint": None if args.init == "random" else weights_fingerprint(base_dir),
+                 "from_fingerprint": weights_fingerprint(continued) if continued and is_finished(continued) else None}
+        if args.resume:
+            check_resume_weights(args.out, flags)
         run = settings(Run, flags, base_model=args.model,
                        recipe={"name": args.recipe, **{k: flags[k] for k in RECIPES[args.recipe]}})
         torch.manual_seed(args.seed)

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import checkpoint
@@ -209,3 +210,78 @@ def test_same_rows_stops_when_ranks_disagree(monkeypatch):
         else:
             with pytest.raises(checkpoint.RunError, match="selected different memory rows"):
                 common.Ranks(rank=0, world=2).same_rows(mine)
+
+
+# -----------------------------------------------------------------------------
+# A run's base is identified by its weights (checkpoint.weights_fingerprint), not by where it lies
+
+
+def lora_argv(base, medmcqa, out, *extra):
+    return ["--method", "lora", "--recipe", "clean", "--model", str(base), "--data", f"medmcqa={medmcqa}", "--out",
+            str(out), "--device", "cpu", "--batch-size", "2", "--max-len", "96", "--warmup", "1", "--lora-r", "2",
+            *map(str, extra)]
+
+
+def test_a_swapped_base_is_refused_and_a_moved_one_accepted(tiny_model_dir, medmcqa, tmp_path):
+    """Another model of the same shape put where a run's base was is refused, by eval.py too (it scored it before);
+    the same weights elsewhere are accepted with --base, and give the same model."""
+    import shutil
+    import train
+    from checkpoint import load_model, weights_fingerprint
+    from tiny import write_checkpoint
+    base, run = tmp_path / "base", tmp_path / "runs" / "lora"
+    shutil.copytree(tiny_model_dir, base)
+    train.main(lora_argv(base, medmcqa, run, "--max-steps", "2", "--lr", "1e-2"))
+    assert json.load(open(run / "config.json"))["base_fingerprint"] == weights_fingerprint(str(base))
+    want = load_model(str(run))[0](torch.tensor([[1, 2, 3]]))
+    shutil.move(base, tmp_path / "moved")
+    write_checkpoint(str(base), seed=7)  # another model of the same shape where the base was
+    with pytest.raises(ValueError, match="is not the one it was trained on .*give the run's base with --base"):
+        load_model(str(run))
+    r = subprocess.run([sys.executable, "eval.py", "--model", str(run), "--tasks", "medmcqa", "--data",
+                        f"medmcqa={medmcqa}", "--limit", "2", "--device", "cpu"], cwd=ROOT, capture_output=True,
+                       text=True)
+    one_line_error(r, "is not the one it was trained on")
+    moved = load_model(str(run), base=str(tmp_path / "moved"))[0]
+    assert torch.equal(moved(torch.tensor([[1, 2, 3]])), want)
+    with pytest.raises(ValueError, match="is not the one it was trained on"):
+        load_model(str(run), base=str(base))
+
+
+def test_resume_follows_a_moved_base_and_refuses_other_weights(tiny_model_dir, medmcqa, tmp_path):
+    import shutil
+    import train
+    from tiny import write_checkpoint
+    base, out = tmp_path / "base", tmp_path / "run"
+    shutil.copytree(tiny_model_dir, base)
+    with pytest.raises(train.StopRun):
+        train.main(lora_argv(base, medmcqa, out, "--max-steps", "3", "--stop-at-step", "1"))
+    moved = tmp_path / "elsewhere" / "base"
+    shutil.move(base, moved)
+    write_checkpoint(str(tmp_path / "other"), seed=7)
+    with pytest.raises(train.RunError, match="--resume: --model .*other holds other weights than the run started "
+                                             "from"):
+        train.main(lora_argv(tmp_path / "other", medmcqa, out, "--max-steps", "3", "--resume"))
+    train.main(lora_argv(moved, medmcqa, out, "--max-steps", "3", "--resume"))
+    assert log_steps(out) == [1, 2, 3] and json.load(open(out / "config.json"))["base_model"] == str(moved)
+
+
+def test_a_moved_chain_resumes(tiny_model_dir, medmcqa, tmp_path):
+    """A runs folder moved with an interrupted link in it: the link resumes from the previous link's new place
+    (the same weights), and another run there is refused."""
+    import shutil
+    import train
+    runs = tmp_path / "runs"
+    train.main(lora_argv(tiny_model_dir, medmcqa, runs / "one", "--max-steps", "2", "--lr", "1e-2"))
+    train.main(lora_argv(tiny_model_dir, medmcqa, runs / "other", "--max-steps", "3", "--lr", "1e-2"))
+    with pytest.raises(train.StopRun):
+        train.main(lora_argv(tiny_model_dir, medmcqa, runs / "two", "--max-steps", "3", "--stop-at-step", "1",
+                             "--lora-from", runs / "one"))
+    moved = tmp_path / "moved"
+    shutil.move(runs, moved)
+    with pytest.raises(train.RunError, match="--resume: --lora-from .*other holds other weights"):
+        train.main(lora_argv(tiny_model_dir, medmcqa, moved / "two", "--max-steps", "3", "--resume",
+                             "--lora-from", moved / "other"))
+    train.main(lora_argv(tiny_model_dir, medmcqa, moved / "two", "--max-steps", "3", "--resume",
+                         "--lora-from", moved / "one"))
+    assert log_steps(moved / "two") == [1, 2, 3]
