@@ -35,6 +35,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -49,7 +50,7 @@ import memory
 from common import RunError, default_dtype, device_name, parse_dtype, resolve_device
 from data import Tokenizer
 from model import (LoRALinear, Qwen2, Qwen2Config, add_lora, check_tensors, load_safetensors_dir, load_tensors,
-                   lora_state_dict, merge_lora, read_json, resolve_model_dir, safetensors_files)
+                   looks_like_hub_id, lora_state_dict, merge_lora, read_json, resolve_model_dir, safetensors_files)
 
 RUN_FILES = {"args.json", "config.json", "model.safetensors", "log.jsonl", "checkpoint.safetensors",
              "background.safetensors", "eval.jsonl", "retrofit", "hf", "peft", "merged", ".lock"}
@@ -105,6 +106,27 @@ def remove_temp_files(folder: str):
         for name in os.listdir(folder):
             if is_temp_file(name):
                 os.remove(os.path.join(folder, name))
+
+
+def file_problem(path: str) -> str | None:
+    """Why a file cannot be written at path (a folder there, no folder to hold it, a read-only place), or None:
+    checked by the scripts before their work, not after."""
+    if os.path.isdir(path):
+        return "is a folder; give a file name"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return "the folder it would go in does not exist"
+    return None if writable(folder) else f"cannot write in {folder} (read-only?)"
+
+
+def writable(folder: str) -> bool:
+    """Whether a file can be created in folder, tried (permissions, a read-only mount, a full disk), so that a
+    script refuses an output place before its work, not after."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test"):
+            return True
+    except OSError:
+        return False
 
 
 def write_json(path: str, obj):
@@ -187,9 +209,11 @@ def check_out_dir(out: str, resume: bool):
 
 
 class Lock:
-    """An exclusive lock on a run directory (fcntl.flock on its .lock file) for as long as the process lives."""
+    """An exclusive lock on a run directory (fcntl.flock on its .lock file) for as long as the process lives; `who`
+    names the kind of process in the error another one gets."""
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, who: str = "train.py"):
+        self.created = not os.path.isdir(out)  # a directory this run made, removed again if the run never starts
         os.makedirs(out, exist_ok=True)
         self.path = os.path.join(out, ".lock")
         self.f = open(self.path, "a+")
@@ -199,7 +223,7 @@ class Lock:
             self.f.seek(0)
             owner = self.f.read().strip() or "?"
             self.f.close()
-            raise RunError(f"{out} is in use by another train.py process (pid {owner}): wait for it to end, or "
+            raise RunError(f"{out} is in use by another {who} process (pid {owner}): wait for it to end, or "
                            f"choose another --out") from None
         self.f.seek(0)
         self.f.truncate()
@@ -207,8 +231,14 @@ class Lock:
         self.f.flush()
 
     def release(self):
+        """Unlock; a directory this run made that holds nothing but the lock (the run failed to start) is removed,
+        so that no empty run directory is left to be mistaken for a run."""
         fcntl.flock(self.f, fcntl.LOCK_UN)
         self.f.close()
+        folder = os.path.dirname(self.path)
+        if self.created and os.listdir(folder) == [".lock"]:
+            os.remove(self.path)
+            os.rmdir(folder)
 
 
 def first_change(now: dict, before: dict, free=()) -> str | None:
@@ -220,7 +250,7 @@ def first_change(now: dict, before: dict, free=()) -> str | None:
 
 
 # The paths whose weights args.json identifies by a fingerprint: on --resume they may name another place holding the
-# same weights (a moved or re-downloaded base, a moved chain), which check_resume_weights checks once they are read
+# same weights (a moved base folder, a moved chain), which check_resume_weights checks once they are read
 MOVABLE = {"model": "base_fingerprint", "memory_from": "from_fingerprint", "lora_from": "from_fingerprint"}
 
 
@@ -228,6 +258,8 @@ def check_resume_args(flags: dict, saved: dict):
     """--resume takes the run's own flags ({dest: value}, every flag of train.py); only RESUME_FREE may differ
     (paths compared resolved), and the paths of MOVABLE whose weights the run identified by a fingerprint."""
     movable = {k for k, fp in MOVABLE.items() if saved.get(fp) is not None} | set(MOVABLE.values())
+    if looks_like_hub_id(str(flags.get("model"))) or looks_like_hub_id(str(saved.get("model"))):
+        movable.discard("model")  # a Hub id names its weights itself: compared as given, before anything is fetched
     if (k := first_change(flags, saved, RESUME_FREE | movable)) is not None:
         raise RunError(f"--resume: --{k.replace('_', '-')} is {flags[k]!r} but the run was started with {saved[k]!r}; "
                        f"resume with the run's flags, or start a new run with --out elsewhere (an SMF run "
@@ -652,9 +684,9 @@ def rebuild(run_dir: str, run: dict, dtype, device, base: str | None = None):
 def load_model(name_or_dir: str, dtype=None, device=None, base: str | None = None):
     """
     -> (model in eval mode, tokenizer, info). name_or_dir: a Hub id, a model directory (Hub layout), or a finished
-    run directory of train.py (rebuild; base: where its base model lies now, if not where the run recorded it). The base is in `dtype` (a torch.dtype or a name in common.DTYPES;
-    default common.default_dtype: bf16 GPU, fp32 CPU); memory and adapters stay fp32, except as the run's recipe
-    says (the paper's: a memory of precision "bf16" is cast to bf16, LoRA adapters are merged). device: a
+    run directory of train.py (rebuild; base: where its base model lies now, if not where the run recorded it).
+    The base is in `dtype` (a torch.dtype or a name in common.DTYPES; default common.default_dtype: bf16 GPU, fp32
+    CPU); memory and adapters stay fp32, except as the run's recipe says (the paper's: a memory of precision "bf16" is cast to bf16, LoRA adapters are merged). device: a
     torch.device or a name ("auto", "cpu", "cuda:1", ...).
     info: {"path", "method", "base_model", "dtype", "device", "repetition_penalty", "generation_config"}.
     """

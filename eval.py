@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from checkpoint import atomic_write, first_change, is_eval_output, is_run_dir, load_model, read_json, write_json
+from checkpoint import (atomic_write, file_problem, first_change, is_eval_output, is_run_dir, load_model, read_json,
+                        write_json)
 from common import DTYPES, ArgParser
 
 
@@ -425,8 +426,11 @@ def run_harness(model, tok, tasks: list[str], repetition_penalty: float, batch_s
     if unknown := [t for t in tasks if t not in manager.all_tasks]:
         raise ValueError(f"--harness: unknown task {unknown[0]!r} (lm-eval --tasks list shows them; local ones need "
                          f"--harness-include)")
-    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=fewshot, limit=limit, task_manager=manager,
-                                  apply_chat_template=chat, log_samples=False, bootstrap_iters=0)
+    try:
+        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=fewshot, limit=limit, task_manager=manager,
+                                      apply_chat_template=chat, log_samples=False, bootstrap_iters=0)
+    except (OSError, ValueError, RuntimeError, ConnectionError) as e:  # e.g. its datasets unreachable offline
+        raise ValueError(f"--harness {','.join(tasks)}: {(str(e).strip() or type(e).__name__).splitlines()[0]}") from e
     keep = lambda d: {k: v for k, v in d.items() if isinstance(v, (int, float, str)) or v is None}  # noqa: E731
     return {"results": {t: keep(m) for t, m in res["results"].items()}, "versions": res.get("versions", {}),
             "n-samples": res.get("n-samples", {}), "fewshot": fewshot, "chat_template": chat}
@@ -570,8 +574,14 @@ def main(argv=None):
         p.error(str(e))
     if not (tasks or args.harness):
         p.error("no task given")
+    if args.harness is not None and not [t for t in args.harness.split(",") if t.strip()]:
+        p.error("--harness: give at least one lm-evaluation-harness task")
     if args.harness and importlib.util.find_spec("lm_eval") is None:
         p.error("--harness needs lm-evaluation-harness: pip install -r requirements-harness.txt")
+    if args.harness_include and not os.path.isdir(args.harness_include):
+        p.error(f"--harness-include {args.harness_include}: no such folder")
+    if problem := model_problem(args.model):
+        p.error(f"--model {args.model}: {problem}")
     try:
         data_paths = data.parse_data_flags(args.data, PROBES)
     except ValueError as e:
@@ -624,7 +634,7 @@ def main(argv=None):
             kept = f"; finished: {', '.join(results)}, in {written}" if results and written else ""
             sys.exit(f"error: {task}: {(str(e).strip() or type(e).__name__).splitlines()[0]}{kept}")
         write_results(args.out, args.log_samples, {**results, "meta": meta}, samples)
-    if args.harness:
+    if args.harness:  # lm-eval fetches its tasks' data: offline, a one-line error after its retries
         try:
             results["harness"] = run_harness(model, tok, args.harness.split(","), rp, args.batch_size, args.limit,
                                              args.harness_include, args.harness_fewshot, args.harness_chat_template)
@@ -632,6 +642,21 @@ def main(argv=None):
             sys.exit(f"error: {e}")
         write_results(args.out, args.log_samples, {**results, "meta": meta}, samples)
     print(format_table(results))
+
+
+def model_problem(name: str) -> str | None:
+    """Why --model names nothing eval.py can load, if that shows before loading anything: a folder that is neither a
+    model folder (config.json) nor a train.py run (e.g. what a run that failed to start left), or an unfinished run."""
+    if not os.path.isdir(name):
+        return None  # a Hub id, or missing: load_model says which
+    if not os.path.exists(os.path.join(name, "config.json")):
+        return "holds neither a model (config.json) nor a train.py run"
+    try:
+        if is_run_dir(name) and read_json(os.path.join(name, "config.json")).get("finished") is False:
+            return "the run has not finished (continue it with train.py --resume)"
+    except ValueError as e:  # a broken config.json, named
+        return str(e)
+    return None
 
 
 def talk(model_name, prompt, system=None, raw=False, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,
@@ -693,11 +718,9 @@ def output_problem(path: str | None, kind: str) -> str | None:
     run recognises as eval.py's (checkpoint.is_eval_output) are allowed, so a run's own files are never replaced."""
     if not path:
         return None
-    if os.path.isdir(path):
-        return "is a folder; give a file name"
+    if problem := file_problem(path):
+        return problem
     folder, name = os.path.split(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        return "the folder it would go in does not exist"
     inside = [d for d in (folder, *parents(folder)) if is_run_dir(d)] or \
         ([folder] if os.path.exists(os.path.join(folder, "config.json")) else [])
     wanted = "eval*.json" if kind == "eval" else "samples*.jsonl"
@@ -713,16 +736,28 @@ def parents(folder: str):
 
 
 def write_results(out: str | None, log_samples: str | None, results: dict, samples: list | None):
-    """--out (the results JSON) and --log-samples (one JSON line per example), each replaced atomically."""
-    if out:
-        write_json(out, results)
-    if log_samples:
-        def write_samples(path):
-            with open(path, "w", encoding="utf-8") as f:
-                for s in samples:
-                    f.write(json.dumps(s, ensure_ascii=False) + "\n")
-        atomic_write(log_samples, write_samples)
+    """--out (the results JSON) and --log-samples (one JSON line per example), each replaced atomically; a failed
+    write (a full disk, a folder made read-only since the start) is a one-line error."""
+    def write_samples(path):
+        with open(path, "w", encoding="utf-8") as f:
+            for s in samples:
+                f.write(json.dumps(s, ensure_ascii=False) + "\n")
+    try:
+        if out:
+            write_json(out, results)
+        if log_samples:
+            atomic_write(log_samples, write_samples)
+    except OSError as e:
+        sys.exit(f"error: {e}")
+
+
+def cli(argv=None):
+    """`python eval.py`: main() with Ctrl-C as one line (the tasks finished so far are in --out)."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        return "interrupted: the tasks finished so far are in --out; continue with --resume"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

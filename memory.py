@@ -91,6 +91,8 @@ class MemoryConfig:
             raise ValueError(f"MemoryConfig: heads {self.heads} and n_keys {self.n_keys} must be >= 1")
         if isinstance(self.alpha_init, (int, float)) and not math.isfinite(self.alpha_init):
             raise ValueError(f"MemoryConfig: alpha_init must be a finite number, auto or none, got {self.alpha_init}")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"MemoryConfig: layers {self.layers} name a layer twice")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"MemoryConfig: precision {self.precision!r} is unknown (use 'fp32' or 'bf16')")
 

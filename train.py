@@ -37,8 +37,8 @@ import data
 import memory
 from checkpoint import (Checkpoint, Lock, append_log, atomic_write, begin_run, begin_stage, check_out_dir,
                         check_resume, check_resume_weights, export_run, finish_stage, finished_run, hub_revision,
-                        is_finished, lineage, load_model, load_trained, lora_from, memory_run, previous_full_run,
-                        read_json, weights_fingerprint)
+                        is_finished, is_run_dir, lineage, load_model, load_trained, lora_from, memory_run,
+                        previous_full_run, read_json, weights_fingerprint)
 from common import (ArgParser, RunError, StepGuard, StopRun, Throughput, add_flag, bf16_autocast, default_dtype,
                     fits_in_memory, micro_batch_size, setup_ranks)
 from data import Tokenizer
@@ -580,7 +580,8 @@ def parser():
                         "pretraining a small model from scratch)")
     p.add_argument("--out", default=None, help="run directory (default runs/<method>-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    add_flag(p, "--seed", at_least=0, type=int, default=0, help="initialisation, data order and dropout")
+    add_flag(p, "--seed", at_least=0, at_most=2**32 - 1, type=int, default=0,
+             help="initialisation, data order and dropout")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--recipe", default="paper", choices=sorted(RECIPES),
                    help="paper: the paper's code, flaws included (its lr was tuned with them); clean: our corrected "
@@ -736,6 +737,10 @@ def parse_args(argv=None):
         args.memory_from = os.path.abspath(args.memory_from)
     if os.path.isdir(args.model):
         args.model = os.path.abspath(args.model)
+    if is_run_dir(args.model):
+        p.error(f"--model {args.model} is a train.py run directory, not a model: continue a full run from its "
+                f"export, --model {os.path.join(args.model, 'hf')}; an smf or lora run with --memory-from or "
+                f"--lora-from")
     try:
         memory_config(vars(args))
     except ValueError as e:

@@ -5,7 +5,7 @@ scripts and smf_rebuild/pareto_plot.py, github.com/prakharg55/SMF-ICML).
 
     python experiments/paper.py run --out runs/paper                 # base eval; per seed: retrofit, smf, lora, full
     python experiments/paper.py table runs/paper --plot pareto.png   # mean ± std over seeds, deltas, claims, picture
-    python experiments/paper.py run --demo                           # a smoke test on tiny fixtures, CPU, ~2 minutes
+    python experiments/paper.py run --demo                           # a smoke test on tiny fixtures, CPU (2 seeds)
 
 run: one job after another, each a `python train.py` or `python eval.py` in a process of its own:
   base                      eval.py of --model                                   -> OUT/base/eval.json
@@ -45,7 +45,8 @@ sys.path.insert(0, ROOT)
 
 import eval as ev  # noqa: E402
 from eval import PROBES  # noqa: E402
-from checkpoint import RESUME_FREE, read_json, write_json  # noqa: E402
+from checkpoint import RESUME_FREE, Lock, file_problem, read_json, writable, write_json  # noqa: E402
+from common import RunError  # noqa: E402
 from common import ArgParser  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -113,7 +114,7 @@ def parse_run_args(argv):
     p = ArgParser(prog="paper.py run", description="Train and evaluate every row of the paper's table, resumably.")
     p.add_argument("--out", default=None, help="the folder of every run (default runs/paper; --demo: runs/paper-demo)")
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="base model: Hub id or local directory")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated train.py --seed values")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated train.py --seed values (--demo: 0,1)")
     p.add_argument("--methods", default="smf,lora,full", help=f"comma-separated, from {','.join(VARIANTS)}")
     for kind in ("train", "retrofit", "smf", "lora", "full", "eval"):
         p.add_argument(f"--{kind}-args", default="", metavar="ARGS",
@@ -128,9 +129,15 @@ def parse_run_args(argv):
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         p.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
+    if bad := [s for s in args.seeds if not 0 <= s < 2**32]:
+        p.error(f"--seeds: each must be in 0..{2**32 - 1} (train.py --seed), got {bad[0]}")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds: a seed is named twice ({','.join(map(str, args.seeds))})")
     args.methods = [m for m in args.methods.split(",") if m]
     if bad := [m for m in args.methods if m not in VARIANTS]:
         p.error(f"--methods: unknown {bad[0]!r} (choose from {','.join(VARIANTS)})")
+    if len(set(args.methods)) != len(args.methods):
+        p.error(f"--methods: a method is named twice ({','.join(args.methods)})")
     if not args.seeds or not args.methods:
         p.error("give at least one seed and one method")
     for kind in ("train", "retrofit", "smf", "lora", "full", "eval"):
@@ -139,7 +146,19 @@ def parse_run_args(argv):
         except ValueError as e:
             p.error(f"--{kind}-args: {e}")
     args.out = os.path.abspath(args.out or os.path.join("runs", "paper-demo" if args.demo else "paper"))
+    if problem := folder_problem(args.out):
+        p.error(f"--out {args.out}: {problem}")
     return args
+
+
+def folder_problem(folder: str) -> str | None:
+    """Why paper.py cannot keep its runs in `folder` (checked before any job), or None."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return "is a file, not a folder"
+    existing = folder  # the folder, or the nearest folder above it that exists (where it would be made)
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    return None if writable(existing) else f"cannot write in {existing} (read-only?)"
 
 
 def jobs(args) -> list[dict]:
@@ -250,6 +269,12 @@ def run_job(job, how, out, env):
 
 def run(argv=None):
     args = parse_run_args(argv)
+    if not args.dry_run:
+        os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+        try:
+            lock = Lock(args.out, "paper.py run")  # held until this process ends: one run of the plan at a time
+        except RunError as e:
+            raise SystemExit(f"error: {e}") from None
     if args.demo:
         add_demo_fixtures(args, write=not args.dry_run)
     todo = jobs(args)
@@ -257,7 +282,6 @@ def run(argv=None):
         for j in todo:
             print(f"# {j['name']}: {state(j)}\npython {shlex.join(j['argv'])}")
         return
-    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     check_plan(args.out, todo)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t_all = time.time()
@@ -271,7 +295,10 @@ def run(argv=None):
               flush=True)
         print(f"{run_job(j, how, args.out, env):.0f} s", flush=True)
     print(f"every job done ({time.time() - t_all:.0f} s this time)\n")
+    lock.release()
     table([args.out], demo=args.demo)
+    print(f"\nThe runs ({len(args.seeds)} seed(s): {','.join(map(str, args.seeds))}) are in {args.out}; draw the "
+          f"table again with: python experiments/paper.py table {args.out}")
 
 
 def add_demo_fixtures(args, write=True):
@@ -337,12 +364,11 @@ def variant_name(config: dict, args: dict) -> str:
     return name if recipe == "paper" else f"{name}-{recipe}"
 
 
-# args.json entries that do not make a run another experiment (where it ran, how it was saved, its seed)
 # what args.json holds besides the experiment's flags: the flags that do not change what is trained (train.py's
 # --resume may change them too), the seed and memory a row pools over, and the machine's record (checkpoint.run_info)
-NOT_THE_EXPERIMENT = RESUME_FREE | {"seed", "memory_from", "command", "git_commit", "git_dirty", "python", "torch",
-                                    "tokenizers", "safetensors", "huggingface_hub", "world_size", "base_revision",
-                                    "micro_batch"}
+NOT_THE_EXPERIMENT = RESUME_FREE | {"seed", "memory_from", "from_fingerprint", "command", "git_commit", "git_dirty",
+                                    "python", "torch", "tokenizers", "safetensors", "huggingface_hub", "world_size",
+                                    "base_revision", "micro_batch"}
 
 
 def is_run(d: str) -> bool:
@@ -358,6 +384,9 @@ def read_evals(files):
             results = read_json(path)
         except (OSError, ValueError) as e:
             notes.append(f"skipped {path}: {e}")
+            continue
+        if not isinstance(results, dict) or not (isinstance(results.get("meta"), dict) or set(results) & set(PROBES)):
+            notes.append(f"skipped {path}: not a results file of eval.py (no \"meta\" and no probe)")
             continue
         meta = results.get("meta", {})
         here = os.path.dirname(os.path.abspath(path))
@@ -608,6 +637,9 @@ def parse_table_args(argv):
 
 
 def table(paths, json_path=None, csv_path=None, latex_path=None, plot_path=None, demo=False):
+    for flag, path in (("--json", json_path), ("--csv", csv_path), ("--latex", latex_path), ("--plot", plot_path)):
+        if path and (problem := file_problem(path)):
+            raise SystemExit(f"error: {flag} {path}: {problem}")
     evals, notes = read_evals(eval_files(paths))
     if not evals:
         raise SystemExit(f"error: no eval JSON found in {', '.join(paths)}")
@@ -632,9 +664,13 @@ def table(paths, json_path=None, csv_path=None, latex_path=None, plot_path=None,
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    usage = ("usage: paper.py run [--demo] ... | paper.py table PATH ... (see paper.py run --help, paper.py table "
+             "--help)")
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"{__doc__.strip()}\n\n{usage}")
+        return
     if not argv or argv[0] not in ("run", "table"):
-        raise SystemExit("usage: paper.py run [--demo] ... | paper.py table PATH ... (see paper.py run --help, "
-                         "paper.py table --help)")
+        raise SystemExit(usage)
     if argv[0] == "run":
         try:
             return run(argv[1:])

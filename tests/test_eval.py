@@ -1,6 +1,7 @@
 """eval.py: each probe against a plain unbatched computation, the alias normalizer, run-directory loading,
 --log-samples and the command line (no network: tiny models and tiny data files in the Hub schemas)."""
 
+import importlib.util
 import json
 import math
 import os
@@ -588,3 +589,29 @@ def test_prompt_talks_to_a_run_directory(tiny_model_dir, tmp_path):
     r = run_prompt("--model", run, "--prompt", "hi", "--max-new-tokens", "5", "--no-repetition-penalty")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == greedy_reply(trained, Tokenizer.from_pretrained(tiny_model_dir), "hi", 5)
+
+
+def test_cli_refuses_what_it_cannot_do_before_loading_anything(tiny_model_dir, tmp_path, capsys):
+    """An empty --harness, a missing --harness-include folder, a folder that is no model: one line, exit 2; Ctrl-C
+    is one line too."""
+    empty = tmp_path / "runs" / "nothing"
+    empty.mkdir(parents=True)
+    for argv, needle in ((["--harness", ""], "--harness: give at least one lm-evaluation-harness task"),
+                         (["--harness", "arc_easy", "--harness-include", str(tmp_path / "nope")],
+                          f"--harness-include {tmp_path / 'nope'}: no such folder"),
+                         (["--model", str(empty)], "holds neither a model (config.json) nor a train.py run")):
+        if "--harness-include" in argv and importlib.util.find_spec("lm_eval") is None:
+            continue
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--model", tiny_model_dir, *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    ev_main = ev.main
+    try:
+        ev.main = interrupted
+        assert ev.cli([]) == "interrupted: the tasks finished so far are in --out; continue with --resume"
+    finally:
+        ev.main = ev_main

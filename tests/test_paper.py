@@ -426,3 +426,46 @@ def test_gpu_hours_count_every_process(tmp_path, monkeypatch):
     for world in (1, 2, 4):
         assert checkpoint.run_cost(str(tmp_path), torch.device("cuda"), world)["gpu_hours"] == 0.5 * world
     assert checkpoint.run_cost(str(tmp_path), torch.device("cpu"), 4)["gpu_hours"] == 0.0
+
+
+def test_run_and_table_check_their_input_before_any_job(tmp_path, capsys):
+    """Seeds, methods and the output places are checked before the base evaluation; --help answers with exit 0."""
+    (tmp_path / "a-file").write_text("x")
+    for argv, needle in ((["run", "--seeds", "-1", "--dry-run"],
+                          "--seeds: each must be in 0..4294967295 (train.py --seed), got -1"),
+                         (["run", "--seeds", "0,0", "--dry-run"], "--seeds: a seed is named twice (0,0)"),
+                         (["run", "--methods", "smf,smf", "--dry-run"], "--methods: a method is named twice"),
+                         (["run", "--out", str(tmp_path / "a-file")], "is a file, not a folder")):
+        with pytest.raises(SystemExit) as e:
+            paper.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, (argv, err)
+    for flag, path, needle in (("--json", tmp_path, "is a folder; give a file name"),
+                               ("--csv", tmp_path / "missing" / "t.csv", "the folder it would go in does not exist")):
+        with pytest.raises(SystemExit) as e:
+            paper.main(["table", str(tmp_path), flag, str(path)])
+        assert e.value.code == f"error: {flag} {path}: {needle}"
+    paper.main(["--help"])
+    assert "usage: paper.py run" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        paper.main(["run", "--help"])
+    assert e.value.code == 0 and "(default: )" not in capsys.readouterr().out
+
+
+def test_table_names_a_json_that_is_not_an_eval_result(hand_runs, tmp_path, capsys):
+    stray = tmp_path / "stray" / "eval.json"
+    stray.parent.mkdir()
+    stray.write_text(json.dumps({"epoch": 3, "loss": 1.5}))
+    s = paper.table([str(hand_runs)])
+    assert any(str(stray) in n and "not a results file of eval.py" in n for n in s["notes"])
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path):
+    import checkpoint
+    out = tmp_path / "paper"
+    lock = checkpoint.Lock(str(out), "paper.py run")  # a live paper.py run holds the folder
+    try:
+        with pytest.raises(SystemExit, match="is in use by another paper.py run process"):
+            paper.main(["run", "--out", str(out), "--demo"])
+    finally:
+        lock.release()

@@ -135,7 +135,8 @@ def test_a_second_writer_is_refused_and_a_stale_lock_is_no_obstacle(tiny_model_d
                        f"pid {os.getpid()}")
     finally:
         lock.release()
-    assert (out / ".lock").exists()  # left behind, as after kill -9: no obstacle
+    out.mkdir(exist_ok=True)  # (the lock's release removed the folder it made, which held nothing else)
+    (out / ".lock").write_text("12345")  # a lock file left behind, as after kill -9: no obstacle
     r = cli(tiny_model_dir, medmcqa, out, "--max-steps", "1")
     assert r.returncode == 0, r.stderr
 
@@ -285,3 +286,52 @@ def test_a_moved_chain_resumes(tiny_model_dir, medmcqa, tmp_path):
     train.main(lora_argv(tiny_model_dir, medmcqa, moved / "two", "--max-steps", "3", "--resume",
                          "--lora-from", moved / "one"))
     assert log_steps(moved / "two") == [1, 2, 3]
+
+
+# -----------------------------------------------------------------------------
+# The user's path: one-line errors before any work, as a user meets them
+
+
+def test_a_failed_start_leaves_no_run_directory(medmcqa, tmp_path):
+    """A start that fails (here: no such base model) removes the run directory it made, so the README's next
+    command (eval.py --model RUN) says there is no run there, not a Hub error."""
+    out = tmp_path / "runs" / "x"
+    one_line_error(cli(str(tmp_path / "no-model"), medmcqa, out, "--max-steps", "1"), "model directory not found")
+    assert not out.exists()
+    out.mkdir(parents=True)  # a directory the user made is kept, empty
+    one_line_error(cli(str(tmp_path / "no-model"), medmcqa, out, "--max-steps", "1"), "model directory not found")
+    assert out.is_dir() and os.listdir(out) == [".lock"]  # the lock file of the failed start, nothing else
+    r = subprocess.run([sys.executable, "eval.py", "--model", str(out), "--tasks", "medmcqa"], cwd=ROOT,
+                       capture_output=True, text=True)
+    one_line_error(r, "holds neither a model (config.json) nor a train.py run")
+
+
+def test_flags_that_name_the_wrong_thing(tiny_model_dir, medmcqa, tmp_path, capsys):
+    import train
+    run = tmp_path / "full"
+    train.main(["--method", "full", "--recipe", "clean", "--model", tiny_model_dir, "--data", f"medmcqa={medmcqa}",
+                "--out", str(run), "--device", "cpu", "--batch-size", "2", "--max-len", "96", "--max-steps", "1"])
+    capsys.readouterr()
+    for argv, needle in ((["--method", "full", "--model", str(run)], f"--model {run} is a train.py run directory, "
+                          f"not a model: continue a full run from its export, --model {run / 'hf'}"),
+                         (["--method", "smf", "--memory-layers", "1,1"], "layers [1, 1] name a layer twice"),
+                         (["--method", "lora", "--seed", "99999999999999999999"], "--seed must be at most")):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_refuses_a_read_only_out_before_any_work(tiny_model_dir, tmp_path):
+    """A read-only mount (a real one: tmpfs mounted read-only; skipped where this process may not mount)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(ro)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        r = subprocess.run([sys.executable, "eval.py", "--model", tiny_model_dir, "--tasks", "medmcqa", "--out",
+                            str(ro / "eval.json")], cwd=ROOT, capture_output=True, text=True)
+        one_line_error(r, f"--out {ro / 'eval.json'}: cannot write in {ro} (read-only?)")
+        assert "medmcqa" not in r.stderr.replace("--tasks medmcqa", "")  # refused before any probe ran
+    finally:
+        subprocess.run(["umount", str(ro)])

@@ -403,8 +403,8 @@ def test_memory_probe_leaves_no_trace(tiny_model_dir, files, tmp_path, monkeypat
     import data
     from data import Tokenizer
     tok = Tokenizer.from_pretrained(tiny_model_dir)
-    run = train.Run(out=str(tmp_path / "r"), base_model=tiny_model_dir, base_revision=None, recipe={}, seed=0,
-                    max_len=96, batch_size=2, resume=False, data={})
+    run = train.Run(out=str(tmp_path / "r"), base_model=tiny_model_dir, base_revision=None, base_fingerprint=None,
+                    recipe={}, seed=0, max_len=96, batch_size=2, resume=False, data={})
     examples = train.task_examples("medmcqa", files["medmcqa"], tok, run, None)
     lora = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": list(train.LORA_TARGETS), "merge_for_eval": False}
     stage = train.lora_or_full_stage(run, "lora", "medmcqa", examples, 1e-3, 1, None, torch.device("cpu"),
