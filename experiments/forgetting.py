@@ -565,7 +565,7 @@ def write_results(out, res, md, draw, figure_path, appendix=""):
         md += f"\nFigure: {figure_path}\n"
     except ImportError:
         res["figure"] = None
-        md += "\nNo figure: matplotlib is not installed (`pip install matplotlib`); the tables above hold its points.\n"
+        md += "\nNo figure: matplotlib is not installed (`pip install -r requirements-plot.txt`); the tables above hold its points.\n"
     write_json(os.path.join(out, "results.json"), res)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md + appendix)

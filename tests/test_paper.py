@@ -109,9 +109,11 @@ def test_table_outputs_and_what_it_prints(hand_runs, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| smf | 0.340 ± 0.010 (n=3) | +4.0 pts | 0.369 |" in printed  # ours, the change, the paper's figure
     assert "[holds] SMF gains on MedMCQA" in printed and "[FAILS] SMF keeps TriviaQA" in printed
-    assert "lora: no run" in printed and "[n/a  ] LoRA gains more" in printed
+    assert "lora: no run" in printed and "[n/a] LoRA gains more" in printed
+    assert "SMF gains on MedMCQA (paper: +2.5 points): smf medmcqa: +4.0 pts (n=3) (decided on the means)" in printed
     rows = [line.split(",") for line in csv.read_text().splitlines()]
-    assert rows[0][:6] == ["method", "medmcqa_mean", "medmcqa_std", "medmcqa_n", "medmcqa_delta", "medmcqa_paper"]
+    assert rows[0][:8] == ["method", "medmcqa_mean", "medmcqa_std", "medmcqa_n", "medmcqa_delta", "medmcqa_delta_lo",
+                           "medmcqa_delta_hi", "medmcqa_paper"]
     assert rows[2][0] == "smf" and float(rows[2][1]) == pytest.approx(0.34, abs=1e-12) and rows[2][3] == "3"
     assert "smf & 0.340 $\\pm$ 0.010 & 10.300 $\\pm$ 0.100 & 0.220 $\\pm$ 0.010 \\\\" in tex.read_text()
 
@@ -469,3 +471,79 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
             paper.main(["run", "--out", str(out), "--demo"])
     finally:
         lock.release()
+
+
+# -----------------------------------------------------------------------------
+# Verdicts with their uncertainty: a paired bootstrap over the probes' items, pooled over seeds
+
+
+def write_items(d, items):
+    """samples.jsonl as eval.py --log-samples writes it: per item its correctness (accuracy probes) or per window
+    its summed NLL and scored tokens (WikiText)."""
+    with open(os.path.join(d, "samples.jsonl"), "w") as f:
+        for task, values in items.items():
+            for i, v in enumerate(values):
+                f.write(json.dumps({"task": task, "index": i, "nll": v[0], "scored_tokens": v[1]} if task == "wikitext"
+                                   else {"task": task, "index": i, "correct": bool(v)}) + "\n")
+
+
+def runs_with_items(root, base, seeds):
+    """A base eval and smf runs (one per seed), each with its per-example records; values: the means of the items."""
+    def acc(v):
+        return sum(v) / len(v)
+
+    def ppl(w):
+        return math.exp(sum(n for n, _ in w) / sum(t for _, t in w))
+    value = {"medmcqa": acc, "triviaqa": acc, "wikitext": ppl}
+    eval_json(str(root / "base" / "eval.json"), "Qwen/Qwen2.5-0.5B-Instruct", None,
+              {t: value[t](v) for t, v in base.items()})
+    write_items(str(root / "base"), base)
+    for seed, items in enumerate(seeds):
+        d = root / f"smf-seed{seed}"
+        fake_run(str(d), "smf", seed, {t: value[t](v) for t, v in items.items()})
+        write_items(str(d), items)
+
+
+def test_the_interval_equals_a_hand_computation(tmp_path):
+    """The change's interval, by hand: the same resample draws (numpy's default_rng(RESAMPLE_SEED) integers, one row
+    of item positions per resample, shared by the base and every seed), each seed's value on them, their mean minus
+    the base's, and the 2.5% and 97.5% quantiles. Items chosen so that every sum is exact in floating point."""
+    import numpy as np
+    base = {"medmcqa": [1, 0, 0, 1, 0, 1, 0, 0], "wikitext": [(2.25, 4), (1.5, 3), (3.0, 5), (0.75, 2)]}
+    seeds = [{"medmcqa": [1, 1, 0, 1, 0, 1, 1, 0], "wikitext": [(2.5, 4), (1.5, 3), (3.5, 5), (1.0, 2)]},
+             {"medmcqa": [1, 0, 1, 1, 1, 1, 0, 0], "wikitext": [(2.0, 4), (1.75, 3), (3.25, 5), (0.5, 2)]}]
+    runs_with_items(tmp_path, base, seeds)
+    s = paper.table([str(tmp_path)])
+    for task in ("medmcqa", "wikitext"):
+        n = len(base[task])
+        draws = np.random.default_rng(paper.RESAMPLE_SEED).integers(0, n, (paper.RESAMPLES, n))
+        changes = []
+        for row in draws:
+            def value(items):
+                if task == "medmcqa":
+                    return sum(items[i] for i in row) / n
+                return math.exp(sum(items[i][0] for i in row) / sum(items[i][1] for i in row))
+            changes.append(sum(value(sd[task]) for sd in seeds) / len(seeds) - value(base[task]))
+        want = np.quantile(changes, [0.025, 0.975])
+        assert s["methods"]["smf"][task]["ci"] == list(want), task
+
+
+def test_a_3_point_gain_on_1000_questions_holds_and_a_half_point_one_is_undecided(tmp_path):
+    """Paired items: 80 questions gained and 50 lost (+3 points) against 65 and 60 (+0.5 points), two seeds alike."""
+    def items(gained, lost):
+        base = [1] * 300 + [0] * 700
+        ours = list(base)
+        for i in range(lost):
+            ours[i] = 0  # right before, wrong now
+        for i in range(300, 300 + gained):
+            ours[i] = 1  # wrong before, right now
+        return base, ours
+    for (gained, lost), want in (((80, 50), "holds"), ((65, 60), "undecided"), ((20, 50), "fails")):
+        root = tmp_path / f"g{gained}"
+        base, ours = items(gained, lost)
+        runs_with_items(root, {"medmcqa": base}, [{"medmcqa": ours}, {"medmcqa": ours}])
+        s = paper.table([str(root)])
+        claim = next(c for c in s["claims"] if c["claim"].startswith("SMF gains on MedMCQA"))
+        assert claim["verdict"] == want and claim["decided_on"] == "bootstrap", (gained, lost, claim)
+        lo, hi = s["methods"]["smf"]["medmcqa"]["ci"]
+        assert lo < (gained - lost) / 1000 < hi
