@@ -633,7 +633,12 @@ def training_examples(task: str, tok, max_len: int, seed: int, limit: int | None
     OASST1 replies (loss on every token), or OASST1 chats (loss on the assistant replies). Examples with no token
     to predict are dropped, as the paper's code drops sequences of one token. path: a local file for the task."""
     if task.startswith("text:"):
-        items = [r["text"] for r in load_rows("wikitext", path=task[5:])]
+        try:
+            items = [r["text"] for r in load_rows("wikitext", path=task[5:])]
+        except ValueError as e:
+            if "rows left" not in str(e) and "no rows" not in str(e):
+                raise
+            raise ValueError(f"{task}: no text in {task[5:]} (no non-empty line, or no non-empty \"text\")") from e
     else:
         rows = load_rows(task, path=path, split="train")
         if task == "medmcqa":
@@ -642,6 +647,11 @@ def training_examples(task: str, tok, max_len: int, seed: int, limit: int | None
             items = oasst1_replies(rows, source=path or "OASST1")
         else:
             items = oasst1_conversations(rows)
+        if not items and task == "oasst1":  # the filter, not the length, left nothing
+            kept = ("English assistant replies ranked 0 or 1 with 50+ characters (--oasst1-format replies)"
+                    if oasst1_format == "replies" else "English conversations with an assistant reply (--oasst1-format "
+                    "chat)")
+            raise ValueError(f"oasst1: no example in {path or 'OASST1'} passes the filter: it keeps {kept}")
     if limit is not None and len(items) < limit:
         warn(f"{task}: only {len(items)} examples available (limit {limit}); using all of them")
     items = [items[i] for i in seeded_subset(len(items), limit, seed)]

@@ -403,3 +403,21 @@ def test_medmcqa_training_text_strips_the_explanation_as_the_paper(exp):
     row = {**MEDMCQA[0], "exp": exp}
     assert data.medmcqa_train_text(row) == paper_medmcqa_text(row)
     assert data.medmcqa_train_text(row).endswith(("\nExplanation: Ascorbic acid.", "Answer: C. Vitamin C"))
+
+
+def test_empty_data_is_named_for_what_it_lacks(tok, tmp_path):
+    """An empty text:FILE says the file has no text (not "no wikitext rows"); OASST1 rows none of which pass the
+    filter say which filter (not "none with a token to predict")."""
+    from tiny_data import oasst1_rows
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    with pytest.raises(ValueError, match=re.escape(f"text:{empty}: no text in {empty}")):
+        data.training_examples(f"text:{empty}", tok, 64, 0)
+    rows = oasst1_rows(5)
+    for r in rows:
+        r["lang"] = "de"
+    german = write_jsonl(str(tmp_path / "de.jsonl"), rows)
+    for fmt, kept in (("replies", "English assistant replies ranked 0 or 1"), ("chat", "English conversations")):
+        with pytest.raises(ValueError, match=f"oasst1: no example in {re.escape(german)} passes the filter: it keeps "
+                                             f"{kept}"):
+            data.training_examples("oasst1", tok, 64, 0, path=german, oasst1_format=fmt)

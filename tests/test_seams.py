@@ -171,7 +171,8 @@ def test_unusable_data_stops_before_any_stage_trains(tiny_model_dir, med, tmp_pa
     # checked before stage 1 trains (a junk stage 1 is never kept)
     german = write_jsonl(str(tmp_path / "de.jsonl"), [r for r in oasst1_rows(12) if r["lang"] == "de"])
     smf = ("--method", "smf", "--recipe", "paper", "--data", f"oasst1={german}", *MEM, "--retrofit-max-steps", "2")
-    one_line_error(train_cli(tiny_model_dir, med, tmp_path / "b", *smf), "no usable training example", "de.jsonl")
+    one_line_error(train_cli(tiny_model_dir, med, tmp_path / "b", *smf), "de.jsonl passes the filter",
+                   "English assistant replies")  # the cause named (the filter), not "no token to predict"
     assert not (tmp_path / "b" / "retrofit" / "checkpoint.safetensors").exists()
     empty = write_parquet(str(tmp_path / "multi.parquet"), [r for r in medmcqa_rows(40) if r["choice_type"] != "single"])
     oasst = write_jsonl(str(tmp_path / "oa.jsonl"), oasst1_rows(30))
