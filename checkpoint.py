@@ -57,7 +57,7 @@ RUN_FILES = {"args.json", "config.json", "model.safetensors", "log.jsonl", "chec
 # The flags that do not change what a run trains: they may differ between a run and its resumption (every other flag
 # must be the same), and experiments/paper.py leaves them out when it names and groups runs.
 RESUME_FREE = {"resume", "stop_at_step", "device", "eval_every", "eval_tasks", "eval_limit", "eval_data",
-               "save_every", "compile", "out"}  # out: a moved run directory resumes where it is now
+               "save_every", "compile", "out", "check_flags"}  # out: a moved run directory resumes where it is now
 
 
 # -----------------------------------------------------------------------------

@@ -484,6 +484,8 @@ def run_stage(stage: Stage, run: Run, flags: dict, loop: Loop, device, tok, rank
 def main(argv=None, on_step=None):
     """Run the pipeline; returns the trained model (for tests and notebooks). on_step: see train()."""
     args = parse_args(argv)
+    if args.check_flags:
+        return print(f"flags ok: {args.out}")
     ranks, device = setup_ranks(args.device)
     lock = None
     try:
@@ -580,6 +582,9 @@ def parser():
                         "pretraining a small model from scratch)")
     p.add_argument("--out", default=None, help="run directory (default runs/<method>-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--check-flags", action="store_true",
+                   help="check every flag (and the files they name) and exit, loading and writing nothing (how "
+                        "experiments/paper.py checks a plan's commands before its first job)")
     add_flag(p, "--seed", at_least=0, at_most=2**32 - 1, type=int, default=0,
              help="initialisation, data order and dropout")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

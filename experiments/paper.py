@@ -235,6 +235,29 @@ def check_plan(out, todo):
     write_json(path, plan)
 
 
+def check_commands(todo, env):
+    """Every command the plan will run, checked before the first job: eval.py's by its own parser, train.py's by
+    `train.py --check-flags` (one process per kind of run, the first seed's, in parallel), so that a bad
+    --train-args flag stops the plan now, not after the base evaluation."""
+    for j in (j for j in todo if j["kind"] == "eval"):
+        try:
+            ev.parser().parse_args(j["argv"][1:])
+        except SystemExit:
+            raise SystemExit(f"error: {j['name']}: eval.py refuses its flags: {shlex.join(j['argv'])}") from None
+    kinds = {}
+    for j in (j for j in todo if j["kind"] == "train"):
+        kinds.setdefault(j["name"].rsplit("-seed", 1)[0], j)
+    procs = {name: subprocess.Popen([sys.executable, *j["argv"], "--check-flags"], cwd=ROOT, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for name, j in kinds.items()}
+    for name, p in procs.items():
+        _, err = p.communicate()
+        if p.returncode:
+            why = (err.strip().splitlines() or ["?"])[-1]
+            raise SystemExit(f"error: the {name} runs' train.py command is refused ({why}): fix the flags "
+                             f"(--train-args, --{name.split('-')[0]}-args)")
+
+
 def die_with_parent():
     """In the child, before exec: on Linux, SIGTERM it when this script dies (even by kill -9)."""
     try:
@@ -287,8 +310,9 @@ def run(argv=None):
         for j in todo:
             print(f"# {j['name']}: {state(j)}\npython {shlex.join(j['argv'])}")
         return
-    check_plan(args.out, todo)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    check_commands([j for j in todo if state(j) != "done"], env)  # before paper.json records them
+    check_plan(args.out, todo)
     t_all = time.time()
     for i, j in enumerate(todo, 1):
         how = state(j)

@@ -547,3 +547,13 @@ def test_a_3_point_gain_on_1000_questions_holds_and_a_half_point_one_is_undecide
         assert claim["verdict"] == want and claim["decided_on"] == "bootstrap", (gained, lost, claim)
         lo, hi = s["methods"]["smf"]["medmcqa"]["ci"]
         assert lo < (gained - lost) / 1000 < hi
+
+
+def test_a_bad_train_flag_stops_the_plan_before_any_job(tmp_path):
+    """--train-args with a flag train.py refuses: found by train.py --check-flags before the base evaluation, and
+    nothing recorded (the corrected command is not refused as a changed one)."""
+    out = tmp_path / "plan"
+    with pytest.raises(SystemExit, match=r"the retrofit runs' train\.py command is refused \(error: --lr must be a "
+                                         r"finite number >= 0, got -1\.0"):
+        paper.main(["run", "--demo", "--out", str(out), "--train-args", "--lr -1", "--methods", "smf"])
+    assert not (out / "paper.json").exists() and not (out / "base").exists()
