@@ -188,3 +188,19 @@ def test_harness_errors_are_one_line(tiny_model_dir, local_tasks, capsys):
         ev.main(["--model", tiny_model_dir, "--harness", "no_such_task", "--harness-include", include, "--device",
                  "cpu"])
     assert "unknown task 'no_such_task'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_harness_data_out_of_reach_is_one_line(tiny_model_dir, local_tasks, monkeypatch):
+    """lm-eval fetching a task's data with no network (here: its evaluation raising what datasets raises offline)
+    ends in one line naming the tasks, not a traceback."""
+    import lm_eval
+    include, _ = local_tasks
+
+    def offline(**kw):
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub (LocalEntryNotFoundError)\nmore lines")
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", tiny_model_dir, "--harness", "local_gsm8k", "--harness-include", include, "--device",
+                 "cpu"])
+    assert e.value.code == "error: --harness local_gsm8k: Couldn't reach 'allenai/ai2_arc' on the Hub " \
+                           "(LocalEntryNotFoundError)"
