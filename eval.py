@@ -534,7 +534,7 @@ def parser() -> ArgParser:
     p.add_argument("--seed", type=int, default=0, help="torch seed (the probes are deterministic; for completeness)")
     p.add_argument("--compile", action="store_true",
                    help="TriviaQA: decode with a compiled step over a static KV cache (CUDA graphs on a GPU; the same "
-                        "tokens; each batch shape compiles once; not yet timed on a GPU)")
+                        "tokens; each batch shape compiles once)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--resume", action="store_true",
                    help="keep the tasks already in --out (written with the same model and settings) and run only the "

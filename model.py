@@ -364,7 +364,7 @@ class Qwen2(nn.Module):
         stream: optional callable receiving each step's new tokens (B,) as they are made.
         compiled: decode through torch.compile of decode_step (CUDA graphs on a GPU), with static shapes as
         gpt-fast does: the cache's length rounded up to 64, every position attended with the unwritten ones masked
-        out, the position a tensor. The same tokens as eager decoding (tested on CPU); the first call of each
+        out, the position a tensor. The same tokens as eager decoding; the first call of each
         batch size and length compiles.
         """
         B, T = idx.shape
