@@ -305,7 +305,7 @@ def main(argv=None):
     title = (f"{'QUICK SMOKE TEST: ' if args.quick else ''}continual learning of {scale['k']} sets, mean over "
              f"{len(scale['seeds'])} seeds, 95% t-intervals")
     return forgetting.write_results(args.out, res, md, lambda: figure(summary, scale["k"], args.figure, title),
-                                    args.figure)
+                                    args.figure, publish=None if args.quick or args.pilot else "continual")
 
 if __name__ == "__main__":
     main()

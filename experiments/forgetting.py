@@ -553,12 +553,13 @@ def main(argv=None):
     title = (f"{'QUICK SMOKE TEST (not expected to learn): ' if args.quick else ''}learning vs forgetting on a "
              f"synthetic world, mean over {len(seeds)} seeds, 95% t-intervals")
     return write_results(args.out, res, md, lambda: figure(res, args.figure, title), args.figure,
-                         f"\nEvery run:\n\n{every_run(rows)}")
+                         f"\nEvery run:\n\n{every_run(rows)}", publish=None if args.quick else "forgetting")
 
 
-def write_results(out, res, md, draw, figure_path, appendix=""):
+def write_results(out, res, md, draw, figure_path, appendix="", publish=None):
     """The figure (draw(); none without matplotlib, said in the text), results.json, results.md (md + appendix);
-    md printed. -> res."""
+    md printed; publish: a full run's name, whose results.md is also experiments/results/<name>.md (committed, the
+    full tables that experiments/README.md links to). -> res."""
     try:
         draw()
         res["figure"] = figure_path
@@ -569,6 +570,11 @@ def write_results(out, res, md, draw, figure_path, appendix=""):
     write_json(os.path.join(out, "results.json"), res)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md + appendix)
+    if publish:
+        head = (f"# `{publish}.py`: every table of the final run\n\nWritten by `python experiments/{publish}.py` "
+                f"(as it printed them). The guide: [`../README.md`](../README.md).\n\n")
+        with open(os.path.join(ROOT, "experiments", "results", f"{publish}.md"), "w") as f:
+            f.write(head + md + appendix)
     print("\n" + md, flush=True)
     return res
 
