@@ -28,6 +28,19 @@ def tiny_untied_mha_dir(tmp_path_factory):
     return write_checkpoint(str(tmp_path_factory.mktemp("tiny_untied")), tie=False, kv_heads=4, seed=1)
 
 
+@pytest.fixture(scope="session")
+def rp_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny checkpoint with a generation_config.json asking for repetition_penalty 1.5."""
+    d = str(tmp_path_factory.mktemp("tiny_rp"))
+    import shutil
+    for f in os.listdir(tiny_model_dir):
+        shutil.copy(os.path.join(tiny_model_dir, f), d)
+    with open(os.path.join(d, "generation_config.json"), "w") as f:
+        import json
+        json.dump({"repetition_penalty": 1.5, "do_sample": True, "temperature": 0.7}, f)
+    return d
+
+
 @pytest.fixture
 def shared_data():
     """../shared/data (real Qwen2.5 tokenizer files, real eval rows); skip where it is absent."""
@@ -51,3 +64,15 @@ def optimizer_steps(monkeypatch):
     """grads.record_optimizer_steps: what train.py hands its optimizers at every step, before any update."""
     from grads import record_optimizer_steps
     return record_optimizer_steps(monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def retrofit_run(tiny_model_dir, files, tmp_path_factory):
+    """A finished stage 1 (--method retrofit, 3 steps, the tiny memory of helpers.MEM) on the tiny fixtures, which
+    smf runs continue with --memory-from."""
+    import train
+    from helpers import MEM, train_argv
+    out = tmp_path_factory.mktemp("runs") / "retrofit"
+    train.main(train_argv(tiny_model_dir, files, out, "--method", "retrofit", "--max-steps", "3", "--lr", "1e-3",
+                          *MEM, batch_size=4, micro_batch=2, max_len=128, warmup=1))
+    return str(out)

@@ -4,6 +4,7 @@ the chain's stage-1 data and records its lineage; LoRA (--lora-from) and full fi
 from the previous run's weights exactly (at lr 0 a link ends where the previous one ended); eval.py loads a link as
 any run."""
 
+import functools
 import json
 import os
 
@@ -15,13 +16,10 @@ import data
 import train
 from checkpoint import load_model
 from tiny_data import write_jsonl
+from helpers import MEM, train_argv
 
-MEM = ["--n-keys", "8", "--mem-heads", "2", "--mem-topk", "4", "--mem-k-dim", "16", "--memory-layers", "1,2"]
 
-
-def common(model_dir, files, out, *extra):
-    return ["--model", model_dir, "--data", f"medmcqa={files['medmcqa']}", "--data", f"oasst1={files['oasst1']}",
-            "--out", str(out), "--device", "cpu", "--batch-size", "4", "--max-len", "128", "--warmup", "1", *extra]
+common = functools.partial(train_argv, batch_size=4, max_len=128)  # train.py flags on the tiny fixtures
 
 
 def config(run):

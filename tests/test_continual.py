@@ -50,7 +50,7 @@ def test_summary_over_seeds_and_the_lr_rule():
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def continual_quick(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("continual"))
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
@@ -59,8 +59,8 @@ def quick_run(tmp_path_factory):
     return out, res, printed.getvalue()
 
 
-def test_quick_chains_continue_link_by_link(quick_run):
-    out, res, printed = quick_run
+def test_quick_chains_continue_link_by_link(continual_quick):
+    out, res, printed = continual_quick
     k = continual.QUICK["k"]
     assert res["k"] == k and {c["method"] for c in res["chains"]} == set(continual.METHODS)
     for c in res["chains"]:
@@ -92,9 +92,9 @@ def test_quick_chains_continue_link_by_link(quick_run):
             assert title in text
 
 
-def test_quick_figure(quick_run, tmp_path):
+def test_quick_figure(continual_quick, tmp_path):
     pytest.importorskip("matplotlib")
-    out, res, _ = quick_run
+    out, res, _ = continual_quick
     png = tmp_path / "c.png"
     continual.figure(res["summary"], res["k"], str(png), "test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

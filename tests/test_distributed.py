@@ -1,6 +1,5 @@
 """torchrun with 2 CPU processes (gloo): per-rank batch b must equal one process with batch 2b."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import MEM, read_log
 from tiny_data import medmcqa_rows, oasst1_rows, write_jsonl, write_parquet
 
 pytestmark = pytest.mark.distributed
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MEM = ["--n-keys", "8", "--mem-heads", "2", "--mem-topk", "4", "--mem-k-dim", "16", "--memory-layers", "1,2"]
 
 
 def run(nproc, *args):
@@ -42,7 +41,7 @@ def compare_runs(a, b, atol=2e-5):
     by up to ~3e-3 lr a step (seen on one process against another split), 40x under atol; a wrong gradient, a
     wrong row or a skipped step moves it by about lr. Their logged losses and gradient norms (before each update)
     also agree."""
-    la, lb = read(os.path.join(a, "log.jsonl")), read(os.path.join(b, "log.jsonl"))
+    la, lb = read_log(a), read_log(b)
     assert [r["tokens"] for r in la] == [r["tokens"] for r in lb]
     for ra, rb in zip(la, lb):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5) and ra["grad_norm"] == pytest.approx(
@@ -51,11 +50,6 @@ def compare_runs(a, b, atol=2e-5):
     assert set(ta) == set(tb)
     for k in ta:
         torch.testing.assert_close(ta[k], tb[k], atol=atol, rtol=1e-4, msg=lambda m: f"{k}: {m}")
-
-
-def read(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -92,9 +86,9 @@ def test_smf_ranks_select_the_same_rows(setup):
     order = data.epoch_order(len(n_tokens_all), 0, epoch=10**6)[:10]
     assert int(bg["counts.1"].sum()) == sum(n_tokens_all[j] for j in order) * 2 * 4
     assert torch.equal(bg["counts.1"], load_file(str(d / "smf1" / "background.safetensors"))["counts.1"])
-    r0, r1 = read(d / "smf2" / "selected.rank0.jsonl"), read(d / "smf2" / "selected.rank1.jsonl")
+    r0, r1 = read_log(d / "smf2", "selected.rank0.jsonl"), read_log(d / "smf2", "selected.rank1.jsonl")
     assert r0 == r1 and len(r0) == 3
-    one = read(d / "smf1" / "log.jsonl")
+    one = read_log(d / "smf1")
     assert [{k: sorted(v) for k, v in r["selected"].items()} for r in one] == \
         [{k: sorted(v) for k, v in r.items() if k != "step"} for r in r0]
     compare_runs(d / "smf2", d / "smf1")

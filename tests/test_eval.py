@@ -1,5 +1,6 @@
-"""eval.py: each probe against a plain unbatched computation, the alias normalizer, run-directory loading,
---log-samples and the command line (no network: tiny models and tiny data files in the Hub schemas)."""
+"""eval.py: each probe against a plain unbatched computation (HellaSwag and GSM8K against the paper's eval_tasks.py
+functions re-implemented one question at a time), the alias normalizer, --log-samples, --prompt and the command
+line (no network: tiny models and tiny data files in the Hub schemas). Rebuilding a run: test_checkpoint.py."""
 
 import importlib.util
 import json
@@ -11,16 +12,19 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import data
 import eval as ev
-import memory
 from conftest import ROOT
-from tiny_data import write_jsonl
+from helpers import write_run
+from tiny_data import HELLASWAG, write_jsonl
 from data import Tokenizer
 from checkpoint import save_pretrained
 from model import LORA_TARGETS, Qwen2, Qwen2Config, add_lora, looks_like_hub_id, lora_state_dict, resolve_model_dir
+import re
+import numpy as np
+import torch.nn.functional as F
+import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -46,22 +50,10 @@ WIKI_TEXT = ("The quick brown fox jumps over the lazy dog . Memory layers store 
              "token .")
 
 
-
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     model, tok, info = ev.load_model(tiny_model_dir)
     return model, tok
-
-
-@pytest.fixture(scope="module")
-def rp_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny checkpoint with a generation_config.json asking for repetition_penalty 1.5."""
-    d = str(tmp_path_factory.mktemp("tiny_rp"))
-    for f in os.listdir(tiny_model_dir):
-        shutil.copy(os.path.join(tiny_model_dir, f), d)
-    with open(os.path.join(d, "generation_config.json"), "w") as f:
-        json.dump({"repetition_penalty": 1.5, "do_sample": True, "temperature": 0.7}, f)
-    return d
 
 
 # --- MedMCQA ------------------------------------------------------------------------------------------
@@ -208,114 +200,6 @@ def test_triviaqa_predictions_match_unbatched_generate(tiny, rp):
 # --- run directories ----------------------------------------------------------------------------------
 
 
-def logits_of(model, tok):
-    idx = torch.tensor([tok.encode("Question: What is the capital of France?\nAnswer: Paris")])
-    with torch.no_grad():
-        return model(idx)
-
-
-def write_run(run_dir, config, state):
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(config, f)
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(run_dir, "model.safetensors"))
-    return str(run_dir)
-
-
-def test_lora_run_dir_rebuilds_the_trained_model(tiny_model_dir, tmp_path):
-    torch.manual_seed(0)
-    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "targets": list(LORA_TARGETS)}
-    trained = add_lora(Qwen2.from_pretrained(tiny_model_dir, dtype="float32"), **lora).eval()
-    with torch.no_grad():
-        for k, p in trained.named_parameters():
-            if k.endswith("lora_B"):
-                p.normal_(0, 0.1)  # as if trained: the adapters now change the output
-    tok = Tokenizer.from_pretrained(tiny_model_dir)
-    base_logits = logits_of(Qwen2.from_pretrained(tiny_model_dir, dtype="float32"), tok)
-    want = logits_of(trained, tok)
-    assert (want - base_logits).abs().max() > 1e-2
-    cfg = {"method": "lora", "base_model": tiny_model_dir, "base_revision": None, "memory": None, "lora": lora,
-           "finished": True}
-    run = write_run(tmp_path / "lora_run", cfg, lora_state_dict(trained))
-    model, tok2, info = ev.load_model(run)
-    assert info["method"] == "lora" and info["base_model"] == tiny_model_dir and not model.training
-    assert torch.allclose(logits_of(model, tok2), want, atol=1e-6)
-
-    # the key set and every shape are checked; the message names the tensor
-    state = lora_state_dict(trained)
-    missing = {k: v for k, v in state.items() if k != "model.layers.0.self_attn.q_proj.lora_A"}
-    with pytest.raises(ValueError, match=r"missing tensor model.layers.0.self_attn.q_proj.lora_A"):
-        ev.load_model(write_run(tmp_path / "missing", cfg, missing))
-    with pytest.raises(ValueError, match=r"unexpected tensor model.layers.0.extra"):
-        ev.load_model(write_run(tmp_path / "extra", cfg, {**state, "model.layers.0.extra": torch.zeros(1)}))
-    with pytest.raises(ValueError, match=r"tensor model.layers.0.self_attn.q_proj.lora_A has shape \(4, 64\), "
-                                         r"expected \(8, 64\)"):
-        ev.load_model(write_run(tmp_path / "rank", {**cfg, "lora": {**lora, "r": 8}}, state))
-    with pytest.raises(ValueError, match="has not finished"):
-        ev.load_model(write_run(tmp_path / "unfinished", {**cfg, "finished": False}, state))
-    with pytest.raises(ValueError, match="unknown method 'dora'"):
-        ev.load_model(write_run(tmp_path / "dora", {**cfg, "method": "dora"}, state))
-    os.remove(os.path.join(tmp_path / "dora", "model.safetensors"))
-    with pytest.raises(FileNotFoundError, match="run directory without weights"):
-        ev.load_model(str(tmp_path / "dora"))
-
-
-@pytest.mark.parametrize("mode", ["additive", "replacement"])
-def test_memory_run_dir_rebuilds_the_trained_model(tiny_model_dir, tmp_path, mode):
-    torch.manual_seed(0)
-    mcfg = memory.MemoryConfig(layers=[1, 2], n_keys=8, heads=2, topk=4, k_dim=16, mode=mode)
-    trained = Qwen2.from_pretrained(tiny_model_dir, dtype="float32")
-    memory.add_memory(trained, mcfg)
-    with torch.no_grad():
-        for mem in memory.memory_layers(trained).values():
-            mem.values.weight.normal_(0, 1.0)  # as if trained
-            if mem.alpha is not None:
-                mem.alpha.fill_(0.5)
-    trained.eval()
-    tok = Tokenizer.from_pretrained(tiny_model_dir)
-    want = logits_of(trained, tok)
-    base = logits_of(Qwen2.from_pretrained(tiny_model_dir, dtype="float32"), tok)
-    assert (want - base).abs().max() > 1e-2
-    cfg = {"method": "smf", "base_model": tiny_model_dir, "memory": mcfg.to_dict(), "lora": None}
-    run = write_run(tmp_path / "smf", cfg, memory.memory_state_dict(trained))
-    model, _, info = ev.load_model(run)
-    assert info["method"] == "smf"
-    assert sorted(memory.memory_layers(model)) == [1, 2]
-    assert all(p.dtype == torch.float32 for p in memory.memory_layers(model)[1].parameters())
-    assert torch.allclose(logits_of(model, tok), want, atol=1e-6)
-    # the paper recipe's memory (precision bf16) is evaluated in bf16, as its code evaluates the whole model
-    paper = write_run(tmp_path / "smf-paper", {**cfg, "memory": {**mcfg.to_dict(), "precision": "bf16"}},
-                      memory.memory_state_dict(trained))
-    model, _, _ = ev.load_model(paper)
-    assert all(p.dtype == torch.bfloat16 for mem in memory.memory_layers(model).values() for p in mem.parameters())
-    assert model.lm_head.weight.dtype == torch.float32  # the base keeps the requested dtype
-    with pytest.raises(ValueError, match=r"tensor model.layers.1.memory.keys has shape \(2, 2, 8, 8\), "
-                                         r"expected \(2, 2, 12, 8\)"):
-        ev.load_model(write_run(tmp_path / "bigger", {**cfg, "memory": {**mcfg.to_dict(), "n_keys": 12}},
-                                memory.memory_state_dict(trained)))
-
-
-def test_full_run_dir_loads_every_tensor(tiny_model_dir, tmp_path):
-    trained = Qwen2.from_pretrained(tiny_model_dir, dtype="float32")
-    with torch.no_grad():
-        trained.model.norm.weight.mul_(1.5)
-    tok = Tokenizer.from_pretrained(tiny_model_dir)
-    state = {k: v for k, v in trained.state_dict().items() if k in trained.hub_state_shapes()}
-    run = write_run(tmp_path / "full", {"method": "full", "base_model": tiny_model_dir}, state)
-    model, _, _ = ev.load_model(run)
-    assert torch.allclose(logits_of(model, tok), logits_of(trained, tok), atol=1e-6)
-    del state["model.norm.weight"]
-    with pytest.raises(ValueError, match="missing tensor model.norm.weight"):
-        ev.load_model(write_run(tmp_path / "full_bad", {"method": "full", "base_model": tiny_model_dir}, state))
-
-
-def test_load_model_reads_the_generation_configs_repetition_penalty(tiny_model_dir, rp_model_dir):
-    assert ev.load_model(rp_model_dir)[2]["repetition_penalty"] == 1.5
-    assert ev.load_model(tiny_model_dir)[2]["repetition_penalty"] == 1.0  # no repetition_penalty in its file
-    with pytest.raises(FileNotFoundError, match="model directory not found"):
-        ev.load_model("/nonexistent/model")
-
-
 # --- command line -------------------------------------------------------------------------------------
 
 
@@ -441,17 +325,6 @@ def test_local_looking_model_path_is_not_found_without_asking_the_hub(data_files
         assert e.value.code == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last == f"error: --limit must be at least 1, got {limit} (see eval.py --help)"
-
-
-def test_load_model_takes_dtype_and_device_as_names_or_torch_objects(tiny_model_dir):
-    """As tests and experiments call it (strings, None) and as train.py does (torch.device, torch.dtype)."""
-    for dtype, device, want in [(None, None, torch.float32), ("bf16", "cpu", torch.bfloat16),
-                                (torch.float16, torch.device("cpu"), torch.float16)]:
-        model, _, info = ev.load_model(tiny_model_dir, dtype=dtype, device=device)
-        assert model.lm_head.weight.dtype == want and model.lm_head.weight.device.type == "cpu"
-        assert info["dtype"] == str(want).removeprefix("torch.") and info["device"] == "cpu"
-    with pytest.raises(ValueError, match="dtype 'int8'"):
-        ev.load_model(tiny_model_dir, dtype="int8")
 
 
 # --- real rows and the real Qwen2.5 tokenizer ----------------------------------------------------------
@@ -615,3 +488,147 @@ def test_cli_refuses_what_it_cannot_do_before_loading_anything(tiny_model_dir, t
         assert ev.cli([]) == "interrupted: the tasks finished so far are in --out; continue with --resume"
     finally:
         ev.main = ev_main
+
+
+# -----------------------------------------------------------------------------
+# HellaSwag and GSM8K (off by default) against the paper's eval_tasks.py functions re-implemented one question at a time
+
+
+def paper_continuation_score(model, tok, context, continuation):
+    """eval_tasks.py's continuation_score(normalize=False): labels are the joint tokenization with its first
+    len(context tokens) masked; the score is -loss * the number of scored tokens (-inf if there are none)."""
+    ctx_ids = tok.encode(context)
+    full = torch.tensor([tok.encode(context + continuation)])
+    labels = full.clone()
+    labels[:, :len(ctx_ids)] = -100
+    n = int((labels != -100).sum())
+    if n == 0:
+        return float("-inf")
+    with torch.no_grad():
+        logits = model(full)  # (1, T, V)
+    loss = F.cross_entropy(logits[0, :-1].float(), labels[0, 1:], ignore_index=-100)  # HF's shifted mean
+    return float(-loss * n)
+
+
+def paper_hellaswag(model, tok, rows):
+    preds = []
+    for row in rows:
+        scores = [paper_continuation_score(model, tok, row["ctx"], " " + e) for e in row["endings"]]
+        preds.append(int(np.argmax(scores)))
+    return preds, sum(p == int(r["label"]) for p, r in zip(preds, rows)) / len(rows)
+
+
+def test_hellaswag_equals_the_papers_function(tiny, tmp_path):
+    model, tok = tiny
+    path = tmp_path / "hellaswag.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in HELLASWAG))
+    rows = data.load_rows("hellaswag", str(path))
+    want_preds, want_acc = paper_hellaswag(model, tok, rows)
+    samples = []
+    got = ev.eval_hellaswag(model, tok, rows, batch_size=2, samples=samples)  # 8 padded sequences a batch
+    assert [s["prediction"] for s in samples] == want_preds
+    assert got == {"acc": want_acc, "n": len(rows)}
+    for row, s in zip(rows, samples):  # the summed log-probabilities, up to fp32 summation order
+        want = [paper_continuation_score(model, tok, row["ctx"], " " + e) for e in row["endings"]]
+        assert s["scores"] == pytest.approx(want, rel=1e-5)
+        assert s["target"] == int(row["label"]) and s["choices"] == [" " + e for e in row["endings"]]
+
+
+def test_hellaswag_rows_are_checked(tmp_path):
+    bad = dict(HELLASWAG[0], label="")  # the test split: no answer
+    path = tmp_path / "h.jsonl"
+    path.write_text(json.dumps(HELLASWAG[1]) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match=r"h.jsonl: row 1: label must be 0..3"):
+        data.load_rows("hellaswag", str(path))
+    with pytest.raises(ValueError, match="endings must be a list of 4 strings"):
+        data.hellaswag_item(dict(HELLASWAG[0], endings=["a", "b"]))
+
+
+def paper_gsm8k_correct(response, answer):
+    """eval_tasks.py's eval_gsm8k check, as written there."""
+    pred_numbers = re.findall(r"[-+]?\d[\d,]*\.?\d*", response.replace(",", ""))
+    gold = answer.split("####")[-1].strip().replace(",", "")
+    return bool(pred_numbers) and pred_numbers[-1] == gold
+
+
+@pytest.mark.parametrize("response, answer, want", [
+    ("16 - 3 - 4 = 9 eggs, 9 * 2 = 18", "... #### 18", True),
+    ("She makes $18.", "#### 18", False),          # the paper's regex keeps the sentence's final "." : "18."
+    ("It is 18 dollars", "#### 18", True),
+    ("the change is -3", "#### -3", True),          # negative numbers
+    ("the change is -3", "#### 3", False),
+    ("+7 more", "#### 7", False),                   # a sign is part of the number
+    ("3.5 apples", "#### 3.5", True),               # decimals
+    ("3.50 apples", "#### 3.5", False),             # compared as strings
+    ("1,234 dollars", "#### 1,234", True),          # commas removed on both sides
+    ("1,234,567", "#### 1234567", True),
+    ("no number here", "#### 5", False),            # no number: wrong
+    ("first 18 then 20", "#### 18", False),         # the last number counts
+    ("", "#### 0", False),
+])
+def test_gsm8k_answer_extraction(response, answer, want):
+    row = {"question": "q", "answer": answer}
+    assert ev.gsm8k_correct(response, data.gsm8k_gold(row)) is want
+    assert paper_gsm8k_correct(response, answer) is want
+
+
+def paper_gsm8k_predictions(model, tok, rows, rp, max_new_tokens):
+    """eval_tasks.py's generate_answer, one prompt at a time: greedy, eos <|im_end|>, decoded without special
+    tokens, stripped."""
+    out = []
+    for row in rows:
+        idx = torch.tensor([tok.encode(f"Question: {row['question']}\nLet's think step by step.\nAnswer:")])
+        new = model.generate(idx, max_new_tokens, eos_token_id=[tok.eos_id],
+                             repetition_penalty=rp)[0, idx.size(1):].tolist()
+        cut = next((k for k, t in enumerate(new) if t == tok.eos_id), len(new))
+        out.append(tok.decode(new[:cut], skip_special_tokens=True).strip())
+    return out
+
+
+def test_gsm8k_equals_the_papers_function_on_real_rows(tiny, shared_data):
+    model, tok = tiny
+    rows = data.load_rows("gsm8k", os.path.join(shared_data, "eval", "gsm8k_main_test.jsonl"))
+    assert len(rows) == 1319 and data.gsm8k_gold(rows[0]) == "18"
+    rows = rows[:6]
+    want = paper_gsm8k_predictions(model, tok, rows, 1.1, max_new_tokens=24)
+    numbers = [re.findall(r"[-+]?\d[\d,]*\.?\d*", w.replace(",", "")) for w in want]
+    rows = [dict(r) for r in rows]
+    if any(numbers):  # one answer made right by its own prediction, so that accuracy is known in advance
+        k = next(i for i, n in enumerate(numbers) if n)
+        rows[k]["answer"] = rows[k]["answer"].split("####")[0] + "#### " + numbers[k][-1]
+    expected = [paper_gsm8k_correct(w, r["answer"]) for w, r in zip(want, rows)]
+    samples = []
+    got = ev.eval_gsm8k(model, tok, rows, batch_size=4, samples=samples, repetition_penalty=1.1, max_new_tokens=24)
+    assert [s["prediction"] for s in samples] == want
+    assert [s["correct"] for s in samples] == expected and got == {"acc": sum(expected) / len(rows), "n": len(rows)}
+    assert samples[0]["prompt"].startswith("Question: Janet") and samples[0]["prompt"].endswith(
+        "\nLet's think step by step.\nAnswer:")
+
+
+def test_gsm8k_scores_what_the_model_says(tiny, monkeypatch):
+    """The pipeline end to end on decoded answers it is given: eos ends the answer, the last number counts."""
+    model, tok = tiny
+    said = tok.encode(" 9 * 2 = 1,234") + [tok.eos_id] + tok.encode(" 5")
+
+    def fake_generate(idx, max_new_tokens, **kw):
+        assert max_new_tokens == 256 and kw["eos_token_id"] == [tok.eos_id]
+        return torch.cat([idx, torch.tensor([said] * idx.shape[0])], dim=1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    rows = [{"question": "a?", "answer": "x\n#### 1,234"}, {"question": "b?", "answer": "#### 5"}]
+    assert ev.eval_gsm8k(model, tok, rows) == {"acc": 0.5, "n": 2}
+
+
+def test_new_probes_are_off_by_default_and_reachable(tiny_model_dir, tmp_path):
+    assert ev.default_tasks() == ["medmcqa", "wikitext", "triviaqa"]
+    assert ev.PROBES["gsm8k"].generates and not ev.PROBES["hellaswag"].generates
+    args = train.parse_args(["--method", "lora", "--model", tiny_model_dir, "--eval-tasks", "hellaswag,gsm8k",
+                             "--out", str(tmp_path / "r")])
+    assert args.eval_tasks == "hellaswag,gsm8k"
+    path = tmp_path / "h.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in HELLASWAG))
+    out = tmp_path / "eval.json"
+    ev.main(["--model", tiny_model_dir, "--tasks", "hellaswag", "--data", f"hellaswag={path}", "--out", str(out),
+             "--device", "cpu", "--quiet"])
+    got = json.loads(out.read_text())
+    assert got["hellaswag"]["n"] == len(HELLASWAG) and not math.isnan(got["hellaswag"]["acc"])

@@ -1,6 +1,7 @@
 """Forking in one file: a memory option is a MemoryConfig field (train.py derives its flag), a ranking rule an
 entry of memory.RANKS (tests/test_memory.py), a probe an entry of eval.PROBES; each is reachable from the CLI."""
 
+import functools
 import dataclasses
 import json
 
@@ -11,14 +12,10 @@ from safetensors.torch import load_file
 import memory
 import train
 from tiny_data import write_jsonl
+from helpers import MEM, train_argv
 
-MEM = ["--n-keys", "8", "--mem-heads", "2", "--mem-topk", "4", "--mem-k-dim", "16", "--memory-layers", "1,2"]
 
-
-def common(model_dir, files, out, *extra):
-    return ["--model", model_dir, "--data", f"medmcqa={files['medmcqa']}", "--data", f"oasst1={files['oasst1']}",
-            "--out", str(out), "--device", "cpu", "--batch-size", "2", "--max-len", "96",
-            "--warmup", "1", "--recipe", "clean", *extra]
+common = functools.partial(train_argv, batch_size=2, max_len=96, recipe="clean")  # train.py flags, tiny fixtures
 
 
 def test_every_memory_option_has_a_flag_that_reaches_the_config():

@@ -17,7 +17,7 @@ lm_eval = pytest.importorskip("lm_eval")
 import data  # noqa: E402
 import eval as ev  # noqa: E402
 import train  # noqa: E402
-from test_probes import HELLASWAG  # noqa: E402
+from tiny_data import HELLASWAG  # noqa: E402
 
 GSM8K = [{"question": "Janet has 3 apples and buys 4 more. How many apples?", "answer": "3 + 4 = 7\n#### 7"},
          {"question": "A robe takes 2 bolts of blue fiber and half that much white. How many bolts?",

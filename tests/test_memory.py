@@ -1,4 +1,5 @@
-"""memory.py against references: brute-force top-k, direct counts, hand-computed scores, torch.optim.AdamW/SGD."""
+"""memory.py against references: brute-force top-k, direct counts, hand-computed scores, torch.optim.AdamW/SGD (lazy
+AdamW's per-row bias correction included), clipping that never scales up."""
 
 import json
 import math
@@ -652,3 +653,60 @@ def test_background_ranking_terms_follow_an_update():
     assert not torch.equal(stats.distribution(0), stale[0]) and not torch.equal(stats.idf(0), stale[1])
     for rank in ("kl", "tfidf"):
         assert torch.equal(memory.row_scores(c, stats, 0, rank), memory.row_scores(c, fresh, 0, rank))
+
+
+# -----------------------------------------------------------------------------
+# The optimizer against torch: lazy AdamW's per-row bias correction, clipping never scales up
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_lazy_adamw_bias_correction_uses_each_rows_own_step_count(weight_decay):
+    mem = table_memory()
+    w0 = mem.values.weight.detach().clone()
+    hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    opt = SparseMemoryOptimizer({0: mem}, mode="adamw", **hp)
+    # row 63 every step (so the global step runs ahead); row 5 every 3rd step from step 1; row 40 every 9th from 4
+    every = {63: (1, 0), 5: (3, 1), 40: (9, 4)}
+    refs = {r: torch.nn.Parameter(w0[r:r + 1].clone()) for r in every}
+    torch_opts = {r: torch.optim.AdamW([refs[r]], **hp) for r in every}
+    for s in range(27):
+        g = torch.randn(64, 5)
+        rows = [r for r, (n, first) in every.items() if s % n == first]
+        mem.values.weight.grad = g.clone()
+        opt.step({0: torch.tensor(rows)})
+        for r in rows:  # each reference sees only its row's steps, with the same gradient
+            refs[r].grad = g[r:r + 1].clone()
+            torch_opts[r].step()
+
+    w, state = mem.values.weight.detach(), opt.state_dict()
+    slots = state["0.slots"].tolist()
+    for r in every:
+        j, ref_state = slots.index(r), torch_opts[r].state[refs[r]]
+        assert state["0.step"][j] == ref_state["step"] == len(range(every[r][1], 27, every[r][0]))
+        torch.testing.assert_close(w[r:r + 1], refs[r].detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(state["0.exp_avg"][j], ref_state["exp_avg"][0], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(state["0.exp_avg_sq"][j], ref_state["exp_avg_sq"][0], rtol=1e-6, atol=1e-12)
+    never = torch.ones(64, dtype=torch.bool)
+    never[list(every)] = False
+    assert torch.equal(w[never], w0[never]) and sorted(slots) == sorted(every)
+
+
+# --- 2. clipping -----------------------------------------------------------------------------------------
+
+
+def test_clipping_never_scales_a_small_gradient_up():
+    mems = {0: table_memory(seed=0), 1: table_memory(seed=1)}
+    w0 = {i: m.values.weight.detach().clone() for i, m in mems.items()}
+    rows = {0: torch.tensor([3, 17]), 1: torch.tensor([8])}
+    grads = {i: torch.randn(64, 5) for i in mems}
+    norm = torch.cat([grads[i][rows[i]].flatten() for i in mems]).norm()  # over the selected rows of both layers
+    for i, m in mems.items():
+        grads[i] *= 0.1 / norm  # total norm 0.1, well under max_grad_norm
+        m.values.weight.grad = grads[i].clone()
+    opt = SparseMemoryOptimizer(mems, lr=0.5, mode="sgd")
+    out = opt.step(rows, max_grad_norm=1.0)
+    assert out["grad_norm"] == pytest.approx(0.1, rel=1e-6)
+    for i, m in mems.items():
+        want = w0[i].clone()
+        want[rows[i]] = w0[i][rows[i]] - 0.5 * grads[i][rows[i]]  # coefficient min(1, 1.0 / 0.1) = 1
+        assert torch.equal(m.values.weight.detach(), want)

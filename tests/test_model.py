@@ -1,4 +1,5 @@
-"""model.py against transformers' Qwen2ForCausalLM on the same tiny checkpoints (no network)."""
+"""model.py against transformers' Qwen2ForCausalLM on the same tiny checkpoints (no network), and sampling against
+transformers' top-k / top-p / temperature warpers. LoRA: test_lora.py."""
 
 import json
 import os
@@ -10,6 +11,9 @@ import torch
 from checkpoint import save_pretrained
 from model import Qwen2, Qwen2Config, padded_attention, rope_cos_sin, sample_next
 from tiny import write_checkpoint
+from transformers import Qwen2ForCausalLM
+from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -186,7 +190,6 @@ def test_compiled_decoding_gives_the_eager_tokens(tiny_model_dir):
                        model.generate(idx, 12, attention_mask=full))
     assert all(b.self_attn.kv_cache is None for b in model.model.layers)
     torch.testing.assert_close(model(random_ids(1, 7, V)), before, rtol=0, atol=0)
-
 
 
 def test_generation_stops_when_all_rows_hit_eos(tiny_model_dir):
@@ -417,25 +420,6 @@ def test_idx_must_be_long(tiny_model_dir):
 # --- command line ---------------------------------------------------------------------------------
 
 
-def test_one_device_and_dtype_policy(monkeypatch):
-    from common import default_dtype, parse_dtype, resolve_device
-    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_device(None) == resolve_device("auto") and resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
-    with pytest.raises(ValueError, match="device 'gpu0': not a device name"):
-        resolve_device("gpu0")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(ValueError, match="^device cuda:1: CUDA is not available on this machine$"):
-        resolve_device("cuda:1")
-    assert default_dtype(torch.device("cpu")) == default_dtype("cpu") == torch.float32
-    assert default_dtype(torch.device("cuda", 1)) == default_dtype("cuda") == torch.bfloat16
-    assert parse_dtype("bf16") == parse_dtype("bfloat16") == parse_dtype(torch.bfloat16) == torch.bfloat16
-    assert parse_dtype("fp32") == torch.float32 and parse_dtype("float16") == torch.float16
-    with pytest.raises(ValueError, match="dtype 'int8': expected one of float32, bfloat16"):
-        parse_dtype("int8")
-
-
 @pytest.mark.parametrize("chunk", [1, 5, 4096])
 def test_chunked_loss_equals_the_plain_loss_and_gradients(tiny_model_dir, chunk):
     """forward(labels=...) never builds the (B, T, vocab) logits: chunk by chunk, recomputed in backward; its loss
@@ -509,3 +493,102 @@ def test_the_readme_fixture_needs_no_test_only_package(tmp_path):
     idx = torch.tensor([[1, 5, 9, 2]])
     with torch.no_grad():
         assert torch.equal(hf(idx).logits, Qwen2ForCausalLM.from_pretrained(ref).eval()(idx).logits)
+
+
+# -----------------------------------------------------------------------------
+# Sampling against transformers' warpers: top-k, top-p, temperature, generate
+
+
+# --- 3. top-k and top-p against transformers' warpers ----------------------------------------------------
+
+
+def logit_rows(V=50):
+    """Rows with distinct values, with many ties, all tied, partly -inf already, and one dominant token."""
+    g = torch.Generator().manual_seed(0)
+    return torch.cat([2 * torch.randn(6, V, generator=g),
+                      torch.randint(-3, 3, (6, V), generator=g).float(),
+                      torch.zeros(1, V),
+                      torch.randn(1, V, generator=g).index_fill(1, torch.arange(0, V, 3), float("-inf")),
+                      torch.randn(1, V, generator=g).index_fill(1, torch.tensor([7]), 30.0)])
+
+
+def drawn_from(logits, **kw):
+    """The distribution (B, V) sample_next draws from: what it hands torch.multinomial."""
+    seen = []
+    draw = torch.multinomial
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "multinomial", lambda p, num_samples: seen.append(p) or draw(p, num_samples))
+        sample_next(logits, **kw)
+    return seen[0]
+
+
+def warped(logits, temperature=1.0, top_k=None, top_p=None):
+    """transformers' sampling warpers in generate's order: temperature, then top-k, then top-p (as sample_next)."""
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k is not None:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers(None, logits.clone())
+
+
+def assert_same_distribution(ours, ref):
+    # Among tied logits, which ones are kept at the boundary is arbitrary (each sorts differently), so compare
+    # each row's probabilities sorted: same count kept, same values. With distinct logits that is the same set.
+    assert torch.equal((ours > 0).sum(-1), (ref > 0).sum(-1))
+    torch.testing.assert_close(ours.sort(-1).values, ref.sort(-1).values, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 5, 49, 50, 80])
+def test_top_k_keeps_what_transformers_keeps(top_k):
+    logits = logit_rows()
+    ref = warped(logits, top_k=top_k).softmax(-1)
+    assert_same_distribution(drawn_from(logits, temperature=1.0, top_k=top_k), ref)
+
+
+@pytest.mark.parametrize("top_p", [1e-6, 0.33, 0.91, 0.999, 1.0])
+def test_top_p_keeps_what_transformers_keeps(top_p):
+    logits = logit_rows()
+    ref = warped(logits, top_p=top_p).softmax(-1)
+    assert_same_distribution(drawn_from(logits, temperature=1.0, top_p=top_p), ref)
+
+
+def test_top_p_keeps_the_smallest_prefix_that_reaches_p_exactly():
+    logits = torch.zeros(1, 4)  # 0.25 each: two tokens reach 0.5 exactly, so two are kept
+    ours, ref = drawn_from(logits, temperature=1.0, top_p=0.5), warped(logits, top_p=0.5).softmax(-1)
+    assert (ref > 0).sum() == 2
+    assert_same_distribution(ours, ref)
+
+
+def test_top_p_one_keeps_every_token():
+    logits = 4 * torch.randn(20, 384, generator=torch.Generator().manual_seed(0))  # a long tail of tiny probabilities
+    probs = drawn_from(logits, temperature=1.0, top_p=1.0)
+    assert (probs > 0).all(), f"top_p=1.0 dropped {int((probs == 0).sum())} of {probs.numel()} tokens"
+    assert torch.equal(probs, logits.softmax(-1))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.5, 10, 0.61), (2.0, 3, 0.93), (0.7, 50, 0.23)])
+def test_temperature_then_top_k_then_top_p_as_transformers(temperature, top_k, top_p):
+    logits = logit_rows()
+    ref = warped(logits, temperature, top_k, top_p).softmax(-1)
+    assert_same_distribution(drawn_from(logits, temperature=temperature, top_k=top_k, top_p=top_p), ref)
+
+
+# --- 4. generate -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, None), (0.25, None, 0.6), (0.7, 8, 0.7)])
+def test_generate_samples_only_and_all_allowed_tokens(temperature, top_k, top_p, tiny_model_dir):
+    model = Qwen2.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ref = Qwen2ForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    T, n = 6, 3
+    idx = torch.randint(0, 300, (1, T)).expand(300, T)  # one prompt drawn 300 times
+    out = model.generate(idx, n, temperature=temperature, top_k=top_k, top_p=top_p)
+    for j in range(n):
+        with torch.no_grad():
+            logits = ref(out[:, :T + j]).logits[:, -1]  # (B, vocab)
+        allowed = warped(logits, temperature, top_k, top_p).isfinite()  # (B, vocab)
+        assert allowed.gather(1, out[:, T + j, None]).all(), f"step {j} sampled a token the warpers drop"
+        if j == 0:  # the same prompt in every row: 300 draws reach every allowed token
+            assert sorted(out[:, T].unique().tolist()) == allowed[0].nonzero().flatten().tolist()

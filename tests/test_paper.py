@@ -14,7 +14,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = os.path.join(ROOT, "experiments", "paper.py")
@@ -321,68 +320,6 @@ def test_eval_resume_runs_only_the_missing_probes(tiny_model_dir, eval_data, tmp
 # what training records about its cost
 
 
-def test_throughput_and_mfu_equal_a_hand_count(tiny_model_dir, monkeypatch):
-    import common
-    import memory
-    from checkpoint import load_model
-    model, _, _ = load_model(tiny_model_dir, device="cpu")
-    memory.add_memory(model, memory.MemoryConfig(n_keys=8, heads=2, topk=4, k_dim=16, layers=[1]).resolve(4, 64))
-    cfg = model.config  # hidden 64, 4 layers, 4 heads of 16, 2 kv heads, MLP 128, vocab 384 (tests/tiny.py)
-    h, kv, inter, layers, vocab = 64, 2 * 16, 128, 4, cfg.vocab_size
-    per_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * inter + 2 * h
-    mem = model.model.layers[1].memory
-    mem_matmuls = sum(p.numel() for n, p in mem.named_parameters()) - 8 * 8 * h  # all but the 64-row value table
-    n = layers * per_layer + vocab * h + h + mem_matmuls  # tied embeddings: once, as the output layer
-    stream = type("S", (), {"lengths": lambda self, s: [3, 5]})()
-    monkeypatch.setattr(common, "peak_flops", lambda device: 1e12)
-    meter = common.Throughput(model, torch.device("cpu"), 2, stream)
-    assert meter.matmul_weights == n
-    record = {"seconds": 0.5}
-    shown = meter(record, 0)
-    flops = 6 * n * 8 + 12 * layers * h * (9 + 25)
-    assert record["input_tokens"] == 8 and record["tok_s"] == 16.0
-    assert record["mfu"] == round(flops / 0.5 / 2e12, 5) and set(shown) == {"tok_s", "mfu"}
-
-
-def test_run_cost_from_the_log_and_the_checkpoint(tmp_path):
-    import checkpoint
-    from safetensors.torch import save_file
-    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-        {"step": 1, "seconds": 1.5, "input_tokens": 100, "mfu": 0.2}, {"step": 2, "seconds": 2.5, "input_tokens": 300,
-                                                                       "mfu": 0.4}]))
-    want = {"device": "cpu", "world_size": 1, "steps": 2, "wall_seconds": 4.0, "step_seconds": 4.0, "gpu_hours": 0.0,
-            "input_tokens": 400, "tokens_per_s": 100.0, "mfu": round((0.2 * 1.5 + 0.4 * 2.5) / 4.0, 5)}
-    assert checkpoint.run_cost(str(tmp_path), torch.device("cpu"), 1) == want  # no checkpoint: the steps' time
-    save_file({"x": torch.zeros(1)}, str(tmp_path / "checkpoint.safetensors"), metadata={"wall_seconds": "7.25"})
-    assert checkpoint.run_cost(str(tmp_path), torch.device("cpu"), 1) == {**want, "wall_seconds": 7.25}
-
-
-def test_wall_time_adds_up_over_a_resumed_run(tmp_path, monkeypatch):
-    """The checkpoint carries the loop's wall time so far; a resumed run adds its own to it."""
-    import checkpoint
-    from checkpoint import Checkpoint
-    from common import Ranks
-
-    class Clock:
-        now = 100.0
-
-        def time(self):
-            return self.now
-    clock = Clock()
-    monkeypatch.setattr(checkpoint, "time", clock)
-    model = torch.nn.Linear(2, 2)
-    make = lambda: Checkpoint(str(tmp_path), model, lambda: dict(model.state_dict()), {}, None, None, Ranks())  # noqa
-    first = make()
-    clock.now = 130.0
-    first.save(1)  # 30 s so far
-    clock.now = 500.0  # killed; resumed much later
-    second = make()
-    assert second.load(torch.device("cpu")) == 1
-    clock.now = 512.5
-    second.save(2)
-    assert checkpoint.run_cost(str(tmp_path), torch.device("cpu"), 1)["wall_seconds"] == 42.5
-
-
 # -----------------------------------------------------------------------------
 # Behaviours a one-line slip would break silently
 
@@ -416,18 +353,6 @@ def test_a_claim_of_two_conditions_holds_only_when_both_do():
         assert verdict(method, 2.0, -0.005) is False  # WikiText alone
         assert verdict(method, 0.5, -0.05) is False  # TriviaQA alone
         assert verdict(method, 0.5, 0.0) is False
-
-
-def test_gpu_hours_count_every_process(tmp_path, monkeypatch):
-    """Under torchrun with N processes a stage's GPU-hours are N times its wall hours (on a GPU; 0 on the CPU)."""
-    import checkpoint
-    from safetensors.torch import save_file
-    (tmp_path / "log.jsonl").write_text(json.dumps({"step": 1, "seconds": 1.0, "input_tokens": 10}) + "\n")
-    save_file({"x": torch.zeros(1)}, str(tmp_path / "checkpoint.safetensors"), metadata={"wall_seconds": "1800"})
-    monkeypatch.setattr(checkpoint, "device_name", lambda device: "a GPU")
-    for world in (1, 2, 4):
-        assert checkpoint.run_cost(str(tmp_path), torch.device("cuda"), world)["gpu_hours"] == 0.5 * world
-    assert checkpoint.run_cost(str(tmp_path), torch.device("cpu"), 4)["gpu_hours"] == 0.0
 
 
 def test_run_and_table_check_their_input_before_any_job(tmp_path, capsys):

@@ -12,6 +12,7 @@
 - full finetuning in pure bf16; LoRA merged into the bf16 base as peft's merge_and_unload
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -30,24 +31,13 @@ import train
 from data import Tokenizer
 from model import Qwen2
 from tiny_data import medmcqa_rows, oasst1_rows
+from helpers import train_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MEM = ["--n-keys", "8", "--mem-heads", "2", "--mem-topk", "4", "--mem-k-dim", "16", "--memory-layers", "1,2"]
 LAYERS = (1, 2)
 
 
-def common(model_dir, files, out, *extra):
-    return ["--model", model_dir, "--data", f"medmcqa={files['medmcqa']}", "--data", f"oasst1={files['oasst1']}",
-            "--out", str(out), "--device", "cpu", "--batch-size", "4", "--micro-batch", "2", "--max-len", "128",
-            *extra]
-
-
-@pytest.fixture(scope="module")
-def retrofit_run(tiny_model_dir, files, tmp_path_factory):
-    out = tmp_path_factory.mktemp("recipe_runs") / "retrofit"
-    train.main(common(tiny_model_dir, files, out, "--method", "retrofit", "--max-steps", "3", "--warmup", "1",
-                      "--lr", "1e-3", *MEM))
-    return str(out)
+common = functools.partial(train_argv, batch_size=4, micro_batch=2, max_len=128, warmup=None)  # tiny fixtures
 
 
 # -----------------------------------------------------------------------------

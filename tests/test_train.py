@@ -1,5 +1,6 @@
 """train.py end to end on a tiny model and tiny local data (CPU, seconds each)."""
 
+import functools
 import json
 import os
 import subprocess
@@ -9,33 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import Ranks, fits_in_memory, largest_that_fits
+from common import Ranks
 import train
 from checkpoint import load_model
 from model import Qwen2
 from grads import assert_same_gradients
 from tiny_data import write_jsonl
+from helpers import MEM, read_log, run_script, train_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MEM = ["--n-keys", "8", "--mem-heads", "2", "--mem-topk", "4", "--mem-k-dim", "16", "--memory-layers", "1,2"]
 
 
-def common(model_dir, files, out, *extra):
-    return ["--model", model_dir, "--data", f"medmcqa={files['medmcqa']}", "--data", f"oasst1={files['oasst1']}",
-            "--out", str(out), "--device", "cpu", "--batch-size", "4", "--micro-batch", "2", "--max-len", "128",
-            "--warmup", "1", *extra]
-
-
-def read_log(run):
-    with open(os.path.join(run, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-@pytest.fixture(scope="module")
-def retrofit_run(tiny_model_dir, files, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "retrofit"
-    train.main(common(tiny_model_dir, files, out, "--method", "retrofit", "--max-steps", "3", *MEM))
-    return str(out)
+common = functools.partial(train_argv, batch_size=4, micro_batch=2, max_len=128)  # train.py flags, tiny fixtures
 
 
 def test_retrofit_trains_every_memory_tensor(retrofit_run, tiny_model_dir):
@@ -229,19 +215,16 @@ def test_resume_is_bit_identical(method, recipe, retrofit_run, tiny_model_dir, f
     assert strip(read_log(tmp_path / "a")) == strip(read_log(tmp_path / "b"))
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True)
-
-
 def test_bad_input_gives_one_line_errors(tiny_model_dir, files, tmp_path, retrofit_run):
-    r = run_cli("--method", "magic")
+    r = run_script("train.py", "--method", "magic")
     assert r.returncode != 0 and "invalid choice: 'magic'" in r.stderr
-    r = run_cli("--method", "lora", "--model", tiny_model_dir, "--data", f"medmcqa={tmp_path}/nope.jsonl")
+    r = run_script("train.py", "--method", "lora", "--model", tiny_model_dir, "--data",
+                   f"medmcqa={tmp_path}/nope.jsonl")
     assert r.returncode != 0 and "file not found" in r.stderr and "nope.jsonl" in r.stderr
     # a memory built on another base model
     from tiny import write_checkpoint
     other = write_checkpoint(str(tmp_path / "other"), hidden=32, heads=2, kv_heads=1, intermediate=64)
-    r = run_cli(*common(other, files, tmp_path / "x", "--method", "smf", "--memory-from", retrofit_run))
+    r = run_script("train.py", *common(other, files, tmp_path / "x", "--method", "smf", "--memory-from", retrofit_run))
     assert r.returncode != 0 and "differs from --model" in r.stderr
     assert [line for line in r.stderr.splitlines() if not line.startswith("data: ")] == \
         [r.stderr.strip().splitlines()[-1]], r.stderr  # one line (after the data's warnings), no traceback
@@ -250,7 +233,7 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, files, tmp_path, retrof
     os.makedirs(out)
     json.dump({}, open(out / "args.json", "w"))
     open(out / "checkpoint.safetensors", "w").close()
-    r = run_cli(*common(tiny_model_dir, files, out, "--method", "lora"))
+    r = run_script("train.py", *common(tiny_model_dir, files, out, "--method", "lora"))
     assert r.returncode != 0 and "already holds a run with completed steps: pass --resume" in r.stderr
 
 
@@ -364,7 +347,7 @@ def test_micro_batch_auto(retrofit_run, tiny_model_dir, files, tmp_path, monkeyp
                         adamw_params={}, trained=None, config={})
     loop = train.settings(train.Loop, vars(args))
     assert train.micro_batch(stage, loop, torch.device("cpu"), None, train.setup_ranks("cpu")[0]) == 2
-    r = run_cli(*common(tiny_model_dir, files, tmp_path / "x", "--method", "full", "--batch-size", "8",
+    r = run_script("train.py", *common(tiny_model_dir, files, tmp_path / "x", "--method", "full", "--batch-size", "8",
                         "--micro-batch", "3"))
     assert r.returncode != 0 and "--micro-batch 3 must be a positive divisor of the batch per process (8)" in r.stderr
 
@@ -385,40 +368,3 @@ def test_paper_micro_batch_is_split_across_ranks(retrofit_run, tiny_model_dir, f
         train.micro_batch(stage, loop, torch.device("cpu"), None, Ranks(0, 3))
 
 
-def test_largest_micro_batch_that_fits_backs_off():
-    tried = []
-
-    def fits(n):
-        tried.append(n)
-        return n <= 5
-
-    assert largest_that_fits(16, fits) == 4 and tried == [16, 8, 4]  # divisors of 16, largest first
-    with pytest.raises(train.RunError, match="micro-batch of 1"):
-        largest_that_fits(6, lambda n: False)
-
-
-def test_memory_probe_leaves_no_trace(tiny_model_dir, files, tmp_path, monkeypatch):
-    """fits_in_memory runs a forward+backward of the longest example; it leaves no gradient and no changed weight,
-    and an out-of-memory error in it means "does not fit"."""
-    import data
-    from data import Tokenizer
-    tok = Tokenizer.from_pretrained(tiny_model_dir)
-    run = train.Run(out=str(tmp_path / "r"), base_model=tiny_model_dir, base_revision=None, base_fingerprint=None,
-                    recipe={}, seed=0, max_len=96, batch_size=2, resume=False, data={})
-    examples = train.task_examples("medmcqa", files["medmcqa"], tok, run, None)
-    lora = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": list(train.LORA_TARGETS), "merge_for_eval": False}
-    stage = train.lora_or_full_stage(run, "lora", "medmcqa", examples, 1e-3, 1, None, torch.device("cpu"),
-                                     train.setup_ranks("cpu")[0], lora=lora)
-    before = {k: v.clone() for k, v in stage.model.state_dict().items()}
-    loss = lambda model, b: train.summed_loss(model, b, pad_reads=False)  # noqa: E731
-    longest = max(stage.examples, key=lambda e: len(e[0]))
-    batch = data.collate([longest] * 3, tok.pad_id)
-    trained = list(stage.adamw_params.values())
-    assert fits_in_memory(stage.model, batch, trained, loss, torch.device("cpu"))
-    assert all(p.grad is None for p in stage.model.parameters())
-    assert all(torch.equal(before[k], v) for k, v in stage.model.state_dict().items())
-
-    def oom(*a, **k):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-    monkeypatch.setattr(stage.model, "forward", oom)
-    assert not fits_in_memory(stage.model, batch, trained, loss, torch.device("cpu"))

@@ -138,7 +138,7 @@ def test_differences_within_the_spread_are_not_called():
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def forgetting_quick(tmp_path_factory):
     """forgetting.main at the --quick scale with matplotlib unimportable (as where it is not installed)."""
     import forgetting
     out = str(tmp_path_factory.mktemp("forgetting"))
@@ -156,9 +156,9 @@ def run_files(out, seed, name):
     return json.load(open(os.path.join(run, "config.json"))), json.load(open(os.path.join(run, "args.json"))), log
 
 
-def test_quick_pipeline_writes_every_method_and_summary_without_matplotlib(quick_run):
+def test_quick_pipeline_writes_every_method_and_summary_without_matplotlib(forgetting_quick):
     import forgetting
-    out, returned, printed = quick_run
+    out, returned, printed = forgetting_quick
     res = json.load(open(os.path.join(out, "results.json")))
     md = open(os.path.join(out, "results.md")).read()
     seeds, levels = forgetting.SCALES["quick"]["seeds"], res["levels"]
@@ -201,10 +201,10 @@ def test_quick_pipeline_writes_every_method_and_summary_without_matplotlib(quick
     assert res["wall_seconds"] > 0 and res["cpu_seconds"] > 0
 
 
-def test_figure_is_written_where_matplotlib_is_installed(quick_run, tmp_path):
+def test_figure_is_written_where_matplotlib_is_installed(forgetting_quick, tmp_path):
     pytest.importorskip("matplotlib")
     import forgetting
-    out, _, _ = quick_run
+    out, _, _ = forgetting_quick
     res = json.load(open(os.path.join(out, "results.json")))
     path = str(tmp_path / "f.png")
     forgetting.figure(res, path, "test")
@@ -223,9 +223,9 @@ def test_no_runtime_file_imports_matplotlib():
     assert src.count("import matplotlib") == src.count("    import matplotlib")  # only inside a function
 
 
-def test_quick_pipeline_runs_each_variant_with_its_recipe(quick_run):
+def test_quick_pipeline_runs_each_variant_with_its_recipe(forgetting_quick):
     import forgetting
-    out, res, _ = quick_run
+    out, res, _ = forgetting_quick
     scale = forgetting.SCALES["quick"]
     for seed in res["seeds"]:
         runs = {r["method"]: f"{r['method']}-lr{r['lr']:g}" for r in res["runs"]
@@ -259,8 +259,8 @@ def test_quick_pipeline_runs_each_variant_with_its_recipe(quick_run):
         assert all(n <= scale["top_t"] for r in log for n in r["rows"].values()) and sum(log[-1]["rows"].values()) > 0
 
 
-def test_base_model_learned_the_old_world(quick_run):
-    _, res, _ = quick_run
+def test_base_model_learned_the_old_world(forgetting_quick):
+    _, res, _ = forgetting_quick
     for base in (r for r in res["runs"] if r["method"] == "base"):
         # chance is 0.10 (10 values per attribute): the base must know the old facts, and not the new ones
         assert base["old_acc"] >= 0.6, base
