@@ -76,3 +76,16 @@ def retrofit_run(tiny_model_dir, files, tmp_path_factory):
     train.main(train_argv(tiny_model_dir, files, out, "--method", "retrofit", "--max-steps", "3", "--lr", "1e-3",
                           *MEM, batch_size=4, micro_batch=2, max_len=128, warmup=1))
     return str(out)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A real read-only folder: a tmpfs mounted read-only (root ignores a folder's permission bits); skipped where
+    this process may not mount."""
+    import subprocess
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(ro)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    yield ro
+    subprocess.run(["umount", str(ro)])

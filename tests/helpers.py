@@ -85,3 +85,18 @@ def write_run(run_dir, config, state):
         json.dump(config, f)
     save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(run_dir, "model.safetensors"))
     return str(run_dir)
+
+
+def trained_lora(model_dir, lora: dict):
+    """The base at model_dir with LoRA adapters (lora: r, alpha, dropout, targets) whose lora_B is drawn, as if
+    trained, so that they change the output (seed 0)."""
+    import torch
+    from model import Qwen2, add_lora
+    torch.manual_seed(0)
+    trained = add_lora(Qwen2.from_pretrained(model_dir, dtype="float32"), **lora).eval()
+    with torch.no_grad():
+        for k, p in trained.named_parameters():
+            if k.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    return trained
+

@@ -14,8 +14,8 @@ import checkpoint
 import common
 import memory
 from data import Tokenizer
-from helpers import write_run
-from model import LORA_TARGETS, Qwen2, add_lora, lora_state_dict
+from helpers import trained_lora, write_run
+from model import LORA_TARGETS, Qwen2, lora_state_dict
 
 
 def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary_file(tmp_path):
@@ -118,13 +118,8 @@ def logits_of(model, tok):
 
 
 def test_lora_run_dir_rebuilds_the_trained_model(tiny_model_dir, tmp_path):
-    torch.manual_seed(0)
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "targets": list(LORA_TARGETS)}
-    trained = add_lora(Qwen2.from_pretrained(tiny_model_dir, dtype="float32"), **lora).eval()
-    with torch.no_grad():
-        for k, p in trained.named_parameters():
-            if k.endswith("lora_B"):
-                p.normal_(0, 0.1)  # as if trained: the adapters now change the output
+    trained = trained_lora(tiny_model_dir, lora)  # the adapters change the output
     tok = Tokenizer.from_pretrained(tiny_model_dir)
     base_logits = logits_of(Qwen2.from_pretrained(tiny_model_dir, dtype="float32"), tok)
     want = logits_of(trained, tok)

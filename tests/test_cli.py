@@ -263,18 +263,11 @@ def test_flags_that_name_the_wrong_thing(tiny_model_dir, medmcqa, tmp_path, caps
         assert e.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_eval_refuses_a_read_only_out_before_any_work(tiny_model_dir, tmp_path):
-    """A read-only mount (a real one: tmpfs mounted read-only; skipped where this process may not mount)."""
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(ro)], capture_output=True).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here")
-    try:
-        r = eval_cli("--model", tiny_model_dir, "--tasks", "medmcqa", "--out", ro / "eval.json")
-        one_line_error(r, f"--out {ro / 'eval.json'}: cannot write in {ro} (read-only?)")
-        assert "medmcqa" not in r.stderr.replace("--tasks medmcqa", "")  # refused before any probe ran
-    finally:
-        subprocess.run(["umount", str(ro)])
+def test_eval_refuses_a_read_only_out_before_any_work(tiny_model_dir, read_only_dir):
+    ro = read_only_dir
+    r = eval_cli("--model", tiny_model_dir, "--tasks", "medmcqa", "--out", ro / "eval.json")
+    one_line_error(r, f"--out {ro / 'eval.json'}: cannot write in {ro} (read-only?)")
+    assert "medmcqa" not in r.stderr.replace("--tasks medmcqa", "")  # refused before any probe ran
 
 
 # -----------------------------------------------------------------------------

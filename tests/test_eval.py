@@ -16,11 +16,11 @@ import torch
 import data
 import eval as ev
 from conftest import ROOT
-from helpers import write_run
+from helpers import trained_lora, write_run
 from tiny_data import HELLASWAG, write_jsonl
 from data import Tokenizer
 from checkpoint import save_pretrained
-from model import LORA_TARGETS, Qwen2, Qwen2Config, add_lora, looks_like_hub_id, lora_state_dict, resolve_model_dir
+from model import LORA_TARGETS, Qwen2, Qwen2Config, looks_like_hub_id, lora_state_dict, resolve_model_dir
 import re
 import numpy as np
 import torch.nn.functional as F
@@ -449,13 +449,8 @@ def test_prompt_bad_model_dir_is_one_line_error(tmp_path):
 
 def test_prompt_talks_to_a_run_directory(tiny_model_dir, tmp_path):
     """A train.py run directory is rebuilt (base + its trained tensors) as for the probes, whatever the method."""
-    torch.manual_seed(0)
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "targets": list(LORA_TARGETS)}
-    trained = add_lora(Qwen2.from_pretrained(tiny_model_dir, dtype="float32"), **lora).eval()
-    with torch.no_grad():
-        for k, p in trained.named_parameters():
-            if k.endswith("lora_B"):
-                p.normal_(0, 0.1)
+    trained = trained_lora(tiny_model_dir, lora)  # the adapters change the output
     cfg = {"method": "lora", "base_model": tiny_model_dir, "base_revision": None, "memory": None, "lora": lora,
            "finished": True}
     run = write_run(tmp_path / "runs" / "tiny-lora", cfg, lora_state_dict(trained))
