@@ -16,7 +16,7 @@ import data
 import train
 from checkpoint import load_model
 from tiny_data import write_jsonl
-from helpers import MEM, train_argv
+from helpers import MEM, read_log, train_argv
 
 
 common = functools.partial(train_argv, batch_size=4, max_len=128)  # train.py flags on the tiny fixtures
@@ -53,7 +53,7 @@ def test_smf_continues_an_smf_run_and_trains_only_its_selected_rows(smf_chain):
     before, after = load_file(os.path.join(runs["smf1"], "model.safetensors")), \
         load_file(os.path.join(runs["smf2"], "model.safetensors"))
     assert set(before) == set(after)
-    log = [json.loads(line) for line in open(os.path.join(runs["smf2"], "log.jsonl"))]
+    log = read_log(runs["smf2"])
     for k in before:
         if not k.endswith(".memory.values.weight"):
             assert torch.equal(before[k], after[k]), k  # keys, query, alpha: as the previous link left them

@@ -20,7 +20,7 @@ import checkpoint
 import train
 from checkpoint import is_temp_file
 import eval as ev
-from helpers import MEM, ROOT, call, one_line_error, run_script, steps, train_argv
+from helpers import MEM, ROOT, call, one_line_error, read_log, run_script, steps, train_argv
 from tiny_data import medmcqa_rows, oasst1_rows, write_jsonl, write_parquet
 
 # a LoRA run, clean recipe, batch 2 of 96 tokens: what most tests here train
@@ -166,7 +166,7 @@ def test_dead_model_is_warned_in_stderr_and_log(tiny_model_dir, medmcqa, tmp_pat
     out = tmp_path / "dead"
     r = train_cli(tiny_model_dir, medmcqa, out, "--method", "full", "--max-steps", "12", "--lr", "1e6")
     assert r.returncode == 0 and "the model may be dead" in r.stderr
-    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    log = read_log(out)
     assert sum("warning" in rec for rec in log) == 1
 
 

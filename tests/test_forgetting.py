@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import world  # noqa: E402
+from helpers import read_log  # noqa: E402
 
 METHODS = ["smf-clean", "smf-sgd", "smf-paper", "lora", "full"]
 SMF = ["smf-clean", "smf-sgd", "smf-paper"]
@@ -152,7 +153,7 @@ def forgetting_quick(tmp_path_factory):
 def run_files(out, seed, name):
     """(config.json, args.json, log.jsonl records) of the run out/seed<seed>/name."""
     run = os.path.join(out, f"seed{seed}", name)
-    log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    log = read_log(run)
     return json.load(open(os.path.join(run, "config.json"))), json.load(open(os.path.join(run, "args.json"))), log
 
 

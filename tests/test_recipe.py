@@ -31,7 +31,7 @@ import train
 from data import Tokenizer
 from model import Qwen2
 from tiny_data import medmcqa_rows, oasst1_rows
-from helpers import train_argv
+from helpers import read_log, train_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = (1, 2)
@@ -247,7 +247,7 @@ def test_paper_retrofit_equals_the_paper_codes_stage_1(retrofit_run, tiny_model_
     examples = [ids for ids in (tok.encode(t)[:128] for t in reply_texts(files["oasst1"])) if len(ids) > 1]
     norms = trainer_loop(hf, params, batches_of(examples, 0, 2, tok.pad_id, 6), steps=3, grad_accum=2, lr=1e-3,
                          warmup=1)
-    log = [json.loads(line) for line in open(os.path.join(retrofit_run, "log.jsonl"))]
+    log = read_log(retrofit_run)
     assert_same_training(load_file(os.path.join(retrofit_run, "model.safetensors")),
                          {f"model.layers.{i}.memory.{name}": p for i, mem in hf.mems.items()
                           for name, p in mem.weights().items()}, log, norms, atol=3e-5)
@@ -297,7 +297,7 @@ def test_paper_stage_2_equals_the_paper_codes_stage_2(retrofit_run, tiny_model_d
     examples = [tok.encode(medmcqa_text(r))[:128] for r in rows]
     norms = trainer_loop(hf, params, batches_of(examples, 1, 2, tok.pad_id, 6), steps=3, grad_accum=2, lr=1e-2,
                          warmup=2, on_micro_batch=select, mean_per_micro=True)
-    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    log = read_log(out)
     assert_same_training(load_file(os.path.join(out, "model.safetensors")),
                          {f"model.layers.{i}.memory.{name}": mlp.weights()[name] for i, mlp in mlps.items()
                           for name in ("values.weight", "alpha")}, log, norms, atol=3e-5)
