@@ -681,23 +681,40 @@ def rebuild(run_dir: str, run: dict, dtype, device, base: str | None = None):
     return model, base
 
 
+def model_problem(name: str) -> str | None:
+    """Why a folder holds nothing load_model can load, told before loading anything (eval.py checks it before it
+    reads its data): neither a model folder (config.json) nor a train.py run (e.g. what a run that failed to start
+    left), an unfinished run, or a broken config.json; None for a loadable folder or a name that is no folder."""
+    if not os.path.isdir(name):
+        return None  # a Hub id, or missing: load_model says which
+    if not os.path.exists(os.path.join(name, "config.json")):
+        return "holds neither a model (config.json) nor a train.py run"
+    try:
+        if is_run_dir(name) and read_json(os.path.join(name, "config.json")).get("finished") is False:
+            return "the run has not finished (continue it with train.py --resume)"
+    except ValueError as e:  # a broken config.json, named
+        return str(e)
+    return None
+
+
 def load_model(name_or_dir: str, dtype=None, device=None, base: str | None = None):
     """
     -> (model in eval mode, tokenizer, info). name_or_dir: a Hub id, a model directory (Hub layout), or a finished
     run directory of train.py (rebuild; base: where its base model lies now, if not where the run recorded it).
     The base is in `dtype` (a torch.dtype or a name in common.DTYPES; default common.default_dtype: bf16 GPU, fp32
-    CPU); memory and adapters stay fp32, except as the run's recipe says (the paper's: a memory of precision "bf16" is cast to bf16, LoRA adapters are merged). device: a
-    torch.device or a name ("auto", "cpu", "cuda:1", ...).
+    CPU); memory and adapters stay fp32, except as the run's recipe says (the paper's: a memory of precision "bf16"
+    is cast to bf16, LoRA adapters are merged). device: a torch.device or a name ("auto", "cpu", "cuda:1", ...). A
+    folder that holds nothing to load (model_problem) is a ValueError naming it.
     info: {"path", "method", "base_model", "dtype", "device", "repetition_penalty", "generation_config"}.
     """
     device = resolve_device(device)
     dtype = default_dtype(device) if dtype is None else parse_dtype(dtype)
+    if problem := model_problem(name_or_dir):
+        raise ValueError(f"{name_or_dir}: {problem}")
     method, run = None, {}
     if is_run_dir(name_or_dir):
         run = read_json(os.path.join(name_or_dir, "config.json"))
         method = run["method"]
-        if run.get("finished") is False:
-            raise ValueError(f"{name_or_dir}: the run has not finished (continue it with train.py --resume)")
         if "base_model" not in run:
             raise ValueError(f"{name_or_dir}/config.json has no base_model")
         model, base = rebuild(name_or_dir, run, dtype, device, base)

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from checkpoint import (atomic_write, file_problem, first_change, is_eval_output, is_run_dir, load_model, read_json,
-                        write_json)
+from checkpoint import (atomic_write, file_problem, first_change, is_eval_output, is_run_dir, load_model,
+                        model_problem, read_json, write_json)
 from common import DTYPES, ArgParser
 
 
@@ -642,21 +642,6 @@ def main(argv=None):
             sys.exit(f"error: {e}")
         write_results(args.out, args.log_samples, {**results, "meta": meta}, samples)
     print(format_table(results))
-
-
-def model_problem(name: str) -> str | None:
-    """Why --model names nothing eval.py can load, if that shows before loading anything: a folder that is neither a
-    model folder (config.json) nor a train.py run (e.g. what a run that failed to start left), or an unfinished run."""
-    if not os.path.isdir(name):
-        return None  # a Hub id, or missing: load_model says which
-    if not os.path.exists(os.path.join(name, "config.json")):
-        return "holds neither a model (config.json) nor a train.py run"
-    try:
-        if is_run_dir(name) and read_json(os.path.join(name, "config.json")).get("finished") is False:
-            return "the run has not finished (continue it with train.py --resume)"
-    except ValueError as e:  # a broken config.json, named
-        return str(e)
-    return None
 
 
 def talk(model_name, prompt, system=None, raw=False, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,

@@ -14,7 +14,7 @@ runs/<method>-seed<seed>; its files are listed in checkpoint.py) holds only what
 run resumed with --resume ends bit-identical to one never interrupted. Evaluate it with `python eval.py --model RUN`.
 
 Read in this order: RECIPES, then train(), the loop shared by every method, where one SMF step is the lines marked
-"SMF 1. reads", "SMF 2. select" and "SMF 3. masked step" (memory.py's docstring shows the same step in twelve lines),
+"SMF 1. reads", "SMF 2. select" and "SMF 3. masked step" (memory.py's docstring shows the same step in eleven lines),
 then the methods' stage builders, main() and the arguments. Only parser(), parse_args() and main() see the argparse
 namespace: main() turns it into the frozen settings below (Run, Loop, SMFStep), which the functions take.
 """
@@ -26,7 +26,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -294,8 +294,9 @@ def micro_batch(stage, loop, device, tok, ranks) -> int:
     trained = list(stage.adamw_params.values()) + \
         ([mem.values.weight for mem in stage.smf.memories.values()] if stage.smf is not None else [])
     loss = functools.partial(summed_loss, pad_reads=stage.smf is not None and stage.smf.count_pad_reads)
-    fits = lambda n: fits_in_memory(stage.model, data.collate([longest] * n, tok.pad_id), trained, loss,  # noqa
-                                    device)
+
+    def fits(n):  # n copies of the longest example, forward and backward
+        return fits_in_memory(stage.model, data.collate([longest] * n, tok.pad_id), trained, loss, device)
     return micro_batch_size(per_rank, device, ranks, fits, stage.fsdp, PAPER_MICRO_BATCH)
 
 
@@ -329,11 +330,14 @@ def run_config(run: Run, method: str, task: str, model, **extra) -> dict:
             "base_config": model.config.to_dict(), "memory": None, "lora": None, "recipe": run.recipe, **extra}
 
 
+def memory_flags(flags: dict) -> dict:
+    """{MemoryConfig field: value} of the memory flags given ({dest: value}, e.g. vars(args); unset ones left out)."""
+    return {f.name: flags[d] for f, d in memory.MemoryConfig.options() if flags.get(d) is not None}
+
+
 def memory_config(flags: dict, base: dict | None = None) -> memory.MemoryConfig:
-    """The MemoryConfig of the memory flags given ({dest: value}, e.g. vars(args); the others: MemoryConfig's
-    defaults, or `base`'s values)."""
-    given = {f.name: flags[d] for f, d in memory.MemoryConfig.options() if flags.get(d) is not None}
-    return memory.MemoryConfig(**{**(base or {}), **given})
+    """The MemoryConfig of the memory flags given (the others: MemoryConfig's defaults, or `base`'s values)."""
+    return memory.MemoryConfig(**{**(base or {}), **memory_flags(flags)})
 
 
 def retrofit_stage(run: Run, out: str, mem_cfg: memory.MemoryConfig, examples: list, stage1_data: dict, lr: float,
@@ -371,21 +375,21 @@ def background_statistics(model, tok, stage1: dict, run: Run, subset: int, n: in
     return stats.summed(ranks.sum_, device) if ranks.world > 1 else stats  # each rank read its share
 
 
-def sparse_stage(run: Run, task: str, memory_dir: str, mem_flags: dict, step_flags: dict, background: dict,
+def sparse_stage(run: Run, task: str, memory_dir: str, mem_given: dict, step: SMFStep, background: dict,
                  train_alpha: bool, examples: list, lr: float, epochs: float, max_steps: int | None, device, tok,
                  ranks) -> Stage:
     """Stage 2: only the memory values train, and on each step only the top-t rows per layer that the batch
     read most (ranked against background reads, taken from the stage-1 data at the start of this stage) change.
-    mem_flags: the memory flags given (memory_config); step_flags: SMFStep's flags; background: {"task" (None:
-    the memory's stage-1 data), "subset", "batches"}."""
+    mem_given: the memory flags given (memory_flags); step: how a step reads, selects and updates (its memories
+    and background filled in here); background: {"task" (None: the memory's stage-1 data), "subset", "batches"}."""
     model, _, info = load_model(run.base_model, dtype=default_dtype(device), device=device)
     mem_run = memory_run(memory_dir, model.config.to_dict(), run.base_model, run.base_fingerprint)
     loaded = memory.MemoryConfig.from_dict(mem_run["memory"])
-    mem_cfg = memory_config(mem_flags, base=loaded.to_dict())  # the loaded memory, this run's precision
+    mem_cfg = memory.MemoryConfig(**{**loaded.to_dict(), **mem_given})  # the loaded memory, this run's precision
     resolved = mem_cfg.resolve(len(model.model.layers), model.config.hidden_size)
-    for f, dest in memory.MemoryConfig.options():  # a flag that contradicts the loaded memory is an error
+    for f, _ in memory.MemoryConfig.options():  # a flag that contradicts the loaded memory is an error
         if not f.metadata.get("per_run") and getattr(resolved, f.name) != getattr(loaded, f.name):
-            raise RunError(f"{f.metadata['flag']} {mem_flags[dest]} contradicts the memory of --memory-from "
+            raise RunError(f"{f.metadata['flag']} {mem_given[f.name]} contradicts the memory of --memory-from "
                            f"{memory_dir} ({f.name} {getattr(loaded, f.name)}): drop the flag")
     if train_alpha and loaded.alpha_init is None:
         raise RunError(f"--train-alpha: the memory of {memory_dir} has no alpha (it was built with --alpha-init none)")
@@ -414,7 +418,7 @@ def sparse_stage(run: Run, task: str, memory_dir: str, mem_flags: dict, step_fla
                         stage1_data=mem_run["stage1_data"], lineage=lineage(memory_dir))
     return Stage(out=run.out, model=model, examples=examples, lr=lr, epochs=epochs, max_steps=max_steps,
                  adamw_params=adamw_params, trained=lambda: memory.memory_state_dict(model), config=config,
-                 smf=settings(SMFStep, step_flags, memories=memories, background=stats.to(device)),
+                 smf=replace(step, memories=memories, background=stats.to(device)),
                  repetition_penalty=info["repetition_penalty"])
 
 
@@ -484,8 +488,9 @@ def run_stage(stage: Stage, run: Run, flags: dict, loop: Loop, device, tok, rank
 def main(argv=None, on_step=None):
     """Run the pipeline; returns the trained model (for tests and notebooks). on_step: see train()."""
     args = parse_args(argv)
-    if args.check_flags:
-        return print(f"flags ok: {args.out}")
+    if args.check_flags:  # parse_args checked them (and the files they name)
+        print(f"flags ok: {args.out}")
+        return None
     ranks, device = setup_ranks(args.device)
     lock = None
     try:
@@ -525,9 +530,10 @@ def main(argv=None, on_step=None):
                                       args.retrofit_epochs, args.retrofit_max_steps, device, ranks))
             background = {"task": args.background_task, "subset": args.background_subset,
                           "batches": args.background_batches}
-            model = stages(sparse_stage(run, args.task, memory_dir, flags, flags, background, args.train_alpha,
-                                        examples, args.lr, args.epochs, args.max_steps, device, tok, ranks),
-                           first=not stage1)
+            step = settings(SMFStep, flags, memories={}, background=None)  # sparse_stage fills these in
+            model = stages(sparse_stage(run, args.task, memory_dir, memory_flags(flags), step, background,
+                                        args.train_alpha, examples, args.lr, args.epochs, args.max_steps, device,
+                                        tok, ranks), first=not stage1)
         else:
             lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
                     "targets": args.lora_targets, "merge_for_eval": args.merge_lora_for_eval}

@@ -26,8 +26,9 @@ table: reads eval JSONs (files; run directories holding eval.json; folders searc
 what it recorded (config.json's method, memory mode and recipe, args.json's ranking and --train-alpha: VARIANTS'
 names; runs whose other training flags differ get those flags appended), takes its seed from args.json, and prints
 per method and probe the mean ± sample std over seeds (n), the change from the base model (accuracy in points),
-the paper's published figure (PAPER), the verdict on each claim (CLAIMS: decided on the means, as the paper states
-them; "not enough runs" below MIN_SEEDS seeds), what is missing, and what the runs cost (config.json "cost").
+the paper's published figure (PAPER), the verdict on each claim (CLAIMS, as the paper states them: holds, fails or
+undecided on a paired bootstrap over the probes' items, judge(); on the means for evals without per-example records;
+n/a below MIN_SEEDS seeds), what is missing, and what the runs cost (config.json "cost").
 """
 
 import ctypes

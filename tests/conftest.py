@@ -4,6 +4,10 @@ import sys
 # The tests use tiny models, for which one thread is fastest, and spawn subprocesses (train.py, eval.py, torchrun):
 # several multi-threaded torch processes on two cores slowed the suite tenfold. Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No test downloads anything (each builds its tiny model, tokenizer and data): the Hub libraries are told so, for the
+# commands the tests run in this process as well as in their own.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
