@@ -49,7 +49,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 import memory
 from common import RunError, default_dtype, device_name, parse_dtype, resolve_device
 from data import Tokenizer
-from model import (LoRALinear, Qwen2, Qwen2Config, add_lora, check_tensors, load_safetensors_dir, load_tensors,
+from model import (MLP, LoRALinear, Qwen2, Qwen2Config, add_lora, check_tensors, load_safetensors_dir, load_tensors,
                    looks_like_hub_id, lora_state_dict, merge_lora, read_json, resolve_model_dir, safetensors_files)
 
 RUN_FILES = {"args.json", "config.json", "model.safetensors", "log.jsonl", "checkpoint.safetensors",
@@ -360,20 +360,33 @@ def finished_run(run_dir: str, base_config: dict, model_name: str, flag: str, me
 
 
 def memory_run(memory_dir: str, base_config: dict, model_name: str, base_fingerprint: str | None = None) -> dict:
-    """The config.json of a --memory-from run: a finished retrofit, or an smf run (which carries its chain's
-    stage-1 data), on the same base model."""
-    run = finished_run(memory_dir, base_config, model_name, "--memory-from", ("retrofit", "smf"), base_fingerprint)
+    """The config.json of a --memory-from run: a finished retrofit, an smf run (which carries its chain's stage-1
+    data), or a full run of a model with memory layers (pretrained with them: its base is its own hf/ export), on
+    the same base model."""
+    full = is_finished(memory_dir) and read_json(os.path.join(memory_dir, "config.json")).get("method") == "full"
+    run = finished_run(memory_dir, base_config, model_name, "--memory-from", ("retrofit", "smf", "full"),
+                       None if full else base_fingerprint)  # a full run's own weights are its hf/: checked below
     if run.get("memory") is None or "stage1_data" not in run:
-        raise RunError(f"--memory-from {memory_dir}: not a retrofit or smf run of this version of train.py")
+        raise RunError(f"--memory-from {memory_dir}: not a retrofit or smf run of this version of train.py, nor a "
+                       f"full run with memory layers")
+    export = os.path.join(memory_dir, "hf")
+    if run["method"] == "full" and base_fingerprint != weights_fingerprint(export):
+        raise RunError(f"--memory-from {memory_dir}: its memory was trained with the weights of {export}; give "
+                       f"--model {export} (--model {model_name} holds other weights)")
     return run
 
 
 def load_trained(own: dict, run_dir: str, flag: str):
     """Copy a finished run's model.safetensors into `own` ({name: tensor} of a model's parameters; every key and
-    shape checked), or a RunError naming the file."""
+    shape checked), or a RunError naming the file. `own` may be one part of that file: the memory (a full or LoRA
+    run of a model with memory layers holds it beside its other tensors) or the adapters."""
     weights = os.path.join(run_dir, "model.safetensors")
     try:
-        load_tensors(own, load_file(weights), weights)
+        state = load_file(weights)
+        for part in (".memory.", ".lora_"):
+            if all(part in k for k in own):
+                state = {k: v for k, v in state.items() if part in k}
+        load_tensors(own, state, weights)
     except Exception as e:  # unreadable file, missing or misshapen tensor (named)
         raise RunError(f"{flag} {run_dir}: {weights}: {e}") from e
 
@@ -639,11 +652,26 @@ def export_run(out: str, model, run: dict, peft: bool = False, merged: bool = Fa
     base = run["base_model"]
     if run["method"] == "full":
         final, _ = rebuild(out, run, dtype=None, device=None)
-        save_pretrained(final, os.path.join(out, "hf"), tokenizer_from=base)
+        save_pretrained(without_memory(final), os.path.join(out, "hf"), tokenizer_from=base)
     if peft:
         save_peft_adapter(model, os.path.join(out, "peft"), base)
     if merged:
         save_pretrained(merge_lora(copy.deepcopy(model)), os.path.join(out, "merged"), tokenizer_from=base)
+
+
+def without_memory(model):
+    """The model without its memory layers, in place (hf/ of a full run with memory layers: the base an smf run
+    puts that memory back into with --memory-from): a block whose MLP the memory replaced gets an all-zero MLP,
+    which adds nothing, so the block is its attention alone."""
+    for block in model.model.layers:
+        if block.memory is not None:
+            block.memory = None
+            if block.mlp is None:
+                like = block.input_layernorm.weight
+                block.mlp = MLP(model.config).to(like.device, like.dtype).requires_grad_(False)
+                for p in block.mlp.parameters():
+                    p.zero_()
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -655,7 +683,8 @@ def rebuild(run_dir: str, run: dict, dtype, device, base: str | None = None):
     from "base_model" (at "base_revision"; or from `base`, a folder where that model lies now), checked to be the
     weights the run was trained on (check_base), memory layers (smf, retrofit) or LoRA adapters (lora) added, and
     the run's model.safetensors loaded into them, its key set and every shape checked; for "full" that file holds
-    every Hub tensor. dtype None: the base's weights as stored."""
+    every Hub tensor (and the memory's, for a model trained with memory layers: fp32, as every memory is built).
+    dtype None: the base's weights as stored."""
     base = resolve_model_dir(base) if base else resolve_model_dir(run["base_model"], run.get("base_revision"))
     check_base(run_dir, run, base)
     weights = os.path.join(run_dir, "model.safetensors")
@@ -666,15 +695,22 @@ def rebuild(run_dir: str, run: dict, dtype, device, base: str | None = None):
     if method == "full":  # every Hub tensor is in the run's file; only the base's config.json is needed
         with torch.device("meta"):
             model = Qwen2(Qwen2Config.from_json(os.path.join(base, "config.json")))
-        return model.load_hub_state_dict(state, dtype=dtype, device=device), base
+            if run.get("memory"):  # pretrained (or finetuned) with memory layers: they are in the file too
+                memory.add_memory(model, memory.MemoryConfig.from_dict(run["memory"]))
+        model = model.load_hub_state_dict(state, dtype=dtype, device=device)
+        for mem in memory.memory_layers(model).values():
+            mem.float()
+        return model, base
     model = Qwen2.from_pretrained(base, dtype=dtype, device=device)
     if method in ("smf", "retrofit"):
         memory.add_memory(model, memory.MemoryConfig.from_dict(run["memory"]))
         expected = memory.memory_state_dict(model)
-    elif method == "lora":
+    elif method == "lora":  # with memory layers where it was trained with them (frozen, kept in its file)
+        if run.get("memory"):
+            memory.add_memory(model, memory.MemoryConfig.from_dict(run["memory"]))
         lora = run["lora"]
         add_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"], targets=lora["targets"])
-        expected = lora_state_dict(model)
+        expected = {**lora_state_dict(model), **memory.memory_state_dict(model)}
     else:
         raise ValueError(f"{run_dir}/config.json: unknown method {method!r} (expected smf, retrofit, lora or full)")
     load_tensors(expected, state, weights)  # key set and shapes checked, copied into the fp32 tensors
@@ -718,7 +754,7 @@ def load_model(name_or_dir: str, dtype=None, device=None, base: str | None = Non
         if "base_model" not in run:
             raise ValueError(f"{name_or_dir}/config.json has no base_model")
         model, base = rebuild(name_or_dir, run, dtype, device, base)
-        if method in ("smf", "retrofit") and run["memory"].get("precision") == "bf16":
+        if run.get("memory") and run["memory"].get("precision") == "bf16":
             for mem in memory.memory_layers(model).values():  # the paper's code evaluates the whole model
                 mem.to(torch.bfloat16)                        # in bf16, memory included
         if method == "lora" and run["lora"].get("merge_for_eval"):

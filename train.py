@@ -375,13 +375,30 @@ def background_statistics(model, tok, stage1: dict, run: Run, subset: int, n: in
     return stats.summed(ranks.sum_, device) if ranks.world > 1 else stats  # each rank read its share
 
 
+def earlier_background(run_dir: str, memories: dict, base_config: dict, run: Run) -> memory.BackgroundStats:
+    """The background statistics of a finished smf run on the same base (--background-from), checked to cover
+    exactly these memories' layers and slots."""
+    finished_run(run_dir, base_config, run.base_model, "--background-from", ("smf",), run.base_fingerprint)
+    path = os.path.join(run_dir, "background.safetensors")
+    try:
+        stats = memory.BackgroundStats.load(path)
+    except Exception as e:  # missing or unreadable, named
+        raise RunError(f"--background-from {run_dir}: {path}: {e}") from e
+    have = {i: tuple(c.shape) for i, c in stats.counts.items()}
+    want = {i: (m.values.weight.shape[0],) for i, m in memories.items()}
+    if have != want:
+        raise RunError(f"--background-from {run_dir}: its reads cover {have} (layer: slots), this memory {want}")
+    return stats
+
+
 def sparse_stage(run: Run, task: str, memory_dir: str, mem_given: dict, step: SMFStep, background: dict,
                  train_alpha: bool, examples: list, lr: float, epochs: float, max_steps: int | None, device, tok,
                  ranks) -> Stage:
     """Stage 2: only the memory values train, and on each step only the top-t rows per layer that the batch
     read most (ranked against background reads, taken from the stage-1 data at the start of this stage) change.
     mem_given: the memory flags given (memory_flags); step: how a step reads, selects and updates (its memories
-    and background filled in here); background: {"task" (None: the memory's stage-1 data), "subset", "batches"}."""
+    and background filled in here); background: {"task" (None: the memory's stage-1 data), "subset", "batches",
+    "from" (a finished smf run whose background statistics to take instead of reading them)}."""
     model, _, info = load_model(run.base_model, dtype=default_dtype(device), device=device)
     mem_run = memory_run(memory_dir, model.config.to_dict(), run.base_model, run.base_fingerprint)
     loaded = memory.MemoryConfig.from_dict(mem_run["memory"])
@@ -399,6 +416,10 @@ def sparse_stage(run: Run, task: str, memory_dir: str, mem_given: dict, step: SM
     background_path = os.path.join(run.out, "background.safetensors")
     if run.resume and os.path.exists(background_path):  # a resumed run keeps the statistics it started with
         stats = memory.BackgroundStats.load(background_path)
+    elif background["from"] is not None:  # read once for a chain: an earlier link's (--background-from)
+        stats = earlier_background(background["from"], memories, model.config.to_dict(), run)
+        if ranks.main:
+            atomic_write(background_path, stats.save)
     else:
         stage1 = mem_run["stage1_data"] if background["task"] is None else {  # carried along a chain
             **mem_run["stage1_data"], "task": background["task"], "path": run.data.get(background["task"])}
@@ -424,10 +445,13 @@ def sparse_stage(run: Run, task: str, memory_dir: str, mem_given: dict, step: SM
 
 def lora_or_full_stage(run: Run, method: str, task: str, examples: list, lr: float, epochs: float,
                        max_steps: int | None, device, ranks, lora: dict | None = None, lora_from: str | None = None,
-                       init: str = "pretrained", pure_bf16: bool = False, fsdp: bool = False) -> Stage:
+                       init: str = "pretrained", pure_bf16: bool = False, fsdp: bool = False,
+                       mem_cfg: memory.MemoryConfig | None = None, memory_dir: str | None = None,
+                       data_of: dict | None = None) -> Stage:
     """LoRA (adapters only; lora: {"r", "alpha", "dropout", "targets", "merge_for_eval"}; lora_from: a finished
     LoRA run whose adapters to train on) or full finetuning (every weight; init "random": from scratch; pure_bf16:
-    weights, gradients and AdamW state in bf16; fsdp: sharded across the ranks) with AdamW."""
+    weights, gradients and AdamW state in bf16; fsdp: sharded across the ranks) with AdamW, of a model with memory
+    layers where it has them (with_memory: fresh ones, or a finished run's; full trains them, LoRA keeps them)."""
     if init == "random":  # pretraining from scratch: --model only gives config.json and the tokenizer
         torch.manual_seed(run.seed)
         model = Qwen2(Qwen2Config.from_json(os.path.join(resolve_model_dir(run.base_model), "config.json")))
@@ -437,6 +461,7 @@ def lora_or_full_stage(run: Run, method: str, task: str, examples: list, lr: flo
         weights_dtype = (torch.bfloat16 if pure_bf16 else torch.float32) if method == "full" else default_dtype(device)
         model, _, info = load_model(run.base_model, dtype=weights_dtype, device=device)
     torch.manual_seed(run.seed)
+    memory_info = with_memory(model, run, mem_cfg, memory_dir, data_of)
     if method == "lora":
         model.requires_grad_(False)
         add_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"], targets=lora["targets"])
@@ -445,9 +470,9 @@ def lora_or_full_stage(run: Run, method: str, task: str, examples: list, lr: flo
                          run.base_fingerprint)
             load_trained(lora_state_dict(model), lora_from, "--lora-from")
         adamw_params = {k: p for k, p in model.named_parameters() if k.endswith((".lora_A", ".lora_B"))}
-        trained = lambda: lora_state_dict(model)  # noqa: E731
+        trained = lambda: {**lora_state_dict(model), **memory.memory_state_dict(model)}  # noqa: E731 (frozen memory)
     else:
-        hub_names = set(model.hub_state_shapes())  # tied embeddings: no lm_head.weight
+        saved = set(model.hub_state_shapes())  # every Hub tensor (tied embeddings: no lm_head.weight), memory's too
         if fsdp:
             ranks.shard(model, device)
         adamw_params = dict(model.named_parameters())  # tied embeddings appear once
@@ -455,12 +480,30 @@ def lora_or_full_stage(run: Run, method: str, task: str, examples: list, lr: flo
         def trained():  # every Hub tensor, gathered in full (on rank 0 under FSDP)
             sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
                 if fsdp else model.state_dict()
-            return {k: v for k, v in sd.items() if k in hub_names}
+            return {k: v for k, v in sd.items() if k in saved}
     previous = lora_from if method == "lora" else previous_full_run(run.base_model)  # a chain's last link
-    config = run_config(run, method, task, model, lora=lora, lineage=lineage(previous))
+    config = run_config(run, method, task, model, lora=lora, lineage=lineage(previous), **memory_info)
     return Stage(out=run.out, model=model, examples=examples, lr=lr, epochs=epochs, max_steps=max_steps,
                  adamw_params=adamw_params, trained=trained, config=config,
                  repetition_penalty=info["repetition_penalty"], fsdp=fsdp)
+
+
+def with_memory(model, run: Run, mem_cfg: memory.MemoryConfig | None, memory_dir: str | None, data_of: dict):
+    """Memory layers for a full or LoRA model, in place: fresh ones (mem_cfg, --memory-layers: a model pretrained
+    with its memory, as Lin et al. 2025's; data_of: {"task", "path", "oasst1_format"} of its training data, which an
+    smf run that continues it reads for its background), or a finished run's (memory_dir, --memory-from: finetuning
+    a model that has them). -> config.json's entries for them ({} for neither)."""
+    if memory_dir is not None:
+        mem_run = memory_run(memory_dir, model.config.to_dict(), run.base_model, run.base_fingerprint)
+        mem_cfg, data_of = memory.MemoryConfig.from_dict(mem_run["memory"]), mem_run["stage1_data"]
+    if mem_cfg is None:
+        return {}
+    mem_cfg = mem_cfg.resolve(model.config.num_hidden_layers, model.config.hidden_size)
+    memory.add_memory(model, mem_cfg)  # fp32
+    if memory_dir is not None:
+        load_trained(memory.memory_state_dict(model), memory_dir, "--memory-from")
+    return {"memory": mem_cfg.to_dict(), "stage1_data": data_of,
+            **({"memory_from": memory_dir} if memory_dir is not None else {})}
 
 
 def task_examples(task: str, path: str | None, tok, run: Run, limit: int | None, oasst1_format: str | None = None):
@@ -529,7 +572,7 @@ def main(argv=None, on_step=None):
                 stages(retrofit_stage(run, memory_dir, memory_config(flags), retro, stage1_data, args.retrofit_lr,
                                       args.retrofit_epochs, args.retrofit_max_steps, device, ranks))
             background = {"task": args.background_task, "subset": args.background_subset,
-                          "batches": args.background_batches}
+                          "batches": args.background_batches, "from": args.background_from}
             step = settings(SMFStep, flags, memories={}, background=None)  # sparse_stage fills these in
             model = stages(sparse_stage(run, args.task, memory_dir, memory_flags(flags), step, background,
                                         args.train_alpha, examples, args.lr, args.epochs, args.max_steps, device,
@@ -538,10 +581,14 @@ def main(argv=None, on_step=None):
             lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
                     "targets": args.lora_targets, "merge_for_eval": args.merge_lora_for_eval}
             examples = task_examples(args.task, args.data.get("medmcqa"), tok, run, args.limit)
+            fresh = args.memory_layers is not None  # full only (parse_args)
             stage = lora_or_full_stage(run, args.method, args.task, examples, args.lr, args.epochs, args.max_steps,
                                        device, ranks, lora=lora if args.method == "lora" else None,
                                        lora_from=args.lora_from, init=args.init, pure_bf16=args.pure_bf16,
-                                       fsdp=args.fsdp)
+                                       fsdp=args.fsdp, mem_cfg=memory_config(flags) if fresh else None,
+                                       memory_dir=args.memory_from, data_of={"task": args.task, "path":
+                                                                             args.data.get("medmcqa"),
+                                                                             "oasst1_format": None})
             model = stages(stage, then=functools.partial(export, stage, args.export_peft, args.export_merged, ranks))
     except StopRun as stop:
         if ranks.main:
@@ -639,15 +686,18 @@ def parser():
 
 
 def add_smf_flags(p):
-    g = p.add_argument_group("SMF: memory layers (stage 1 builds them)")
-    add_flag(g, "--memory-from", methods=("smf",), default=None, metavar="RUN",
+    g = p.add_argument_group("SMF: memory layers (stage 1 builds them; with --method full, --memory-layers gives "
+                             "the model memory layers trained with every weight)")
+    add_flag(g, "--memory-from", methods=("smf", "full", "lora"), default=None, metavar="RUN",
                    help="the memory of a finished retrofit run, or of a finished smf run to continue (a chain: the "
-                        "background still from the chain's stage-1 data; the optimizer state starts fresh)")
+                        "background still from the chain's stage-1 data; the optimizer state starts fresh), or of a "
+                        "full run with memory layers (--model its hf/); full and lora: finetune the model with this "
+                        "memory (full trains it, lora keeps it)")
     for f, _ in memory.MemoryConfig.options():  # one flag per MemoryConfig option; unset: MemoryConfig's default
         kw = {k: v for k, v in f.metadata.items() if k not in ("flag", "help", "per_run")}
         kw.setdefault("type", f.type if f.type in (int, float) else str)
         shown = "" if "(default" in f.metadata["help"] or f.name in ("precision",) else f" (default: {f.default})"
-        add_flag(g, f.metadata["flag"], methods=("smf", "retrofit"), default=None,
+        add_flag(g, f.metadata["flag"], methods=("smf", "retrofit", "full"), default=None,
                  help=f.metadata["help"] + shown, **kw)
     add_flag(g, "--retrofit-task", methods=("smf", "retrofit"), default="oasst1",
                    help="stage-1 and background data: oasst1 (see --oasst1-format) or text:PATH")
@@ -684,6 +734,9 @@ def add_smf_flags(p):
                         "paper's compute_loss (paper); else the token mean over the step (clean)")
     add_flag(g, "--background-task", methods=("smf",), default=None,
                    help="the background reads' data: oasst1 or text:PATH (default: the stage-1 data of the memory)")
+    add_flag(g, "--background-from", methods=("smf",), default=None, metavar="RUN",
+             help="the background reads of a finished smf run (its background.safetensors), not read again: "
+                  "computed once for a chain, as Lin et al. 2025 (the same reads when no memory lies below another)")
     add_flag(g, "--train-alpha", methods=("smf",), action="store_true", help="also train the memory's scale alpha")
     add_flag(g, "--log-rows", methods=("smf",), action="store_true",
              help="also log the ids of the rows chosen at every step")
@@ -725,6 +778,16 @@ def parse_args(argv=None):
     p.check_flags(args, given, args.method)  # the methods and ranges declared beside each flag
     if args.memory_from and (skipped := sorted(given & {*STAGE1_INSIDE_SMF, "retrofit_task", "oasst1_format"})):
         p.error(f"{p.flag(skipped[0])} acts on stage 1, which --memory-from skips (its memory is already trained)")
+    memory_given = sorted(given & {d for _, d in memory.MemoryConfig.options()} - {"memory_precision"})
+    if args.method == "full" and memory_given and (args.memory_layers is None or args.memory_from):
+        p.error(f"{p.flag(memory_given[0])}: " + ("the memory of --memory-from is as it was built: drop the flag"
+                                                  if args.memory_from else
+                                                  "give --memory-layers to train a full model with memory layers"))
+    if args.method == "full" and (args.memory_layers is not None or args.memory_from) and args.fsdp:
+        p.error("--fsdp does not apply to a model with memory layers (their lookup is not sharded)")
+    if args.background_from and (skipped := sorted(given & {"background_batches", "background_subset",
+                                                            "background_task"})):
+        p.error(f"{p.flag(skipped[0])} acts on the background reads, which --background-from takes as they are")
     if args.lora_dropout >= 1:
         p.error(f"--lora-dropout must be below 1, got {args.lora_dropout}")
     for name, value in RECIPES[args.recipe].items():  # the recipe fills every flag left unset
@@ -746,6 +809,8 @@ def parse_args(argv=None):
     args.out = os.path.abspath(args.out or os.path.join("runs", f"{args.method}-seed{args.seed}"))
     if args.memory_from:  # paths resolved, so that --resume compares them whatever their spelling
         args.memory_from = os.path.abspath(args.memory_from)
+    if args.background_from:
+        args.background_from = os.path.abspath(args.background_from)
     if os.path.isdir(args.model):
         args.model = os.path.abspath(args.model)
     if is_run_dir(args.model):

@@ -131,5 +131,85 @@ def test_full_chain_continues_from_the_hf_export(tiny_model_dir, files, tmp_path
 def test_memory_from_refuses_a_run_of_another_method(tiny_model_dir, files, tmp_path):
     lora = tmp_path / "lora"
     train.main(common(tiny_model_dir, files, lora, "--method", "lora", "--max-steps", "1"))
-    with pytest.raises(train.RunError, match="a lora run, not a retrofit or smf run"):
+    with pytest.raises(train.RunError, match="a lora run, not a retrofit or smf or full run"):
         train.main(common(tiny_model_dir, files, tmp_path / "x", "--method", "smf", "--memory-from", str(lora)))
+
+
+# -----------------------------------------------------------------------------
+# A model pretrained with its memory (Lin et al. 2025's setting): full --memory-layers, then every method from it
+
+REPLACEMENT = ["--n-keys", "8", "--mem-heads", "2", "--mem-topk", "4", "--mem-k-dim", "16", "--memory-layers", "2",
+               "--memory-mode", "replacement"]
+
+
+@pytest.fixture(scope="module")
+def memory_model(tiny_model_dir, files, tmp_path_factory):
+    """A tiny Qwen2 trained from scratch with a replacement memory in layer 2 (train.py --method full --init random
+    --memory-layers 2), and an smf run from it at lr 0 (its background read on the pretraining text)."""
+    d = tmp_path_factory.mktemp("memory_model")
+    text = write_jsonl(str(d / "facts.jsonl"), [{"text": f"Fact {i}: the kiwi helps the liver {i} times."}
+                                                for i in range(12)])
+    runs = {k: str(d / k) for k in ("pre", "smf")}
+    train.main(common(tiny_model_dir, files, runs["pre"], "--method", "full", "--init", "random", "--recipe", "clean",
+                      "--task", f"text:{text}", "--max-steps", "3", "--lr", "1e-2", *REPLACEMENT))
+    train.main(common(os.path.join(runs["pre"], "hf"), files, runs["smf"], "--method", "smf", "--recipe", "clean",
+                      "--memory-from", runs["pre"], "--task", f"text:{text}", "--optimizer", "sgd", "--rank", "tfidf",
+                      "--top-t", "4", "--background-batches", "6", "--max-steps", "1", "--lr", "0"))
+    return runs, text
+
+
+def test_a_model_pretrained_with_its_memory_keeps_it_in_its_run_and_not_in_its_export(memory_model):
+    runs, text = memory_model
+    c = config(runs["pre"])
+    assert c["memory"]["layers"] == [2] and c["memory"]["mode"] == "replacement" and c["memory"]["alpha_init"] is None
+    assert c["stage1_data"]["task"] == f"text:{text}"  # an smf run's background: the pretraining text
+    saved = load_file(os.path.join(runs["pre"], "model.safetensors"))
+    assert "model.layers.2.memory.values.weight" in saved and not any("layers.2.mlp" in k for k in saved)
+    hf = load_file(os.path.join(runs["pre"], "hf", "model.safetensors"))  # a plain Qwen2: no memory, layer 2's
+    assert not any(".memory." in k for k in hf)  # MLP all zeros (it adds nothing)
+    assert all(not v.any() for k, v in hf.items() if "layers.2.mlp" in k)
+    assert all(torch.equal(hf[k], v) for k, v in saved.items() if k in hf)  # every other tensor as trained
+    pre, _, _ = load_model(runs["pre"], device="cpu")  # eval.py loads it with its memory, in fp32
+    assert pre.model.layers[2].mlp is None and pre.model.layers[2].memory.values.weight.dtype == torch.float32
+
+
+def test_smf_lora_and_full_continue_a_model_pretrained_with_its_memory_exactly(memory_model, tiny_model_dir, files,
+                                                                              tmp_path):
+    """At lr 0 every method's run is the pretrained memory model itself: the same logits, bit for bit (smf from
+    --model PRE/hf --memory-from PRE; full and LoRA the same, full training the memory, LoRA keeping it frozen in its
+    own file), and a second link continues the first (full: --model LINK/hf --memory-from LINK)."""
+    runs, text = memory_model
+    hf = os.path.join(runs["pre"], "hf")
+    ft = ["--recipe", "clean", "--task", f"text:{text}", "--max-steps", "1", "--lr", "0"]
+    train.main(common(hf, files, tmp_path / "full", "--method", "full", "--memory-from", runs["pre"], *ft))
+    train.main(common(os.path.join(tmp_path, "full", "hf"), files, tmp_path / "full2", "--method", "full",
+                      "--memory-from", tmp_path / "full", *ft))
+    train.main(common(hf, files, tmp_path / "lora", "--method", "lora", "--memory-from", runs["pre"], "--lora-r", "2",
+                      *ft))
+    idx = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    pre, _, _ = load_model(runs["pre"], device="cpu")
+    want = pre(idx)
+    for run in (runs["smf"], tmp_path / "full", tmp_path / "full2", tmp_path / "lora"):
+        model, _, _ = load_model(str(run), device="cpu")
+        assert torch.equal(model(idx), want), run
+    assert "model.layers.2.memory.values.weight" in load_file(str(tmp_path / "lora" / "model.safetensors"))
+    assert [e["run"] for e in config(str(tmp_path / "full2"))["lineage"]] == [runs["pre"], str(tmp_path / "full")]
+    with pytest.raises(train.RunError, match="its memory was trained with the weights of"):  # another base
+        train.main(common(tiny_model_dir, files, tmp_path / "x", "--method", "smf", "--memory-from", runs["pre"], *ft))
+
+
+def test_background_from_takes_an_earlier_links_reads_without_reading(memory_model, files, tmp_path, monkeypatch):
+    runs, text = memory_model
+    monkeypatch.setattr(data, "background_examples", lambda *a: pytest.fail("read the background again"))
+    flags = ["--method", "smf", "--recipe", "clean", "--memory-from", runs["smf"], "--task", f"text:{text}",
+             "--optimizer", "sgd", "--rank", "tfidf", "--top-t", "4", "--max-steps", "2", "--lr", "1"]
+    hf = os.path.join(runs["pre"], "hf")
+    train.main(common(hf, files, tmp_path / "smf2", *flags, "--background-from", runs["smf"]))
+    a = load_file(os.path.join(runs["smf"], "background.safetensors"))
+    b = load_file(str(tmp_path / "smf2" / "background.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit):  # the reads are taken as they are: a flag about reading them is refused
+        train.parse_args(common(hf, files, tmp_path / "x", *flags, "--background-from", runs["smf"],
+                                "--background-batches", "8"))
+    with pytest.raises(train.RunError, match="a full run, not a smf run"):
+        train.main(common(hf, files, tmp_path / "y", *flags, "--background-from", runs["pre"]))
