@@ -53,12 +53,13 @@ from checkpoint import load_model  # noqa: E402
 from common import ArgParser  # noqa: E402
 from world import WORLD_ATTRIBUTES, eval_documents_ppl, eval_world_facts, world_fact_items, world_qa_texts  # noqa: E402
 
-METHODS = ["smf-clean", "smf-paper", "lora", "full"]
+METHODS = ["smf-clean", "smf-paper", "smf-lin-t16", "lora", "full"]  # forgetting.RECIPES says what each is
 K, PER_SET = 3, 8  # sets of new facts, entities per set (x 4 attributes = 32 facts a set)
-# the lrs, chosen with --pilot on seeds 10 and 11 by the rule of the docstring (see experiments/README.md)
-LRS = {"smf-clean": 100.0, "smf-paper": 100.0, "lora": 3e-3, "full": 1e-3}
+# the lrs per memory (--memory), chosen with --pilot on seeds 10 and 11 by the rule of the docstring
+LRS = {"retrofit": {"smf-clean": 100.0, "smf-paper": 100.0, "smf-lin-t16": 1e7, "lora": 3e-3, "full": 1e-3},
+       "pretrained": {"smf-clean": 0.1, "smf-paper": 0.1, "smf-lin-t16": 30.0, "lora": 3e-3, "full": 1e-3}}
 QUICK = dict(k=2, per_set=2, pretrain_steps=100, ft_epochs=1,  # on forgetting.py's quick scale, shorter still
-             lrs={"smf-clean": 1e-2, "smf-paper": 1e-2, "lora": 3e-3, "full": 3e-4})
+             lrs={"smf-clean": 1e-2, "smf-paper": 1e-2, "smf-lin-t16": 1.0, "lora": 3e-3, "full": 3e-4})
 QUICK_NOTE = ("--quick: a SMOKE TEST of the pipeline (a tiny model, a few steps, 2 sets). It checks that every step "
               "runs; it is not expected to learn, and its numbers say nothing about the methods.")
 
@@ -69,6 +70,10 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0-4 (--quick: 0; --pilot: 10 11)")
     p.add_argument("--jobs", type=int, default=2, help="train.py processes at a time (one thread each)")
     p.add_argument("--figure", default=None, help="the PNG (default <out>/continual.png; needs matplotlib)")
+    p.add_argument("--facts", default="new-attributes", choices=["new-attributes", "siblings"],
+                   help="the new facts (forgetting.py's flag)")
+    p.add_argument("--memory", default="pretrained", choices=["pretrained", "retrofit"],
+                   help="SMF's memory (forgetting.py's flag)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="a smoke test at a tiny scale (for tests): not expected to learn")
     g.add_argument("--pilot", action="store_true", help="choose LRS by the docstring's rule on seeds 10 and 11")
@@ -82,11 +87,11 @@ def parse_args(argv=None):
 def scale_of(args) -> dict:
     """forgetting.py's scale with K * PER_SET new entities, and this run's seeds and lrs ({method: [lr, ...]})."""
     if args.quick:
-        scale = {**forgetting.SCALES["quick"], **QUICK, "n_new": QUICK["k"] * QUICK["per_set"],
-                 "lrs": {m: [lr] for m, lr in QUICK["lrs"].items()}}
+        scale = {**forgetting.scale_of(forgetting.SCALES["quick"], args.facts, args.memory, METHODS), **QUICK,
+                 "n_new": QUICK["k"] * QUICK["per_set"], "lrs": {m: [lr] for m, lr in QUICK["lrs"].items()}}
     else:
-        full = forgetting.SCALES["full"]
-        lrs = {m: full["sweeps"][m] for m in METHODS} if args.pilot else {m: [lr] for m, lr in LRS.items()}
+        full = forgetting.scale_of(forgetting.SCALES["full"], args.facts, args.memory, METHODS)
+        lrs = full["sweeps"] if args.pilot else {m: [lr] for m, lr in LRS[args.memory].items()}
         scale = {**full, "n_new": K * PER_SET, "k": K, "per_set": PER_SET, "lrs": lrs}
     scale["seeds"] = args.seeds or ([10, 11] if args.pilot else [0] if args.quick else scale["seeds"])
     return scale
@@ -118,11 +123,13 @@ def measure(run_dir, world, heldout_rows, scale) -> dict:
 
 
 def link_flags(method, lr, scale, ctx, task, previous):
-    """forgetting.py's finetune flags for one link, continuing from `previous` (None: the chain's first link)."""
-    start = ctx["retro"] if method.startswith("smf") else ctx["base"]
+    """forgetting.py's finetune flags for one link, continuing from `previous` (None: the chain's first link): SMF
+    the previous link's memory, LoRA its adapters (and the memory model's memory, kept), full its hf/ export (and
+    its memory, trained on); the Lin et al. rows take the background reads of the seed's background run."""
     base = os.path.join(previous, "hf") if method == "full" and previous else ctx["base"]
-    flags = forgetting.finetune_flags(method, lr, scale, base, previous if method.startswith("smf") and previous
-                                      else start, task)
+    has_memory = method.startswith("smf") or ctx["pretrained"]
+    memory_from = (previous if previous and method != "lora" else ctx["memory"]) if has_memory else None
+    flags = forgetting.finetune_flags(method, lr, scale, task, base, memory_from, ctx["background"])
     return flags + (["--lora-from", previous] if method == "lora" and previous else [])
 
 
@@ -147,17 +154,19 @@ def chain(out, scale, seed, ctx, method, lr, log) -> dict:
 
 
 def prepare(out, scale, seed, log):
-    """forgetting.prepare (world, pretrain, retrofit) plus the K set files and the start models' measurements."""
+    """forgetting.prepare (world, pretrain, its memory, the background reads, the read overlap) plus the K set files
+    and the start models' measurements."""
     _, ctx = forgetting.prepare(out, scale, seed, log)
     ctx["sets"] = set_files(out, ctx["world"], scale)
-    ctx["start"] = {False: measure(ctx["base"], ctx["world"], ctx["heldout_rows"], scale),
-                    True: measure(ctx["retro"], ctx["world"], ctx["heldout_rows"], scale)}
+    other = ctx["memory"] if ctx["pretrained"] else ctx["base"]  # LoRA and full: the model with its memory, if any
+    ctx["start"] = {False: measure(other, ctx["world"], ctx["heldout_rows"], scale),
+                    True: measure(ctx["memory"], ctx["world"], ctx["heldout_rows"], scale)}
     return ctx
 
 
 def run_all(out, scale, log) -> list[dict]:
     """Every seed's chains, `jobs` train.py processes at a time (each chain's links in order)."""
-    chains = []
+    chains, overlap = [], {}
     with ThreadPoolExecutor(max_workers=scale["jobs"]) as pool:
         pending = {pool.submit(prepare, os.path.join(out, f"seed{s}"), scale, s, log): ("prepare", s)
                    for s in scale["seeds"]}
@@ -167,13 +176,14 @@ def run_all(out, scale, log) -> list[dict]:
                 kind, s = pending.pop(fut)
                 if kind == "prepare":
                     ctx = fut.result()
+                    overlap[s] = ctx["overlap"]
                     for method in METHODS:
                         for lr in scale["lrs"][method]:
                             pending[pool.submit(chain, os.path.join(out, f"seed{s}"), scale, s, ctx, method, lr,
                                                 log)] = ("chain", s)
                 else:
                     chains.append(fut.result())
-    return sorted(chains, key=lambda c: (c["seed"], METHODS.index(c["method"]), c["lr"]))
+    return sorted(chains, key=lambda c: (c["seed"], METHODS.index(c["method"]), c["lr"])), dict(sorted(overlap.items()))
 
 
 # -----------------------------------------------------------------------------
@@ -285,27 +295,33 @@ def main(argv=None):
     def log(msg):
         print(f"[{time.time() - t_start:5.0f} s] {msg}", flush=True)
 
-    log(f"seeds {scale['seeds']}: {scale['k']} sets of {scale['per_set'] * len(WORLD_ATTRIBUTES)} facts, methods "
-        f"{', '.join(METHODS)}, lrs {scale['lrs']}")
-    chains = run_all(args.out, scale, log)
+    log(f"seeds {scale['seeds']}: {scale['k']} sets of {scale['per_set'] * len(WORLD_ATTRIBUTES)} facts "
+        f"({args.facts}), memory {args.memory}, methods:")
+    for m, lrs in scale["lrs"].items():
+        log(f"  {m}: {forgetting.RECIPES[m].format(**scale)}; lrs {' '.join(f'{lr:g}' for lr in lrs)}")
+    chains, overlap = run_all(args.out, scale, log)
     summary = summarize(chains)
     wall = time.time() - t_start
     t = os.times()
     cpu = t.user + t.system + t.children_user + t.children_system
     res = {"seeds": scale["seeds"], "quick": args.quick, "pilot": args.pilot, "k": scale["k"], "chance": 0.1,
-           "wall_seconds": wall, "cpu_seconds": cpu, "jobs": args.jobs, "lrs": scale["lrs"], "chains": chains,
+           "wall_seconds": wall, "cpu_seconds": cpu, "jobs": args.jobs, "lrs": scale["lrs"], "facts": args.facts,
+           "memory": args.memory, "overlap": overlap, "chains": chains,
            "summary": summary}
     head = (f"{len(scale['seeds'])} seeds ({', '.join(map(str, scale['seeds']))}), "
             f"{'quick' if args.quick else 'pilot' if args.pilot else 'full'} scale, {scale['k']} sets, {args.jobs} "
             f"processes at a time, wall time {wall / 60:.1f} min, CPU time {cpu / 60:.1f} min\n\n")
-    md = (f"{QUICK_NOTE}\n\n" if args.quick else "") + head + report(summary, scale["k"])
+    md = (f"{QUICK_NOTE}\n\n" if args.quick else "") + head + \
+        forgetting.recipes_and_overlap(scale, scale["lrs"], overlap) + "\n" + report(summary, scale["k"])
     if args.pilot:
         res["chosen"] = choose_lrs(summary)
         md += f"\nChosen by the rule (put these in LRS): {res['chosen']}\n"
     title = (f"{'QUICK SMOKE TEST: ' if args.quick else ''}continual learning of {scale['k']} sets, mean over "
              f"{len(scale['seeds'])} seeds, 95% t-intervals")
     return forgetting.write_results(args.out, res, md, lambda: figure(summary, scale["k"], args.figure, title),
-                                    args.figure, publish=None if args.quick or args.pilot else "continual")
+                                    args.figure, publish=None if args.quick or args.pilot else "continual" + (
+                                        "" if (args.facts, args.memory) == ("new-attributes", "pretrained")
+                                        else f"-{args.memory}-{args.facts}"))
 
 if __name__ == "__main__":
     main()

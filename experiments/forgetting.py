@@ -72,10 +72,24 @@ import memory  # noqa: E402
 from checkpoint import load_model, write_json  # noqa: E402
 from data import train_bpe_tokenizer  # noqa: E402
 from model import merge_lora  # noqa: E402
-from world import (eval_documents_ppl, eval_world_facts, synthetic_world, world_fact_items, world_heldout_texts,  # noqa: E402
-                   world_pretrain_texts, world_qa_texts)
+from world import (eval_documents_ppl, eval_world_facts, read_overlap, synthetic_world, world_fact_items,  # noqa: E402
+                   world_heldout_texts, world_pretrain_texts, world_qa_texts)
 
-METHODS = ["smf-clean", "smf-sgd", "smf-paper", "lora", "full"]
+METHODS = ["smf-clean", "smf-sgd", "smf-paper", "smf-lin-t16", "smf-lin-t64", "lora", "full"]
+# what each row is: its optimizer and ranking (the README never says "SMF" for one recipe alone)
+RECIPES = {"smf-clean": "SMF, lazy AdamW, KL ranking, top-t {top_t} (our clean recipe)",
+           "smf-sgd": "SMF, SGD, KL ranking, top-t {top_t} (clean recipe)",
+           "smf-paper": "SMF, dense AdamW, KL ranking, top-t {top_t} per micro-batch (the paper's code)",
+           "smf-lin-t16": "SMF, SGD, TF-IDF ranking, top-t 16, {lin_background} background documents read once "
+                          "(Lin et al. 2025)",
+           "smf-lin-t64": "SMF, SGD, TF-IDF ranking, top-t 64, {lin_background} background documents read once "
+                          "(Lin et al. 2025)",
+           "lora": "LoRA r {lora_r} on q,k,v,o,gate,up,down, AdamW", "full": "full finetuning, AdamW"}
+
+# --memory pretrained (no alpha: lrs of another scale than the retrofit's), chosen on the pilot seeds 10 and 11
+PILOT_PRETRAINED = {"smf-clean": [3e-2, 1e-1, 3e-1, 1.0], "smf-paper": [3e-2, 1e-1, 3e-1, 1.0],
+                    "smf-lin-t16": [300.0, 1e3, 3e3, 1e4], "smf-lin-t64": [100.0, 300.0, 1e3, 3e3],
+                    "lora": [3e-4, 1e-3, 3e-3, 1e-2], "full": [1e-4, 3e-4, 1e-3, 3e-3]}
 
 # Everything that differs between the full run and the --quick one (the test's plumbing check).
 SCALES = {
@@ -83,20 +97,29 @@ SCALES = {
                  kv_heads=2, inter=256, pretrain_steps=1000, pretrain_lr=3e-3, pretrain_batch=16,
                  retrofit_steps=200, retrofit_lr=3e-3, background=200,  # background: reads per SMF finetune
                  n_keys=32, mem_heads=2, mem_topk=8, mem_k_dim=64, top_t=64, lora_r=8,
+                 # --memory pretrained: one replacement memory in the middle layer, 64^2 = 4,096 slots, 8 read per
+                 # token (0.2%), trained from scratch with the model, whose MLPs are 16 wide (pre_inter), so that
+                 # the memory carries much of its knowledge (the "no-memory" row measures how much)
+                 pre_inter=16, pre_layer=2, pre_n_keys=64, pre_heads=1, pre_topk=8, pre_k_dim=64, lin_background=1000,
                  ft_epochs=10, ft_batch=4, ft_accum=2,
                  # lrs chosen on a pilot with seeds 10 and 11 (not among the reported seeds), to span each method's
-                 # curve from little learning to past its best new-fact accuracy. The memory's output is scaled by
-                 # alpha (~0.01 after the retrofit): SMF's values need lrs far above LoRA's or full finetuning's
-                 sweeps={"smf-clean": [3.0, 10.0, 30.0, 100.0, 300.0], "smf-sgd": [1e6, 3e6, 1e7, 3e7, 1e8],
-                         "smf-paper": [3.0, 10.0, 30.0, 100.0], "lora": [3e-4, 1e-3, 3e-3, 1e-2],
-                         "full": [1e-4, 3e-4, 1e-3, 3e-3]}),
+                 # curve from little learning to past its best new-fact accuracy. The retrofitted memory's output is
+                 # scaled by alpha (~0.01): SMF's values need lrs far above LoRA's or full finetuning's
+                 sweeps={"retrofit": {"smf-clean": [3.0, 10.0, 30.0, 100.0, 300.0],
+                                      "smf-sgd": [1e6, 3e6, 1e7, 3e7, 1e8], "smf-paper": [3.0, 10.0, 30.0, 100.0],
+                                      "smf-lin-t16": [3e6, 1e7, 3e7], "smf-lin-t64": [3e6, 1e7, 3e7],
+                                      "lora": [3e-4, 1e-3, 3e-3, 1e-2], "full": [1e-4, 3e-4, 1e-3, 3e-3]},
+                         "pretrained": PILOT_PRETRAINED}),
     "quick": dict(seeds=[0, 1], n_old=16, n_new=6, docs=400, vocab=512, hidden=64, layers=2, heads=4, kv_heads=2,
                   inter=128, pretrain_steps=400, pretrain_lr=5e-3, pretrain_batch=16,
                   retrofit_steps=10, retrofit_lr=3e-3, background=20,
                   n_keys=8, mem_heads=2, mem_topk=4, mem_k_dim=32, top_t=16, lora_r=4,
+                  pre_inter=16, pre_layer=1, pre_n_keys=16, pre_heads=1, pre_topk=4, pre_k_dim=32, lin_background=20,
                   ft_epochs=2, ft_batch=4, ft_accum=2,
-                  sweeps={"smf-clean": [1e-2], "smf-sgd": [3.0], "smf-paper": [1e-2], "lora": [3e-3],
-                          "full": [3e-4]}),
+                  sweeps={"retrofit": {"smf-clean": [1e-2], "smf-sgd": [3.0], "smf-paper": [1e-2],
+                                       "smf-lin-t16": [3.0], "lora": [3e-3], "full": [3e-4]},
+                          "pretrained": {"smf-clean": [1e-2], "smf-paper": [1e-2], "smf-lin-t16": [1.0],
+                                         "lora": [3e-3], "full": [3e-4]}}),
 }
 QUICK_NOTE = ("--quick: a SMOKE TEST of the pipeline (a tiny model, a few steps, one lr per method). It checks that "
               "every step runs; it is not expected to learn, and its numbers say nothing about the methods.")
@@ -108,9 +131,15 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default runs/forgetting[-quick])")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0-4 (--quick: 0 1)")
     p.add_argument("--jobs", type=int, default=2, help="train.py processes at a time (one thread each)")
-    p.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.7, 0.9],
+    p.add_argument("--levels", type=float, nargs="+", default=[0.3, 0.5, 0.7],
                    help="new-fact accuracies at which the methods' old-fact accuracies are compared")
     p.add_argument("--figure", default=None, help="the PNG (default <out>/forgetting.png; needs matplotlib)")
+    p.add_argument("--facts", default="new-attributes", choices=["new-attributes", "siblings"],
+                   help="the new facts: new attributes with new values, or the old entities' attributes (siblings)")
+    p.add_argument("--memory", default="pretrained", choices=["pretrained", "retrofit"],
+                   help="SMF's memory: pretrained with the model (one replacement memory in the middle layer, as Lin "
+                        "et al.'s), or retrofitted after pretraining (3 additive layers, as the paper's)")
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS, help="default: every row of the sweep")
     p.add_argument("--quick", action="store_true", help="a smoke test of the pipeline at a tiny scale (for tests): "
                                                            "not expected to learn")
     args = p.parse_args(argv)
@@ -124,8 +153,8 @@ def parse_args(argv=None):
 
 
 def write_world(out, scale, seed):
-    world = synthetic_world(seed, scale["n_old"], scale["n_new"])
-    pretrain = world_pretrain_texts(world, seed, scale["docs"])
+    world = synthetic_world(seed, scale["n_old"], scale["n_new"], new_attributes=scale["facts"] == "new-attributes")
+    pretrain = world_pretrain_texts(world, seed, scale["docs"], lexicon=scale["facts"] == "new-attributes")
     files = {"pretrain": pretrain, "new_facts": world_qa_texts(world["new"]),
              "heldout": world_heldout_texts(world)}
     wdir = os.path.join(out, "world")
@@ -143,7 +172,8 @@ def write_world(out, scale, seed):
     ids = {t["content"]: t["id"] for t in tok_cfg["added_tokens"]}
     write_json(os.path.join(cfg_dir, "config.json"), {
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-        "vocab_size": n_vocab, "hidden_size": scale["hidden"], "intermediate_size": scale["inter"],
+        "vocab_size": n_vocab, "hidden_size": scale["hidden"],
+        "intermediate_size": scale["pre_inter" if scale["memory"] == "pretrained" else "inter"],
         "num_hidden_layers": scale["layers"], "num_attention_heads": scale["heads"],
         "num_key_value_heads": scale["kv_heads"], "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0, "tie_word_embeddings": True, "torch_dtype": "float32", "use_sliding_window": False,
@@ -180,17 +210,23 @@ def train(out, name, flags):
 
 
 # the train.py flags that make each finetune what the module docstring says it is
+LIN = ["--recipe", "clean", "--optimizer", "sgd", "--rank", "tfidf"]
 VARIANTS = {"smf-clean": ["--recipe", "clean"], "smf-sgd": ["--recipe", "clean", "--optimizer", "sgd"],
-            "smf-paper": ["--recipe", "paper"], "lora": ["--recipe", "clean"], "full": ["--recipe", "clean"]}
+            "smf-paper": ["--recipe", "paper"], "smf-lin-t16": [*LIN, "--top-t", 16],
+            "smf-lin-t64": [*LIN, "--top-t", 64], "lora": ["--recipe", "clean"], "full": ["--recipe", "clean"]}
 
 
-def finetune_flags(method, lr, scale, base, retrofit_dir, task):
+def finetune_flags(method, lr, scale, task, base, memory_from, background=None):
+    """One finetune's train.py flags: from the model `base`, with the memory of the run `memory_from` (SMF always;
+    LoRA and full when the model has one: None where it has not); background: the run whose background reads the
+    Lin et al. rows take (read once per seed), where the others read scale["background"] documents themselves."""
     common = [*VARIANTS[method], "--task", f"text:{task}", "--lr", lr, "--epochs", scale["ft_epochs"],
-              "--batch-size", scale["ft_batch"] * scale["ft_accum"], "--micro-batch", scale["ft_batch"], "--warmup", 5, "--max-len", 64,
-              "--model", base]
-    if method.startswith("smf-"):  # stage 2 takes its background reads from the retrofit's stage-1 data
-        return ["--method", "smf", "--memory-from", retrofit_dir, "--background-batches", scale["background"],
-                "--top-t", scale["top_t"], *common]
+              "--batch-size", scale["ft_batch"] * scale["ft_accum"], "--micro-batch", scale["ft_batch"],
+              "--warmup", 5, "--max-len", 64, "--model", base, *(["--memory-from", memory_from] if memory_from else [])]
+    if method.startswith("smf-lin"):
+        return ["--method", "smf", "--background-from", background, *common]
+    if method.startswith("smf-"):  # stage 2 takes its background reads from the memory's stage-1 data
+        return ["--method", "smf", "--background-batches", scale["background"], "--top-t", scale["top_t"], *common]
     if method == "lora":
         return ["--method", "lora", "--lora-r", scale["lora_r"], "--lora-alpha", 2 * scale["lora_r"],
                 "--lora-dropout", 0.0, *common]
@@ -217,6 +253,7 @@ def measure(run_dir, world, heldout_rows, base_weights=None, ref_memory=None):
     model, tok, _ = load_model(run_dir, dtype=torch.float32, device="cpu")
     r = {"new_acc": eval_world_facts(model, tok, world_fact_items(world["new"]))["acc"],
          "old_acc": eval_world_facts(model, tok, world_fact_items(world["old"]))["acc"],
+         "cloze_acc": eval_world_facts(model, tok, world_fact_items(world["old"], cloze=True))["acc"],
          "heldout_ppl": eval_documents_ppl(model, tok, [r["text"] for r in heldout_rows])["ppl"]}
     mems = memory.memory_layers(model)
     if ref_memory is not None and mems:  # SMF: memory value rows that differ from the retrofit's, compared in the
@@ -239,7 +276,8 @@ def trainable_params(run_dir):
     from safetensors import safe_open
     cfg = json.load(open(os.path.join(run_dir, "config.json")))
     with safe_open(os.path.join(run_dir, "model.safetensors"), "pt") as f:
-        keys = [k for k in f.keys() if cfg["method"] != "smf" or k.endswith(".values.weight")]
+        keys = [k for k in f.keys() if (cfg["method"] != "smf" or k.endswith(".values.weight"))
+                and (cfg["method"] != "lora" or "lora_" in k)]  # a LoRA run's file also holds a frozen memory
         return sum(math.prod(f.get_slice(k).get_shape()) for k in keys)
 
 
@@ -247,55 +285,90 @@ def trainable_params(run_dir):
 # One seed: steps 1-3 (prepare), then one job per finetune (steps 4-5)
 
 
+def memory_flags(scale, pretrained):
+    """train.py's flags of the memory: pretrained with the model (one replacement memory in the middle layer, no
+    alpha, as Lin et al.'s) or retrofitted (the paper's 3 additive layers)."""
+    if pretrained:
+        return ["--memory-layers", scale["pre_layer"], "--memory-mode", "replacement", "--n-keys",
+                scale["pre_n_keys"], "--mem-heads", scale["pre_heads"], "--mem-topk", scale["pre_topk"],
+                "--mem-k-dim", scale["pre_k_dim"]]
+    return ["--n-keys", scale["n_keys"], "--mem-heads", scale["mem_heads"], "--mem-topk", scale["mem_topk"],
+            "--mem-k-dim", scale["mem_k_dim"]]
+
+
 def prepare(out, scale, seed, log):
-    """World, pretrain, retrofit and their measurements for one seed -> (rows, context for its finetunes)."""
+    """World, pretrain (with its memory under --memory pretrained), retrofit (--memory retrofit), the Lin et al.
+    rows' background reads, SMF's precondition and the start models' measurements for one seed -> (rows, context
+    for its finetunes)."""
     world, paths, cfg_dir = write_world(out, scale, seed)
     heldout_rows = [json.loads(line) for line in open(paths["heldout"])]
+    pretrained = scale["memory"] == "pretrained"
     secs = train(out, "pretrain", ["--method", "full", "--init", "random", "--recipe", "clean", "--model", cfg_dir,
                                    "--task", f"text:{paths['pretrain']}", "--lr", scale["pretrain_lr"], "--max-steps",
                                    scale["pretrain_steps"], "--batch-size", scale["pretrain_batch"],
                                    "--warmup", 50, "--max-len", 128, "--weight-decay", 0.0,
-                                   "--seed", seed])
-    base = os.path.join(out, "pretrain", "hf")
-    base_model, _, _ = load_model(base, dtype=torch.float32, device="cpu")
+                                   "--seed", seed, *(memory_flags(scale, True) if pretrained else [])])
+    base = os.path.join(out, "pretrain", "hf")  # pretrained: the model without its memory
+    start = os.path.join(out, "pretrain") if pretrained else base  # what LoRA and full finetuning start from
+    base_model, _, _ = load_model(start, dtype=torch.float32, device="cpu")
     base_row = {"seed": seed, "method": "base", "lr": 0.0, "seconds": secs,
                 "trainable": sum(p.numel() for p in base_model.parameters()),  # tied embeddings once
-                **measure(base, world, heldout_rows)}
+                **measure(start, world, heldout_rows)}
+    rows = [base_row]
     log(f"seed {seed} base ({secs:.0f} s): old-fact acc {base_row['old_acc']:.3f} (chance 0.10), new-fact acc "
         f"{base_row['new_acc']:.3f}, held-out ppl {base_row['heldout_ppl']:.3f}")
     base_weights = hub_weights(base_model)
-    retro = os.path.join(out, "retrofit")
-    secs = train(out, "retrofit", ["--method", "retrofit", "--recipe", "clean", "--model", base, "--retrofit-task",
-                                   f"text:{paths['pretrain']}", "--lr", scale["retrofit_lr"], "--max-steps",
-                                   scale["retrofit_steps"], "--batch-size", scale["pretrain_batch"],
-                                   "--warmup", 10, "--max-len", 128, "--n-keys", scale["n_keys"], "--mem-heads",
-                                   scale["mem_heads"], "--mem-topk", scale["mem_topk"], "--mem-k-dim",
-                                   scale["mem_k_dim"], "--seed", seed])
-    retro_model, _, _ = load_model(retro, dtype=torch.float32, device="cpu")
-    ref_memory = {i: m.values.weight.detach().clone() for i, m in memory.memory_layers(retro_model).items()}
-    retro_row = {"seed": seed, "method": "retrofit", "lr": 0.0, "seconds": secs, "trainable": trainable_params(retro),
-                 **measure(retro, world, heldout_rows, base_weights)}
-    log(f"seed {seed} retrofit ({secs:.0f} s): old {retro_row['old_acc']:.3f} new {retro_row['new_acc']:.3f}")
-    ctx = dict(world=world, heldout_rows=heldout_rows, paths=paths, base=base, retro=retro, base_weights=base_weights,
-               ref_memory=ref_memory)
-    return [base_row, retro_row], ctx
+    if pretrained:  # what the memory carries: the model without it (hf/, the replaced MLP adding nothing)
+        rows.append({"seed": seed, "method": "no-memory", "lr": 0.0, "seconds": 0.0, "trainable": 0,
+                     **measure(base, world, heldout_rows)})
+        log(f"seed {seed} without its memory: old {rows[-1]['old_acc']:.3f} ppl {rows[-1]['heldout_ppl']:.3f}")
+        memory_dir = start
+    else:
+        memory_dir = os.path.join(out, "retrofit")
+        secs = train(out, "retrofit", ["--method", "retrofit", "--recipe", "clean", "--model", base,
+                                       "--retrofit-task", f"text:{paths['pretrain']}", "--lr", scale["retrofit_lr"],
+                                       "--max-steps", scale["retrofit_steps"], "--batch-size", scale["pretrain_batch"],
+                                       "--warmup", 10, "--max-len", 128, *memory_flags(scale, False), "--seed", seed])
+        rows.append({"seed": seed, "method": "retrofit", "lr": 0.0, "seconds": secs,
+                     "trainable": trainable_params(memory_dir), **measure(memory_dir, world, heldout_rows,
+                                                                          base_weights)})
+        log(f"seed {seed} retrofit ({secs:.0f} s): old {rows[-1]['old_acc']:.3f} new {rows[-1]['new_acc']:.3f}")
+    mem_model, tok, _ = load_model(memory_dir, dtype=torch.float32, device="cpu")
+    ref_memory = {i: m.values.weight.detach().clone() for i, m in memory.memory_layers(mem_model).items()}
+    overlap = read_overlap(mem_model, tok, world_fact_items(world["new"]), world_fact_items(world["old"]))
+    log(f"seed {seed} read overlap (new questions' answer-position reads on slots the old ones read there): "
+        + ", ".join(f"layer {i} {v:.2f}" for i, v in overlap.items()))
+    background = None
+    if any(m.startswith("smf-lin") for m in scale["sweeps"]):  # read once: every Lin et al. run of the seed takes them
+        background = os.path.join(out, "background")
+        train(out, "background", ["--method", "smf", "--recipe", "clean", "--model", base, "--memory-from",
+                                  memory_dir, "--task", f"text:{paths['new_facts']}", "--background-batches",
+                                  scale["lin_background"], "--max-steps", 1, "--lr", 0, "--seed", seed])
+    ctx = dict(world=world, heldout_rows=heldout_rows, paths=paths, base=base, memory=memory_dir,
+               pretrained=pretrained, background=background, base_weights=base_weights, ref_memory=ref_memory,
+               overlap=overlap)
+    return rows, ctx
 
 
 def finetune(out, scale, seed, ctx, method, lr, log):
     name = f"{method}-lr{lr:g}"
-    secs = train(out, name, finetune_flags(method, lr, scale, ctx["base"], ctx["retro"], ctx["paths"]["new_facts"])
-                 + ["--seed", seed])
+    smf = method.startswith("smf")
+    memory_from = ctx["memory"] if smf or ctx["pretrained"] else None
+    secs = train(out, name, finetune_flags(method, lr, scale, ctx["paths"]["new_facts"], ctx["base"], memory_from,
+                                           ctx["background"]) + ["--seed", seed])
     r = {"seed": seed, "method": method, "lr": lr, "seconds": secs,
          "trainable": trainable_params(os.path.join(out, name)),
          **measure(os.path.join(out, name), ctx["world"], ctx["heldout_rows"], ctx["base_weights"],
-                   ctx["ref_memory"] if method.startswith("smf") else None)}
-    log(f"seed {seed} {name}: new {r['new_acc']:.3f} old {r['old_acc']:.3f} ppl {r['heldout_ppl']:.3f} ({secs:.0f} s)")
+                   ctx["ref_memory"] if smf else None)}
+    log(f"seed {seed} {name}: new {r['new_acc']:.3f} old {r['old_acc']:.3f} cloze {r['cloze_acc']:.3f} ppl "
+        f"{r['heldout_ppl']:.3f} ({secs:.0f} s)")
     return r
 
 
 def run_all(out, scale, seeds, jobs, log):
-    """Every seed's runs, `jobs` train.py processes at a time (a thread waits on each); -> rows."""
-    rows = []
+    """Every seed's runs, `jobs` train.py processes at a time (a thread waits on each); -> (rows, {seed: read
+    overlap per memory layer})."""
+    rows, overlap = [], {}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         pending = {pool.submit(prepare, os.path.join(out, f"seed{s}"), scale, s, log): ("prepare", s) for s in seeds}
         while pending:
@@ -305,14 +378,15 @@ def run_all(out, scale, seeds, jobs, log):
                 if kind == "prepare":
                     seed_rows, ctx = fut.result()
                     rows += seed_rows
+                    overlap[s] = ctx["overlap"]
                     for method, lrs in scale["sweeps"].items():
                         for lr in lrs:
                             pending[pool.submit(finetune, os.path.join(out, f"seed{s}"), scale, s, ctx, method, lr,
                                                 log)] = ("finetune", s)
                 else:
                     rows.append(fut.result())
-    order = {m: i for i, m in enumerate(["base", "retrofit", *METHODS])}
-    return sorted(rows, key=lambda r: (r["seed"], order[r["method"]], r["lr"]))
+    order = {m: i for i, m in enumerate(STARTS + METHODS)}
+    return sorted(rows, key=lambda r: (r["seed"], order[r["method"]], r["lr"])), dict(sorted(overlap.items()))
 
 
 # -----------------------------------------------------------------------------
@@ -347,16 +421,25 @@ def first_crossing(points, level):
     return None
 
 
+STARTS = ["base", "no-memory", "retrofit"]  # the rows at lr 0: the models the finetunes start from, and the
+# pretrained memory model without its memory
+
+
+def start_of(method, rows):
+    """The method a curve starts from at lr 0: the retrofit for SMF where there is one, else the base."""
+    return "retrofit" if method.startswith("smf") and any(r["method"] == "retrofit" for r in rows) else "base"
+
+
 def curves(rows):
-    """{method: {seed: [(new_acc, old_acc, log ppl)] in increasing lr order, starting at lr 0}}."""
-    start = {(r["seed"], r["method"]): r for r in rows if r["method"] in ("base", "retrofit")}
+    """{method: {seed: [(new_acc, old_acc, log ppl, cloze_acc)] in increasing lr order, starting at lr 0}}."""
+    start = {(r["seed"], r["method"]): r for r in rows if r["method"] in STARTS}
     out = {}
     for m in METHODS:
         for s in sorted({r["seed"] for r in rows}):
             runs = sorted((r for r in rows if r["method"] == m and r["seed"] == s), key=lambda r: r["lr"])
             if runs:
-                first = start[(s, "retrofit" if m.startswith("smf") else "base")]
-                out.setdefault(m, {})[s] = [(r["new_acc"], r["old_acc"], math.log(r["heldout_ppl"]))
+                first = start[(s, start_of(m, rows))]
+                out.setdefault(m, {})[s] = [(r["new_acc"], r["old_acc"], math.log(r["heldout_ppl"]), r["cloze_acc"])
                                             for r in [first, *runs]]
     return out
 
@@ -364,12 +447,13 @@ def curves(rows):
 def summarize(rows, levels):
     """-> {"per_lr": [...], "matched": [...], "differ": [...]} (see the module docstring)."""
     per_lr = []
-    for m in ["base", "retrofit", *METHODS]:
+    for m in STARTS + METHODS:
         for lr in sorted({r["lr"] for r in rows if r["method"] == m}):
             rs = [r for r in rows if r["method"] == m and r["lr"] == lr]
             lp = interval([math.log(r["heldout_ppl"]) for r in rs])
             per_lr.append({"method": m, "lr": lr, "n": len(rs), "new_acc": interval([r["new_acc"] for r in rs])[:2],
                            "old_acc": interval([r["old_acc"] for r in rs])[:2],
+                           "cloze_acc": interval([r["cloze_acc"] for r in rs])[:2],
                            "heldout_ppl": ppl_interval(lp)})
     cs = curves(rows)
     at = {(m, x): {s: first_crossing(c, x) for s, c in cs[m].items()} for m in cs for x in levels}
@@ -379,16 +463,19 @@ def summarize(rows, levels):
             got = {s: v for s, v in at[(m, x)].items() if v is not None}
             matched.append({"method": m, "level": x, "seeds": len(cs[m]),
                             "old_acc": interval([v[0] for v in got.values()]),
-                            "heldout_ppl": ppl_interval(interval([v[1] for v in got.values()]))})
+                            "heldout_ppl": ppl_interval(interval([v[1] for v in got.values()])),
+                            "cloze_acc": interval([v[2] for v in got.values()])})
     differ = []
-    for x in levels:
-        for i, a in enumerate(cs):
-            for b in list(cs)[i + 1:]:
-                d = [at[(a, x)][s][0] - at[(b, x)][s][0] for s in cs[a]
-                     if at[(a, x)].get(s) is not None and at[(b, x)].get(s) is not None]
-                mean, half, n = interval(d)
-                exceeds = n >= 3 and half is not None and abs(mean) > half
-                differ.append({"level": x, "a": a, "b": b, "diff": mean, "half": half, "n": n, "exceeds": exceeds})
+    for measure_, k in (("old_acc", 0), ("cloze_acc", 2)):
+        for x in levels:
+            for i, a in enumerate(cs):
+                for b in list(cs)[i + 1:]:
+                    d = [at[(a, x)][s][k] - at[(b, x)][s][k] for s in cs[a]
+                         if at[(a, x)].get(s) is not None and at[(b, x)].get(s) is not None]
+                    mean, half, n = interval(d)
+                    exceeds = n >= 3 and half is not None and abs(mean) > half
+                    differ.append({"measure": measure_, "level": x, "a": a, "b": b, "diff": mean, "half": half,
+                                   "n": n, "exceeds": exceeds})
     return {"per_lr": per_lr, "matched": matched, "differ": differ}
 
 
@@ -424,6 +511,20 @@ def table(head, body):
             + "".join("| " + " | ".join(map(str, r)) + " |\n" for r in body))
 
 
+def recipes_and_overlap(scale, lrs, overlap) -> str:
+    """What each row is (its recipe and lrs: {method: [lr]}) and SMF's precondition per seed (overlap: {seed:
+    {layer: share}}), the head of results.md (and of --quick's output)."""
+    md = [f"New facts: {scale['facts']}; memory: {scale['memory']}. Each row's recipe:\n\n",
+          table(["row", "recipe", "lrs"], [[m, RECIPES[m].format(**scale), " ".join(f"{lr:g}" for lr in lrs)]
+                                          for m, lrs in lrs.items()]),
+          "\nSMF's precondition, read overlap: the share of the new questions' answer-position memory reads that land "
+          "on slots the old questions read there (per seed and memory layer; near 1: learning the new facts must "
+          "move the old facts' rows):\n\n",
+          table(["seed", "read overlap"], [[s, ", ".join(f"layer {i}: {v:.3f}" for i, v in o.items())]
+                                           for s, o in overlap.items()])]
+    return "".join(md)
+
+
 def report(res, seeds, levels):
     """The tables of results.md."""
     s = res["summary"]
@@ -439,31 +540,35 @@ def report(res, seeds, levels):
     md = [f"Old-fact accuracy at matched new-fact accuracy (mean ± 95% t-interval over the seeds that reach the "
           f"level; (k/{n_all} seeds) where not all do; - where none does):\n\n",
           table(["method", *lvl], [[m, *(cell(mt[(m, x)], "old_acc", pm) for x in levels)] for m in methods]),
+          "\nOld facts asked as prose (cloze accuracy) at matched new-fact accuracy:\n\n",
+          table(["method", *lvl], [[m, *(cell(mt[(m, x)], "cloze_acc", pm) for x in levels)] for m in methods]),
           "\nHeld-out perplexity at matched new-fact accuracy (geometric mean [95% interval]):\n\n",
           table(["method", *lvl], [[m, *(cell(mt[(m, x)], "heldout_ppl", ppl_text) for x in levels)]
                                    for m in methods]),
-          "\nPaired differences of old-fact accuracy at matched new-fact accuracy (a - b, mean ± 95% t-interval over "
-          "the seeds where both reach the level); \"exceeds\": the interval excludes 0 with at least 3 seeds:\n\n",
-          table(["new acc", "a - b", "difference", "seeds", "exceeds the spread"],
-                [[f"{d['level']:g}", f"{d['a']} - {d['b']}", pm((d["diff"], d["half"])), d["n"],
+          "\nPaired differences at matched new-fact accuracy (a - b, mean ± 95% t-interval over the seeds where both "
+          "reach the level) of old-fact accuracy and of cloze accuracy; \"exceeds\": the interval excludes 0 with at "
+          "least 3 seeds:\n\n",
+          table(["measure", "new acc", "a - b", "difference", "seeds", "exceeds the spread"],
+                [[d["measure"], f"{d['level']:g}", f"{d['a']} - {d['b']}", pm((d["diff"], d["half"])), d["n"],
                   "yes" if d["exceeds"] else "no"] for d in s["differ"]]),
           "\nEvery point of the figure: mean over seeds ± 95% t-interval (held-out ppl: geometric mean [95% "
           "interval]); lr 0 is the model each method starts from:\n\n",
-          table(["method", "lr", "seeds", "new-fact acc", "old-fact acc", "held-out ppl"],
-                [[r["method"], f"{r['lr']:g}", r["n"], pm(r["new_acc"]), pm(r["old_acc"]), ppl_text(r["heldout_ppl"])]
-                 for r in s["per_lr"]])]
+          table(["method", "lr", "seeds", "new-fact acc", "old-fact acc", "cloze acc", "held-out ppl"],
+                [[r["method"], f"{r['lr']:g}", r["n"], pm(r["new_acc"]), pm(r["old_acc"]), pm(r["cloze_acc"]),
+                  ppl_text(r["heldout_ppl"])] for r in s["per_lr"]])]
     return "".join(md)
 
 
 def every_run(rows):
-    cols = ["seed", "method", "lr", "new_acc", "old_acc", "heldout_ppl", "trainable", "changed", "seconds"]
-    fmt = {"lr": "{:g}".format, "new_acc": "{:.3f}".format, "old_acc": "{:.3f}".format,
+    cols = ["seed", "method", "lr", "new_acc", "old_acc", "cloze_acc", "heldout_ppl", "trainable", "changed",
+            "seconds"]
+    fmt = {"lr": "{:g}".format, "new_acc": "{:.3f}".format, "old_acc": "{:.3f}".format, "cloze_acc": "{:.3f}".format,
            "heldout_ppl": "{:.3f}".format, "seconds": "{:.0f}".format}
     return table(cols, [[fmt.get(c, str)(r[c]) if c in r else "" for c in cols] for r in rows])
 
 
-COLOURS = {"smf-clean": "tab:blue", "smf-paper": "tab:cyan", "smf-sgd": "tab:purple", "lora": "tab:orange",
-           "full": "tab:red"}
+COLOURS = {"smf-clean": "tab:blue", "smf-paper": "tab:cyan", "smf-sgd": "tab:purple", "smf-lin-t16": "tab:green",
+           "smf-lin-t64": "tab:olive", "lora": "tab:orange", "full": "tab:red"}
 
 
 def figure(res, path, title):
@@ -475,12 +580,12 @@ def figure(res, path, title):
     import matplotlib.ticker
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
-    start = {r["method"]: r for r in res["summary"]["per_lr"] if r["method"] in ("base", "retrofit")}
+    start = {r["method"]: r for r in res["summary"]["per_lr"] if r["method"] in STARTS}
     for m in METHODS:
         pts = [r for r in res["summary"]["per_lr"] if r["method"] == m]
         if not pts:
             continue
-        pts = [start["retrofit" if m.startswith("smf") else "base"], *pts]
+        pts = [start[start_of(m, res["runs"])], *pts]
         x = [p["new_acc"][0] for p in pts]
         xerr = [p["new_acc"][1] or 0 for p in pts]
         y = [p["old_acc"][0] for p in pts]
@@ -525,7 +630,7 @@ def figure(res, path, title):
 
 def main(argv=None):
     args = parse_args(argv)
-    scale = SCALES["quick" if args.quick else "full"]
+    scale = scale_of(SCALES["quick" if args.quick else "full"], args.facts, args.memory, args.methods)
     seeds = args.seeds or scale["seeds"]
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
@@ -537,23 +642,34 @@ def main(argv=None):
         print(f"[{time.time() - t_start:5.0f} s] {msg}", flush=True)
 
     log(f"seeds {seeds}, {args.jobs} at a time: pretraining a {scale['layers']}-layer, {scale['hidden']}-wide Qwen2 "
-        f"on {scale['n_old']} old entities ({scale['pretrain_steps']} steps), a retrofit, then "
-        f"{sum(map(len, scale['sweeps'].values()))} finetunes per seed")
-    rows = run_all(args.out, scale, seeds, args.jobs, log)
+        f"on {scale['n_old']} old entities ({scale['pretrain_steps']} steps), memory {scale['memory']}, new facts "
+        f"{scale['facts']}, then {sum(map(len, scale['sweeps'].values()))} finetunes per seed:")
+    for m, lrs in scale["sweeps"].items():
+        log(f"  {m}: {RECIPES[m].format(**scale)}; lrs {' '.join(f'{lr:g}' for lr in lrs)}")
+    rows, overlap = run_all(args.out, scale, seeds, args.jobs, log)
     wall = time.time() - t_start
     t = os.times()  # this process (measurements) and the train.py processes it waited for
     cpu = t.user + t.system + t.children_user + t.children_system
     res = {"seeds": seeds, "quick": args.quick, "levels": args.levels, "chance": 0.1, "wall_seconds": wall,
-           "cpu_seconds": cpu, "jobs": args.jobs, "scale": scale, "runs": rows,
+           "cpu_seconds": cpu, "jobs": args.jobs, "scale": scale, "overlap": overlap, "runs": rows,
            "summary": summarize(rows, args.levels)}
     head = (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), {'quick' if args.quick else 'full'} scale, "
             f"{args.jobs} processes at a time, wall time {wall / 60:.1f} min, CPU time {cpu / 60:.1f} min; "
             f"chance accuracy 0.10\n\n")
-    md = (f"{QUICK_NOTE}\n\n" if args.quick else "") + head + report(res, seeds, args.levels)
+    md = (f"{QUICK_NOTE}\n\n" if args.quick else "") + head + recipes_and_overlap(scale, scale["sweeps"], overlap) + "\n" + \
+        report(res, seeds, args.levels)
     title = (f"{'QUICK SMOKE TEST (not expected to learn): ' if args.quick else ''}learning vs forgetting on a "
              f"synthetic world, mean over {len(seeds)} seeds, 95% t-intervals")
+    setting = "" if (args.facts, args.memory) == ("new-attributes", "pretrained") else f"-{args.memory}-{args.facts}"
     return write_results(args.out, res, md, lambda: figure(res, args.figure, title), args.figure,
-                         f"\nEvery run:\n\n{every_run(rows)}", publish=None if args.quick else "forgetting")
+                         f"\nEvery run:\n\n{every_run(rows)}",
+                         publish=None if args.quick or args.methods else "forgetting" + setting)
+
+
+def scale_of(scale, facts, memory_, methods=None) -> dict:
+    """A scale with the world's facts, the memory, and the sweeps of that memory (of `methods` only, if given)."""
+    sweeps = {m: lrs for m, lrs in scale["sweeps"][memory_].items() if methods is None or m in methods}
+    return {**scale, "facts": facts, "memory": memory_, "sweeps": sweeps}
 
 
 def write_results(out, res, md, draw, figure_path, appendix="", publish=None):

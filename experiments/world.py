@@ -1,11 +1,15 @@
 """
-The synthetic world of experiments/forgetting.py: an offline stand-in for "old knowledge" and "new knowledge",
-and its two probes. Fictional entities with made-up names, each with one value per attribute. Old entities are
-written as prose and question-answer lines for pretraining; new entities only as question-answer lines, the facts
-a finetune must learn. Held-out prose renders the old entities with templates that no training text uses, for
-perplexity. Everything is a function of the seed; nothing is downloaded.
+The synthetic world of experiments/forgetting.py and continual.py: an offline stand-in for "old knowledge" and "new
+knowledge", and its probes. Fictional entities with made-up names, each with one value per attribute. Old entities
+are written as prose and question-answer lines for pretraining; new entities only as question-answer lines, the facts
+a finetune must learn: either sibling facts (the old entities' attributes: the worst case for interference, as the
+same question asks for both) or facts of new attributes with new values (NEW_ATTRIBUTES: new knowledge that need not
+share the old facts' memory slots). Held-out prose renders the old entities with templates that no training text
+uses, for perplexity; a cloze probe asks the old facts in prose form. Everything is a function of the seed; nothing
+is downloaded.
 
     question  "Q: What is the colour of Zorbin? A:"     answer  " teal"  (one of WORLD_ATTRIBUTES["colour"])
+    cloze     "Zorbin lives in"                          answer  " Lima"  (WORLD_CLOZE: another format, same facts)
 """
 
 import math
@@ -17,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's files
 
 import data  # noqa: E402
+import memory  # noqa: E402
 from eval import model_device, score_continuations, token_logprobs  # noqa: E402
 
 
@@ -38,14 +43,24 @@ WORLD_TEMPLATES = {  # every template is training text for some entities; world_
     "pet": ["{name} has a pet {v}.", "{name} keeps a {v} at home.", "The pet of {name} is a {v}.",
             "{name} walks a {v} every day.", "A {v} sleeps next to {name}.", "{name} feeds the {v} each morning."],
 }
+# the attributes of new entities in the "new-attributes" world: values no pretraining text mentions
+NEW_ATTRIBUTES = {
+    "instrument": ["flute", "drum", "harp", "violin", "trumpet", "cello", "banjo", "organ", "tuba", "lute"],
+    "food": ["rice", "bread", "soup", "cheese", "honey", "pasta", "salad", "plum", "bean", "melon"],
+    "sport": ["tennis", "rugby", "golf", "hockey", "rowing", "boxing", "skiing", "polo", "cricket", "judo"],
+    "tree": ["oak", "pine", "birch", "maple", "cedar", "willow", "elm", "palm", "ash", "yew"],
+}
+VALUES = {**WORLD_ATTRIBUTES, **NEW_ATTRIBUTES}
 WORLD_QUESTION = "Q: What is the {attr} of {name}? A:"
+WORLD_CLOZE = {a: ts[0].split("{v}")[0].rstrip() for a, ts in WORLD_TEMPLATES.items()}  # "{name} lives in"
 _SYLLABLES = ["ka", "zor", "bin", "mel", "tra", "vu", "qi", "lon", "dre", "sa", "fen", "mox", "pi", "ru", "gal",
               "tek", "ny", "os", "hul", "wen", "jar", "ce", "bo", "xi"]
 
 
-def synthetic_world(seed: int = 0, n_old: int = 60, n_new: int = 30) -> dict:
+def synthetic_world(seed: int = 0, n_old: int = 60, n_new: int = 30, new_attributes: bool = False) -> dict:
     """{"old": [entity], "new": [entity]}, entity = {"name": str, attribute: value, ...}; distinct names of
-    2-3 syllables, values uniform at random, all from the seed."""
+    2-3 syllables, values uniform at random, all from the seed. The new entities have WORLD_ATTRIBUTES (sibling
+    facts) or, with new_attributes, NEW_ATTRIBUTES (drawn after everything else, so the old world is the same)."""
     g = torch.Generator().manual_seed(seed)
     pick = lambda n: int(torch.randint(n, (1,), generator=g))  # noqa: E731
     names = []
@@ -54,7 +69,14 @@ def synthetic_world(seed: int = 0, n_old: int = 60, n_new: int = 30) -> dict:
         if name not in names:
             names.append(name)
     entities = [{"name": n, **{a: vs[pick(len(vs))] for a, vs in WORLD_ATTRIBUTES.items()}} for n in names]
+    if new_attributes:
+        entities[n_old:] = [{"name": e["name"], **{a: vs[pick(len(vs))] for a, vs in NEW_ATTRIBUTES.items()}}
+                            for e in entities[n_old:]]
     return {"old": entities[:n_old], "new": entities[n_old:]}
+
+
+def attributes(entity: dict) -> list[str]:
+    return [a for a in entity if a != "name"]
 
 
 def world_qa(entity: dict, attr: str) -> tuple[str, str]:
@@ -64,7 +86,7 @@ def world_qa(entity: dict, attr: str) -> tuple[str, str]:
 
 def world_qa_texts(entities: list[dict]) -> list[str]:
     """One training line per fact: question and answer, "Q: What is the pet of Zorbin? A: frog"."""
-    return ["".join(world_qa(e, a)) for e in entities for a in WORLD_ATTRIBUTES]
+    return ["".join(world_qa(e, a)) for e in entities for a in attributes(e)]
 
 
 def world_heldout_template(i: int, attr: str) -> int:
@@ -72,10 +94,12 @@ def world_heldout_template(i: int, attr: str) -> int:
     return (i + list(WORLD_ATTRIBUTES).index(attr)) % len(WORLD_TEMPLATES[attr])
 
 
-def world_pretrain_texts(world: dict, seed: int = 0, n_docs: int = 2000) -> list[str]:
+def world_pretrain_texts(world: dict, seed: int = 0, n_docs: int = 2000, lexicon: bool = False) -> list[str]:
     """Pretraining documents about the old entities: each is one entity's attributes in a random order, each in a
     random template other than its held-out one, followed by the question-answer lines of a random half of its
-    attributes (so the question format is known before any finetune). Entities are drawn round-robin."""
+    attributes (so the question format is known before any finetune). Entities are drawn round-robin. lexicon: then
+    n_docs / 20 documents that name the values of NEW_ATTRIBUTES ("One instrument is the harp."), so that the words
+    of the new facts are known (as a real model knows its vocabulary) though no fact about an entity uses them."""
     g = torch.Generator().manual_seed(seed + 1)
     attrs = list(WORLD_ATTRIBUTES)
     docs = []
@@ -89,6 +113,10 @@ def world_pretrain_texts(world: dict, seed: int = 0, n_docs: int = 2000) -> list
             sents.append(allowed[int(torch.randint(len(allowed), (1,), generator=g))].format(name=e["name"], v=e[a]))
         qa = ["".join(world_qa(e, a)) for a in order[:len(order) // 2]]
         docs.append(" ".join(sents) + "\n" + "\n".join(qa))
+    for d in range(n_docs // 20 if lexicon else 0):
+        attr = list(NEW_ATTRIBUTES)[d % len(NEW_ATTRIBUTES)]
+        values = [NEW_ATTRIBUTES[attr][k] for k in torch.randperm(len(NEW_ATTRIBUTES[attr]), generator=g).tolist()]
+        docs.append(" ".join(f"One {attr} is the {v}." for v in values))
     return docs
 
 
@@ -99,14 +127,14 @@ def world_heldout_texts(world: dict) -> list[str]:
                      for a in WORLD_ATTRIBUTES) for i, e in enumerate(world["old"])]
 
 
-def world_fact_items(entities: list[dict]) -> list[tuple[str, list[str], int]]:
+def world_fact_items(entities: list[dict], cloze: bool = False) -> list[tuple[str, list[str], int]]:
     """Multiple-choice probe items (question, [" value" for every value of the attribute], index of the true one);
-    chance is 1 / len(WORLD_ATTRIBUTES[attr])."""
+    chance is 1 / len(VALUES[attr]). cloze: the prose prompt of WORLD_CLOZE instead of the question."""
     items = []
     for e in entities:
-        for a, values in WORLD_ATTRIBUTES.items():
-            q, _ = world_qa(e, a)
-            items.append((q, [" " + v for v in values], values.index(e[a])))
+        for a in attributes(e):
+            q = WORLD_CLOZE[a].format(name=e["name"]) if cloze else world_qa(e, a)[0]
+            items.append((q, [" " + v for v in VALUES[a]], VALUES[a].index(e[a])))
     return items
 
 
@@ -152,3 +180,20 @@ def eval_documents_ppl(model, tok, texts: list[str], batch_size: int = 32) -> di
         nll -= token_logprobs(model, h[rows, cols], targets).sum().item()
         n += len(targets)
     return {"ppl": math.exp(nll / n), "tokens": n}
+
+
+@torch.inference_mode()
+def read_overlap(model, tok, new_items, old_items) -> dict:
+    """SMF's precondition, per memory layer: the share of the new questions' answer-position reads (the slots read
+    at a question's last token, which predicts the answer; every head's top-k, counted with multiplicity) that land
+    on slots some old question reads there. Near 1: learning the new facts must move the old facts' rows."""
+    def answer_reads(items):  # {layer: [slot ids read at each question's last position]}
+        device = model_device(model)
+        reads = {}
+        for q, _, _ in items:
+            model(torch.tensor([tok.encode(q)], device=device))
+            for i, mem in memory.memory_layers(model).items():
+                reads.setdefault(i, []).append(mem.last_indices[0, -1])  # (h*k,)
+        return {i: torch.cat(r) for i, r in reads.items()}
+    new, old = answer_reads(new_items), answer_reads(old_items)
+    return {i: float(torch.isin(new[i], old[i]).float().mean()) for i in new}

@@ -1,7 +1,8 @@
-"""experiments/forgetting.py end to end at the --quick scale (2 seeds side by side, about 40 s on 2 CPU cores) with
-matplotlib made unimportable (as in CI: the tables must still print), its summaries against hand-computed values,
-the figure where matplotlib is installed, plus the synthetic world's invariants (experiments/world.py) that make its measurements
-mean something."""
+"""experiments/forgetting.py end to end at the --quick scale in its default setting (a memory pretrained with the
+model, new facts of new attributes; 2 seeds side by side, about 30 s on 2 CPU cores; tests/test_continual.py runs the
+retrofit setting) with matplotlib made unimportable (as in CI: the tables must still print), its summaries against
+hand-computed values, the figure where matplotlib is installed, plus the synthetic world's invariants
+(experiments/world.py) that make its measurements mean something, and the read overlap against a hand count."""
 
 import contextlib
 import io
@@ -19,8 +20,8 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import world  # noqa: E402
 from helpers import read_log  # noqa: E402
 
-METHODS = ["smf-clean", "smf-sgd", "smf-paper", "lora", "full"]
-SMF = ["smf-clean", "smf-sgd", "smf-paper"]
+METHODS = ["smf-clean", "smf-paper", "smf-lin-t16", "lora", "full"]  # --quick's rows with a pretrained memory
+SMF = ["smf-clean", "smf-paper", "smf-lin-t16"]
 
 
 def test_world_is_deterministic_and_splits_old_from_new():
@@ -42,6 +43,47 @@ def test_world_is_deterministic_and_splits_old_from_new():
             h = world.world_heldout_template(i, attr)
             template = world.WORLD_TEMPLATES[attr][h]
             assert template.format(name=e["name"], v=e[attr]) not in text
+
+
+def test_new_attributes_world_keeps_the_old_world_and_names_its_words_only_in_a_lexicon():
+    siblings, w = world.synthetic_world(3, 20, 10), world.synthetic_world(3, 20, 10, new_attributes=True)
+    assert w["old"] == siblings["old"] and [e["name"] for e in w["new"]] == [e["name"] for e in siblings["new"]]
+    assert all(world.attributes(e) == list(world.NEW_ATTRIBUTES) for e in w["new"])
+    plain, texts = world.world_pretrain_texts(w, 3, 200), world.world_pretrain_texts(w, 3, 200, lexicon=True)
+    assert texts[:200] == plain and len(texts) == 210
+    for doc in texts[200:]:  # the lexicon: values of the new attributes, no entity
+        assert doc.startswith("One ") and not any(e["name"] in doc for e in w["old"] + w["new"])
+    items = world.world_fact_items(w["new"])
+    assert items[0][0] == f"Q: What is the instrument of {w['new'][0]['name']}? A:"
+    assert items[0][1][items[0][2]] == " " + w["new"][0]["instrument"] and len(items[0][1]) == 10
+    cloze = world.world_fact_items(w["old"][:1], cloze=True)  # the old facts as prose: "Zorbin lives in"
+    assert [q for q, _, _ in cloze] == [world.WORLD_CLOZE[a].format(name=w["old"][0]["name"])
+                                         for a in world.WORLD_ATTRIBUTES]
+    assert cloze[0][0] == f"{w['old'][0]['name']} lives in"
+
+
+def test_read_overlap_counts_answer_position_reads_against_a_hand_count():
+    """A stand-in model whose one memory reads, at a question's last position, slots fixed per question: the share of
+    the new questions' reads (with multiplicity) among the slots the old questions read there."""
+    table = {1: [1, 2], 2: [2, 3], 3: [3, 4], 4: [5, 1]}  # question -> slots read at its last position
+
+    class Model(torch.nn.Module):  # what read_overlap uses: model.model.layers[i].memory.last_indices, lm_head
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(1, 1)
+            self.model = torch.nn.Module()
+            self.model.layers = torch.nn.ModuleList([torch.nn.Module(), torch.nn.Module()])
+            self.model.layers[0].memory = None
+            self.model.layers[1].memory = torch.nn.Module()
+
+        def forward(self, idx):  # (1, T=2): position 0 reads slot 9, never counted
+            self.model.layers[1].memory.last_indices = torch.tensor([[[9, 9], table[idx[0, -1].item()]]])
+
+    class Tok:
+        def encode(self, q):
+            return [0, int(q)]
+    got = world.read_overlap(Model(), Tok(), [("3", [], 0), ("4", [], 0)], [("1", [], 0), ("2", [], 0)])
+    assert got == {1: 2 / 4}  # new reads 3, 4, 5, 1 against old {1, 2, 3}: two of four
 
 
 def test_fact_items_have_the_true_value_among_candidates():
