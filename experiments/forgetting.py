@@ -1,52 +1,70 @@
 """
-Learning vs forgetting on a synthetic world, offline on a CPU: SMF (clean with AdamW or SGD, and the paper's
-recipe), LoRA and full finetuning, each through a learning-rate sweep, over several seeds; the trade-off as a picture.
+Learning vs forgetting on a synthetic world, offline on a CPU: SMF in three recipes (ours, the paper's code's, Lin et
+al.'s), LoRA and full finetuning, each through a learning-rate sweep, over several seeds; the trade-off as a picture.
 
-    python experiments/forgetting.py            # 5 seeds, 2 processes at a time: about 15 minutes on 2 CPU cores
-    python experiments/forgetting.py --quick    # a smoke test of the pipeline (2 seeds, about 45 s): it does not learn
+    python experiments/forgetting.py            # 5 seeds, 2 processes at a time (the minutes: experiments/README.md)
+    python experiments/forgetting.py --memory retrofit --facts siblings   # the earlier setting: a stress test
+    python experiments/forgetting.py --quick    # a smoke test of the pipeline (2 seeds, about 30 s): it does not learn
 
-Per seed (every training step is `python train.py ...`, every measurement eval.py's load_model and probes):
+The default setting gives SMF the conditions it comes from (Lin et al. 2025, "Continual Learning via Sparse Memory
+Finetuning", arXiv 2510.15103): a memory present from pretraining on that carries knowledge, new facts that need not
+share the old facts' rows, Lin et al.'s own optimizer and ranking among the rows. Per seed (every training step is
+`python train.py ...`, every measurement eval.py's load_model and world.py's probes):
   1. world.py's synthetic world (the seed): old entities as prose + question-answer lines (pretraining text), new
-     entities as question-answer lines (the facts to learn), held-out prose about the old entities (for each
-     entity a template its own pretraining text never used; other entities' texts use it); a byte-level BPE
+     entities as question-answer lines (the facts to learn): --facts new-attributes (default) gives them attributes
+     no old entity has, with values named only in a lexicon of the pretraining text; siblings the old attributes
+     (the same question asks for old and new facts: the worst case). Held-out prose about the old entities (for
+     each entity a template its own pretraining text never used; other entities' texts use it); a byte-level BPE
      trained on the world's text; a tiny Qwen2 config.json.
-  2. pretrain:  train.py --method full --init random --recipe clean   on the old world    -> base (pretrain/hf)
-  3. retrofit:  train.py --method retrofit --recipe clean   on the old world, base frozen   -> memory (shared by
-     every SMF finetune)
-  4. finetune on the new facts, a learning-rate sweep per method (each SMF run first takes its background reads
-     from the retrofit's data, --background-batches single-example batches of the old world):
-       smf-clean  --recipe clean                  lazy AdamW: only the chosen rows and their moments change
-       smf-sgd    --recipe clean --optimizer sgd  plain SGD on the chosen rows
-       smf-paper  --recipe paper                  the paper code's whole stage-2 recipe: dense AdamW (rows chosen
-                  earlier keep moving on their moments), rows chosen per micro-batch, pad reads counted, the sum
-                  of micro-batch means, a warmup whose first step has lr 0, the memory's maths in bf16
-       lora, full --recipe clean                  fp32 on the CPU, to compare the methods themselves; the paper
-                  recipe's pure-bf16 full finetuning and merged LoRA evaluation belong to GPU runs
-     Pretraining and the retrofit are pinned to --recipe clean (fp32), so every SMF variant starts from the same
-     base and memory. Finetunes take 2 micro-batches per step, so that smf-paper's per-micro-batch selection and
-     sum of micro-batch means act (under --recipe clean that step is the same as one micro-batch of twice the size).
-  5. evaluate the base, the retrofit model and every finetune:
+  2. pretrain:  train.py --method full --init random --recipe clean   on the old world -> base (pretrain/hf);
+     --memory pretrained (default): with one replacement memory in the middle layer (--memory-layers 2, 4,096
+     slots, 8 read per token: 0.2%; the MLPs 16 wide, so that the memory carries knowledge), the memory model
+     pretrain/ (its hf/ export is the model without its memory: the "no-memory" row)
+  3. --memory retrofit: train.py --method retrofit --recipe clean on the old world, base frozen -> 3 additive
+     memory layers of 1,024 slots (the paper's construction)
+  4. the background reads of Lin et al.'s rows, once per seed (a train.py smf run at lr 0 that reads lin_background
+     single documents of the pretraining text; the rows take them with --background-from)
+  5. SMF's precondition, the read overlap: the share of the new questions' answer-position memory reads that land on
+     slots the old questions read there (world.read_overlap); near 1, learning the new facts must move old rows
+  6. finetune on the new facts, a learning-rate sweep per method (RECIPES names each row; every run from the same
+     model: the memory model, or the base and the retrofit):
+       smf-clean    --recipe clean                       lazy AdamW: only the chosen rows and their moments change
+       smf-sgd      --recipe clean --optimizer sgd       plain SGD on the rows chosen by KL (--memory retrofit)
+       smf-paper    --recipe paper                       the paper code's whole stage-2 recipe: dense AdamW (rows
+                    chosen earlier keep moving on their moments), rows chosen per micro-batch, pad reads counted, the
+                    sum of micro-batch means, a warmup whose first step has lr 0, the memory's maths in bf16
+       smf-lin-t16  SGD, --rank tfidf, --top-t 16         Lin et al.'s recipe, their background read once
+       smf-lin-t64  the same with --top-t 64
+       lora, full   --recipe clean                       fp32 on the CPU (with --memory pretrained: the memory
+                    model, LoRA keeping its memory, full finetuning training it too)
+     The other SMF rows read their own background (--background-batches 200). Finetunes take 2 micro-batches per
+     step, so that smf-paper's per-micro-batch selection and sum of micro-batch means act.
+  7. evaluate the start models and every finetune:
        new-fact acc  (learning)   the true value ranked first among the attribute's 10 values (chance 0.10)
-       old-fact acc  (forgetting) the same probe on the pretraining entities
+       old-fact acc  (forgetting) the same probe on the pretraining entities (same format as the new facts)
+       cloze acc     (forgetting) the old facts asked as prose, "Zorbin lives in" (another format)
        held-out ppl  (forgetting) token perplexity of unseen prose about the old entities
 Seeds run side by side (--jobs processes at a time, each train.py on one thread); a seed's finetunes start when its
-retrofit is done.
+pretraining, retrofit and background are done.
 
 Summaries, a rule fixed before the final run (the spread comes from the seeds: each seed is another world, base,
-memory and data order):
+memory and data order). The lrs of each sweep and the levels were chosen on pilot seeds 10 and 11 (not among the
+reported seeds): each sweep spans its method's curve from little learning to past its best new-fact accuracy, and
+the levels lie where SMF's curves reach (its best mean new-fact accuracy there was 0.35-0.5):
   curve     per method and seed: the runs in increasing lr order, starting at lr 0 (the model it finetunes: the base
-            for LoRA and full, the retrofit for SMF)
+            or memory model; the retrofit for SMF under --memory retrofit)
   per lr    the picture's points: mean over seeds of new- and old-fact accuracy, error bars the 95% t-interval
             (mean +- t(0.975, n-1) * std / sqrt(n), std with n-1); held-out ppl: the geometric mean, its interval
             the same computed on log ppl
-  matched   for each level x in --levels (0.5, 0.7, 0.9): per seed, old-fact accuracy and log ppl interpolated
-            linearly in new-fact accuracy between the two consecutive points of the curve where new-fact accuracy
-            first reaches x (the lowest lr that gets there); a seed whose curve never reaches x has no value. Mean
-            and 95% t-interval over the seeds that reach x, with their count.
-  differ    for each pair of methods and each level: the per-seed difference of matched old-fact accuracy, over the
-            seeds where both reach x (paired: same world, base and memory); mean and 95% t-interval. A difference
-            "exceeds the spread" when at least 3 seeds count and the interval excludes 0. There is no correction for
-            the number of comparisons (10 pairs x 3 levels: about 1.5 false "yes" expected if no method differed).
+  matched   for each level x in --levels (0.3, 0.5, 0.7): per seed, old-fact accuracy, cloze accuracy and log ppl
+            interpolated linearly in new-fact accuracy between the two consecutive points of the curve where new-fact
+            accuracy first reaches x (the lowest lr that gets there); a seed whose curve never reaches x has no
+            value. Mean and 95% t-interval over the seeds that reach x, with their count.
+  differ    for each pair of methods, each level, and each of old-fact and cloze accuracy: the per-seed difference at
+            matched new-fact accuracy, over the seeds where both reach x (paired: same world, base and memory); mean
+            and 95% t-interval. A difference "exceeds the spread" when at least 3 seeds count and the interval
+            excludes 0. There is no correction for the number of comparisons (15 pairs x 3 levels x 2 measures: about
+            4.5 false "yes" expected if no method differed).
 Outputs in --out: results.json (every run and every summary), results.md (the tables, as printed), the figure
 (--figure; needs matplotlib, an optional dependency of this script only: without it the tables still print), and
 seed<k>/ (the runs, logs/ with each train.py's output).

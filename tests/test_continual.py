@@ -55,7 +55,7 @@ def continual_quick(tmp_path_factory):
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
         mp.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
-        res = continual.main(["--quick", "--out", out, "--jobs", "2"])
+        res = continual.main(["--quick", "--out", out, "--jobs", "2", "--memory", "retrofit", "--facts", "siblings"])
     return out, res, printed.getvalue()
 
 
@@ -75,6 +75,8 @@ def test_quick_chains_continue_link_by_link(continual_quick):
             assert configs[i]["task"] == f"text:{os.path.join(seed_dir, 'world', f'set{i}.jsonl')}"
             if c["method"].startswith("smf"):
                 assert args[i]["memory_from"] == links[i - 1]
+                if c["method"].startswith("smf-lin"):  # Lin et al.: the background read once for the chain
+                    assert args[i]["background_from"] == os.path.join(seed_dir, "background")
             elif c["method"] == "lora":
                 assert args[i]["lora_from"] == links[i - 1]
             else:
