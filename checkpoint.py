@@ -43,8 +43,6 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 
 import memory
 from common import RunError, default_dtype, device_name, parse_dtype, resolve_device
@@ -492,6 +490,8 @@ class Checkpoint:
         """AdamW's state as {"adamw.<parameter name>.<step|exp_avg|exp_avg_sq>": full tensor} (a collective under
         FSDP, where rank 0 alone receives it)."""
         if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (  # FSDP only: slow to import
+                StateDictOptions, get_optimizer_state_dict)
             state = get_optimizer_state_dict(self.model, self.dense_opt, options=StateDictOptions(
                 full_state_dict=True, cpu_offload=True)).get("state", {})
         else:
@@ -550,6 +550,8 @@ class Checkpoint:
         if int(ranks.sum_(torch.tensor(int(problem is not None), device=device))):  # every rank stops, none waits
             raise RunError(problem or f"checkpoint {self.path} does not match the model (rank 0 says why)")
         if self.fsdp:  # rank 0 broadcasts the full tensors; every rank keeps its shards
+            from torch.distributed.checkpoint.state_dict import (  # FSDP only: slow to import
+                StateDictOptions, set_model_state_dict)
             set_model_state_dict(self.model, trained, options=StateDictOptions(full_state_dict=True, strict=False,
                                                                                broadcast_from_rank0=True))
         else:
@@ -573,6 +575,8 @@ class Checkpoint:
                 name, k = key[len("adamw."):].rsplit(".", 1)
                 state.setdefault(name, {})[k] = v if (k == "step" or self.fsdp) else v.to(device)
         if self.fsdp:  # rank 0 holds the full moments (on CPU) and broadcasts them; every rank keeps its shards
+            from torch.distributed.checkpoint.state_dict import (  # FSDP only: slow to import
+                StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict)
             sd = get_optimizer_state_dict(self.model, self.dense_opt, options=StateDictOptions(full_state_dict=True))
             sd["state"] = state
             set_optimizer_state_dict(self.model, self.dense_opt, sd, options=StateDictOptions(

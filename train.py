@@ -30,7 +30,6 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
 
 import data
@@ -478,6 +477,8 @@ def lora_or_full_stage(run: Run, method: str, task: str, examples: list, lr: flo
         adamw_params = dict(model.named_parameters())  # tied embeddings appear once
 
         def trained():  # every Hub tensor, gathered in full (on rank 0 under FSDP)
+            from torch.distributed.checkpoint.state_dict import (  # FSDP only: slow to import
+                StateDictOptions, get_model_state_dict)
             sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
                 if fsdp else model.state_dict()
             return {k: v for k, v in sd.items() if k in saved}

@@ -129,7 +129,7 @@ SCALES = {
                                       "lora": [3e-4, 1e-3, 3e-3, 1e-2], "full": [1e-4, 3e-4, 1e-3, 3e-3]},
                          "pretrained": PILOT_PRETRAINED}),
     "quick": dict(seeds=[0, 1], n_old=16, n_new=6, docs=400, vocab=512, hidden=64, layers=2, heads=4, kv_heads=2,
-                  inter=128, pretrain_steps=400, pretrain_lr=5e-3, pretrain_batch=16,
+                  inter=128, pretrain_steps=150, pretrain_lr=5e-3, pretrain_batch=16,
                   retrofit_steps=10, retrofit_lr=3e-3, background=20,
                   n_keys=8, mem_heads=2, mem_topk=4, mem_k_dim=32, top_t=16, lora_r=4,
                   pre_inter=16, pre_layer=1, pre_n_keys=16, pre_heads=1, pre_topk=4, pre_k_dim=32, lin_background=20,

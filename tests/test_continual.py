@@ -62,7 +62,7 @@ def continual_quick(tmp_path_factory):
 def test_quick_chains_continue_link_by_link(continual_quick):
     out, res, printed = continual_quick
     k = continual.QUICK["k"]
-    assert res["k"] == k and {c["method"] for c in res["chains"]} == set(continual.METHODS)
+    assert res["k"] == k and {c["method"] for c in res["chains"]} == set(continual.QUICK["lrs"])
     for c in res["chains"]:
         assert len(c["R"]) == k + 1 and all(len(row) == k for row in c["R"])
         assert all(0 <= a <= 1 for row in c["R"] for a in row) and len(c["old"]) == len(c["ppl"]) == k + 1

@@ -129,17 +129,18 @@ def test_first_crossing_interpolates_at_the_lowest_lr_that_gets_there():
 
 def fake_rows(seeds, shift):
     """Base and retrofit at new 0.1 / old 0.9 / ppl e; smf-clean reaches new 0.9 at lr 2 with old 0.5 + shift[s];
-    full reaches it at lr 2 with old 0.3, except in seed 2 where it stops at 0.8."""
+    full reaches it at lr 2 with old 0.3, except in seed 2 where it stops at 0.8. Cloze accuracy is 1 - new."""
     rows = []
     for s in seeds:
         for m in ("base", "retrofit"):
-            rows.append({"seed": s, "method": m, "lr": 0.0, "new_acc": 0.1, "old_acc": 0.9, "heldout_ppl": math.e})
+            rows.append({"seed": s, "method": m, "lr": 0.0, "new_acc": 0.1, "old_acc": 0.9, "cloze_acc": 0.9,
+                         "heldout_ppl": math.e})
         for lr, new, old in ((1.0, 0.5, 0.7 + shift[s]), (2.0, 0.9, 0.5 + shift[s])):
             rows.append({"seed": s, "method": "smf-clean", "lr": lr, "new_acc": new, "old_acc": old,
-                         "heldout_ppl": math.e ** 2})
+                         "cloze_acc": 1 - new, "heldout_ppl": math.e ** 2})
         for lr, new, old in ((1.0, 0.5, 0.5), (2.0, 0.9 if s != 2 else 0.8, 0.3)):
             rows.append({"seed": s, "method": "full", "lr": lr, "new_acc": new, "old_acc": old,
-                         "heldout_ppl": math.e ** 3})
+                         "cloze_acc": 1 - new, "heldout_ppl": math.e ** 3})
     return rows
 
 
@@ -152,11 +153,14 @@ def test_summarize_matches_hand_computed_values():
     m = matched[("smf-clean", 0.7)]
     assert m["old_acc"][0] == pytest.approx(0.6 + sum(shift.values()) / 4) and m["old_acc"][2] == 4
     assert m["heldout_ppl"][0] == pytest.approx(math.e ** 2) and m["seeds"] == 4
+    assert m["cloze_acc"][:2] == pytest.approx((0.3, 0.0))  # 1 - new, interpolated at new 0.7
     # full at 0.7: 0.4 in seeds 0, 1, 3; in seed 2 two thirds of the way from (0.5, 0.5) to (0.8, 0.3)
     assert matched[("full", 0.7)]["old_acc"][0] == pytest.approx((3 * 0.4 + 0.5 - 0.2 * 2 / 3) / 4)
     f9 = matched[("full", 0.9)]
     assert f9["old_acc"][0] == pytest.approx(0.3) and f9["old_acc"][2] == 3  # seed 2 never reaches 0.9
-    diff = {(d["a"], d["b"], d["level"]): d for d in s["differ"]}
+    diff = {(d["a"], d["b"], d["level"]): d for d in s["differ"] if d["measure"] == "old_acc"}
+    cloze = [d for d in s["differ"] if d["measure"] == "cloze_acc" and d["level"] == 0.9]
+    assert [(d["n"], d["diff"]) for d in cloze] == [(3, pytest.approx(0.0))]  # both at new 0.9: cloze 0.1 each
     d = diff[("smf-clean", "full", 0.9)]  # paired over seeds 0, 1, 3: 0.2 + shift
     ref = forgetting.interval([0.2 + shift[k] for k in (0, 1, 3)])
     assert (d["n"], d["diff"], d["half"]) == (3, pytest.approx(ref[0]), pytest.approx(ref[1])) and d["exceeds"]
@@ -170,7 +174,7 @@ def test_differences_within_the_spread_are_not_called():
     import forgetting
     seeds, shift = [0, 1, 3], {0: -0.3, 1: 0.3, 3: -0.25}  # smf-clean - full at 0.9: -0.1, 0.5, -0.05
     s = forgetting.summarize(fake_rows(seeds, shift), [0.9])
-    d = [d for d in s["differ"] if (d["a"], d["b"]) == ("smf-clean", "full")][0]
+    d = [d for d in s["differ"] if (d["a"], d["b"], d["measure"]) == ("smf-clean", "full", "old_acc")][0]
     assert d["n"] == 3 and not d["exceeds"]
     s = forgetting.summarize(fake_rows([0, 1], {0: 0.0, 1: 0.0}), [0.9])  # identical differences, 2 seeds: too few
     assert not [d for d in s["differ"] if (d["a"], d["b"]) == ("smf-clean", "full")][0]["exceeds"]
