@@ -20,6 +20,7 @@ a Hub model, a local model directory or a run directory; the paper's table uses 
 The eval_* functions take rows (data.load_rows) and a loaded model, so train.py can call them during training.
 """
 
+import functools
 import importlib.util
 import json
 import math
@@ -408,6 +409,12 @@ class HarnessLM:
         return "chatml" if chat_template else ""
 
 
+@functools.lru_cache(maxsize=None)
+def task_manager(cls, include: str | None):
+    """lm-eval's index of its tasks (and those of the folder `include`): seconds to build, so built once a process."""
+    return cls(include_path=include) if include else cls()
+
+
 def run_harness(model, tok, tasks: list[str], repetition_penalty: float, batch_size: int, limit: int | None,
                 include: str | None = None, fewshot: int | None = None, chat: bool = False) -> dict:
     """lm-evaluation-harness's tasks on our model (HarnessLM) -> {"results": {task: metrics}, "versions",
@@ -420,7 +427,7 @@ def run_harness(model, tok, tasks: list[str], repetition_penalty: float, batch_s
         raise ValueError(f"--harness needs lm-evaluation-harness ({e}): pip install -r requirements-harness.txt")
     lm = type("HarnessModel", (HarnessLM, LM), {})(model, tok, batch_size, repetition_penalty=repetition_penalty)
     try:
-        manager = TaskManager(include_path=include) if include else TaskManager()
+        manager = task_manager(TaskManager, include)
     except Exception as e:  # a bad --harness-include folder
         raise ValueError(f"--harness-include {include}: {e}") from e
     if unknown := [t for t in tasks if t not in manager.all_tasks]:

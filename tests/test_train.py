@@ -16,7 +16,7 @@ from checkpoint import load_model
 from model import Qwen2
 from grads import assert_same_gradients
 from tiny_data import write_jsonl
-from helpers import MEM, read_log, run_script, train_argv
+from helpers import MEM, call, read_log, run_script, train_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -216,15 +216,14 @@ def test_resume_is_bit_identical(method, recipe, retrofit_run, tiny_model_dir, f
 
 
 def test_bad_input_gives_one_line_errors(tiny_model_dir, files, tmp_path, retrofit_run):
-    r = run_script("train.py", "--method", "magic")
+    r = call(train.cli, ["--method", "magic"])
     assert r.returncode != 0 and "invalid choice: 'magic'" in r.stderr
-    r = run_script("train.py", "--method", "lora", "--model", tiny_model_dir, "--data",
-                   f"medmcqa={tmp_path}/nope.jsonl")
+    r = call(train.cli, ["--method", "lora", "--model", tiny_model_dir, "--data", f"medmcqa={tmp_path}/nope.jsonl"])
     assert r.returncode != 0 and "file not found" in r.stderr and "nope.jsonl" in r.stderr
     # a memory built on another base model
     from tiny import write_checkpoint
     other = write_checkpoint(str(tmp_path / "other"), hidden=32, heads=2, kv_heads=1, intermediate=64)
-    r = run_script("train.py", *common(other, files, tmp_path / "x", "--method", "smf", "--memory-from", retrofit_run))
+    r = call(train.cli, common(other, files, tmp_path / "x", "--method", "smf", "--memory-from", retrofit_run))
     assert r.returncode != 0 and "differs from --model" in r.stderr
     assert [line for line in r.stderr.splitlines() if not line.startswith("data: ")] == \
         [r.stderr.strip().splitlines()[-1]], r.stderr  # one line (after the data's warnings), no traceback
@@ -233,7 +232,7 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, files, tmp_path, retrof
     os.makedirs(out)
     json.dump({}, open(out / "args.json", "w"))
     open(out / "checkpoint.safetensors", "w").close()
-    r = run_script("train.py", *common(tiny_model_dir, files, out, "--method", "lora"))
+    r = call(train.cli, common(tiny_model_dir, files, out, "--method", "lora"))
     assert r.returncode != 0 and "already holds a run with completed steps: pass --resume" in r.stderr
 
 
