@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train
 from helpers import MEM, read_log
 from tiny_data import medmcqa_rows, oasst1_rows, write_jsonl, write_parquet
 
@@ -16,9 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(nproc, *args):
-    """The README's command: torchrun --standalone --nproc_per_node=N train.py ... (1 process: plain python)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
+    """The README's command: torchrun --standalone --nproc_per_node=N train.py ...; 1 process: train.main in this
+    one (one thread, as conftest sets), the reference the ranks must equal."""
+    if nproc == 1:
+        return train.main([str(a) for a in args])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([*launcher, "train.py", *args], cwd=ROOT, capture_output=True, text=True, env=env,
                        timeout=300)
