@@ -64,7 +64,7 @@ K, PER_SET = 3, 8  # sets of new facts, entities per set (x 4 attributes = 32 fa
 # (--memory retrofit: smf-lin-t16's 1e7 is the lr of the review that asked for the row, not the rule's: not piloted)
 LRS = {"retrofit": {"smf-clean": 100.0, "smf-paper": 100.0, "smf-lin-t16": 1e7, "lora": 3e-3, "full": 1e-3},
        "pretrained": {"smf-clean": 1.0, "smf-paper": 0.3, "smf-lin-t16": 300.0, "lora": 1e-2, "full": 3e-3}}
-QUICK = dict(k=2, per_set=2, pretrain_steps=100, ft_epochs=1,  # on forgetting.py's quick scale, shorter still;
+QUICK = dict(k=2, per_set=2, pretrain_steps=60, ft_epochs=1,  # on forgetting.py's quick scale, shorter still;
              lrs={"smf-clean": 1e-2, "smf-lin-t16": 1.0, "lora": 3e-3, "full": 3e-4})  # smf-paper: forgetting's
 QUICK_NOTE = ("--quick: a SMOKE TEST of the pipeline (a tiny model, a few steps, 2 sets). It checks that every step "
               "runs; it is not expected to learn, and its numbers say nothing about the methods.")

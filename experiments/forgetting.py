@@ -4,7 +4,7 @@ al.'s), LoRA and full finetuning, each through a learning-rate sweep, over sever
 
     python experiments/forgetting.py            # 5 seeds, 2 processes at a time (the minutes: experiments/README.md)
     python experiments/forgetting.py --memory retrofit --facts siblings   # the earlier setting: a stress test
-    python experiments/forgetting.py --quick    # a smoke test of the pipeline (2 seeds, about 30 s): it does not learn
+    python experiments/forgetting.py --quick    # a smoke test of the pipeline (1 seed, about 30 s): it does not learn
 
 The default setting gives SMF the conditions it comes from (Lin et al. 2025, "Continual Learning via Sparse Memory
 Finetuning", arXiv 2510.15103): a memory present from pretraining on that carries knowledge, new facts that need not
@@ -128,8 +128,8 @@ SCALES = {
                                       "smf-lin-t16": [3e6, 1e7, 3e7], "smf-lin-t64": [3e6, 1e7, 3e7],
                                       "lora": [3e-4, 1e-3, 3e-3, 1e-2], "full": [1e-4, 3e-4, 1e-3, 3e-3]},
                          "pretrained": PILOT_PRETRAINED}),
-    "quick": dict(seeds=[0, 1], n_old=16, n_new=6, docs=400, vocab=512, hidden=64, layers=2, heads=4, kv_heads=2,
-                  inter=128, pretrain_steps=150, pretrain_lr=5e-3, pretrain_batch=16,
+    "quick": dict(seeds=[0], n_old=16, n_new=6, docs=400, vocab=512, hidden=64, layers=2, heads=4, kv_heads=2,
+                  inter=128, pretrain_steps=60, pretrain_lr=5e-3, pretrain_batch=16,
                   retrofit_steps=10, retrofit_lr=3e-3, background=20,
                   n_keys=8, mem_heads=2, mem_topk=4, mem_k_dim=32, top_t=16, lora_r=4,
                   pre_inter=16, pre_layer=1, pre_n_keys=16, pre_heads=1, pre_topk=4, pre_k_dim=32, lin_background=20,

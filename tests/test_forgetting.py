@@ -1,5 +1,5 @@
 """experiments/forgetting.py end to end at the --quick scale in its default setting (a memory pretrained with the
-model, new facts of new attributes; 2 seeds side by side, about 30 s on 2 CPU cores; tests/test_continual.py runs the
+model, new facts of new attributes; one seed, 20-30 s on 2 CPU cores; tests/test_continual.py runs the
 retrofit setting) with matplotlib made unimportable (as in CI: the tables must still print), its summaries against
 hand-computed values, the figure where matplotlib is installed, plus the synthetic world's invariants
 (experiments/world.py) that make its measurements mean something, and the read overlap against a hand count."""
@@ -209,7 +209,7 @@ def test_quick_pipeline_writes_every_method_and_summary_without_matplotlib(forge
     res = json.load(open(os.path.join(out, "results.json")))
     md = open(os.path.join(out, "results.md")).read()
     seeds, levels = forgetting.SCALES["quick"]["seeds"], res["levels"]
-    assert res["seeds"] == seeds == returned["seeds"] and len(seeds) >= 2 and levels == [0.3, 0.5, 0.7]
+    assert res["seeds"] == seeds == returned["seeds"] and levels == [0.3, 0.5, 0.7]
     # every run of every seed went through train.py and was measured; the memory model also without its memory
     runs = {(r["seed"], r["method"]) for r in res["runs"]}
     starts = ["base", "no-memory"]
@@ -228,7 +228,7 @@ def test_quick_pipeline_writes_every_method_and_summary_without_matplotlib(forge
     for r in s["per_lr"]:
         rs = [x for x in res["runs"] if x["method"] == r["method"]]
         assert r["new_acc"][0] == pytest.approx(sum(x["new_acc"] for x in rs) / len(rs))
-        assert r["old_acc"][1] is not None and r["heldout_ppl"][1] <= r["heldout_ppl"][0] <= r["heldout_ppl"][2]
+        assert r["n"] > 1 or r["old_acc"][1] is None  # one seed: a mean, no interval (hand-checked above)
     assert sorted((r["method"], r["level"]) for r in s["matched"]) == sorted((m, x) for m in METHODS for x in levels)
     assert len(s["differ"]) == 2 * len(levels) * len(METHODS) * (len(METHODS) - 1) // 2  # old facts and cloze
     for d in s["differ"]:
