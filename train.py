@@ -500,9 +500,10 @@ def with_memory(model, run: Run, mem_cfg: memory.MemoryConfig | None, memory_dir
     if mem_cfg is None:
         return {}
     mem_cfg = mem_cfg.resolve(model.config.num_hidden_layers, model.config.hidden_size)
-    memory.add_memory(model, mem_cfg)  # fp32
+    memories = memory.add_memory(model, mem_cfg)  # fp32
     if memory_dir is not None:
         load_trained(memory.memory_state_dict(model), memory_dir, "--memory-from")
+    memory.round_to_bf16_(memories)  # precision bf16 only: as the other stages build or load a memory
     return {"memory": mem_cfg.to_dict(), "stage1_data": data_of,
             **({"memory_from": memory_dir} if memory_dir is not None else {})}
 
