@@ -2,7 +2,9 @@
 functions re-implemented one question at a time), the alias normalizer, --log-samples, --prompt and the command
 line (no network: tiny models and tiny data files in the Hub schemas). Rebuilding a run: test_checkpoint.py."""
 
+import contextlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -417,9 +419,18 @@ def test_cli_compile_decodes_triviaqa_with_the_compiled_step(tiny_model_dir, dat
 
 
 def run_prompt(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *args], capture_output=True,
-                          text=True, timeout=120, env=env)
+    """`python eval.py ARGS` run in this process (eval.cli; a process costs seconds to start): its exit status, what
+    it printed and what it wrote to stderr (the message it exits with last)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = ev.cli(list(args))
+        except SystemExit as e:
+            status = e.code
+    if isinstance(status, str):
+        print(status, file=err)
+    return subprocess.CompletedProcess(args, 1 if isinstance(status, str) else status or 0, out.getvalue(),
+                                       err.getvalue())
 
 
 def greedy_reply(model, tok, prompt, n, repetition_penalty=1.0):
