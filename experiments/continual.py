@@ -324,10 +324,12 @@ def main(argv=None):
         md += f"\nChosen by the rule (put these in LRS): {res['chosen']}\n"
     title = (f"{'QUICK SMOKE TEST: ' if args.quick else ''}continual learning of {scale['k']} sets, mean over "
              f"{len(scale['seeds'])} seeds, 95% t-intervals")
+    default = (args.facts, args.memory) == ("new-attributes", "pretrained")
+    command = "python experiments/continual.py" + ("" if default else f" --memory {args.memory} --facts {args.facts}")
     return forgetting.write_results(args.out, res, md, lambda: figure(summary, scale["k"], args.figure, title),
-                                    args.figure, publish=None if args.quick or args.pilot else "continual" + (
-                                        "" if (args.facts, args.memory) == ("new-attributes", "pretrained")
-                                        else f"-{args.memory}-{args.facts}"))
+                                    args.figure, command=command,
+                                    publish=None if args.quick or args.pilot or args.seeds
+                                    else "continual" + ("" if default else f"-{args.memory}-{args.facts}"))
 
 if __name__ == "__main__":
     main()

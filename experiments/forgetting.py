@@ -678,10 +678,12 @@ def main(argv=None):
         report(res, seeds, args.levels)
     title = (f"{'QUICK SMOKE TEST (not expected to learn): ' if args.quick else ''}learning vs forgetting on a "
              f"synthetic world, mean over {len(seeds)} seeds, 95% t-intervals")
-    setting = "" if (args.facts, args.memory) == ("new-attributes", "pretrained") else f"-{args.memory}-{args.facts}"
+    default = (args.facts, args.memory) == ("new-attributes", "pretrained")
+    command = "python experiments/forgetting.py" + ("" if default else f" --memory {args.memory} --facts {args.facts}")
     return write_results(args.out, res, md, lambda: figure(res, args.figure, title), args.figure,
-                         f"\nEvery run:\n\n{every_run(rows)}",
-                         publish=None if args.quick or args.methods else "forgetting" + setting)
+                         f"\nEvery run:\n\n{every_run(rows)}", command=command,
+                         publish=None if args.quick or args.methods or args.seeds
+                         else "forgetting" + ("" if default else f"-{args.memory}-{args.facts}"))
 
 
 def scale_of(scale, facts, memory_, methods=None) -> dict:
@@ -690,26 +692,30 @@ def scale_of(scale, facts, memory_, methods=None) -> dict:
     return {**scale, "facts": facts, "memory": memory_, "sweeps": sweeps}
 
 
-def write_results(out, res, md, draw, figure_path, appendix="", publish=None):
+def write_results(out, res, md, draw, figure_path, appendix="", publish=None, command=None):
     """The figure (draw(); none without matplotlib, said in the text), results.json, results.md (md + appendix);
-    md printed; publish: a full run's name, whose results.md is also experiments/results/<name>.md (committed, the
-    full tables that experiments/README.md links to). -> res."""
+    md printed; publish: a full run's name, whose results.md is also experiments/results/<name>.md and its figure
+    experiments/<name>.png (committed: what experiments/README.md shows and links to), written by `command`. -> res."""
     try:
         draw()
         res["figure"] = figure_path
-        md += f"\nFigure: {figure_path}\n"
+        figure_line = f"\nFigure: {figure_path}\n"
     except ImportError:
         res["figure"] = None
-        md += "\nNo figure: matplotlib is not installed (`pip install -r requirements-plot.txt`); the tables above hold its points.\n"
+        figure_line = ("\nNo figure: matplotlib is not installed (`pip install -r requirements-plot.txt`); the tables "
+                       "above hold its points.\n")
     write_json(os.path.join(out, "results.json"), res)
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(md + appendix)
+        f.write(md + figure_line + appendix)
     if publish:
-        head = (f"# `{publish}.py`: every table of the final run\n\nWritten by `python experiments/{publish}.py` "
-                f"(as it printed them). The guide: [`../README.md`](../README.md).\n\n")
+        head = (f"# `{command}`: every table of the final run\n\nWritten by that command (as it printed them). The "
+                f"guide: [`../README.md`](../README.md).\n\n")
+        if res["figure"]:
+            shutil.copyfile(figure_path, os.path.join(ROOT, "experiments", f"{publish}.png"))
+            figure_line = f"\nFigure: [`../{publish}.png`](../{publish}.png)\n"
         with open(os.path.join(ROOT, "experiments", "results", f"{publish}.md"), "w") as f:
-            f.write(head + md + appendix)
-    print("\n" + md, flush=True)
+            f.write(head + md + figure_line + appendix)
+    print("\n" + md + figure_line, flush=True)
     return res
 
 

@@ -319,3 +319,27 @@ def test_quick_pipeline_runs_each_variant_with_its_recipe(forgetting_quick):
         assert clean["memory"]["precision"] == "fp32" and not clean["recipe"]["select_per_micro_batch"]
         # the clean recipe changes at most top-t rows per layer per step
         assert all(n <= scale["top_t"] for r in log for n in r["rows"].values()) and sum(log[-1]["rows"].values()) > 0
+
+
+def test_a_full_run_publishes_its_tables_and_figure_where_the_readme_links(tmp_path, monkeypatch, capsys):
+    """write_results: results.md in --out names the figure where it lies; a published run (a full run) also writes
+    experiments/results/<name>.md headed by its command, with the figure copied to experiments/<name>.png and linked
+    relatively (no path of the machine that ran it)."""
+    import forgetting
+    root = tmp_path / "repo"
+    (root / "experiments" / "results").mkdir(parents=True)
+    monkeypatch.setattr(forgetting, "ROOT", str(root))
+    out = tmp_path / "out"
+    out.mkdir()
+    fig = out / "f.png"
+    command = "python experiments/forgetting.py --memory retrofit --facts siblings"
+    forgetting.write_results(str(out), {}, "| table |\n", lambda: fig.write_bytes(b"\x89PNG..."), str(fig),
+                             "\nEvery run\n", publish="forgetting-retrofit-siblings", command=command)
+    published = (root / "experiments" / "results" / "forgetting-retrofit-siblings.md").read_text()
+    assert published.startswith(f"# `{command}`: every table of the final run")
+    assert "| table |\n\nFigure: [`../forgetting-retrofit-siblings.png`](../forgetting-retrofit-siblings.png)\n" \
+           "\nEvery run\n" in published and str(tmp_path) not in published
+    assert (root / "experiments" / "forgetting-retrofit-siblings.png").read_bytes() == b"\x89PNG..."
+    assert (out / "results.md").read_text() == f"| table |\n\nFigure: {fig}\n\nEvery run\n"
+    forgetting.write_results(str(out), {}, "| t |\n", lambda: None, str(fig))  # not published: nothing there
+    assert sorted(os.listdir(root / "experiments" / "results")) == ["forgetting-retrofit-siblings.md"]
