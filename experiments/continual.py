@@ -37,7 +37,8 @@ LRS, the rule (fixed before the final run, as forgetting.py's; what comes out is
 seeds 10 and 11, for each method and each lr of its forgetting.py sweep, run the chain; take the smallest lr whose
 mean over pilot seeds of R[j][j] (each set right after it is learned), averaged over j, reaches 0.8; if none does,
 the lr with the highest. One lr per method, the same for every link.
-Outputs in --out: results.json, results.md (the tables), the figure (needs matplotlib, optional), seed<k>/ (runs).
+Outputs in --out: results.json, results.md (the tables), the figure (needs matplotlib, optional), seed<k>/ (runs); a
+full run (no --quick, --pilot or --seeds) also experiments/results/continual[-SETTING].md and its figure.
 """
 
 import json

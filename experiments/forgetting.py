@@ -67,7 +67,8 @@ the levels lie where SMF's curves reach (its best mean new-fact accuracy there w
             4.5 false "yes" expected if no method differed).
 Outputs in --out: results.json (every run and every summary), results.md (the tables, as printed), the figure
 (--figure; needs matplotlib, an optional dependency of this script only: without it the tables still print), and
-seed<k>/ (the runs, logs/ with each train.py's output).
+seed<k>/ (the runs, logs/ with each train.py's output). A full run (no --quick, --methods or --seeds) also writes
+experiments/results/forgetting[-SETTING].md and experiments/forgetting[-SETTING].png, what experiments/README.md shows.
 --quick is a smoke test of the pipeline (a tiny model, a few steps, one lr per method): it is not expected to learn.
 """
 
