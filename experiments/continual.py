@@ -82,7 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--memory", default="pretrained", choices=["pretrained", "retrofit"],
                    help="SMF's memory (forgetting.py's flag)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="a smoke test at a tiny scale (for tests): not expected to learn")
+    g.add_argument("--quick", action="store_true",
+                   help="a smoke test at a tiny scale (for tests): not expected to learn")
     g.add_argument("--pilot", action="store_true", help="choose LRS by the docstring's rule on seeds 10 and 11")
     args = p.parse_args(argv)
     kind = "-quick" if args.quick else "-pilot" if args.pilot else ""

@@ -675,8 +675,8 @@ def main(argv=None):
     head = (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), {'quick' if args.quick else 'full'} scale, "
             f"{args.jobs} processes at a time, wall time {wall / 60:.1f} min, CPU time {cpu / 60:.1f} min; "
             f"chance accuracy 0.10\n\n")
-    md = (f"{QUICK_NOTE}\n\n" if args.quick else "") + head + recipes_and_overlap(scale, scale["sweeps"], overlap) + "\n" + \
-        report(res, seeds, args.levels)
+    md = (f"{QUICK_NOTE}\n\n" if args.quick else "") + head + \
+        recipes_and_overlap(scale, scale["sweeps"], overlap) + "\n" + report(res, seeds, args.levels)
     title = (f"{'QUICK SMOKE TEST (not expected to learn): ' if args.quick else ''}learning vs forgetting on a "
              f"synthetic world, mean over {len(seeds)} seeds, 95% t-intervals")
     default = (args.facts, args.memory) == ("new-attributes", "pretrained")
