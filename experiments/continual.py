@@ -166,9 +166,10 @@ def prepare(out, scale, seed, log):
     and the start models' measurements."""
     _, ctx = forgetting.prepare(out, scale, seed, log)
     ctx["sets"] = set_files(out, ctx["world"], scale)
-    other = ctx["memory"] if ctx["pretrained"] else ctx["base"]  # LoRA and full: the model with its memory, if any
-    ctx["start"] = {False: measure(other, ctx["world"], ctx["heldout_rows"], scale),
-                    True: measure(ctx["memory"], ctx["world"], ctx["heldout_rows"], scale)}
+    smf_start = measure(ctx["memory"], ctx["world"], ctx["heldout_rows"], scale)
+    # LoRA and full finetuning start from the memory model itself, or from the base without the retrofit
+    ctx["start"] = {True: smf_start, False: smf_start if ctx["pretrained"] else
+                    measure(ctx["base"], ctx["world"], ctx["heldout_rows"], scale)}
     return ctx
 
 

@@ -329,7 +329,7 @@ def prepare(out, scale, seed, log):
                                    "--seed", seed, *(memory_flags(scale, True) if pretrained else [])])
     base = os.path.join(out, "pretrain", "hf")  # pretrained: the model without its memory
     start = os.path.join(out, "pretrain") if pretrained else base  # what LoRA and full finetuning start from
-    base_model, _, _ = load_model(start, dtype=torch.float32, device="cpu")
+    base_model, tok, _ = load_model(start, dtype=torch.float32, device="cpu")
     base_row = {"seed": seed, "method": "base", "lr": 0.0, "seconds": secs,
                 "trainable": sum(p.numel() for p in base_model.parameters()),  # tied embeddings once
                 **measure(start, world, heldout_rows)}
@@ -352,7 +352,7 @@ def prepare(out, scale, seed, log):
                      "trainable": trainable_params(memory_dir), **measure(memory_dir, world, heldout_rows,
                                                                           base_weights)})
         log(f"seed {seed} retrofit ({secs:.0f} s): old {rows[-1]['old_acc']:.3f} new {rows[-1]['new_acc']:.3f}")
-    mem_model, tok, _ = load_model(memory_dir, dtype=torch.float32, device="cpu")
+    mem_model = base_model if pretrained else load_model(memory_dir, dtype=torch.float32, device="cpu")[0]
     ref_memory = {i: m.values.weight.detach().clone() for i, m in memory.memory_layers(mem_model).items()}
     overlap = read_overlap(mem_model, tok, world_fact_items(world["new"]), world_fact_items(world["old"]))
     log(f"seed {seed} read overlap (new questions' answer-position reads on slots the old ones read there): "

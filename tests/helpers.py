@@ -54,6 +54,17 @@ def call(cli, argv):
     return subprocess.CompletedProcess(argv, code, "", err.getvalue())
 
 
+def without_matplotlib(main, argv):
+    """main(argv) (an experiment script's) with `import matplotlib` raising ImportError, as where it is not
+    installed, and its printing captured -> (what main returned, what it printed)."""
+    import pytest
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setitem(sys.modules, "matplotlib", None)
+        returned = main(argv)
+    return returned, printed.getvalue()
+
+
 def one_line_error(r, *needles):
     """A non-zero exit whose stderr ends in one "error: " line naming the problem (every needle in it), with no
     traceback; returns that line."""

@@ -2,8 +2,6 @@
 lr rule against hand computations, and the --quick pipeline end to end (matplotlib unimportable: the tables still
 print), each chain's links continuing from the previous one as train.py records it."""
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -15,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import continual  # noqa: E402
+from helpers import without_matplotlib  # noqa: E402
 
 
 def test_retention_equals_a_hand_computation():
@@ -52,11 +51,8 @@ def test_summary_over_seeds_and_the_lr_rule():
 @pytest.fixture(scope="module")
 def continual_quick(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("continual"))
-    printed = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
-        mp.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
-        res = continual.main(["--quick", "--out", out, "--jobs", "2", "--memory", "retrofit", "--facts", "siblings"])
-    return out, res, printed.getvalue()
+    argv = ["--quick", "--out", out, "--jobs", "2", "--memory", "retrofit", "--facts", "siblings"]
+    return (out, *without_matplotlib(continual.main, argv))
 
 
 def test_quick_chains_continue_link_by_link(continual_quick):

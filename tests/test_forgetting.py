@@ -4,8 +4,6 @@ retrofit setting) with matplotlib made unimportable (as in CI: the tables must s
 hand-computed values, the figure where matplotlib is installed, plus the synthetic world's invariants
 (experiments/world.py) that make its measurements mean something, and the read overlap against a hand count."""
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -18,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import world  # noqa: E402
-from helpers import read_log  # noqa: E402
+from helpers import read_log, without_matplotlib  # noqa: E402
 
 METHODS = ["smf-clean", "smf-paper", "smf-lin-t16", "lora", "full"]  # --quick's rows with a pretrained memory
 SMF = ["smf-clean", "smf-paper", "smf-lin-t16"]
@@ -189,11 +187,7 @@ def forgetting_quick(tmp_path_factory):
     """forgetting.main at the --quick scale with matplotlib unimportable (as where it is not installed)."""
     import forgetting
     out = str(tmp_path_factory.mktemp("forgetting"))
-    printed = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
-        mp.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
-        res = forgetting.main(["--quick", "--out", out, "--jobs", "2"])
-    return out, res, printed.getvalue()
+    return (out, *without_matplotlib(forgetting.main, ["--quick", "--out", out, "--jobs", "2"]))
 
 
 def run_files(out, seed, name):
