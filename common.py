@@ -1,12 +1,14 @@
 """
 The machine, shared by every script (as nanochat's common.py): device and dtype, data-parallel ranks (DDP, FSDP),
-argparse as the scripts use it, the micro-batch that fits the GPU, tokens/s and MFU, and the step guard that stops
-a run before a non-finite update. Imports nothing of this project.
+argparse as the scripts use it, the micro-batch that fits the GPU, tokens/s and MFU, the step guard that stops a
+run before a non-finite update, and child processes that die with their script. Imports nothing of this project.
 """
 
 import argparse
+import ctypes
 import math
 import os
+import signal
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,6 +26,14 @@ class RunError(Exception):
 class StopRun(Exception):
     """--stop-at-step reached: leave as if interrupted, exit status 0."""
 
+
+def die_with_parent():
+    """A child process's preexec_fn: on Linux, SIGTERM it when the script that started it dies (even by kill -9), so
+    that no training job outlives an interrupted experiment (elsewhere: nothing)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 # -----------------------------------------------------------------------------

@@ -89,6 +89,7 @@ sys.path.insert(0, ROOT)
 
 import memory  # noqa: E402
 from checkpoint import load_model, write_json  # noqa: E402
+from common import die_with_parent  # noqa: E402
 from data import train_bpe_tokenizer  # noqa: E402
 from model import merge_lora  # noqa: E402
 from world import (eval_documents_ppl, eval_world_facts, read_overlap, synthetic_world, world_fact_items,  # noqa: E402
@@ -205,11 +206,12 @@ def write_world(out, scale, seed):
 
 
 def train(out, name, flags):
-    """Run `python train.py <flags> --out out/name` (skipped if that run already finished); returns wall seconds."""
+    """Run `python train.py <flags> --out out/name` (skipped if that run already finished; an unfinished one starts
+    again); returns wall seconds (of a run finished after its script died: its training loop's, from config.json)."""
     run = os.path.join(out, name)
-    cfg = os.path.join(run, "config.json")
-    if os.path.exists(cfg) and json.load(open(cfg)).get("finished"):
-        return json.load(open(os.path.join(out, "logs", name + ".time")))["seconds"]
+    cfg, timing = os.path.join(run, "config.json"), os.path.join(out, "logs", name + ".time")
+    if os.path.exists(cfg) and (config := json.load(open(cfg))).get("finished"):
+        return json.load(open(timing))["seconds"] if os.path.exists(timing) else config["cost"]["wall_seconds"]
     shutil.rmtree(run, ignore_errors=True)
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *map(str, flags), "--out", run, "--device", "cpu",
@@ -219,12 +221,13 @@ def train(out, name, flags):
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     t0 = time.time()
     with open(os.path.join(out, "logs", name + ".log"), "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,  # dies with this script
+                            preexec_fn=die_with_parent if sys.platform == "linux" else None).returncode
     seconds = time.time() - t0
     if rc != 0:
         tail = open(os.path.join(out, "logs", name + ".log")).read()[-3000:]
         raise RuntimeError(f"train.py failed for {name} (exit {rc}):\n{' '.join(cmd)}\n{tail}")
-    write_json(os.path.join(out, "logs", name + ".time"), {"seconds": seconds, "command": " ".join(cmd)})
+    write_json(timing, {"seconds": seconds, "command": " ".join(cmd)})
     return seconds
 
 

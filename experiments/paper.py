@@ -31,12 +31,10 @@ undecided on a paired bootstrap over the probes' items, judge(); on the means fo
 n/a below MIN_SEEDS seeds), what is missing, and what the runs cost (config.json "cost").
 """
 
-import ctypes
 import json
 import math
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -49,8 +47,7 @@ sys.path.insert(0, ROOT)
 import eval as ev  # noqa: E402
 from eval import PROBES  # noqa: E402
 from checkpoint import RESUME_FREE, Lock, file_problem, read_json, writable, write_json  # noqa: E402
-from common import RunError  # noqa: E402
-from common import ArgParser  # noqa: E402
+from common import ArgParser, RunError, die_with_parent  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # The paper's rows, numbers and claims: data in one place, so that a fork can hold its runs against another paper
@@ -257,14 +254,6 @@ def check_commands(todo, env):
             why = (err.strip().splitlines() or ["?"])[-1]
             raise SystemExit(f"error: the {name} runs' train.py command is refused ({why}): fix the flags "
                              f"(--train-args, --{name.split('-')[0]}-args)")
-
-
-def die_with_parent():
-    """In the child, before exec: on Linux, SIGTERM it when this script dies (even by kill -9)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def journal(out, **event):

@@ -337,3 +337,16 @@ def test_a_full_run_publishes_its_tables_and_figure_where_the_readme_links(tmp_p
     assert (out / "results.md").read_text() == f"| table |\n\nFigure: {fig}\n\nEvery run\n"
     forgetting.write_results(str(out), {}, "| t |\n", lambda: None, str(fig))  # not published: nothing there
     assert sorted(os.listdir(root / "experiments" / "results")) == ["forgetting-retrofit-siblings.md"]
+
+
+def test_a_run_finished_after_its_script_died_is_not_run_again(tmp_path):
+    """forgetting.train skips a finished run; one that finished without its timing file (its script killed between
+    the two) counts the training loop's wall time from config.json instead of failing or training again."""
+    import forgetting
+    run = tmp_path / "smf-clean-lr1"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"finished": True, "cost": {"wall_seconds": 3.5}}))
+    assert forgetting.train(str(tmp_path), "smf-clean-lr1", ["--no-such-flag"]) == 3.5  # train.py never started
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "smf-clean-lr1.time").write_text(json.dumps({"seconds": 7.0}))
+    assert forgetting.train(str(tmp_path), "smf-clean-lr1", ["--no-such-flag"]) == 7.0
