@@ -13,7 +13,7 @@ probes), with forgetting.py's scale, world, memory and flags (forgetting.prepare
 memory pretrained with the model and new facts of new attributes):
   1. a world whose K * m new entities are split, in order, into K disjoint sets of m (4 facts each)
   2. pretrain a tiny Qwen2 on the old entities (with its memory, or -> base and a retrofitted memory), the Lin et
-     al. rows' background reads (once per seed), the read overlap (SMF's precondition)
+     al. rows' background reads (once per seed), the read overlap (a measurement)
   3. per method (forgetting.RECIPES says what each row is), a chain of K train.py runs, link i learning set i (its
      question-answer lines) from link i - 1:
        smf-clean, smf-paper  --memory-from the previous link (link 1: the memory model or the retrofit); the

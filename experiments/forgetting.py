@@ -24,8 +24,9 @@ share the old facts' rows, Lin et al.'s own optimizer and ranking among the rows
      memory layers of 1,024 slots (the paper's construction)
   4. the background reads of Lin et al.'s rows, once per seed (a train.py smf run at lr 0 that reads lin_background
      single documents of the pretraining text; the rows take them with --background-from)
-  5. SMF's precondition, the read overlap: the share of the new questions' answer-position memory reads that land on
-     slots the old questions read there (world.read_overlap); near 1, learning the new facts must move old rows
+  5. the read overlap: the share of the new questions' answer-position memory reads that land on slots the old
+     questions read there (world.read_overlap); a measurement only: at the answer position the reads are keyed by
+     the attribute asked more than by the entity, so it does not say whether new facts must move old rows
   6. finetune on the new facts, a learning-rate sweep per method (RECIPES names each row; every run from the same
      model: the memory model, or the base and the retrofit):
        smf-clean    --recipe clean                       lazy AdamW: only the chosen rows and their moments change
@@ -320,7 +321,7 @@ def memory_flags(scale, pretrained):
 
 def prepare(out, scale, seed, log):
     """World, pretrain (with its memory under --memory pretrained), retrofit (--memory retrofit), the Lin et al.
-    rows' background reads, SMF's precondition and the start models' measurements for one seed -> (rows, context
+    rows' background reads, the read overlap and the start models' measurements for one seed -> (rows, context
     for its finetunes)."""
     world, paths, cfg_dir = write_world(out, scale, seed)
     heldout_rows = [json.loads(line) for line in open(paths["heldout"])]
@@ -534,14 +535,14 @@ def table(head, body):
 
 
 def recipes_and_overlap(scale, lrs, overlap) -> str:
-    """What each row is (its recipe and lrs: {method: [lr]}) and SMF's precondition per seed (overlap: {seed:
+    """What each row is (its recipe and lrs: {method: [lr]}) and the read overlap per seed (overlap: {seed:
     {layer: share}}), the head of results.md (and of --quick's output)."""
     md = [f"New facts: {scale['facts']}; memory: {scale['memory']}. Each row's recipe:\n\n",
           table(["row", "recipe", "lrs"], [[m, RECIPES[m].format(**scale), " ".join(f"{lr:g}" for lr in lrs)]
                                           for m, lrs in lrs.items()]),
-          "\nSMF's precondition, read overlap: the share of the new questions' answer-position memory reads that land "
-          "on slots the old questions read there (per seed and memory layer; near 1: learning the new facts must "
-          "move the old facts' rows):\n\n",
+          "\nRead overlap: the share of the new questions' answer-position memory reads that land on slots the old "
+          "questions read there (per seed and memory layer; a measurement, not SMF's precondition: there the reads "
+          "are keyed by the attribute asked more than by the entity):\n\n",
           table(["seed", "read overlap"], [[s, ", ".join(f"layer {i}: {v:.3f}" for i, v in o.items())]
                                            for s, o in overlap.items()])]
     return "".join(md)

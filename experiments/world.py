@@ -184,9 +184,10 @@ def eval_documents_ppl(model, tok, texts: list[str], batch_size: int = 32) -> di
 
 @torch.inference_mode()
 def read_overlap(model, tok, new_items, old_items) -> dict:
-    """SMF's precondition, per memory layer: the share of the new questions' answer-position reads (the slots read
-    at a question's last token, which predicts the answer; every head's top-k, counted with multiplicity) that land
-    on slots some old question reads there. Near 1: learning the new facts must move the old facts' rows."""
+    """Per memory layer: the share of the new questions' answer-position reads (the slots read at a question's last
+    token, which predicts the answer; every head's top-k, counted with multiplicity) that land on slots some old
+    question reads there. Not SMF's precondition: at that position the reads are keyed by the attribute asked more
+    than by the entity, so a high share does not mean that learning the new facts must move the old facts' rows."""
     def answer_reads(items):  # {layer: [slot ids read at each question's last position]}
         device = model_device(model)
         reads = {}
