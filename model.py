@@ -1,12 +1,14 @@
 """
-Qwen2.5 in one file: config, model, KV cache, generation, loading the Hub's weights, and LoRA.
+Qwen2.5 in one file: config, model, KV cache, generation, loading the Hub's weights, and LoRA. The Llama family
+(SmolLM2, TinyLlama, Llama 2) is the same architecture without the q/k/v biases: config.json's model_type "llama"
+loads into the same classes.
 
 It loads the Hugging Face Hub's safetensors weights directly and keeps Hugging Face's
 parameter names, so a checkpoint's keys map one to one onto `state_dict()` keys:
 
     model.embed_tokens.weight                              (vocab, C)
     model.layers.{i}.input_layernorm.weight                (C,)
-    model.layers.{i}.self_attn.{q,k,v}_proj.{weight,bias}  q: (nh*hs, C), k/v: (nkv*hs, C)
+    model.layers.{i}.self_attn.{q,k,v}_proj.{weight,bias}  q: (nh*hs, C), k/v: (nkv*hs, C); Llama: no bias
     model.layers.{i}.self_attn.o_proj.weight               (C, nh*hs)
     model.layers.{i}.post_attention_layernorm.weight       (C,)
     model.layers.{i}.mlp.{gate,up,down}_proj.weight        gate/up: (F, C), down: (C, F)
@@ -50,6 +52,11 @@ class Qwen2Config:
     torch_dtype: str = "bfloat16"
     bos_token_id: int | None = 151643
     eos_token_id: int | list | None = 151645
+    model_type: str = "qwen2"  # or "llama": the same blocks without q/k/v biases
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type == "qwen2"
 
     @property
     def head_dim(self) -> int:
@@ -58,15 +65,18 @@ class Qwen2Config:
     @classmethod
     def from_dict(cls, d: dict) -> "Qwen2Config":
         """Read a Hub config.json (Hugging Face field names), refusing what we do not implement."""
-        if d.get("model_type", "qwen2") != "qwen2":
-            raise ValueError(f"config.json: model_type {d.get('model_type')!r} is not supported (only 'qwen2')")
+        d = dict(d, model_type=d.get("model_type", "qwen2"))
+        if d["model_type"] not in ARCHITECTURES:
+            raise ValueError(f"config.json: model_type {d['model_type']!r} is not supported (only "
+                             + " or ".join(map(repr, ARCHITECTURES)) + ")")
+        if d["model_type"] == "llama" and (d.get("attention_bias") or d.get("mlp_bias")):
+            raise ValueError("config.json: a Llama with attention_bias or mlp_bias is not supported (no biases)")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
         if d.get("use_sliding_window", False):
             raise ValueError("config.json: use_sliding_window=true is not supported (only full attention)")
         if any(t != "full_attention" for t in d.get("layer_types") or []):
             raise ValueError(f"config.json: layer_types {d['layer_types']!r} is not supported (only full_attention)")
-        d = dict(d)
         # transformers 5 writes rope_parameters {rope_theta, rope_type}; older files rope_theta (+ rope_scaling)
         rope = d.get("rope_parameters") or {}
         if rope.get("rope_type", "default") != "default":
@@ -94,9 +104,15 @@ class Qwen2Config:
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu",
-                 use_sliding_window=False, head_dim=self.head_dim)
+        d.update(architectures=[ARCHITECTURES[self.model_type]], hidden_act="silu", head_dim=self.head_dim)
+        if self.model_type == "qwen2":
+            d.update(use_sliding_window=False)
+        else:
+            d.update(attention_bias=False, mlp_bias=False)
         return d
+
+
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}  # model_type -> Hub class name
 
 
 # -----------------------------------------------------------------------------
@@ -162,9 +178,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=True)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
 

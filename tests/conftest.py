@@ -33,6 +33,19 @@ def tiny_untied_mha_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random LlamaForCausalLM (no biases; tied embeddings, GQA) in the Hub layout."""
+    return write_checkpoint(str(tmp_path_factory.mktemp("tiny_llama")), family="llama", seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_untied_dir(tmp_path_factory):
+    """A tiny random LlamaForCausalLM with an untied lm_head and plain multi-head attention."""
+    return write_checkpoint(str(tmp_path_factory.mktemp("tiny_llama_untied")), family="llama", tie=False,
+                            kv_heads=4, seed=4)
+
+
+@pytest.fixture(scope="session")
 def rp_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny checkpoint with a generation_config.json asking for repetition_penalty 1.5."""
     d = str(tmp_path_factory.mktemp("tiny_rp"))

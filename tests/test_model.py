@@ -19,8 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def hf_model(path, dtype=torch.float32):
-    from transformers import Qwen2ForCausalLM
-    return Qwen2ForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    from transformers import AutoModelForCausalLM  # Qwen2ForCausalLM or LlamaForCausalLM, as config.json says
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
 def ours(path, dtype=None):
@@ -45,13 +45,16 @@ def bf16_dir(tmp_path_factory):
 # --- logits ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["tiny_model_dir", "tiny_untied_mha_dir"])
+@pytest.mark.parametrize("which", ["tiny_model_dir", "tiny_untied_mha_dir", "tiny_llama_dir", "tiny_llama_untied_dir"])
 def test_logits_match_transformers_fp32(which, request):
     path = request.getfixturevalue(which)
     ref, model = hf_model(path), ours(path)
     cfg = model.config
-    assert cfg.tie_word_embeddings == (which == "tiny_model_dir")
-    assert (cfg.num_key_value_heads < cfg.num_attention_heads) == (which == "tiny_model_dir")
+    tied = which in ("tiny_model_dir", "tiny_llama_dir")
+    assert cfg.tie_word_embeddings == tied and (cfg.num_key_value_heads < cfg.num_attention_heads) == tied
+    assert type(ref).__name__ == ("LlamaForCausalLM" if "llama" in which else "Qwen2ForCausalLM")
+    assert cfg.model_type == ("llama" if "llama" in which else "qwen2")
+    assert (model.model.layers[0].self_attn.q_proj.bias is None) == ("llama" in which)
     idx = random_ids(3, 40, cfg.vocab_size)
     with torch.no_grad():
         got, want = model(idx), ref(idx).logits
@@ -112,10 +115,12 @@ def test_sharded_checkpoint_loads(tiny_model_dir, tmp_path):
         assert (ours(str(tmp_path))(idx) - ref(idx).logits).abs().max().item() <= 1e-4
 
 
-def test_save_pretrained_round_trip_loads_in_transformers(tiny_untied_mha_dir, tmp_path):
-    model = ours(tiny_untied_mha_dir)
+@pytest.mark.parametrize("which", ["tiny_untied_mha_dir", "tiny_llama_dir"])
+def test_save_pretrained_round_trip_loads_in_transformers(which, request, tmp_path):
+    model = ours(request.getfixturevalue(which))
     save_pretrained(model, str(tmp_path))
     ref = hf_model(str(tmp_path))
+    assert type(ref).__name__ == ("LlamaForCausalLM" if "llama" in which else "Qwen2ForCausalLM")
     again = ours(str(tmp_path))
     idx = random_ids(2, 20, model.config.vocab_size)
     with torch.no_grad():
@@ -311,7 +316,12 @@ def test_config_of_the_real_model(shared_data):
     ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling"),
     ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn'"),
     ({"use_sliding_window": True, "sliding_window": 128}, "use_sliding_window"),
-    ({"model_type": "llama"}, "model_type 'llama'"),
+    ({"model_type": "gemma"}, "model_type 'gemma'"),
+    ({"model_type": "llama", "attention_bias": True}, "attention_bias"),
+    ({"model_type": "llama", "mlp_bias": True}, "mlp_bias"),
+    ({"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+    ({"model_type": "llama", "rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}},
+     "rope_type 'llama3'"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding_attention"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),

@@ -36,8 +36,9 @@ def hf_order(named):
 
 def write_checkpoint(path: str, tie: bool = True, hidden: int = 64, layers: int = 4, heads: int = 4,
                      kv_heads: int = 2, intermediate: int = 128, vocab: int = 384, seed: int = 0,
-                     dtype=torch.float32, reference: bool = True):
-    """A random Qwen2ForCausalLM in the Hub layout, with non-zero biases and norm weights: built and saved by
+                     dtype=torch.float32, reference: bool = True, family: str = "qwen2"):
+    """A random Qwen2ForCausalLM (family "llama": a LlamaForCausalLM, no biases) in the Hub layout, with non-zero
+    biases and norm weights: built and saved by
     transformers (reference=True, what the tests load, so that our loader meets the reference's files), or by this
     repo's own Qwen2 and checkpoint.save_pretrained (reference=False: no test-only package needed, for the README's
     commands)."""
@@ -47,12 +48,15 @@ def write_checkpoint(path: str, tie: bool = True, hidden: int = 64, layers: int 
                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie,
                eos_token_id=n_tok - 1, bos_token_id=n_tok - 3)
-    if reference:
+    if reference and family == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+        model = LlamaForCausalLM(LlamaConfig(**cfg, pad_token_id=n_tok - 3, attention_bias=False, mlp_bias=False))
+    elif reference:
         from transformers import Qwen2Config, Qwen2ForCausalLM
         model = Qwen2ForCausalLM(Qwen2Config(**cfg, pad_token_id=n_tok - 3))
     else:
         from model import Qwen2, Qwen2Config
-        model = Qwen2(Qwen2Config(**cfg))
+        model = Qwen2(Qwen2Config(**cfg, model_type=family))
     torch.manual_seed(seed)  # after construction, whose own random init differs between the two
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(), key=hf_order):  # the same draws for the same tensors
