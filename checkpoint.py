@@ -611,7 +611,8 @@ def save_pretrained(model: Qwen2, out_dir: str, tokenizer_from: str | None = Non
     write_json(os.path.join(out_dir, "config.json"), cfg)
     if tokenizer_from is not None:
         src = resolve_model_dir(tokenizer_from)
-        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json"):
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json",
+                     "chat_template.jinja"):
             if os.path.exists(os.path.join(src, name)):
                 shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
 

@@ -1,6 +1,6 @@
 """
 Datasets, prompts and tokenization: MedMCQA (the task), TriviaQA and WikiText (the forgetting probes), OASST1
-(stage-1 data); Qwen2.5's tokenizer with its chat template (Tokenizer); examples into batches (MicroBatches).
+(stage-1 data); the model's tokenizer with its chat template (Tokenizer); examples into batches (MicroBatches).
 
 Rows come from the Hugging Face Hub (dataset repos, parquet files read with pyarrow, cached by huggingface_hub,
 so `HF_HUB_OFFLINE=1` serves them from the cache) or from a local file in the Hub's column schema:
@@ -25,7 +25,7 @@ Prompt formats (as the paper's code, github.com/prakharg55/SMF-ICML, writes them
                            non-empty), i.e. the eval prompt followed by its correct continuation; loss on all tokens
     TriviaQA prompt        "Question: {question}\\nAnswer:"
     OASST1 replies         each English reply ranked 0 or 1 with 50+ characters, as raw text (the paper's)
-    OASST1 chats           ChatML via Tokenizer.apply_chat_template (Qwen's default system turn); loss on the
+    OASST1 chats           the model's chat template (Tokenizer.apply_chat_template); loss on the
                            assistant replies only (each reply's text and its closing <|im_end|>)
 
 Tokenized examples are (ids, loss_mask) pairs; `collate` right-pads them into a batch whose `labels` hold the
@@ -442,11 +442,14 @@ DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assi
 
 
 class Tokenizer:
-    """A thin wrapper over `tokenizers.Tokenizer` with the ChatML chat format of Qwen2.5."""
+    """A thin wrapper over `tokenizers.Tokenizer` with the model's own chat format: the Jinja chat template of its
+    tokenizer_config.json (or chat_template.jinja), rendered as transformers renders it; Qwen2.5's ChatML where the
+    folder has none (the tiny tokenizers this project trains)."""
 
     def __init__(self, tok, config: dict):
         self.tok = tok
         self.config = config
+        self._template = None  # the chat template, compiled on first use
 
         def token_id(field):
             t = config.get(field)
@@ -465,6 +468,9 @@ class Tokenizer:
         config = {}
         if os.path.exists(cfg_path):
             config = read_json(cfg_path)
+        if os.path.exists(os.path.join(path, "chat_template.jinja")):  # transformers 5 writes the template there
+            with open(os.path.join(path, "chat_template.jinja"), encoding="utf-8") as f:
+                config = {**config, "chat_template": f.read()}
         if os.path.exists(os.path.join(path, "tokenizer.json")):
             tok = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
         elif os.path.exists(os.path.join(path, "vocab.json")) and os.path.exists(os.path.join(path, "merges.txt")):
@@ -496,15 +502,36 @@ class Tokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """ChatML as Qwen2.5's template writes it (no tools): a default system turn unless one is given."""
-        text = ""
-        if not messages or messages[0]["role"] != "system":
-            text += f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
-        for m in messages:
-            text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
-        if add_generation_prompt:
-            text += "<|im_start|>assistant\n"
-        return text
+        """The conversation as the model's chat template writes it (no tools); text, not ids."""
+        template = self.config.get("chat_template")
+        if template is None:  # Qwen2.5's template, written out: a default system turn unless one is given
+            text = "" if messages and messages[0]["role"] == "system" else \
+                f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
+            text += "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+        if self._template is None:
+            self._template = compile_chat_template(template)
+        special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in self.config.items()
+                   if k.endswith("_token")}  # bos_token, eos_token, ... as the template may use them
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+
+
+def compile_chat_template(template: str):
+    """A Jinja chat template compiled as transformers compiles it (a sandbox, trim_blocks and lstrip_blocks, its
+    tojson and raise_exception), so that the prompt is the one the model was trained with."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"chat template: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
 
 
 BPE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen's, so Tokenizer reads them alike
@@ -570,19 +597,20 @@ def encode_text(tok, text: str, max_len: int) -> tuple[list[int], list[int]]:
 def encode_chat(tok, messages: list[dict], max_len: int) -> tuple[list[int], list[int]]:
     """
     The chat template of the whole conversation, tokenized at once (so the ids are exactly what the model sees);
-    loss_mask is 1 on the tokens of each assistant reply and its closing <|im_end|> (found by the characters each
-    token starts at), 0 on system and user turns and on the "<|im_start|>assistant\\n" headers. The first max_len
-    tokens (a long conversation may lose its last reply, and then has no loss token).
+    loss_mask is 1 on the tokens of each assistant reply and the eos token closing it (<|im_end|> in ChatML; found
+    by the characters each token starts at), 0 on system and user turns and on the "<|im_start|>assistant\\n"
+    headers. The first max_len tokens (a long conversation may lose its last reply, and then has no loss token).
     """
     text = tok.apply_chat_template(messages)
+    eos = tok.decode([tok.eos_id]) if tok.eos_id is not None else ""
     spans = []  # character ranges [a, b) the loss is on
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
             head = tok.apply_chat_template(messages[:i], add_generation_prompt=True)
-            end = head + m["content"] + "<|im_end|>"
-            if not text.startswith(end):
+            if not text.startswith(head + m["content"]):
                 raise ValueError("apply_chat_template is not a prefix-stable concatenation of turns")
-            spans.append((len(head), len(end)))
+            end = len(head) + len(m["content"])
+            spans.append((len(head), end + len(eos) * text.startswith(eos, end)))
     enc = tok.tok.encode(text, add_special_tokens=False)
     mask = [int(any(a <= start < b for a, b in spans)) for start, _ in enc.offsets]
     return enc.ids[:max_len], mask[:max_len]
