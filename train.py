@@ -285,10 +285,7 @@ def micro_batch(stage, loop, device, tok, ranks) -> int:
     if loop.resume and os.path.exists(config) and (saved := read_json(config).get("micro_batch")) is not None:
         return saved
     if stage.smf is not None and (stage.smf.select_per_micro_batch or stage.smf.sum_micro_batch_means):
-        if PAPER_MICRO_BATCH % ranks.world or per_rank % (PAPER_MICRO_BATCH // ranks.world):
-            raise RunError(f"--recipe paper's SMF selects rows per micro-batch of {PAPER_MICRO_BATCH}: give a "
-                           f"--batch-size that splits into them across {ranks.world} process(es), or --micro-batch")
-        return PAPER_MICRO_BATCH // ranks.world
+        return paper_micro_batch(loop.batch_size, ranks.world)
     longest = max(stage.examples, key=lambda e: len(e[0]))
     trained = list(stage.adamw_params.values()) + \
         ([mem.values.weight for mem in stage.smf.memories.values()] if stage.smf is not None else [])
@@ -773,6 +770,17 @@ def add_baseline_flags(p):
                    help="local file for a probe, as eval.py --data; repeatable")
 
 
+def paper_micro_batch(batch_size: int, world: int) -> int:
+    """The micro-batch per process of the paper's SMF stage 2 (its 4 examples across the processes); a RunError
+    where --batch-size does not split into them (checked by parse_args, before any work)."""
+    if PAPER_MICRO_BATCH % world or (batch_size // world) % (PAPER_MICRO_BATCH // world):
+        raise RunError(f"--recipe paper's SMF selects rows per micro-batch of {PAPER_MICRO_BATCH}: give a "
+                         f"--batch-size that splits into them across {world} process(es) (e.g. "
+                         f"{max(PAPER_MICRO_BATCH, batch_size // PAPER_MICRO_BATCH * PAPER_MICRO_BATCH)}), or "
+                         "--micro-batch")
+    return PAPER_MICRO_BATCH // world
+
+
 def parse_args(argv=None):
     p = parser()
     args = p.parse_args(argv)
@@ -843,6 +851,12 @@ def parse_args(argv=None):
     if args.micro_batch != "auto" and (args.micro_batch < 1 or (args.batch_size // world) % args.micro_batch):
         p.error(f"--micro-batch {args.micro_batch} must be a positive divisor of the batch per process "
                 f"({args.batch_size // world})")
+    if args.method == "smf" and args.micro_batch == "auto" and (args.select_per_micro_batch
+                                                                or args.sum_micro_batch_means):
+        try:
+            paper_micro_batch(args.batch_size, world)
+        except RunError as e:
+            p.error(str(e))
     for name, known in (("task", "medmcqa"), ("retrofit_task", "oasst1"), ("background_task", "oasst1")):
         try:
             if getattr(args, name) is not None:

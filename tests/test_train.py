@@ -351,6 +351,20 @@ def test_micro_batch_auto(retrofit_run, tiny_model_dir, files, tmp_path, monkeyp
     assert r.returncode != 0 and "--micro-batch 3 must be a positive divisor of the batch per process (8)" in r.stderr
 
 
+def test_paper_smf_batch_rule_is_checked_before_any_work(retrofit_run, tiny_model_dir, files, tmp_path):
+    """A --batch-size the paper recipe's SMF cannot split into micro-batches of 4 is refused by --check-flags and,
+    without it, before stage 1 or the background reads (no run directory is made)."""
+    for extra in (["--check-flags"], []):
+        r = call(train.cli, common(tiny_model_dir, files, tmp_path / "smf", "--method", "smf", "--memory-from",
+                                   retrofit_run, "--batch-size", "2", "--micro-batch", "auto", *extra))
+        assert r.returncode != 0 and "micro-batch of 4" in r.stderr and "--batch-size" in r.stderr, r.stderr
+        assert not (tmp_path / "smf").exists()
+    ok = call(train.cli, common(tiny_model_dir, files, tmp_path / "smf", "--method", "smf", "--memory-from",
+                                retrofit_run, "--batch-size", "2", "--micro-batch", "auto", "--recipe", "clean",
+                                "--check-flags"))
+    assert ok.returncode == 0, ok.stderr  # the clean recipe selects once per step: any batch
+
+
 def test_paper_micro_batch_is_split_across_ranks(retrofit_run, tiny_model_dir, files, tmp_path):
     """The paper recipe's SMF selects rows per micro-batch of 4 examples (its 4 per device): under 2 processes each
     rank takes 2 of them, so that a micro-batch still holds 4 across the ranks; a world that cannot split 4 is an
