@@ -48,7 +48,8 @@ import memory
 from common import RunError, default_dtype, device_name, parse_dtype, resolve_device
 from data import Tokenizer
 from model import (MLP, LoRALinear, Qwen2, Qwen2Config, add_lora, check_tensors, load_safetensors_dir, load_tensors,
-                   looks_like_hub_id, lora_state_dict, merge_lora, read_json, resolve_model_dir, safetensors_files)
+                   looks_like_hub_id, lora_state_dict, merge_lora, read_json, resolve_model_dir, safetensors_files,
+                   unreadable)
 
 RUN_FILES = {"args.json", "config.json", "model.safetensors", "log.jsonl", "checkpoint.safetensors",
              "background.safetensors", "eval.jsonl", "retrofit", "hf", "peft", "merged", ".lock"}
@@ -144,12 +145,15 @@ def weights_fingerprint(folder: str) -> str:
     sharded, has the same one, and other weights another). Recorded by train.py as the run's base_fingerprint."""
     digests = {}
     for file in safetensors_files(folder):
-        with safe_open(file, "pt") as f:
-            for name in f.keys():
-                t = f.get_tensor(name)
-                h = hashlib.sha256(f"{t.dtype} {tuple(t.shape)}\n".encode())
-                h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-                digests[name] = h.hexdigest()
+        try:
+            with safe_open(file, "pt") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    h = hashlib.sha256(f"{t.dtype} {tuple(t.shape)}\n".encode())
+                    h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                    digests[name] = h.hexdigest()
+        except Exception as e:  # safetensors' SafetensorError: truncated, corrupt, not safetensors
+            raise unreadable(file, e) from e
     return hashlib.sha256("".join(f"{n} {d}\n" for n, d in sorted(digests.items())).encode()).hexdigest()[:20]
 
 

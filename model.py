@@ -657,8 +657,13 @@ def load_safetensors_dir(path: str) -> dict:
         try:
             state.update(load_file(file))
         except Exception as e:
-            raise ValueError(f"weights file {file} is unreadable (truncated or corrupt?): {e}") from e
+            raise unreadable(file, e) from e
     return state
+
+
+def unreadable(file: str, e: Exception) -> ValueError:
+    """The error for a weights file safetensors cannot read (its own error names no file)."""
+    return ValueError(f"weights file {file} is unreadable (truncated or corrupt?): {e}")
 
 
 def check_tensors(expected: dict, state: dict, where: str, allow_missing: bool = False, ignore=()):

@@ -403,6 +403,20 @@ def test_unusable_data_stops_before_any_stage_trains(tiny_model_dir, medmcqa, tm
     assert not (tmp_path / "c" / "retrofit").exists()
 
 
+def test_a_truncated_base_is_one_line(tiny_model_dir, medmcqa, tmp_path):
+    """A base whose model.safetensors is cut short: train.py (which fingerprints the base first) says so in one line,
+    as eval.py does, and makes no run directory."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for method in ("lora", "full"):
+        r = train_cli(base, medmcqa, tmp_path / method, "--method", method)
+        one_line_error(r, "model.safetensors is unreadable (truncated or corrupt?)")
+        assert not (tmp_path / method).exists()
+    one_line_error(eval_cli("--model", base, "--tasks", "medmcqa", "--data", f"medmcqa={medmcqa}"), "unreadable")
+
+
 def test_file_system_errors_are_one_line(tiny_model_dir, medmcqa, tmp_path, monkeypatch, capsys):
     # --out under a file: the lock cannot be made
     (tmp_path / "file").write_text("x")
