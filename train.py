@@ -153,6 +153,7 @@ def train(stage: Stage, loop: Loop, device, tok, ranks, on_step=None):
     stream = data.MicroBatches(stage.examples, loop.batch_size, micro, loop.seed, tok.pad_id, device, ranks.rank,
                                ranks.world, multiple=64 if loop.compile and not pad_reads else 1)
     total = stage.max_steps or max(1, int(stage.epochs * stream.per_epoch))
+    warn_short_schedule(total, loop.warmup, loop.warmup_from_zero, ranks)
     autocast = bf16_autocast(device)
     guard, meter = StepGuard(stage.out), Throughput(model, device, ranks.world, stream)
     adamw, smf_opt = make_optimizers(stage, loop.weight_decay, device, ranks, guard)
@@ -248,6 +249,14 @@ def summed_loss(model, b, pad_reads: bool):
     right-padded: causal attention without a mask gives every real token the same result (model.hidden_states),
     so the mask is passed only when the padding positions' memory reads count (pad_reads)."""
     return model(b["idx"], b["attention_mask"] if pad_reads else None, hf_padding=pad_reads, labels=b["labels"])
+
+
+def warn_short_schedule(total: int, warmup: int, from_zero: bool, ranks):
+    """A warning (stderr) when --warmup reaches past the last of `total` steps: the lr never reaches its peak."""
+    if warmup >= total and ranks.main:
+        top = max(lr_at(s, total, 1.0, warmup, from_zero) for s in range(total))
+        print(f"warning: --warmup {warmup} reaches past the last step ({total}): the lr peaks at {top:.0%} of --lr; "
+              f"give a --warmup below the step count", file=sys.stderr)
 
 
 def lr_at(step, total, peak, warmup, from_zero=False):
@@ -655,7 +664,9 @@ def parser():
                         "whole batch on the CPU; on a GPU the largest divisor of it that fits (tried on the longest "
                         "example, backing off on out-of-memory); 4 for SMF under --recipe paper, whose row "
                         "selection and loss are per micro-batch of 4")
-    add_flag(g, "--warmup", at_least=0, type=int, default=100, help="linear warmup steps, then cosine decay to 0")
+    add_flag(g, "--warmup", at_least=0, type=int, default=100,
+             help="linear warmup steps, then cosine decay to 0 (a warning if it reaches past the last step: the lr "
+                  "would never reach --lr)")
     g.add_argument("--warmup-from-zero", action=argparse.BooleanOptionalAction, default=None,
                    help="[recipe] lr = peak * s / warmup at step s = 0, 1, ..., the first update at lr 0 (Hugging "
                         "Face's; paper); else peak * (s + 1) / warmup (clean)")

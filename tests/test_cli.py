@@ -417,6 +417,14 @@ def test_a_truncated_base_is_one_line(tiny_model_dir, medmcqa, tmp_path):
     one_line_error(eval_cli("--model", base, "--tasks", "medmcqa", "--data", f"medmcqa={medmcqa}"), "unreadable")
 
 
+def test_a_warmup_past_the_last_step_is_warned(tiny_model_dir, medmcqa, tmp_path):
+    r = train_cli(tiny_model_dir, medmcqa, tmp_path / "short", "--max-steps", "3", "--warmup", "100")
+    assert r.returncode == 0 and "warning: --warmup 100 reaches past the last step (3): the lr peaks at 3% of --lr" \
+        in r.stderr, r.stderr
+    r = train_cli(tiny_model_dir, medmcqa, tmp_path / "ok", "--max-steps", "3", "--warmup", "2")
+    assert r.returncode == 0 and "--warmup" not in r.stderr
+
+
 def test_file_system_errors_are_one_line(tiny_model_dir, medmcqa, tmp_path, monkeypatch, capsys):
     # --out under a file: the lock cannot be made
     (tmp_path / "file").write_text("x")
