@@ -730,8 +730,8 @@ def model_problem(name: str) -> str | None:
     """Why a folder holds nothing load_model can load, told before loading anything (eval.py checks it before it
     reads its data): neither a model folder (config.json) nor a train.py run (e.g. what a run that failed to start
     left), an unfinished run, or a broken config.json; None for a loadable folder or a name that is no folder."""
-    if not os.path.isdir(name):
-        return None  # a Hub id, or missing: load_model says which
+    if not os.path.isdir(name):  # a Hub id (load_model fetches it), or a folder that is not there
+        return None if looks_like_hub_id(name) else "model directory not found"
     if not os.path.exists(os.path.join(name, "config.json")):
         return "holds neither a model (config.json) nor a train.py run"
     try:

@@ -87,11 +87,18 @@ def hub_files(name: str, split: str, config: str | None = None, revision: str | 
     try:
         root = snapshot_download(repo, repo_type="dataset", revision=revision, allow_patterns=[pattern])
     except Exception as e:  # offline without a cache, unknown revision, ...
-        raise FileNotFoundError(f"could not fetch {repo} {pattern} from the Hugging Face Hub: {e}") from e
+        instead = f"--data {name}=FILE" + (" or train.py --retrofit-task text:FILE" if name == "oasst1" else "")
+        raise FileNotFoundError(f"could not fetch {repo} {pattern} from the Hugging Face Hub "
+                                f"({first_line(e)}); offline, give a local file in its columns: {instead}") from e
     files = split_files(root, folder, split)
     if not files:
         raise FileNotFoundError(f"{repo}: no file matches {pattern} (is the split or config name right?)")
     return files
+
+
+def first_line(e: Exception) -> str:
+    """An exception's message, its first line (huggingface_hub's run to several)."""
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
 
 
 def split_files(root: str, folder: str, split: str) -> list[str]:

@@ -628,7 +628,9 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> str:
         return snapshot_download(name_or_path, revision=revision, allow_patterns=HUB_FILES)
     except Exception as e:  # offline, unknown repo, ...
         at = f" at revision {revision}" if revision else ""
-        raise FileNotFoundError(f"could not fetch {name_or_path!r}{at} from the Hugging Face Hub: {e}") from e
+        why = (str(e).strip() or type(e).__name__).splitlines()[0]  # huggingface_hub's messages run to several lines
+        raise FileNotFoundError(f"could not fetch {name_or_path!r}{at} from the Hugging Face Hub ({why}); offline, "
+                                "give a local model folder (import_gguf.py makes one from a GGUF file)") from e
 
 
 def safetensors_files(path: str) -> list[str]:

@@ -417,6 +417,14 @@ def test_a_truncated_base_is_one_line(tiny_model_dir, medmcqa, tmp_path):
     one_line_error(eval_cli("--model", base, "--tasks", "medmcqa", "--data", f"medmcqa={medmcqa}"), "unreadable")
 
 
+def test_a_missing_model_is_named_before_any_data_is_read(tmp_path, monkeypatch):
+    """eval.py --model with a typo: refused before the probes' data is fetched (with the Hub, minutes of download)."""
+    import data
+    monkeypatch.setattr(data, "load_rows", lambda *a, **k: pytest.fail("data read before the model was checked"))
+    r = eval_cli("--model", tmp_path / "no" / "such" / "run", "--tasks", "medmcqa")
+    assert r.returncode != 0 and "model directory not found" in r.stderr.strip().splitlines()[-1]
+
+
 def test_a_warmup_past_the_last_step_is_warned(tiny_model_dir, medmcqa, tmp_path):
     r = train_cli(tiny_model_dir, medmcqa, tmp_path / "short", "--max-steps", "3", "--warmup", "100")
     assert r.returncode == 0 and "warning: --warmup 100 reaches past the last step (3): the lr peaks at 3% of --lr" \

@@ -112,11 +112,16 @@ def test_hub_download_is_a_dataset_snapshot_of_the_split(tmp_path, monkeypatch):
         data.load_rows("triviaqa", split="test")
 
     def offline(repo_id, **kw):
-        raise OSError("offline and not in the cache")
+        raise OSError("offline and not in the cache\nsecond line of huggingface_hub's text")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(FileNotFoundError, match="could not fetch OpenAssistant/oasst1 data/train"):
+    with pytest.raises(FileNotFoundError, match="could not fetch OpenAssistant/oasst1 data/train") as e:
         data.load_rows("oasst1")
+    assert "\n" not in str(e.value) and str(e.value).endswith(  # one line, saying what to give instead
+        "offline, give a local file in its columns: --data oasst1=FILE or train.py --retrofit-task text:FILE")
+    for name in ("medmcqa", "hellaswag"):
+        with pytest.raises(FileNotFoundError, match=f"--data {name}=FILE$"):
+            data.load_rows(name)
 
 
 def test_loading_errors_name_the_path_and_the_problem(tmp_path):
