@@ -235,12 +235,13 @@ def asked_results(argv) -> list[str]:
 
 
 def check_plan(out, todo):
-    """OUT/paper.json: each job's command. A job whose command changed since is refused (its run was made with
-    other flags); new jobs are added."""
+    """OUT/paper.json: each job's command. A job whose command changed since is refused if it made anything (its
+    run or eval was made with other flags); one that never did (it failed before making its folder) takes the new
+    command, as new jobs do."""
     path = os.path.join(out, "paper.json")
     plan = read_json(path) if os.path.exists(path) else {}
     for j in todo:
-        if j["name"] in plan and plan[j["name"]] != j["argv"]:
+        if j["name"] in plan and plan[j["name"]] != j["argv"] and state(j) != "start":
             was, now = plan[j["name"]], j["argv"]
             first = next((i for i, (a, b) in enumerate(zip(was, now)) if a != b), min(len(was), len(now)))
             raise SystemExit(f"error: {j['name']} in {out} was made by another command ({shlex.join(was[first:])!r} "

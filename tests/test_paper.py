@@ -262,6 +262,26 @@ def test_run_refuses_a_changed_command(demo_run):
     assert len(proc.stderr.strip().splitlines()) == 1 and len(journal(out)) == n  # nothing ran
 
 
+def test_a_job_that_made_nothing_takes_a_changed_command(tmp_path):
+    """A job recorded in paper.json that failed before making its run (or eval) is not 'made': re-running with other
+    flags for it is accepted and recorded; once its run exists, a changed command is refused."""
+    run = tmp_path / "retrofit-seed0"
+    job = {"name": "retrofit-seed0", "kind": "train", "dir": str(run), "argv": ["train.py", "--method", "retrofit"]}
+    paper.check_plan(str(tmp_path), [job])
+    fixed = {**job, "argv": [*job["argv"], "--retrofit-task", "text:stage1.txt"]}
+    run.mkdir()
+    (run / ".lock").write_text("")  # what a start that failed can leave
+    paper.check_plan(str(tmp_path), [fixed])
+    assert json.load(open(tmp_path / "paper.json"))["retrofit-seed0"] == fixed["argv"]
+    (run / "args.json").write_text("{}")  # now the run exists: made by the fixed command
+    with pytest.raises(SystemExit, match="made by another command"):
+        paper.check_plan(str(tmp_path), [job])
+    evaluation = {"name": "base/eval.json", "kind": "eval", "dir": str(tmp_path / "base"),
+                  "out": str(tmp_path / "base" / "eval.json"), "argv": ["eval.py", "--limit", "8"]}
+    paper.check_plan(str(tmp_path), [evaluation])
+    paper.check_plan(str(tmp_path), [{**evaluation, "argv": ["eval.py", "--limit", "9"]}])  # no eval.json yet
+
+
 def test_dry_run_prints_every_command_and_writes_nothing(tmp_path):
     proc = subprocess.run([sys.executable, PAPER, "run", "--out", str(tmp_path / "r"), "--seeds", "0",
                            "--methods", "smf,smf-replacement,retrofit,lora", "--dry-run"],
