@@ -694,7 +694,7 @@ def rebuild(run_dir: str, run: dict, dtype, device, base: str | None = None):
     the run's model.safetensors loaded into them, its key set and every shape checked; for "full" that file holds
     every Hub tensor (and the memory's, for a model trained with memory layers: fp32, as every memory is built).
     dtype None: the base's weights as stored."""
-    base = resolve_model_dir(base) if base else resolve_model_dir(run["base_model"], run.get("base_revision"))
+    base = resolve_model_dir(base) if base else recorded_base(run_dir, run)
     check_base(run_dir, run, base)
     weights = os.path.join(run_dir, "model.safetensors")
     if not os.path.exists(weights):
@@ -724,6 +724,20 @@ def rebuild(run_dir: str, run: dict, dtype, device, base: str | None = None):
         raise ValueError(f"{run_dir}/config.json: unknown method {method!r} (expected smf, retrofit, lora or full)")
     load_tensors(expected, state, weights)  # key set and shapes checked, copied into the fp32 tensors
     return model, base
+
+
+def recorded_base(run_dir: str, run: dict) -> str:
+    """The folder of the base model a run recorded (config.json "base_model", at "base_revision"). Where it is not
+    there any more: a full run's own hf/ export (it holds every weight; the base gives only config and tokenizer),
+    else an error that names --base."""
+    try:
+        return resolve_model_dir(run["base_model"], run.get("base_revision"))
+    except FileNotFoundError as e:
+        own = os.path.join(run_dir, "hf")
+        if run["method"] == "full" and os.path.isfile(os.path.join(own, "config.json")):
+            return own
+        raise FileNotFoundError(f"{e} (the base model of run {run_dir}: moved? give its new place with --base "
+                                "PATH)") from e
 
 
 def model_problem(name: str) -> str | None:

@@ -195,6 +195,28 @@ def test_a_swapped_base_is_refused_and_a_moved_one_accepted(tiny_model_dir, medm
         load_model(str(run), base=str(base))
 
 
+def test_a_moved_base_is_named_with_base_and_a_full_run_needs_none(tiny_model_dir, medmcqa, tmp_path):
+    """Where a run's base is gone: eval.py's one line names --base, and --base on the command line evaluates it; a
+    full run holds every weight and evaluates from its own hf/ (config, tokenizer), and with another model put at
+    its base's path it gives the same logits (it needs only the base's config and tokenizer)."""
+    base, lora, full = tmp_path / "base", tmp_path / "runs" / "lora", tmp_path / "runs" / "full"
+    shutil.copytree(tiny_model_dir, base)
+    train.main(lora_argv(base, medmcqa, lora, "--max-steps", "2", "--lr", "1e-2"))
+    train.main(train_argv_lora(base, medmcqa, full, "--method", "full", "--max-steps", "2", "--lr", "1e-3"))
+    ids = torch.tensor([[1, 2, 3]])
+    want = {run: checkpoint.load_model(str(run))[0](ids) for run in (lora, full)}
+    shutil.move(base, tmp_path / "moved")
+    flags = ("--tasks", "medmcqa", "--data", f"medmcqa={medmcqa}", "--limit", "2", "--device", "cpu")
+    one_line_error(eval_cli("--model", lora, *flags), "model directory not found", "moved? give its new place "
+                   "with --base PATH")
+    assert eval_cli("--model", lora, "--base", tmp_path / "moved", *flags).returncode == 0
+    assert eval_cli("--model", full, *flags).returncode == 0
+    assert torch.equal(checkpoint.load_model(str(full))[0](ids), want[full])
+    from tiny import write_checkpoint
+    write_checkpoint(str(base), seed=7)  # other weights of the same shape where the base was
+    assert torch.equal(checkpoint.load_model(str(full))[0](ids), want[full])
+
+
 def test_resume_follows_a_moved_base_and_refuses_other_weights(tiny_model_dir, medmcqa, tmp_path):
     import shutil
     import train
