@@ -118,6 +118,17 @@ def file_problem(path: str) -> str | None:
     return None if writable(folder) else f"cannot write in {folder} (read-only?)"
 
 
+def folder_problem(folder: str) -> str | None:
+    """Why outputs cannot go in `folder` (a file there; it, or the nearest folder above it that exists, where it
+    would be made, is read-only), or None: checked by the scripts before any work."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return "is a file, not a folder"
+    existing = os.path.abspath(folder)
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    return None if writable(existing) else f"cannot write in {existing} (read-only?)"
+
+
 def writable(folder: str) -> bool:
     """Whether a file can be created in folder, tried (permissions, a read-only mount, a full disk), so that a
     script refuses an output place before its work, not after."""
@@ -188,11 +199,13 @@ def truncate_log(path, step):
 
 
 def check_out_dir(out: str, resume: bool):
-    """--out must be a new or empty directory, or a run directory of train.py: refuse anything else, naming what
-    is there. A run directory in which no step completed may be started afresh; one with a checkpoint needs
+    """--out must be a new or empty directory, or a run directory of train.py, where files can be written: refuse
+    anything else, naming what is there. A run directory in which no step completed may be started afresh; one with a checkpoint needs
     --resume, and --resume needs a run."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise RunError(f"--out {out} is a file, not a directory: choose another --out")
+    if problem := folder_problem(out):
+        raise RunError(f"--out {out}: {problem}: choose another --out")
     have = set(os.listdir(out)) if os.path.isdir(out) else set()
     ours = {n for n in have if n.startswith("selected.rank") or is_temp_file(n) or is_eval_output(n)}
     if foreign := sorted(have - RUN_FILES - ours):

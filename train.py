@@ -24,6 +24,7 @@ import functools
 import gc
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, fields, replace
@@ -539,7 +540,8 @@ def run_stage(stage: Stage, run: Run, flags: dict, loop: Loop, device, tok, rank
 def main(argv=None, on_step=None):
     """Run the pipeline; returns the trained model (for tests and notebooks). on_step: see train()."""
     args = parse_args(argv)
-    if args.check_flags:  # parse_args checked them (and the files they name)
+    if args.check_flags:  # parse_args checked them (and the files they name); --out as a run would
+        check_out_dir(args.out, args.resume)
         print(f"flags ok: {args.out}")
         return None
     ranks, device = setup_ranks(args.device)
@@ -608,7 +610,7 @@ def main(argv=None, on_step=None):
         if lock is not None:
             lock.release()
     if ranks.main:
-        print(f"done: {args.out}  (evaluate: python eval.py --model {args.out})")
+        print(f"done: {args.out}  (evaluate: python eval.py --model {shlex.quote(args.out)})")
     return model
 
 

@@ -46,7 +46,7 @@ sys.path.insert(0, ROOT)
 
 import eval as ev  # noqa: E402
 from eval import PROBES  # noqa: E402
-from checkpoint import RESUME_FREE, Lock, file_problem, read_json, writable, write_json  # noqa: E402
+from checkpoint import RESUME_FREE, Lock, file_problem, folder_problem, read_json, write_json  # noqa: E402
 from common import ArgParser, RunError, die_with_parent  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -168,16 +168,6 @@ def parse_run_args(argv):
     if problem := folder_problem(args.out):
         p.error(f"--out {args.out}: {problem}")
     return args
-
-
-def folder_problem(folder: str) -> str | None:
-    """Why paper.py cannot keep its runs in `folder` (checked before any job), or None."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        return "is a file, not a folder"
-    existing = folder  # the folder, or the nearest folder above it that exists (where it would be made)
-    while not os.path.isdir(existing):
-        existing = os.path.dirname(existing)
-    return None if writable(existing) else f"cannot write in {existing} (read-only?)"
 
 
 def jobs(args) -> list[dict]:
@@ -338,7 +328,7 @@ def run(argv=None):
     lock.release()
     table([args.out], demo=args.demo)
     print(f"\nThe runs ({len(args.seeds)} seed(s): {','.join(map(str, args.seeds))}) are in {args.out}; draw the "
-          f"table again with: python experiments/paper.py table {args.out}")
+          f"table again with: python experiments/paper.py table {shlex.quote(args.out)}")
 
 
 def add_demo_fixtures(args, write=True):

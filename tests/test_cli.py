@@ -292,6 +292,22 @@ def test_eval_refuses_a_read_only_out_before_any_work(tiny_model_dir, read_only_
     assert "medmcqa" not in r.stderr.replace("--tasks medmcqa", "")  # refused before any probe ran
 
 
+def test_train_refuses_a_read_only_out_in_check_flags_and_before_work(tiny_model_dir, medmcqa, read_only_dir,
+                                                                        tmp_path):
+    """--check-flags checks --out as a run would (a read-only place refused, not 'flags ok'), and a run refuses it
+    in one line; printed commands are quoted, so that a path with a space pastes back."""
+    for extra in (["--check-flags"], []):
+        r = train_cli(tiny_model_dir, medmcqa, read_only_dir / "run", "--max-steps", "1", *extra)
+        one_line_error(r, f"--out {read_only_dir / 'run'}: cannot write in {read_only_dir} (read-only?)")
+    out = tmp_path / "a run"
+    import contextlib
+    import io
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert train_cli(tiny_model_dir, medmcqa, out, "--max-steps", "1").returncode == 0
+    assert f"python eval.py --model '{out}'" in printed.getvalue()
+
+
 # -----------------------------------------------------------------------------
 # The joints of real use: kill -9 mid-save, runs evaluated in place, bad flags and data, broken files, the README
 
