@@ -782,7 +782,7 @@ def load_model(name_or_dir: str, dtype=None, device=None, base: str | None = Non
     device = resolve_device(device)
     dtype = default_dtype(device) if dtype is None else parse_dtype(dtype)
     if problem := model_problem(name_or_dir):
-        raise ValueError(f"{name_or_dir}: {problem}")
+        raise (ValueError if os.path.exists(name_or_dir) else FileNotFoundError)(f"{name_or_dir}: {problem}")
     method, run = None, {}
     if is_run_dir(name_or_dir):
         run = read_json(os.path.join(name_or_dir, "config.json"))

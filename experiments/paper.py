@@ -253,7 +253,8 @@ def check_commands(todo, env):
     kinds = {}
     for j in (j for j in todo if j["kind"] == "train"):
         kinds.setdefault(j["name"].rsplit("-seed", 1)[0], j)
-    procs = {name: subprocess.Popen([sys.executable, *j["argv"], "--check-flags"], cwd=ROOT, env=env,
+    procs = {name: subprocess.Popen([sys.executable, *j["argv"], *["--resume"] * (state(j) == "resume"),
+                                     "--check-flags"], cwd=ROOT, env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for name, j in kinds.items()}
     for name, p in procs.items():
