@@ -327,9 +327,12 @@ def run(argv=None):
         print(f"{run_job(j, how, args.out, env):.0f} s", flush=True)
     print(f"every job done ({time.time() - t_all:.0f} s this time)\n")
     lock.release()
-    table([args.out], demo=args.demo)
+    table([args.out])
     print(f"\nThe runs ({len(args.seeds)} seed(s): {','.join(map(str, args.seeds))}) are in {args.out}; draw the "
           f"table again with: python experiments/paper.py table {shlex.quote(args.out)}")
+
+
+SMOKE_TEST = "SMOKE_TEST"  # a file beside the demo's model: any table of its evals is a smoke test
 
 
 def add_demo_fixtures(args, write=True):
@@ -343,6 +346,8 @@ def add_demo_fixtures(args, write=True):
         tmp = fixtures + f".tmp{os.getpid()}"
         os.makedirs(tmp)
         write_checkpoint(os.path.join(tmp, "tiny"), reference=False)
+        with open(os.path.join(tmp, SMOKE_TEST), "w") as f:  # table reads it: a redrawn table says so too
+            f.write("paper.py run --demo: a tiny random model, a few steps; its numbers mean nothing\n")
         write_parquet(os.path.join(tmp, "medmcqa.parquet"), medmcqa_rows(40))
         write_jsonl(os.path.join(tmp, "oasst1.jsonl"), oasst1_rows(100))
         write_jsonl(os.path.join(tmp, "wikitext.jsonl"), wikitext_rows(8))
@@ -615,11 +620,13 @@ def summarize(evals, notes):
         notes.append("some changes have no interval: their evals (or the base's) kept no per-example records on the "
                      "same items (eval.py --log-samples); claims on them are decided on the means")
     paper = PAPER if base_is_the_papers(base_runs) else {}
+    model = base_runs[0]["meta"].get("model") if base_runs else None
+    smoke = model is not None and os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(model)), SMOKE_TEST))
     if not paper:
         notes.append(f"the base is not the paper's model ({base_runs[0]['meta'].get('model')}), so the paper's "
                      "figures (Qwen2.5-0.5B-Instruct) are not shown beside these; its claims are still judged")
     return {"base": base, "methods": methods, "claims": judge(methods, changes), "missing": missing,
-            "cost": cost(evals), "notes": notes, "paper": paper}
+            "cost": cost(evals), "notes": notes, "paper": paper, "smoke_test": smoke}
 
 
 def base_is_the_papers(base_runs) -> bool:
@@ -640,7 +647,8 @@ def judge(methods, changes=None):
     paired bootstrap resamples of the changes it reads (changes: {(method, probe): (RESAMPLES,)}), "undecided" when
     not (the interval straddles the claim's threshold); decided on the means when a change has no resamples
     (evals without per-example records), and "n/a" when a change is missing (no run, no base) or rests on fewer
-    than MIN_SEEDS seeds. "holds" in each entry: true, false, or null (undecided, n/a)."""
+    than MIN_SEEDS seeds. "holds" in each entry: true, false, or null (undecided, n/a); "rests_on": the changes it
+    read, each {"method", "probe", "delta", "ci" ([lo, hi] or null), "n" (seeds)}."""
     changes = changes or {}
     verdicts = []
     for text, reads, test in CLAIMS:
@@ -658,8 +666,10 @@ def judge(methods, changes=None):
             decided = {"decided_on": "bootstrap", "share_holding": share}
         else:
             verdict, decided = ("holds" if test([r["delta"] for r in rows]) else "fails"), {"decided_on": "means"}
+        rests_on = [{"method": m, "probe": t, "delta": r["delta"], "ci": r.get("ci"), "n": r["n"]}
+                    for (m, t), r in zip(reads, rows)]
         verdicts.append({"claim": text, "holds": {"holds": True, "fails": False}.get(verdict), "verdict": verdict,
-                         **decided, "why": seen})
+                         **decided, "why": seen, "rests_on": rests_on})
     return verdicts
 
 
@@ -817,12 +827,15 @@ def plot(s, path):
         ax.set_ylabel(f"{probe} {PROBES[probe].metric} ("
                       f"{'lower' if PROBES[probe].metric != 'acc' else 'higher'}: less forgetting)")
         ax.grid(alpha=0.25)
-    fig.suptitle("Learning against forgetting: ours filled (bars: 95% interval of the change from the base; seed "
+    fig.suptitle("SMOKE TEST (a tiny random model): these numbers mean nothing. " * s["smoke_test"] +
+                 "Learning against forgetting: ours filled (bars: 95% interval of the change from the base; seed "
                  "std without per-example records)" + (", the paper's hollow" if s["paper"] else
                                                        "; the paper's model differs: its figures not drawn"),
                  fontsize=10)
+    for ax in axes:
+        ax.margins(0.15)  # room for the labels inside the axes
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -846,7 +859,7 @@ def parse_table_args(argv):
     return p.parse_args(argv)
 
 
-def table(paths, json_path=None, csv_path=None, latex_path=None, plot_path=None, demo=False):
+def table(paths, json_path=None, csv_path=None, latex_path=None, plot_path=None):
     for flag, path in (("--json", json_path), ("--csv", csv_path), ("--latex", latex_path), ("--plot", plot_path)):
         if path and (problem := file_problem(path)):
             raise SystemExit(f"error: {flag} {path}: {problem}")
@@ -854,11 +867,12 @@ def table(paths, json_path=None, csv_path=None, latex_path=None, plot_path=None,
     if not evals:
         raise SystemExit(f"error: no eval JSON found in {', '.join(paths)}")
     s = summarize(evals, notes)
-    if demo:
+    if s["smoke_test"]:
         print("SMOKE TEST of the pipeline (--demo: a tiny random model, a few steps): these numbers mean nothing.\n")
     print(markdown(s))
     if json_path:
-        write_json(json_path, {k: s[k] for k in ("base", "methods", "claims", "missing", "cost", "notes")})
+        write_json(json_path, {k: s[k] for k in ("base", "methods", "claims", "missing", "cost", "notes",
+                                                 "smoke_test")})
     if csv_path:
         write_csv(s, csv_path)
     if latex_path:

@@ -238,9 +238,17 @@ def test_run_killed_in_a_job_completes_with_nothing_done_twice(demo_run):
     assert "SMOKE TEST" in second.stdout and "| smf | " in second.stdout and "| full | " in second.stdout
 
 
-def test_demo_table_reads_every_run(demo_run):
+def test_demo_table_reads_every_run(demo_run, tmp_path, capsys):
     out = demo_run[0]
-    s = paper.table([out])
+    s = paper.table([out], json_path=str(tmp_path / "t.json"))
+    printed = capsys.readouterr().out  # a table drawn again says what the demo's numbers are, as run's own did
+    assert printed.startswith("SMOKE TEST") and s["smoke_test"] is True and "| paper |" not in printed
+    saved = json.load(open(tmp_path / "t.json"))
+    for claim in saved["claims"]:  # each claim's changes with their intervals as numbers, not only in its text
+        for read in claim["rests_on"]:
+            row = s["methods"][read["method"]][read["probe"]]
+            assert (read["delta"], read["ci"], read["n"]) == (row["delta"], row["ci"], 2)
+            assert read["ci"] is None or all(isinstance(x, float) for x in read["ci"])
     assert list(s["methods"]) == ["smf", "lora", "full"]
     for m in ("smf", "lora", "full"):
         for t in ("medmcqa", "wikitext", "triviaqa"):
