@@ -200,8 +200,9 @@ def truncate_log(path, step):
 
 def check_out_dir(out: str, resume: bool):
     """--out must be a new or empty directory, or a run directory of train.py, where files can be written: refuse
-    anything else, naming what is there. A run directory in which no step completed may be started afresh; one with a checkpoint needs
-    --resume, and --resume needs a run."""
+    anything else, naming what is there. A run directory in which no step completed may be started afresh; one with
+    a checkpoint needs --resume, and --resume needs a run, except one stopped before its first stage began (only its
+    .lock, e.g. killed during the background reads), which is started afresh. -> whether there is a run to resume."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise RunError(f"--out {out} is a file, not a directory: choose another --out")
     if problem := folder_problem(out):
@@ -217,10 +218,15 @@ def check_out_dir(out: str, resume: bool):
     started = [p for p in ("checkpoint.safetensors", "retrofit/checkpoint.safetensors")
                if os.path.exists(os.path.join(out, p))]
     if resume and "args.json" not in have:
+        if ".lock" in have and have - {".lock", "background.safetensors"} <= ours:  # stopped before its first stage
+            print(f"--resume: {out} holds no step yet (stopped before its first stage began): starting it afresh",
+                  file=sys.stderr)
+            return False
         raise RunError(f"--resume: there is no run to resume in {out} (no args.json); run without --resume")
     if not resume and started:
         raise RunError(f"{out} already holds a run with completed steps: pass --resume to continue it with the same "
                        f"flags, or choose another --out")
+    return resume
 
 
 class Lock:
@@ -275,7 +281,11 @@ def check_resume_args(flags: dict, saved: dict):
     movable = {k for k, fp in MOVABLE.items() if saved.get(fp) is not None} | set(MOVABLE.values())
     if looks_like_hub_id(str(flags.get("model"))) or looks_like_hub_id(str(saved.get("model"))):
         movable.discard("model")  # a Hub id names its weights itself: compared as given, before anything is fetched
-    if (k := first_change(flags, saved, RESUME_FREE | movable)) is not None:
+    if (k := first_change(flags, saved, RESUME_FREE | movable)) in ("max_steps", "epochs"):
+        raise RunError(f"--resume: --{k.replace('_', '-')} is {flags[k]!r} but the run was started with {saved[k]!r}; "
+                       "a run resumes to its own end (its lr schedule ends there): to train on from a finished run, "
+                       "start a new one from it (smf: --memory-from RUN, lora: --lora-from RUN, full: --model RUN/hf)")
+    if k is not None:
         raise RunError(f"--resume: --{k.replace('_', '-')} is {flags[k]!r} but the run was started with {saved[k]!r}; "
                        f"resume with the run's flags, or start a new run with --out elsewhere (an SMF run "
                        f"can reuse a finished stage 1 there with --memory-from RUN/retrofit)")

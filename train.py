@@ -548,7 +548,7 @@ def main(argv=None, on_step=None):
     lock = None
     try:
         if ranks.main:
-            check_out_dir(args.out, args.resume)
+            args.resume = check_out_dir(args.out, args.resume)  # False: nothing to resume yet, a fresh start
             lock = Lock(args.out)  # held until this process ends
             if args.resume:  # the flags checked before anything is fetched
                 check_resume(args.out, vars(args))

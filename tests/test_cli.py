@@ -429,7 +429,8 @@ def test_unusable_data_stops_before_any_stage_trains(tiny_model_dir, medmcqa, tm
     # no English reply at all: under smf the stage-2 data is fine, stage 1 has nothing; and stage 2's data is
     # checked before stage 1 trains (a junk stage 1 is never kept)
     german = write_jsonl(str(tmp_path / "de.jsonl"), [r for r in oasst1_rows(12) if r["lang"] == "de"])
-    smf = ("--method", "smf", "--recipe", "paper", "--data", f"oasst1={german}", *MEM, "--retrofit-max-steps", "2")
+    smf = ("--method", "smf", "--recipe", "paper", "--data", f"oasst1={german}", *MEM, "--retrofit-max-steps", "2",
+           "--batch-size", "4")  # the paper recipe's SMF steps are micro-batches of 4
     one_line_error(train_cli(tiny_model_dir, medmcqa, tmp_path / "b", *smf), "de.jsonl passes the filter",
                    "English assistant replies")  # the cause named (the filter), not "no token to predict"
     assert not (tmp_path / "b" / "retrofit" / "checkpoint.safetensors").exists()
@@ -461,6 +462,26 @@ def test_a_missing_model_is_named_before_any_data_is_read(tmp_path, monkeypatch)
     monkeypatch.setattr(data, "load_rows", lambda *a, **k: pytest.fail("data read before the model was checked"))
     r = eval_cli("--model", tmp_path / "no" / "such" / "run", "--tasks", "medmcqa")
     assert r.returncode != 0 and "model directory not found" in r.stderr.strip().splitlines()[-1]
+
+
+def test_resume_of_a_start_stopped_before_its_first_stage_starts_it(tiny_model_dir, medmcqa, tmp_path):
+    """A run killed before its first stage began (e.g. during the background reads) leaves only its .lock: --resume
+    starts it, saying so; --resume of a folder that is not there is still refused."""
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / ".lock").write_text("")
+    r = train_cli(tiny_model_dir, medmcqa, out, "--max-steps", "2", "--resume")
+    assert r.returncode == 0 and "holds no step yet" in r.stderr, r.stderr
+    assert json.load(open(out / "config.json"))["finished"] is True
+    one_line_error(train_cli(tiny_model_dir, medmcqa, tmp_path / "typo", "--max-steps", "2", "--resume"),
+                   "there is no run to resume")
+
+
+def test_resume_with_more_steps_says_how_to_train_on(tiny_model_dir, medmcqa, tmp_path):
+    train_cli(tiny_model_dir, medmcqa, tmp_path / "r", "--max-steps", "2")
+    r = train_cli(tiny_model_dir, medmcqa, tmp_path / "r", "--max-steps", "4", "--resume")
+    one_line_error(r, "--max-steps is 4 but the run was started with 2", "start a new one from it",
+                   "lora: --lora-from RUN")
 
 
 def test_a_warmup_past_the_last_step_is_warned(tiny_model_dir, medmcqa, tmp_path):
