@@ -75,6 +75,7 @@ DATASETS = {
 }
 
 
+@functools.lru_cache(maxsize=None)  # each notice once a process (a file read twice is noted once)
 def warn(msg: str):
     print(f"data: {msg}", file=sys.stderr)
 
