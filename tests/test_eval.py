@@ -452,6 +452,38 @@ def test_prompt_talks_to_a_local_model(tiny_model_dir):
     assert r.stdout.strip() == greedy_reply(model, tok, "hi", 5, info["repetition_penalty"])
 
 
+OWN_TEMPLATE = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}{{ '<|im_start|>system\nYou are "
+                "Tiny, a test model<|im_end|>\n' }}{% endif %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+                "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_prompt_and_exports_use_the_models_own_chat_template(tiny_model_dir, tmp_path):
+    """A model folder whose tokenizer_config.json has its own chat template (its own default system prompt, as
+    SmolLM2's): --prompt writes the message with it, and a full run's hf/ export carries it."""
+    import train
+    own = tmp_path / "own"
+    shutil.copytree(tiny_model_dir, own)
+    cfg = json.load(open(own / "tokenizer_config.json"))
+    json.dump({**cfg, "chat_template": OWN_TEMPLATE}, open(own / "tokenizer_config.json", "w"))
+    text = Tokenizer.from_pretrained(own).apply_chat_template([{"role": "user", "content": "hi"}], True)
+    assert text == "<|im_start|>system\nYou are Tiny, a test model<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n" \
+                   "<|im_start|>assistant\n"
+    said = run_prompt("--model", str(own), "--prompt", "hi", "--max-new-tokens", "6", "--no-repetition-penalty")
+    raw = run_prompt("--model", str(own), "--prompt", text, "--raw", "--max-new-tokens", "6", "--no-repetition-penalty")
+    assert said.returncode == 0 and said.stdout == raw.stdout  # the prompt is the folder's template, not Qwen's
+    medmcqa = data_file(tmp_path)
+    train.main(["--method", "full", "--recipe", "clean", "--model", str(own), "--data", f"medmcqa={medmcqa}",
+                "--out", str(tmp_path / "full"), "--device", "cpu", "--batch-size", "2", "--max-len", "64",
+                "--max-steps", "1"])
+    assert Tokenizer.from_pretrained(tmp_path / "full" / "hf").apply_chat_template(
+        [{"role": "user", "content": "hi"}], True) == text
+
+
+def data_file(tmp_path):
+    from tiny_data import medmcqa_rows, write_parquet
+    return write_parquet(str(tmp_path / "medmcqa.parquet"), medmcqa_rows(16))
+
+
 def test_prompt_bad_model_dir_is_one_line_error(tmp_path):
     r = run_prompt("--model", str(tmp_path / "nowhere"), "--prompt", "hi", "--max-new-tokens", "1")
     assert r.returncode != 0
