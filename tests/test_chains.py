@@ -208,8 +208,8 @@ def test_background_from_takes_an_earlier_links_reads_without_reading(memory_mod
     a = load_file(os.path.join(runs["smf"], "background.safetensors"))
     b = load_file(str(tmp_path / "smf2" / "background.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(SystemExit):  # the reads are taken as they are: a flag about reading them is refused
-        train.parse_args(common(hf, files, tmp_path / "x", *flags, "--background-from", runs["smf"],
-                                "--background-batches", "8"))
+    for reading in (["--background-batches", "8"], ["--background-subset", "0"], ["--background-task", f"text:{text}"]):
+        with pytest.raises(SystemExit):  # the reads are taken as they are: a flag about reading them is refused
+            train.parse_args(common(hf, files, tmp_path / "x", *flags, "--background-from", runs["smf"], *reading))
     with pytest.raises(train.RunError, match="a full run, not a smf run"):
         train.main(common(hf, files, tmp_path / "y", *flags, "--background-from", runs["pre"]))

@@ -215,3 +215,24 @@ def test_load_model_takes_dtype_and_device_as_names_or_torch_objects(tiny_model_
         assert info["dtype"] == str(want).removeprefix("torch.") and info["device"] == "cpu"
     with pytest.raises(ValueError, match="dtype 'int8'"):
         checkpoint.load_model(tiny_model_dir, dtype="int8")
+
+
+def test_the_weights_fingerprint_ignores_sharding_and_tensor_order(tiny_model_dir, tmp_path):
+    """The same tensors in one file, in shards, or written in another order: one fingerprint; one value changed:
+    another."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    want = checkpoint.weights_fingerprint(tiny_model_dir)
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert len(set(json.load(open(tmp_path / "sharded" / "model.safetensors.index.json"))["weight_map"].values())) > 1
+    assert checkpoint.weights_fingerprint(str(tmp_path / "sharded")) == want
+    state = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    (tmp_path / "reversed").mkdir()
+    save_file(dict(reversed(list(state.items()))), str(tmp_path / "reversed" / "model.safetensors"))
+    assert checkpoint.weights_fingerprint(str(tmp_path / "reversed")) == want
+    first = sorted(state)[0]
+    state[first] = state[first].clone()
+    state[first].view(-1)[0] += 1
+    (tmp_path / "edited").mkdir()
+    save_file(state, str(tmp_path / "edited" / "model.safetensors"))
+    assert checkpoint.weights_fingerprint(str(tmp_path / "edited")) != want

@@ -554,3 +554,53 @@ def test_smollm2_without_its_data_is_refused_before_any_job(tmp_path, capsys):
         paper.main(["run", "--smollm2", "--out", str(tmp_path / "runs"), "--local-data", str(tmp_path)])
     err = capsys.readouterr().err
     assert f"no {LOCAL['medmcqa']} there" in err and not (tmp_path / "runs").exists()
+
+
+# -----------------------------------------------------------------------------
+# verdicts: the thresholds, a seed without records, a probe of one item, the seed range
+
+
+@pytest.mark.parametrize("share, verdict", [(0.98, "holds"), (0.96, "undecided"), (0.04, "undecided"),
+                                            (0.02, "fails")])
+def test_a_claim_holds_above_97_5_and_fails_below_2_5_percent_of_the_resamples(share, verdict):
+    """"SMF gains on MedMCQA" on 2000 resamples of which a share gain: decided only beyond 97.5% / 2.5%."""
+    import numpy as np
+    n = paper.RESAMPLES
+    draws = np.where(np.arange(n) < round(share * n), 0.01, -0.01)
+    methods = {"smf": {"medmcqa": {"delta": float(draws.mean()), "n": 2, "ci": None}}}
+    claim = paper.judge(methods, {("smf", "medmcqa"): draws})[0]
+    assert claim["claim"].startswith("SMF gains on MedMCQA")
+    assert (claim["verdict"], claim["decided_on"], claim["share_holding"]) == (verdict, "bootstrap", share)
+
+
+def test_a_seed_without_records_decides_on_the_means_and_says_so(tmp_path):
+    base = {"medmcqa": [1, 0, 0, 1, 0, 1, 0, 0]}
+    seeds = [{"medmcqa": [1, 1, 0, 1, 0, 1, 1, 0]}, {"medmcqa": [1, 0, 1, 1, 1, 1, 0, 0]}]
+    runs_with_items(tmp_path, base, seeds)
+    os.remove(tmp_path / "smf-seed1" / "samples.jsonl")  # one seed kept no per-example records
+    s = paper.table([str(tmp_path)])
+    assert s["methods"]["smf"]["medmcqa"]["ci"] is None
+    gains = next(c for c in s["claims"] if c["claim"].startswith("SMF gains on MedMCQA"))
+    assert gains["decided_on"] == "means" and gains["verdict"] == "holds"
+    assert any("kept no per-example records" in n for n in s["notes"])
+
+
+def test_a_probe_of_one_item_has_no_interval_and_says_why(tmp_path):
+    base = {"medmcqa": [1, 0, 0, 1, 0, 1, 0, 0], "wikitext": [(2.25, 4)]}  # WikiText text within one window
+    seeds = [{"medmcqa": [1, 1, 0, 1, 0, 1, 1, 0], "wikitext": [(2.5, 4)]},
+             {"medmcqa": [1, 0, 1, 1, 1, 1, 0, 0], "wikitext": [(2.0, 4)]}]
+    runs_with_items(tmp_path, base, seeds)
+    s = paper.table([str(tmp_path)])
+    assert s["methods"]["smf"]["wikitext"]["ci"] is None and s["methods"]["smf"]["medmcqa"]["ci"] is not None
+    near = next(c for c in s["claims"] if c["claim"].startswith("SMF keeps WikiText"))
+    assert near["decided_on"] == "means"
+    assert any(n.startswith("wikitext: a single item") for n in s["notes"])
+    assert not any("kept no per-example records" in n for n in s["notes"])  # the records are there
+
+
+def test_seeds_up_to_2_32_minus_1_as_train_py(tmp_path, capsys):
+    paper.main(["run", "--demo", "--dry-run", "--seeds", str(2**32 - 1), "--out", str(tmp_path / "a")])
+    assert f"--seed {2**32 - 1}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        paper.main(["run", "--demo", "--seeds", str(2**32), "--out", str(tmp_path / "b")])
+    assert f"--seeds: each must be in 0..{2**32 - 1}" in capsys.readouterr().err and not (tmp_path / "b").exists()
