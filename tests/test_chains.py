@@ -213,3 +213,24 @@ def test_background_from_takes_an_earlier_links_reads_without_reading(memory_mod
             train.parse_args(common(hf, files, tmp_path / "x", *flags, "--background-from", runs["smf"], *reading))
     with pytest.raises(train.RunError, match="a full run, not a smf run"):
         train.main(common(hf, files, tmp_path / "y", *flags, "--background-from", runs["pre"]))
+
+
+def test_an_interrupted_smf_link_resumes_after_its_memory_moved(retrofit_run, tiny_model_dir, files, tmp_path):
+    """An smf run stopped mid-way resumes from its --memory-from run's new place (the same weights); other weights
+    put at that path are refused."""
+    import shutil
+    from helpers import steps
+    memory_dir, link = tmp_path / "retrofit", tmp_path / "smf"
+    shutil.copytree(retrofit_run, memory_dir)
+    flags = ["--method", "smf", "--recipe", "clean", "--max-steps", "3", "--top-t", "4", "--background-batches", "2"]
+    with pytest.raises(train.StopRun):
+        train.main(common(tiny_model_dir, files, link, *flags, "--memory-from", memory_dir, "--stop-at-step", "1"))
+    moved = tmp_path / "elsewhere" / "retrofit"
+    shutil.move(memory_dir, moved)
+    train.main(common(tiny_model_dir, files, tmp_path / "other", "--method", "retrofit", "--max-steps", "2", *MEM,
+                      "--lr", "3e-3"))
+    shutil.copytree(tmp_path / "other", memory_dir)  # another memory where the first one was
+    with pytest.raises(train.RunError, match="holds other weights"):
+        train.main(common(tiny_model_dir, files, link, *flags, "--memory-from", memory_dir, "--resume"))
+    train.main(common(tiny_model_dir, files, link, *flags, "--memory-from", moved, "--resume"))
+    assert steps(link) == [1, 2, 3]

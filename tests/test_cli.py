@@ -251,6 +251,13 @@ def test_a_moved_chain_resumes(tiny_model_dir, medmcqa, tmp_path):
     with pytest.raises(train.RunError, match="--resume: --lora-from .*other holds other weights"):
         train.main(lora_argv(tiny_model_dir, medmcqa, moved / "two", "--max-steps", "3", "--resume",
                              "--lora-from", moved / "other"))
+    shutil.move(moved / "one", tmp_path / "one-aside")  # other weights put at the very path the link names
+    shutil.copytree(moved / "other", moved / "one")
+    with pytest.raises(train.RunError, match="--resume: --lora-from .*one holds other weights"):
+        train.main(lora_argv(tiny_model_dir, medmcqa, moved / "two", "--max-steps", "3", "--resume",
+                             "--lora-from", moved / "one"))
+    shutil.rmtree(moved / "one")
+    shutil.move(tmp_path / "one-aside", moved / "one")
     train.main(lora_argv(tiny_model_dir, medmcqa, moved / "two", "--max-steps", "3", "--resume",
                          "--lora-from", moved / "one"))
     assert steps(moved / "two") == [1, 2, 3]
