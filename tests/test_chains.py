@@ -234,3 +234,17 @@ def test_an_interrupted_smf_link_resumes_after_its_memory_moved(retrofit_run, ti
         train.main(common(tiny_model_dir, files, link, *flags, "--memory-from", memory_dir, "--resume"))
     train.main(common(tiny_model_dir, files, link, *flags, "--memory-from", moved, "--resume"))
     assert steps(link) == [1, 2, 3]
+
+
+def test_memory_from_a_retrofit_on_other_base_weights_is_refused(retrofit_run, memory_model, files, tmp_path):
+    """--memory-from a retrofit trained on other weights of the same shape: refused, naming the fingerprints; a full
+    run that trained its memory with the model is accepted with its own hf/ as --model."""
+    from tiny import write_checkpoint
+    other = write_checkpoint(str(tmp_path / "other"), seed=7)
+    with pytest.raises(train.RunError, match="it was trained on other base weights than --model"):
+        train.main(common(other, files, tmp_path / "smf", "--method", "smf", "--recipe", "clean", "--memory-from",
+                          retrofit_run, "--max-steps", "1", "--background-batches", "2"))
+    assert not (tmp_path / "smf" / "args.json").exists()
+    runs, text = memory_model
+    assert config(runs["smf"])["memory_from"] == os.path.abspath(runs["pre"])  # the fixture's link: accepted
+    assert config(runs["smf"])["finished"] is True
