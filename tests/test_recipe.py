@@ -462,3 +462,34 @@ def test_a_fresh_start_recomputes_a_stale_background(retrofit_run, tiny_model_di
     train.main(common(tiny_model_dir, files, out, "--method", "smf", "--memory-from", retrofit_run, "--max-steps",
                       "1", "--background-batches", "3"))
     assert memory.BackgroundStats.load(str(out / "background.safetensors")).n_batches == 3
+
+
+# -----------------------------------------------------------------------------
+# The recipe's flags combine independently
+
+
+def test_the_loss_divisor_follows_sum_micro_batch_means_alone(retrofit_run, tiny_model_dir, files, tmp_path):
+    """--recipe paper --no-select-per-micro-batch still sums the micro-batch means (a gradient 1.5 to 3 times the
+    token mean's over 2 micro-batches); adding --no-sum-micro-batch-means divides by the step's tokens. lr 0: the
+    same steps, read from each run's log."""
+    norms = {}
+    for name, extra in (("sum", []), ("mean", ["--no-sum-micro-batch-means"])):
+        train.main(common(tiny_model_dir, files, tmp_path / name, "--method", "smf", "--memory-from", retrofit_run,
+                          "--no-select-per-micro-batch", "--max-steps", "2", "--lr", "0", "--top-t", "8",
+                          "--background-batches", "4", *extra))
+        norms[name] = [r["grad_norm"] for r in read_log(tmp_path / name)]
+    assert all(s / m > 1.4 for s, m in zip(norms["sum"], norms["mean"])), norms
+
+
+def test_grad_clip_0_turns_clipping_off_for_smf(retrofit_run, tiny_model_dir, files, tmp_path):
+    """--grad-clip 0 is no clipping for SMF as for the other methods: the step's rows move (clipping to norm 0 would
+    leave them)."""
+    out = tmp_path / "smf"
+    train.main(common(tiny_model_dir, files, out, "--method", "smf", "--memory-from", retrofit_run, "--recipe",
+                      "clean", "--optimizer", "sgd", "--grad-clip", "0", "--max-steps", "1", "--lr", "1",
+                      "--warmup", "0", "--top-t", "8", "--background-batches", "4"))
+    before = load_file(os.path.join(retrofit_run, "model.safetensors"))
+    after = load_file(os.path.join(out, "model.safetensors"))
+    key = next(k for k in after if k.endswith("values.weight"))
+    moved = (after[key] != before[key]).any(1).sum().item()
+    assert 0 < moved <= 8  # the selected rows of this layer, and only those
