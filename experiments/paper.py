@@ -244,7 +244,8 @@ def check_plan(out, todo):
 def check_commands(todo, env):
     """Every command the plan will run, checked before the first job: eval.py's by its own parser, train.py's by
     `train.py --check-flags` (one process per kind of run, the first seed's, in parallel), so that a bad
-    --train-args flag stops the plan now, not after the base evaluation."""
+    --train-args flag stops the plan now, not after the base evaluation. Checked as run_job runs them: the script
+    by its path in the project, in the caller's folder (where relative paths in the flags were typed)."""
     for j in (j for j in todo if j["kind"] == "eval"):
         try:
             ev.parser().parse_args(j["argv"][1:])
@@ -253,8 +254,8 @@ def check_commands(todo, env):
     kinds = {}
     for j in (j for j in todo if j["kind"] == "train"):
         kinds.setdefault(j["name"].rsplit("-seed", 1)[0], j)
-    procs = {name: subprocess.Popen([sys.executable, *j["argv"], *["--resume"] * (state(j) == "resume"),
-                                     "--check-flags"], cwd=ROOT, env=env,
+    procs = {name: subprocess.Popen([sys.executable, os.path.join(ROOT, j["argv"][0]), *j["argv"][1:],  # as run_job
+                                     *["--resume"] * (state(j) == "resume"), "--check-flags"], env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for name, j in kinds.items()}
     for name, p in procs.items():

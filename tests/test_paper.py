@@ -604,3 +604,21 @@ def test_seeds_up_to_2_32_minus_1_as_train_py(tmp_path, capsys):
     with pytest.raises(SystemExit):
         paper.main(["run", "--demo", "--seeds", str(2**32), "--out", str(tmp_path / "b")])
     assert f"--seeds: each must be in 0..{2**32 - 1}" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_commands_are_checked_where_they_will_run(tiny_model_dir, tmp_path, monkeypatch):
+    """paper.py run from another folder with relative paths in its flags: train.py --check-flags runs each command
+    as the job will (the script from the project, the paths from the caller's folder), so a good relative path
+    passes and a bad one is refused."""
+    import shutil
+    from tiny_data import medmcqa_rows, write_parquet
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    write_parquet(str(tmp_path / "m.parquet"), medmcqa_rows(16))
+    monkeypatch.chdir(tmp_path)
+    job = {"name": "lora-seed0", "kind": "train", "dir": str(tmp_path / "lora-seed0"),
+           "argv": ["train.py", "--method", "lora", "--model", "model", "--data", "medmcqa=m.parquet", "--out",
+                    str(tmp_path / "lora-seed0"), "--device", "cpu"]}
+    paper.check_commands([job], dict(os.environ))
+    bad = {**job, "argv": [a.replace("m.parquet", "nope.parquet") for a in job["argv"]]}
+    with pytest.raises(SystemExit, match="nope.parquet"):
+        paper.check_commands([bad], dict(os.environ))
