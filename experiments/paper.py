@@ -850,6 +850,34 @@ def bar(r):
     return r["std"] or 0
 
 
+def jobs_report(folder: str) -> str:
+    """Markdown: every job `paper.py run` ran in `folder` (its journal.jsonl and paper.json), each with its
+    process's wall time over every attempt, and for a training run its steps, its loop's tokens/s and its loss
+    (mean of the first and of the last 10 steps); "" for a folder that is not a run of paper.py."""
+    journal, plan = os.path.join(folder, "journal.jsonl"), os.path.join(folder, "paper.json")
+    if not (os.path.isfile(journal) and os.path.isfile(plan)):
+        return ""
+    with open(journal) as f:
+        events = [json.loads(line) for line in f if line.strip()]
+    rows = []
+    for name, argv in read_json(plan).items():
+        seconds = sum(e.get("seconds", 0) for e in events if e["job"] == name and e["event"] in ("done", "failed"))
+        cells = [name, f"{seconds:.0f}" if seconds else "-"]
+        log = os.path.join(folder, name, "log.jsonl")
+        if argv[0] == "train.py" and os.path.isfile(log):
+            with open(log) as f:
+                steps = [json.loads(line) for line in f if line.strip()]
+            loss = [r["loss"] for r in steps]
+            cost = read_json(os.path.join(folder, name, "config.json")).get("cost") or {}
+            cells += [str(len(steps)), str(cost.get("tokens_per_s", "-")),
+                      f"{np.mean(loss[:10]):.3f} -> {np.mean(loss[-10:]):.3f}" if loss else "-"]
+        else:
+            cells += ["", "", ""]
+        rows.append("| " + " | ".join(cells) + " |")
+    return (f"## The jobs of `{folder}`\n\n| job | seconds | steps | tokens/s (loop) | loss, first 10 -> last 10 steps |"
+            "\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n")
+
+
 def parse_table_args(argv):
     p = ArgParser(prog="paper.py table", description="The paper's table, its claims and its Pareto picture from "
                                                      "eval JSONs.")
@@ -859,20 +887,32 @@ def parse_table_args(argv):
     p.add_argument("--latex", default=None, metavar="FILE", help="write the table as LaTeX (booktabs)")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw the Pareto picture (needs matplotlib: pip install -r requirements-plot.txt)")
+    p.add_argument("--md", default=None, metavar="FILE.md",
+                   help="write what it prints as Markdown, after every job of each run folder (its time, steps, "
+                        "loss), from its journal and logs")
     return p.parse_args(argv)
 
 
-def table(paths, json_path=None, csv_path=None, latex_path=None, plot_path=None):
-    for flag, path in (("--json", json_path), ("--csv", csv_path), ("--latex", latex_path), ("--plot", plot_path)):
+def table(paths, json_path=None, csv_path=None, latex_path=None, plot_path=None, md_path=None):
+    for flag, path in (("--json", json_path), ("--csv", csv_path), ("--latex", latex_path), ("--plot", plot_path),
+                       ("--md", md_path)):
         if path and (problem := file_problem(path)):
             raise SystemExit(f"error: {flag} {path}: {problem}")
     evals, notes = read_evals(eval_files(paths))
     if not evals:
         raise SystemExit(f"error: no eval JSON found in {', '.join(paths)}")
     s = summarize(evals, notes)
+    text = markdown(s)
     if s["smoke_test"]:
-        print("SMOKE TEST of the pipeline (--demo: a tiny random model, a few steps): these numbers mean nothing.\n")
-    print(markdown(s))
+        text = "SMOKE TEST of the pipeline (--demo: a tiny random model, a few steps): these numbers mean nothing.\n\n" \
+            + text
+    print(text)
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(f"# `paper.py table {' '.join(paths)}`\n\nWritten by `paper.py table --md`.\n\n"
+                    + "".join(jobs_report(p) for p in paths) + "## The table\n\n"
+                    + "\n".join("- " + line[2:] if line.startswith("  ") else line for line in text.splitlines())
+                    + "\n")
     if json_path:
         write_json(json_path, {k: s[k] for k in ("base", "methods", "claims", "missing", "cost", "notes",
                                                  "smoke_test")})
@@ -905,7 +945,7 @@ def main(argv=None):
         except KeyboardInterrupt:
             raise SystemExit("interrupted: every finished job is kept; re-run the same command to continue") from None
     a = parse_table_args(argv[1:])
-    table(a.paths, a.json, a.csv, a.latex, a.plot)
+    table(a.paths, a.json, a.csv, a.latex, a.plot, a.md)
 
 
 if __name__ == "__main__":
