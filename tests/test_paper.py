@@ -547,7 +547,7 @@ def test_smollm2_quick_runs_the_protocol_on_the_real_model(smollm2, shared_data,
     paper.table([str(out)], md_path=str(tmp_path / "results.md"))  # what results/smollm2.md is written with
     md = open(tmp_path / "results.md").read()
     loss = [json.loads(line)["loss"] for line in open(out / "lora-seed0" / "log.jsonl")]
-    assert f"| lora-seed0 | " in md and f"| {len(loss)} | " in md and f"{loss[0]:.3f} -> " in md
+    assert "| lora-seed0 | " in md and f"| {len(loss)} | " in md and f"{loss[0]:.3f} -> " in md
     assert "| base |" in md and "\n- [n/a] SMF gains on MedMCQA" in md
 
 
