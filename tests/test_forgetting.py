@@ -350,3 +350,35 @@ def test_a_run_finished_after_its_script_died_is_not_run_again(tmp_path):
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "smf-clean-lr1.time").write_text(json.dumps({"seconds": 7.0}))
     assert forgetting.train(str(tmp_path), "smf-clean-lr1", ["--no-such-flag"]) == 7.0
+
+
+def test_each_row_trains_with_its_own_recipe():
+    """The train.py command of every row, read by train.py's own parser: its recipe, optimizer, ranking and top-t
+    (the top-t 64 row is not the top-t 16 one; Lin et al.'s rows take the seed's one background, the others read
+    their own; the background run's own count is pinned by the quick pipeline's test)."""
+    import forgetting
+    import train
+    scale = forgetting.SCALES["full"]
+    want = {"smf-clean": ("clean", None, "kl", scale["top_t"]), "smf-sgd": ("clean", "sgd", "kl", scale["top_t"]),
+            "smf-paper": ("paper", None, "kl", scale["top_t"]), "smf-lin-t16": ("clean", "sgd", "tfidf", 16),
+            "smf-lin-t64": ("clean", "sgd", "tfidf", 64), "lora": ("clean", None, None, None),
+            "full": ("clean", None, None, None)}
+    for method in METHODS:
+        argv = [str(a) for a in forgetting.finetune_flags(method, 0.1, scale, "t.jsonl", "base", "mem", "bg")]
+        a = train.parser().parse_args(argv)
+        recipe, optimizer, rank, top_t = want[method]
+        assert a.recipe == recipe and a.optimizer == optimizer, method
+        if rank is not None:
+            assert (a.rank, a.top_t) == (rank, top_t), method
+            lin = method.startswith("smf-lin")
+            assert (a.background_from == "bg") == lin and (a.background_batches == scale["background"]) != lin
+
+
+def test_a_curve_that_starts_at_a_level_reaches_it_at_its_start_and_smf_starts_at_its_retrofit():
+    import forgetting
+    assert forgetting.first_crossing([(0.6, 0.5, 0.0), (0.9, 0.1, 1.0)], 0.5) == (0.5, 0.0)  # not interpolated
+    rows = fake_rows([0], {0: 0.0})
+    rows = [{**r, "new_acc": 0.2, "old_acc": 0.8} if r["method"] == "retrofit" else r for r in rows]
+    c = forgetting.curves(rows)
+    assert c["smf-clean"][0][0][:2] == (0.2, 0.8)  # SMF from the retrofit it continues
+    assert c["full"][0][0][:2] == (0.1, 0.9)  # the others from the base
