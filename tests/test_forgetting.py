@@ -382,3 +382,35 @@ def test_a_curve_that_starts_at_a_level_reaches_it_at_its_start_and_smf_starts_a
     c = forgetting.curves(rows)
     assert c["smf-clean"][0][0][:2] == (0.2, 0.8)  # SMF from the retrofit it continues
     assert c["full"][0][0][:2] == (0.1, 0.9)  # the others from the base
+
+
+def test_a_job_dies_with_its_script(tiny_model_dir, files, tmp_path):
+    """forgetting.train's train.py job, its script killed with kill -9 mid-run: the job ends too (PR_SET_PDEATHSIG),
+    its run's lock freed, nothing left training."""
+    import fcntl
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "out"
+    code = ("import sys; sys.path.insert(0, 'experiments'); import forgetting; "
+            f"forgetting.train({str(out)!r}, 'job', ['--method', 'lora', '--model', {tiny_model_dir!r}, '--data', "
+            f"'medmcqa={files['medmcqa']}', '--recipe', 'clean', '--max-steps', '100000', '--batch-size', '2', "
+            "'--max-len', '64'])")
+    script = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    log = out / "job" / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().count("\n") >= 2):  # the job is training
+        assert script.poll() is None and time.time() < deadline, "the job did not start"
+        time.sleep(0.05)
+    script.send_signal(signal.SIGKILL)
+    script.wait()
+    deadline = time.time() + 30
+    while True:
+        with open(out / "job" / ".lock", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                assert time.time() < deadline, "train.py outlived its killed script"
+                time.sleep(0.05)
