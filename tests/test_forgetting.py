@@ -363,7 +363,8 @@ def test_each_row_trains_with_its_own_recipe():
             "smf-paper": ("paper", None, "kl", scale["top_t"]), "smf-lin-t16": ("clean", "sgd", "tfidf", 16),
             "smf-lin-t64": ("clean", "sgd", "tfidf", 64), "lora": ("clean", None, None, None),
             "full": ("clean", None, None, None)}
-    for method in METHODS:
+    assert sorted(want) == sorted(forgetting.METHODS)
+    for method in forgetting.METHODS:  # every row of the full run, not only --quick's
         argv = [str(a) for a in forgetting.finetune_flags(method, 0.1, scale, "t.jsonl", "base", "mem", "bg")]
         a = train.parser().parse_args(argv)
         recipe, optimizer, rank, top_t = want[method]
