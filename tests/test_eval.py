@@ -267,7 +267,8 @@ def test_cli_errors_are_one_line_and_nonzero(tiny_model_dir, data_files, tmp_pat
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model", str(tmp_path / "nope"),
                            "--tasks", "wikitext", "--data", "wikitext=" + data_files["wikitext"]],
                           capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: model directory not found")
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(f"error: --model {tmp_path / 'nope'}: model "
+                                                                    "directory not found")  # before any data
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
