@@ -767,8 +767,8 @@ def model_problem(name: str) -> str | None:
     """Why a folder holds nothing load_model can load, told before loading anything (eval.py checks it before it
     reads its data): neither a model folder (config.json) nor a train.py run (e.g. what a run that failed to start
     left), an unfinished run, or a broken config.json; None for a loadable folder or a name that is no folder."""
-    if not os.path.isdir(name):  # a Hub id (load_model fetches it), or a folder that is not there
-        return None if looks_like_hub_id(name) else "model directory not found"
+    if not os.path.isdir(name):
+        return None  # a Hub id, or missing: load_model says which
     if not os.path.exists(os.path.join(name, "config.json")):
         return "holds neither a model (config.json) nor a train.py run"
     try:
@@ -792,7 +792,7 @@ def load_model(name_or_dir: str, dtype=None, device=None, base: str | None = Non
     device = resolve_device(device)
     dtype = default_dtype(device) if dtype is None else parse_dtype(dtype)
     if problem := model_problem(name_or_dir):
-        raise (ValueError if os.path.exists(name_or_dir) else FileNotFoundError)(f"{name_or_dir}: {problem}")
+        raise ValueError(f"{name_or_dir}: {problem}")
     method, run = None, {}
     if is_run_dir(name_or_dir):
         run = read_json(os.path.join(name_or_dir, "config.json"))

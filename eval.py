@@ -38,6 +38,7 @@ import data
 from checkpoint import (atomic_write, file_problem, first_change, is_eval_output, is_run_dir, load_model,
                         model_problem, read_json, write_json)
 from common import DTYPES, ArgParser
+from model import looks_like_hub_id, resolve_model_dir
 
 
 # -----------------------------------------------------------------------------
@@ -604,6 +605,11 @@ def main(argv=None):
         p.error("--out and --log-samples name the same file; give each its own")
     if args.resume and not args.out:
         p.error("--resume keeps the tasks already in --out: give --out")
+    if not looks_like_hub_id(args.model):  # a local path: a typo is told before any data is read (or fetched)
+        try:
+            resolve_model_dir(args.model)
+        except FileNotFoundError as e:
+            sys.exit(f"error: {e}")
     settings = {"model": args.model, "limit": args.limit, "data": data_paths, "seed": args.seed,
                 "compile": args.compile, "no_repetition_penalty": args.no_repetition_penalty,
                 **{k: getattr(args, k) for k in ("dtype", "batch_size") if getattr(args, k) is not None}}

@@ -267,8 +267,7 @@ def test_cli_errors_are_one_line_and_nonzero(tiny_model_dir, data_files, tmp_pat
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model", str(tmp_path / "nope"),
                            "--tasks", "wikitext", "--data", "wikitext=" + data_files["wikitext"]],
                           capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 2 and proc.stderr.strip().startswith(f"error: --model {tmp_path / 'nope'}: model "
-                                                                    "directory not found")  # before any data
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: model directory not found")
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
@@ -292,13 +291,14 @@ def test_cli_keeps_the_finished_tasks_when_the_last_one_fails(tiny_model_dir, da
     assert capsys.readouterr().out == ""  # the table is printed once every task has finished
 
 
-def test_cli_bad_row_is_a_one_line_error_before_the_model_loads(data_files, tmp_path):
+def test_cli_bad_row_is_a_one_line_error_before_the_model_loads(tiny_model_dir, data_files, tmp_path, monkeypatch):
     rows = [dict(r) for r in TRIVIA]
     rows[2] = {**rows[2], "answer": {"value": "C", "aliases": [""]}}
     bad = write_jsonl(tmp_path / "trivia.jsonl", rows)
     out = tmp_path / "results.json"
-    with pytest.raises(SystemExit) as e:  # the model does not exist either: rows are checked first
-        ev.main(["--model", str(tmp_path / "no-model"), "--tasks", "medmcqa,triviaqa", "--quiet",
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: pytest.fail("the model loaded before the rows were checked"))
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", tiny_model_dir, "--tasks", "medmcqa,triviaqa", "--quiet",
                  "--data", "medmcqa=" + data_files["medmcqa"], "--data", f"triviaqa={bad}", "--out", str(out)])
     assert e.value.code.startswith(f"error: {bad}: row 2: answer.aliases: no answer aliases")
     assert "\n" not in e.value.code and not out.exists()
