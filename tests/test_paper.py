@@ -527,7 +527,8 @@ def test_smollm2_quick_runs_the_protocol_on_the_real_model(smollm2, shared_data,
     wheel (--model: paper.py imports it itself without)."""
     out, model = tmp_path / "runs", smollm2[1]
     r = subprocess.run([sys.executable, PAPER, "run", "--smollm2", "--quick", "--methods", "lora", "--out", str(out),
-                        "--model", model, "--local-data", os.path.join(shared_data, "eval")],
+                        "--model", model, "--local-data", os.path.join(shared_data, "eval"),
+                        "--eval-args", "--tasks medmcqa,wikitext"],  # no generation: seconds
                        capture_output=True, text=True,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -547,7 +548,8 @@ def test_smollm2_quick_runs_the_protocol_on_the_real_model(smollm2, shared_data,
     paper.table([str(out)], md_path=str(tmp_path / "results.md"))  # what results/smollm2.md is written with
     md = open(tmp_path / "results.md").read()
     loss = [json.loads(line)["loss"] for line in open(out / "lora-seed0" / "log.jsonl")]
-    assert "| lora-seed0 | " in md and f"| {len(loss)} | " in md and f"{loss[0]:.3f} -> " in md
+    import numpy as np
+    assert "| lora-seed0 | " in md and f"| {len(loss)} | " in md and f"{np.mean(loss[:10]):.3f} -> " in md
     assert "| base |" in md and "\n- [n/a] SMF gains on MedMCQA" in md
 
 
