@@ -227,6 +227,14 @@ def test_the_weights_fingerprint_ignores_sharding_and_tensor_order(tiny_model_di
     assert len(set(json.load(open(tmp_path / "sharded" / "model.safetensors.index.json"))["weight_map"].values())) > 1
     assert checkpoint.weights_fingerprint(str(tmp_path / "sharded")) == want
     state = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    names = sorted(state)  # two shards, the first file holding the names that sort last: file order != name order
+    late, early = names[len(names) // 2:], names[:len(names) // 2]
+    (tmp_path / "split").mkdir()
+    save_file({k: state[k] for k in late}, str(tmp_path / "split" / "a.safetensors"))
+    save_file({k: state[k] for k in early}, str(tmp_path / "split" / "b.safetensors"))
+    json.dump({"weight_map": {**{k: "a.safetensors" for k in late}, **{k: "b.safetensors" for k in early}}},
+              open(tmp_path / "split" / "model.safetensors.index.json", "w"))
+    assert checkpoint.weights_fingerprint(str(tmp_path / "split")) == want
     (tmp_path / "reversed").mkdir()
     save_file(dict(reversed(list(state.items()))), str(tmp_path / "reversed" / "model.safetensors"))
     assert checkpoint.weights_fingerprint(str(tmp_path / "reversed")) == want
