@@ -438,7 +438,7 @@ def run_harness(model, tok, tasks: list[str], repetition_penalty: float, batch_s
         res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=fewshot, limit=limit, task_manager=manager,
                                       apply_chat_template=chat, log_samples=False, bootstrap_iters=0)
     except (OSError, ValueError, RuntimeError, ConnectionError) as e:  # e.g. its datasets unreachable offline
-        raise ValueError(f"--harness {','.join(tasks)}: {(str(e).strip() or type(e).__name__).splitlines()[0]}") from e
+        raise ValueError(f"--harness {','.join(tasks)}: {data.first_line(e)}") from e
     keep = lambda d: {k: v for k, v in d.items() if isinstance(v, (int, float, str)) or v is None}  # noqa: E731
     return {"results": {t: keep(m) for t, m in res["results"].items()}, "versions": res.get("versions", {}),
             "n-samples": res.get("n-samples", {}), "fewshot": fewshot, "chat_template": chat}
@@ -645,7 +645,7 @@ def main(argv=None):
         except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: e.g. CUDA out of memory
             written = " and ".join(f for f in (args.out, args.log_samples) if f)
             kept = f"; finished: {', '.join(results)}, in {written}" if results and written else ""
-            sys.exit(f"error: {task}: {(str(e).strip() or type(e).__name__).splitlines()[0]}{kept}")
+            sys.exit(f"error: {task}: {data.first_line(e)}{kept}")
         write_results(args.out, args.log_samples, {**results, "meta": meta}, samples)
     if args.harness:  # lm-eval fetches its tasks' data: offline, a one-line error after its retries
         try:
