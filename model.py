@@ -248,7 +248,11 @@ class Qwen2(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = nn.Module()  # Hugging Face nests the transformer under `model.`
-        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # nn.Embedding's own init (normal(0, 1)), skipped on the meta device, where from_pretrained builds the model
+        # to load it: torch's meta normal_ imports some 800 modules, 1.5-2 s of every train.py and eval.py start
+        table = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=table if table.is_meta else
+                                               nn.init.normal_(table))
         self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
