@@ -376,8 +376,8 @@ LOCAL_FILES = {"medmcqa": "medmcqa_validation.jsonl", "wikitext": "wikitext-103-
                "triviaqa": "triviaqa_sample.jsonl", "gsm8k": "gsm8k_main_test.jsonl"}
 SMOLLM2 = {  # (full, --quick)
     "seeds": ([0, 1], [0]),
-    "probe rows": (150, 8),  # eval.py --limit: the first N MedMCQA questions, WikiText rows, TriviaQA questions
-    "batch": (4, 4), "max len": (256, 64), "warmup": (10, 1),
+    "probe rows": (150, 4),  # eval.py --limit: the first N MedMCQA questions, WikiText rows, TriviaQA questions
+    "batch": (4, 4), "max len": (256, 32), "warmup": (10, 1),
     "retrofit steps": (50, 2), "steps": (120, 2),  # SMF, LoRA and full finetuning: optimizer steps of 4 examples
     "background batches": (200, 4),
 }
