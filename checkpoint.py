@@ -724,27 +724,25 @@ def rebuild(run_dir: str, run: dict, dtype, device, base: str | None = None):
         raise FileNotFoundError(f"run directory without weights: {weights}")
     state = load_safetensors_dir(run_dir)
     method = run["method"]
+    if method not in ("smf", "retrofit", "lora", "full"):
+        raise ValueError(f"{run_dir}/config.json: unknown method {method!r} (expected smf, retrofit, lora or full)")
     if method == "full":  # every Hub tensor is in the run's file; only the base's config.json is needed
         with torch.device("meta"):
             model = Qwen2(Qwen2Config.from_json(os.path.join(base, "config.json")))
-            if run.get("memory"):  # pretrained (or finetuned) with memory layers: they are in the file too
-                memory.add_memory(model, memory.MemoryConfig.from_dict(run["memory"]))
+    else:
+        model = Qwen2.from_pretrained(base, dtype=dtype, device=device)
+    if run.get("memory"):  # smf, retrofit; a full or LoRA run of a model with memory layers (in its file too)
+        with torch.device("meta") if method == "full" else nullcontext():
+            memory.add_memory(model, memory.MemoryConfig.from_dict(run["memory"]))
+    if method == "full":
         model = model.load_hub_state_dict(state, dtype=dtype, device=device)
         for mem in memory.memory_layers(model).values():
             mem.float()
         return model, base
-    model = Qwen2.from_pretrained(base, dtype=dtype, device=device)
-    if method in ("smf", "retrofit"):
-        memory.add_memory(model, memory.MemoryConfig.from_dict(run["memory"]))
-        expected = memory.memory_state_dict(model)
-    elif method == "lora":  # with memory layers where it was trained with them (frozen, kept in its file)
-        if run.get("memory"):
-            memory.add_memory(model, memory.MemoryConfig.from_dict(run["memory"]))
+    if method == "lora":
         lora = run["lora"]
         add_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"], targets=lora["targets"])
-        expected = {**lora_state_dict(model), **memory.memory_state_dict(model)}
-    else:
-        raise ValueError(f"{run_dir}/config.json: unknown method {method!r} (expected smf, retrofit, lora or full)")
+    expected = {**lora_state_dict(model), **memory.memory_state_dict(model)}  # the adapters (lora), the memory
     load_tensors(expected, state, weights)  # key set and shapes checked, copied into the fp32 tensors
     return model, base
 

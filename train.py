@@ -168,8 +168,7 @@ def train(stage: Stage, loop: Loop, device, tok, ranks, on_step=None):
     eval_rows = load_task_rows(loop.eval_tasks.split(","), loop.eval_limit, loop.eval_data) if loop.eval_every else None
     # Data parallel: DDP (or FSDP) averages dense gradients across ranks in backward; SMF sums its read counts (so
     # every rank selects the same rows), then only those rows' gradients (DDP would all-reduce whole value tables)
-    wrapped = ranks.wrap(model, device, ddp=smf is None and not stage.fsdp)
-    averaged = ranks.world > 1 and smf is None  # gradients arrive averaged over ranks: scale the loss up
+    wrapped = ranks.wrap(model, device, ddp=smf is None and not stage.fsdp)  # DDP or FSDP: dense gradients averaged
     model.train()
     bar = tqdm(total=total, initial=step, desc=os.path.basename(stage.out), dynamic_ncols=True, disable=not ranks.main)
     while step < total:
@@ -177,50 +176,18 @@ def train(stage: Stage, loop: Loop, device, tok, ranks, on_step=None):
         lr = lr_at(step, total, stage.lr, loop.warmup, loop.warmup_from_zero)
         for group in (g for opt in optimizers for g in opt.param_groups):
             group["lr"] = lr
-        batches = stream.step(step)
-        n_tokens = sum(n for _, n in batches)  # loss tokens in this optimizer step, all ranks together
-        loss_sum, counts, selected = torch.zeros((), device=device), None, None
-        for k, (b, n) in enumerate(batches):
-            last = k == len(batches) - 1
-            with ranks.grad_sync(wrapped, model, stage.fsdp, last):
-                with autocast:
-                    loss_tokens = summed_loss(wrapped, b, pad_reads)
-                # divided by the step's token count: the gradient of the step's mean token loss, whatever the split
-                # into micro-batches and ranks; or by this micro-batch's own count (all ranks), making the step's
-                # gradient the sum of micro-batch means (the paper's stage 2)
-                loss = loss_tokens / max(1, n if smf is not None and smf.sum_micro_batch_means else n_tokens)
-                if smf is not None:
-                    # SMF 1. reads: how often this micro-batch read each memory slot (summed over ranks)
-                    reads = memory.read_counts(model, None if pad_reads else b["attention_mask"])
-                    reads = {i: ranks.sum_(c) for i, c in reads.items()}
-                    counts = reads if counts is None else {i: counts[i] + reads[i] for i in counts}
-                    # SMF 2. select: the top-t rows per layer against the background reads, before the backward
-                    if smf.select_per_micro_batch:  # paper: this micro-batch's rows; its gradient is masked to them
-                        selected = memory.select_per_micro_batch(smf.memories, reads, smf.background, smf.rank,
-                                                                 smf.top_t, selected)
-                    elif last:  # clean: once per step, from all the step's reads
-                        selected = memory.select_rows(counts, smf.background, smf.rank, smf.top_t)
-                (loss * ranks.world if averaged else loss).backward()
-            loss_sum += loss_tokens.detach()
-        loss_sum = ranks.sum_(loss_sum)  # the step's mean token loss, whatever the recipe, is loss_sum / n_tokens
-        record = {"step": step + 1, "loss": None, "lr": lr, "tokens": n_tokens}  # loss: filled in below
+        batches = stream.step(step)  # [(micro-batch, its loss tokens on all ranks)]
+        check = functools.partial(guard.check, step + 1)  # a non-finite loss or gradient norm stops the run here
+        record = {"step": step + 1, "loss": None, "lr": lr, "tokens": sum(n for _, n in batches)}
         if smf is not None:
-            record["loss"] = loss_mean = loss_sum.item() / max(1, n_tokens)
-            guard.check(step + 1, loss_mean)
-            ranks.same_rows(selected)
-            # SMF 3. masked step: the selected rows' gradients (and alpha's) clipped together, then the update.
-            # paper (dense_adamw): AdamW over whole tables, other rows' gradients zero; clean (adamw): only these rows
-            stats = smf_opt.step(selected, max_grad_norm=loop.grad_clip or None)
-            record.update(grad_norm=stats["grad_norm"], rows={str(k): v for k, v in stats["rows"].items()})
+            record.update(smf_step(model, batches, smf, smf_opt, loop.grad_clip, autocast, ranks, check))
+            selected = record.pop("selected")
             if smf.log_rows:
                 log_rows(record, selected, stage.out, step, ranks)
         else:
-            norm = torch.nn.utils.clip_grad_norm_(list(stage.adamw_params.values()), loop.grad_clip or math.inf)
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-            loss_sum, record["grad_norm"] = torch.stack([loss_sum, norm.float().to(device)]).tolist()  # one sync
-            record["loss"] = loss_mean = loss_sum / max(1, n_tokens)
-            guard.check(step + 1, loss_mean, record["grad_norm"])
-        if adamw is not None:
+            record.update(dense_step(wrapped, model, batches, list(stage.adamw_params.values()), loop.grad_clip,
+                                     autocast, ranks, stage.fsdp, check))
+        if adamw is not None:  # LoRA's adapters, full finetuning's weights, SMF's alpha (--train-alpha)
             adamw.step()
         for opt in optimizers:
             opt.zero_grad()
@@ -232,7 +199,7 @@ def train(stage: Stage, loop: Loop, device, tok, ranks, on_step=None):
         if ranks.main:
             append_log(os.path.join(stage.out, "log.jsonl"), record)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_mean:.4f}", **shown)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", **shown)
         if on_step is not None:
             on_step(step)
         if loop.eval_every and step % loop.eval_every == 0:  # evaluation: eval.py's probes, into eval.jsonl
@@ -243,6 +210,64 @@ def train(stage: Stage, loop: Loop, device, tok, ranks, on_step=None):
             bar.close()
             raise StopRun(f"stopped at step {step} as asked (--stop-at-step); continue with --resume")
     bar.close()
+
+
+def smf_step(model, batches: list, smf: SMFStep, optimizer, grad_clip: float, autocast, ranks, check) -> dict:
+    """One optimizer step of SMF's stage 2, as memory.py's docstring writes it: each micro-batch's forward, then
+    1. reads, 2. select, backward; then 3. the masked step (optimizer: memory.SparseMemoryOptimizer). batches:
+    [(micro-batch, its loss tokens on all ranks)]; ranks: every rank reads its share of the batch, and their read
+    counts are summed, so that every rank selects the same rows (checked). -> {"loss": the step's mean token loss,
+    "grad_norm", "rows": rows changed per layer, "selected": the rows selected per layer}."""
+    n_tokens = sum(n for _, n in batches)  # loss tokens in this optimizer step, all ranks together
+    loss_sum, counts, selected = 0.0, None, None
+    for k, (b, n) in enumerate(batches):
+        with autocast:
+            loss_tokens = summed_loss(model, b, smf.count_pad_reads)  # each memory keeps the slots it read
+        # divided by the step's token count: the gradient of the step's mean token loss; or by this micro-batch's own
+        # count (all ranks), making the step's gradient the sum of micro-batch means (the paper's stage 2)
+        loss = loss_tokens / max(1, n if smf.sum_micro_batch_means else n_tokens)
+        # SMF 1. reads: how often this micro-batch read each memory slot (summed over ranks)
+        reads = memory.read_counts(model, None if smf.count_pad_reads else b["attention_mask"])
+        reads = {i: ranks.sum_(c) for i, c in reads.items()}
+        counts = reads if counts is None else {i: counts[i] + reads[i] for i in counts}
+        # SMF 2. select: the top-t rows per layer against the background reads, before the backward
+        if smf.select_per_micro_batch:  # paper: this micro-batch's rows; its gradient is masked to them
+            selected = memory.select_per_micro_batch(smf.memories, reads, smf.background, smf.rank, smf.top_t,
+                                                     selected)
+        elif k == len(batches) - 1:  # clean: once per step, from all the step's reads
+            selected = memory.select_rows(counts, smf.background, smf.rank, smf.top_t)
+        loss.backward()
+        loss_sum = loss_sum + loss_tokens.detach()
+    loss = ranks.sum_(loss_sum).item() / max(1, n_tokens)
+    check(loss)
+    ranks.same_rows(selected)
+    # SMF 3. masked step: the selected rows' gradients (and alpha's) clipped together, then the update. paper
+    # (dense_adamw): AdamW over whole tables, the other rows' gradients zero; clean (adamw): only these rows change
+    stats = optimizer.step(selected, max_grad_norm=grad_clip or None)
+    return {"loss": loss, "grad_norm": stats["grad_norm"], "rows": {str(k): v for k, v in stats["rows"].items()},
+            "selected": selected}
+
+
+def dense_step(wrapped, model, batches: list, params: list, grad_clip: float, autocast, ranks, fsdp: bool,
+               check) -> dict:
+    """The gradient of one optimizer step of LoRA or full finetuning (every trained parameter: params), clipped;
+    torch's AdamW then steps them. wrapped: the model under DDP (or FSDP: fsdp), which averages the gradients across
+    ranks in the backward of a step's last micro-batch. -> {"loss": the step's mean token loss, "grad_norm"}."""
+    n_tokens = sum(n for _, n in batches)
+    loss_sum = 0.0
+    for k, (b, n) in enumerate(batches):
+        with ranks.grad_sync(wrapped, model, fsdp, last=k == len(batches) - 1):
+            with autocast:
+                loss_tokens = summed_loss(wrapped, b, pad_reads=False)
+            loss = loss_tokens / max(1, n_tokens)  # the gradient of the step's mean token loss, whatever the split
+            (loss * ranks.world if ranks.world > 1 else loss).backward()  # ranks average: scaled up to their sum
+        loss_sum = loss_sum + loss_tokens.detach()
+    loss_sum = ranks.sum_(loss_sum)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+    loss_sum, grad_norm = torch.stack([loss_sum, norm.float().to(loss_sum.device)]).tolist()  # one host sync
+    check(loss_sum / max(1, n_tokens), grad_norm)
+    return {"loss": loss_sum / max(1, n_tokens), "grad_norm": grad_norm}
 
 
 def summed_loss(model, b, pad_reads: bool):
@@ -338,7 +363,7 @@ def run_config(run: Run, method: str, task: str, model, **extra) -> dict:
 
 def memory_flags(flags: dict) -> dict:
     """{MemoryConfig field: value} of the memory flags given ({dest: value}, e.g. vars(args); unset ones left out)."""
-    return {f.name: flags[d] for f, d in memory.MemoryConfig.options() if flags.get(d) is not None}
+    return {name: flags[memory_dest(name)] for name in MEMORY_FLAGS if flags.get(memory_dest(name)) is not None}
 
 
 def memory_config(flags: dict, base: dict | None = None) -> memory.MemoryConfig:
@@ -357,7 +382,6 @@ def retrofit_stage(run: Run, out: str, mem_cfg: memory.MemoryConfig, examples: l
     torch.manual_seed(run.seed)
     mem_cfg = mem_cfg.resolve(model.config.num_hidden_layers, model.config.hidden_size)
     memories = memory.add_memory(model, mem_cfg)
-    memory.round_to_bf16_(memories)  # precision bf16: the paper's code builds the memory inside its bf16 model
     model.requires_grad_(False)
     adamw_params = {}
     for i, mem in memories.items():
@@ -410,15 +434,13 @@ def sparse_stage(run: Run, task: str, memory_dir: str, mem_given: dict, step: SM
     loaded = memory.MemoryConfig.from_dict(mem_run["memory"])
     mem_cfg = memory.MemoryConfig(**{**loaded.to_dict(), **mem_given})  # the loaded memory, this run's precision
     resolved = mem_cfg.resolve(len(model.model.layers), model.config.hidden_size)
-    for f, _ in memory.MemoryConfig.options():  # a flag that contradicts the loaded memory is an error
-        if not f.metadata.get("per_run") and getattr(resolved, f.name) != getattr(loaded, f.name):
-            raise RunError(f"{f.metadata['flag']} {mem_given[f.name]} contradicts the memory of --memory-from "
-                           f"{memory_dir} ({f.name} {getattr(loaded, f.name)}): drop the flag")
+    for name, (flag, _, _) in MEMORY_FLAGS.items():  # a flag that contradicts the loaded memory is an error
+        if name not in MEMORY_PER_RUN and getattr(resolved, name) != getattr(loaded, name):
+            raise RunError(f"{flag} {mem_given[name]} contradicts the memory of --memory-from {memory_dir} ({name} "
+                           f"{getattr(loaded, name)}): drop the flag")
     if train_alpha and loaded.alpha_init is None:
         raise RunError(f"--train-alpha: the memory of {memory_dir} has no alpha (it was built with --alpha-init none)")
-    memories = memory.add_memory(model, mem_cfg)
-    load_trained(memory.memory_state_dict(model), memory_dir, "--memory-from")  # a retrofit's, or the chain's
-    memory.round_to_bf16_(memories)  # precision bf16: the paper's code loads it into its bf16 model
+    memories = memory.add_memory(model, mem_cfg, load=memory_loader(memory_dir))  # a retrofit's, or the chain's
     background_path = os.path.join(run.out, "background.safetensors")
     if run.resume and os.path.exists(background_path):  # a resumed run keeps the statistics it started with
         stats = memory.BackgroundStats.load(background_path)
@@ -507,12 +529,14 @@ def with_memory(model, run: Run, mem_cfg: memory.MemoryConfig | None, memory_dir
     if mem_cfg is None:
         return {}
     mem_cfg = mem_cfg.resolve(model.config.num_hidden_layers, model.config.hidden_size)
-    memories = memory.add_memory(model, mem_cfg)  # fp32
-    if memory_dir is not None:
-        load_trained(memory.memory_state_dict(model), memory_dir, "--memory-from")
-    memory.round_to_bf16_(memories)  # precision bf16 only: as the other stages build or load a memory
+    memory.add_memory(model, mem_cfg, load=memory_loader(memory_dir) if memory_dir is not None else None)
     return {"memory": mem_cfg.to_dict(), "stage1_data": data_of,
             **({"memory_from": memory_dir} if memory_dir is not None else {})}
+
+
+def memory_loader(memory_dir: str):
+    """add_memory's load: the trained memory of a finished run (--memory-from), its key set and shapes checked."""
+    return functools.partial(load_trained, run_dir=memory_dir, flag="--memory-from")
 
 
 def task_examples(task: str, path: str | None, tok, run: Run, limit: int | None, oasst1_format: str | None = None):
@@ -625,6 +649,40 @@ def export(stage: Stage, peft: bool, merged: bool, ranks):
 # Arguments: each flag's range and the methods it applies to are declared beside it (common.add_flag); the flags
 # that may change on --resume are checkpoint.RESUME_FREE
 
+def comma_separated_ints(s: str) -> list[int]:  # flag parsers: argparse names them in its errors
+    return [int(x) for x in s.split(",")]
+
+
+def number_auto_or_none(s: str):
+    return s if s in ("auto", "none") else float(s)
+
+
+# One flag per memory.MemoryConfig field: {field: (flag, help, argparse keywords)}. A new memory option is a field
+# there (and its use in ProductKeyMemory) and one line here. Unset, a flag takes MemoryConfig's default.
+MEMORY_FLAGS = {
+    "layers": ("--memory-layers", "comma-separated layer ids (default: L/4, L/2, 3L/4: 6, 12, 18 of Qwen2.5-0.5B's "
+               "24)", {"type": comma_separated_ints}),
+    "n_keys": ("--n-keys", "half-keys per half: n_keys^2 slots per layer", {}),
+    "heads": ("--mem-heads", "memory heads", {}),
+    "topk": ("--mem-topk", "slots read per head and token", {}),
+    "k_dim": ("--mem-k-dim", "query / key size per head (two halves)", {}),
+    "mode": ("--memory-mode", "additive: x + mlp(h) + alpha * mem(h); replacement: x + mem(h), no MLP",
+             {"choices": ["additive", "replacement"]}),
+    "alpha_init": ("--alpha-init", "the memory's learnable output scale at init, or none (auto: 0.01 in additive "
+                   "mode, as the paper; none in replacement mode, whose paper version has no scale)",
+                   {"type": number_auto_or_none}),
+    "precision": ("--memory-precision", "[recipe] the memory's maths: bf16 as the paper's code runs it (weights "
+                  "rounded to bf16, values read in fp32 while training, the whole memory bf16 at evaluation; paper) "
+                  "or fp32 (clean)", {"choices": ["bf16", "fp32"]}),
+}
+MEMORY_PER_RUN = ("precision",)  # a stage-2 run may choose it for a loaded memory; the others are the memory's
+
+
+def memory_dest(name: str) -> str:
+    """The argparse dest of a MemoryConfig field's flag (e.g. "memory_layers" for "layers")."""
+    return MEMORY_FLAGS[name][0][2:].replace("-", "_")
+
+
 STAGE1_INSIDE_SMF = ("retrofit_epochs", "retrofit_lr", "retrofit_limit", "retrofit_max_steps")
 STAGE1_HINT = "--method retrofit takes the shared flags: --lr, --epochs, --max-steps, --limit"
 
@@ -705,12 +763,12 @@ def add_smf_flags(p):
                         "background still from the chain's stage-1 data; the optimizer state starts fresh), or of a "
                         "full run with memory layers (--model its hf/); full and lora: finetune the model with this "
                         "memory (full trains it, lora keeps it)")
-    for f, _ in memory.MemoryConfig.options():  # one flag per MemoryConfig option; unset: MemoryConfig's default
-        kw = {k: v for k, v in f.metadata.items() if k not in ("flag", "help", "per_run")}
-        kw.setdefault("type", f.type if f.type in (int, float) else str)
-        shown = "" if "(default" in f.metadata["help"] or f.name in ("precision",) else f" (default: {f.default})"
-        add_flag(g, f.metadata["flag"], methods=("smf", "retrofit", "full"), default=None,
-                 help=f.metadata["help"] + shown, **kw)
+    defaults = {f.name: f for f in fields(memory.MemoryConfig)}
+    for name, (flag, help, kw) in MEMORY_FLAGS.items():  # unset: MemoryConfig's default
+        f = defaults[name]
+        kw = {"type": f.type if f.type in (int, float) else str, **kw}
+        shown = "" if "(default" in help or name in MEMORY_PER_RUN else f" (default: {f.default})"
+        add_flag(g, flag, methods=("smf", "retrofit", "full"), default=None, help=help + shown, **kw)
     add_flag(g, "--retrofit-task", methods=("smf", "retrofit"), default="oasst1",
                    help="stage-1 and background data: oasst1 (see --oasst1-format) or text:PATH")
     add_flag(g, "--oasst1-format", methods=("smf", "retrofit"), default=None, choices=["replies", "chat"],
@@ -801,7 +859,7 @@ def parse_args(argv=None):
     p.check_flags(args, given, args.method)  # the methods and ranges declared beside each flag
     if args.memory_from and (skipped := sorted(given & {*STAGE1_INSIDE_SMF, "retrofit_task", "oasst1_format"})):
         p.error(f"{p.flag(skipped[0])} acts on stage 1, which --memory-from skips (its memory is already trained)")
-    memory_given = sorted(given & {d for _, d in memory.MemoryConfig.options()} - {"memory_precision"})
+    memory_given = sorted(given & {memory_dest(n) for n in MEMORY_FLAGS} - {memory_dest(n) for n in MEMORY_PER_RUN})
     if args.method == "full" and memory_given and (args.memory_layers is None or args.memory_from):
         p.error(f"{p.flag(memory_given[0])}: " + ("the memory of --memory-from is as it was built: drop the flag"
                                                   if args.memory_from else

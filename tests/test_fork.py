@@ -1,4 +1,4 @@
-"""Forking in one file: a memory option is a MemoryConfig field (train.py derives its flag), a ranking rule an
+"""Forking in one place: a memory option is a MemoryConfig field and its line in train.MEMORY_FLAGS, a ranking rule an
 entry of memory.RANKS (tests/test_memory.py), a probe an entry of eval.PROBES; each is reachable from the CLI."""
 
 import functools
@@ -19,8 +19,8 @@ common = functools.partial(train_argv, batch_size=2, max_len=96, recipe="clean")
 
 
 def test_every_memory_option_has_a_flag_that_reaches_the_config():
-    options = [f for f in dataclasses.fields(memory.MemoryConfig) if "flag" in f.metadata]
-    assert {f.name for f in options} >= {"layers", "n_keys", "heads", "topk", "k_dim", "mode", "alpha_init", "precision"}
+    options = set(train.MEMORY_FLAGS)
+    assert options == {f.name for f in dataclasses.fields(memory.MemoryConfig)} - {"v_dim"}  # v_dim: the model's
     argv = ["--method", "retrofit", "--memory-layers", "0,3", "--n-keys", "9", "--mem-heads", "3", "--mem-topk", "5",
             "--mem-k-dim", "12", "--memory-mode", "replacement", "--alpha-init", "0.25", "--memory-precision", "bf16"]
     cfg = train.memory_config(vars(train.parse_args(argv)))
@@ -92,14 +92,14 @@ def test_a_registered_probe_is_reachable_from_both_clis(tiny_model_dir, files, t
         train.parse_args(["--method", "lora", "--eval-tasks", "no-such-probe"])
 
 
-def test_a_new_memory_option_is_a_field_and_nothing_more(monkeypatch):
-    """A MemoryConfig field with option(...) metadata becomes a train.py flag that reaches the config."""
+def test_a_new_memory_option_is_a_field_and_one_flag_line(monkeypatch):
+    """A MemoryConfig field with its line in train.MEMORY_FLAGS becomes a train.py flag that reaches the config."""
     @dataclasses.dataclass
     class WithDropout(memory.MemoryConfig):
-        value_dropout: float = dataclasses.field(default=0.0, metadata=memory.option("--mem-value-dropout",
-                                                                                     "dropout on the values read"))
+        value_dropout: float = 0.0
 
     monkeypatch.setattr(memory, "MemoryConfig", WithDropout)
+    monkeypatch.setitem(train.MEMORY_FLAGS, "value_dropout", ("--mem-value-dropout", "dropout on the values read", {}))
     args = train.parse_args(["--method", "retrofit", "--mem-value-dropout", "0.25"])
     cfg = train.memory_config(vars(args))
     assert isinstance(cfg, WithDropout) and cfg.value_dropout == 0.25 and cfg.n_keys == 128
