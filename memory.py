@@ -414,20 +414,18 @@ def select_rows(counts: dict, background: "BackgroundStats | None" = None, rank:
     if not isinstance(top_t, int) or top_t < 1:
         raise ValueError(f"select_rows: top_t must be an integer >= 1, got {top_t!r}")
     selected = {}
-    read = {i: c > 0 for i, c in counts.items()}
-    n_read = torch.stack([r.sum() for r in read.values()]).tolist() if counts else []  # one host sync
+    n_read = torch.stack([(c > 0).sum() for c in counts.values()]).tolist() if counts else []  # one host sync
     for (i, c), n in zip(counts.items(), n_read):
-        n = min(top_t, n)
-        if n == 0:
-            selected[i] = torch.zeros(0, dtype=torch.long, device=c.device)
-            continue
-        scores = torch.where(read[i], row_scores(c, background, i, rank), -math.inf)
-        selected[i] = scores.topk(n).indices
+        scores = torch.where(c > 0, row_scores(c, background, i, rank), -math.inf) if n else c[:0].float()  # (S,)
+        selected[i] = scores.topk(min(top_t, n)).indices
     return selected
 
 
 # -----------------------------------------------------------------------------
 # One step's selection and masked update
+
+
+CALL_IT = "; call it between a micro-batch's forward and its loss.backward()"
 
 
 def select_per_micro_batch(memories: dict, counts: dict, background: "BackgroundStats | None" = None,
@@ -442,8 +440,7 @@ def select_per_micro_batch(memories: dict, counts: dict, background: "Background
     mine = select_rows(counts, background, rank, top_t)
     for i, mem in memories.items():
         if mem.grad_hook is not None:
-            raise RuntimeError("select_per_micro_batch: the previous micro-batch's backward never ran; call it "
-                               "between a micro-batch's forward and its loss.backward()")
+            raise RuntimeError("select_per_micro_batch: the previous micro-batch's backward never ran" + CALL_IT)
         keep = torch.zeros(mem.n_slots, dtype=torch.bool, device=mem.values.weight.device)
         keep[mine[i]] = True
 
@@ -451,8 +448,8 @@ def select_per_micro_batch(memories: dict, counts: dict, background: "Background
             mem.grad_hook.remove()
             mem.grad_hook = None
             if mem.last_indices is not forward_ids:
-                raise RuntimeError("select_per_micro_batch: a new forward ran before the backward of the micro-batch "
-                                   "it selected for; call it between a micro-batch's forward and its loss.backward()")
+                raise RuntimeError("select_per_micro_batch: a new forward ran before the backward it selected for" +
+                                   CALL_IT)
             return mask_sparse_grad(grad, keep) if grad.is_sparse else grad * keep[:, None]
         mem.grad_hook = mem.values.weight.register_hook(mask)
     if selected is None:
@@ -533,9 +530,11 @@ class SparseMemoryOptimizer:
     def step(self, selected: dict, max_grad_norm: float | None = None) -> dict:
         """Update the rows selected[layer] of each table; returns the gradient norm (before clipping) and how many
         rows of each layer changed."""
-        group = self.param_groups[0]
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        rows = {i: self.rows_of(i, selected.get(i)) for i in self.memories}  # (R,) slot ids per layer
+        lr, (beta1, beta2), eps, wd = (self.param_groups[0][k] for k in ("lr", "betas", "eps", "weight_decay"))
+        rows = {i: torch.as_tensor(selected.get(i, []), dtype=torch.long).to(mem.values.weight.device)
+                for i, mem in self.memories.items()}  # (R,) slot ids per layer
+        if self.check:
+            self.check_rows(rows)
         grads = {i: grad_rows(mem.values.weight.grad, rows[i]) if len(rows[i]) else  # (R, D)
                  mem.values.weight.new_zeros(0, mem.values.weight.shape[1]) for i, mem in self.memories.items()}
         also = [p.grad for p in self.also if p.grad is not None]
@@ -571,26 +570,20 @@ class SparseMemoryOptimizer:
         n_changed = torch.stack(list(changed.values())).tolist() if changed else []
         return {"grad_norm": norm, "rows": dict(zip(changed, n_changed))}
 
-    def rows_of(self, layer: int, r) -> torch.Tensor:
-        """A layer's selection as a LongTensor on its table's device (none: empty), checked if self.check."""
-        mem = self.memories[layer]
-        r = torch.zeros(0, dtype=torch.long) if r is None else r
-        r = r.to(mem.values.weight.device, torch.long)
-        if self.check and r.numel() and (r.min() < 0 or r.max() >= mem.n_slots):
-            raise ValueError(f"SparseMemoryOptimizer: layer {layer} slot ids must lie in 0..{mem.n_slots - 1}")
-        if self.check and len(r.unique()) != len(r):
-            raise ValueError(f"SparseMemoryOptimizer: layer {layer} selection has repeated slot ids")
-        return r
+    def check_rows(self, rows: dict):
+        """check: every layer's slot ids lie in its table and none repeats (a device sync per layer)."""
+        for i, r in rows.items():
+            n = self.memories[i].n_slots
+            if r.numel() and (r.min() < 0 or r.max() >= n):
+                raise ValueError(f"SparseMemoryOptimizer: layer {i} slot ids must lie in 0..{n - 1}")
+            if len(r.unique()) != len(r):
+                raise ValueError(f"SparseMemoryOptimizer: layer {i} selection has repeated slot ids")
 
     def zero_grad(self, set_to_none: bool = True):
         """Drop the value tables' gradients, or zero them in place when set_to_none is False (a sparse gradient,
         which holds only the rows read, is always dropped: zeroing it in place would keep its rows)."""
-        for mem in self.memories.values():
-            g = mem.values.weight.grad
-            if set_to_none or g is None or g.is_sparse:
-                mem.values.weight.grad = None
-            else:
-                g.zero_()
+        for w in (mem.values.weight for mem in self.memories.values()):
+            w.grad = None if set_to_none or w.grad is None or w.grad.is_sparse else w.grad.zero_()
 
     def state_dict(self) -> dict:
         """Tensors only (safetensors-friendly): per layer `{i}.slots`, `{i}.exp_avg`, `{i}.exp_avg_sq`, `{i}.step`

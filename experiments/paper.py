@@ -339,16 +339,15 @@ SMOKE_TEST = "SMOKE_TEST"  # a file beside the demo's model: any table of its ev
 
 
 def add_demo_fixtures(args, write=True):
-    """--demo: a tiny random Qwen2 in the Hub layout and tiny data files (tests/tiny.py, tests/tiny_data.py: only
-    runtime packages), built once in OUT/fixtures (written beside, then renamed), and the flags that use them."""
+    """--demo: a tiny random Qwen2 in the Hub layout and tiny data files (demo_fixtures.py: only runtime
+    packages), built once in OUT/fixtures (written beside, then renamed), and the flags that use them."""
     fixtures = os.path.join(args.out, "fixtures")
     if write and not os.path.isdir(fixtures):
-        sys.path.insert(0, os.path.join(ROOT, "tests"))
-        from tiny import write_checkpoint
-        from tiny_data import medmcqa_rows, oasst1_rows, triviaqa_rows, wikitext_rows, write_jsonl, write_parquet
+        from demo_fixtures import (medmcqa_rows, oasst1_rows, triviaqa_rows, wikitext_rows, write_checkpoint,
+                                   write_jsonl, write_parquet)
         tmp = fixtures + f".tmp{os.getpid()}"
         os.makedirs(tmp)
-        write_checkpoint(os.path.join(tmp, "tiny"), reference=False)
+        write_checkpoint(os.path.join(tmp, "tiny"))
         with open(os.path.join(tmp, SMOKE_TEST), "w") as f:  # table reads it: a redrawn table says so too
             f.write("paper.py run --demo: a tiny random model, a few steps; its numbers mean nothing\n")
         write_parquet(os.path.join(tmp, "medmcqa.parquet"), medmcqa_rows(40))

@@ -1,80 +1,11 @@
-"""Tiny dataset files in the Hub's column schemas (MedMCQA, OASST1), for offline training tests."""
+"""Tiny dataset files in the Hub's column schemas: the demo's (experiments/demo_fixtures.py) and the tests' own."""
 
-import json
-import random
+import sys
+import os
 
-FRUITS = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "grape"]
-ORGANS = ["heart", "liver", "lung", "kidney", "brain", "skin", "bone", "blood"]
-
-
-def medmcqa_rows(n: int, seed: int = 0):
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        opts = rng.sample(ORGANS, 4)
-        cop = rng.randrange(4)
-        rows.append({"id": f"q{i}", "question": f"Which organ does the {FRUITS[i % len(FRUITS)]} help?",
-                     "opa": opts[0], "opb": opts[1], "opc": opts[2], "opd": opts[3], "cop": cop,
-                     "choice_type": "single" if i % 5 else "multi", "exp": f"The {opts[cop]} is right.",
-                     "subject_name": "Anatomy", "topic_name": None})
-    return rows
-
-
-def oasst1_rows(n_trees: int, seed: int = 0):
-    """Message trees: a prompter root, an assistant reply, sometimes a follow-up turn; some non-English. Every
-    other first reply is long enough (50+ characters) for the paper's reply filter; ranks 0, 1 and 2 occur."""
-    rng = random.Random(seed)
-    rows = []
-    for t in range(n_trees):
-        lang = "en" if t % 4 else "de"
-        root = f"t{t}-m0"
-        rows.append({"message_id": root, "parent_id": None, "message_tree_id": f"t{t}", "role": "prompter",
-                     "text": f"Tell me about the {rng.choice(FRUITS)}.", "lang": lang, "deleted": False,
-                     "review_result": True, "rank": None, "synthetic": False})
-        rows.append({"message_id": f"t{t}-m1", "parent_id": root, "message_tree_id": f"t{t}", "role": "assistant",
-                     "text": f"The {rng.choice(FRUITS)} is good for the {rng.choice(ORGANS)}."
-                             + (" It keeps well in a cool place for a week." if t % 2 else ""), "lang": lang,
-                     "deleted": False, "review_result": True, "rank": t % 3, "synthetic": False})
-        if t % 3 == 0:
-            rows.append({"message_id": f"t{t}-m2", "parent_id": f"t{t}-m1", "message_tree_id": f"t{t}",
-                         "role": "prompter", "text": "Why?", "lang": lang, "deleted": False,
-                         "review_result": True, "rank": None, "synthetic": False})
-            rows.append({"message_id": f"t{t}-m3", "parent_id": f"t{t}-m2", "message_tree_id": f"t{t}",
-                         "role": "assistant", "text": f"Because the {rng.choice(ORGANS)} needs it.",
-                         "lang": lang, "deleted": False, "review_result": True, "rank": 0, "synthetic": False})
-    return rows
-
-
-def write_jsonl(path: str, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
-
-
-def write_parquet(path: str, rows):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return str(path)
-
-
-def wikitext_rows(n: int, seed: int = 0):
-    """WikiText-style rows ({"text"}), some empty, as the Hub's files have them."""
-    rng = random.Random(seed)
-    return [{"text": "" if i % 3 == 0 else f" The {rng.choice(FRUITS)} and the {rng.choice(ORGANS)} . \n"}
-            for i in range(n)]
-
-
-def triviaqa_rows(n: int, seed: int = 0):
-    """TriviaQA rc.nocontext-style rows: a question and its answer's value and aliases."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        organ = rng.choice(ORGANS)
-        rows.append({"question": f"Which organ does the {FRUITS[i % len(FRUITS)]} help?",
-                     "answer": {"value": organ, "aliases": [organ, organ.title()]}})
-    return rows
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+from demo_fixtures import (FRUITS, ORGANS, medmcqa_rows, oasst1_rows, triviaqa_rows, wikitext_rows,  # noqa: E402,F401
+                           write_jsonl, write_parquet)
 
 
 HELLASWAG = [  # Rowan/hellaswag's columns; label is a string on the Hub
