@@ -47,9 +47,9 @@ from safetensors.torch import load_file, save_file
 import memory
 from common import RunError, default_dtype, device_name, parse_dtype, resolve_device
 from data import Tokenizer
-from model import (MLP, LoRALinear, Qwen2, Qwen2Config, add_lora, check_tensors, load_safetensors_dir, load_tensors,
-                   looks_like_hub_id, lora_state_dict, merge_lora, read_json, resolve_model_dir, safetensors_files,
-                   unreadable)
+from model import (MLP, LoRALinear, Qwen2, Qwen2Config, add_lora, atomic_write, check_tensors, load_safetensors_dir,
+                   load_tensors, looks_like_hub_id, lora_state_dict, merge_lora, read_json, resolve_model_dir,
+                   safetensors_files, unreadable, write_json)
 
 RUN_FILES = {"args.json", "config.json", "model.safetensors", "log.jsonl", "checkpoint.safetensors",
              "background.safetensors", "eval.jsonl", "retrofit", "hf", "peft", "merged", ".lock"}
@@ -76,21 +76,6 @@ def is_eval_output(name: str) -> bool:
     (never train.py's eval.jsonl); train.py accepts these names there, so a run evaluated in place still resumes."""
     return re.fullmatch(r"eval[\w.-]*\.json|samples[\w.-]*\.jsonl", name) is not None
 
-
-
-def atomic_write(path: str, write):
-    """Call write(tmp_path), then rename onto path, so a crash never leaves a half-written file. A failure (a full
-    disk, a read-only folder, a writer's own error) is an OSError naming `path`; the temporary file is removed
-    (one that a kill -9 leaves behind is removed by the next remove_temp_files of its folder)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except Exception as e:  # e.g. safetensors' SafetensorError, which names no file
-        raise OSError(f"could not write {path}: {str(e).strip() or type(e).__name__}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def is_temp_file(name: str) -> bool:
@@ -137,17 +122,6 @@ def writable(folder: str) -> bool:
             return True
     except OSError:
         return False
-
-
-def write_json(path: str, obj):
-    """Write obj as indented JSON, atomically."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    atomic_write(path, write)
-
-
 
 
 def weights_fingerprint(folder: str) -> str:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model import read_json, resolve_model_dir
+from model import hub_download, read_json, resolve_model_dir
 
 # -----------------------------------------------------------------------------
 # Where each dataset lives
@@ -82,24 +82,15 @@ def warn(msg: str):
 
 def hub_files(name: str, split: str, config: str | None = None, revision: str | None = None) -> list[str]:
     """Download (or find in the cache) the parquet files of one split; return their local paths, sorted."""
-    from huggingface_hub import snapshot_download
     repo, folder = DATASETS[name].repo, config or DATASETS[name].folder
     pattern = f"{folder}/{split}-*.parquet"
-    try:
-        root = snapshot_download(repo, repo_type="dataset", revision=revision, allow_patterns=[pattern])
-    except Exception as e:  # offline without a cache, unknown revision, ...
-        instead = f"--data {name}=FILE" + (" or train.py --retrofit-task text:FILE" if name == "oasst1" else "")
-        raise FileNotFoundError(f"could not fetch {repo} {pattern} from the Hugging Face Hub "
-                                f"({first_line(e)}); offline, give a local file in its columns: {instead}") from e
+    instead = f"--data {name}=FILE" + (" or train.py --retrofit-task text:FILE" if name == "oasst1" else "")
+    root = hub_download(repo, f"{repo} {pattern}", f"give a local file in its columns: {instead}", repo_type="dataset",
+                        revision=revision, allow_patterns=[pattern])
     files = split_files(root, folder, split)
     if not files:
         raise FileNotFoundError(f"{repo}: no file matches {pattern} (is the split or config name right?)")
     return files
-
-
-def first_line(e: Exception) -> str:
-    """An exception's message, its first line (huggingface_hub's run to several)."""
-    return (str(e).strip() or type(e).__name__).splitlines()[0]
 
 
 def split_files(root: str, folder: str, split: str) -> list[str]:

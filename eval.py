@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 
 import data
-from checkpoint import (atomic_write, file_problem, first_change, is_eval_output, is_run_dir, load_model,
+from checkpoint import (file_problem, first_change, is_eval_output, is_run_dir, load_model,
                         model_problem, read_json, write_json)
 from common import DTYPES, ArgParser
-from model import looks_like_hub_id, resolve_model_dir
+from model import atomic_write, first_line, looks_like_hub_id, resolve_model_dir
 
 
 # -----------------------------------------------------------------------------
@@ -438,7 +438,7 @@ def run_harness(model, tok, tasks: list[str], repetition_penalty: float, batch_s
         res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=fewshot, limit=limit, task_manager=manager,
                                       apply_chat_template=chat, log_samples=False, bootstrap_iters=0)
     except (OSError, ValueError, RuntimeError, ConnectionError) as e:  # e.g. its datasets unreachable offline
-        raise ValueError(f"--harness {','.join(tasks)}: {data.first_line(e)}") from e
+        raise ValueError(f"--harness {','.join(tasks)}: {first_line(e)}") from e
     keep = lambda d: {k: v for k, v in d.items() if isinstance(v, (int, float, str)) or v is None}  # noqa: E731
     return {"results": {t: keep(m) for t, m in res["results"].items()}, "versions": res.get("versions", {}),
             "n-samples": res.get("n-samples", {}), "fewshot": fewshot, "chat_template": chat}
@@ -645,7 +645,7 @@ def main(argv=None):
         except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: e.g. CUDA out of memory
             written = " and ".join(f for f in (args.out, args.log_samples) if f)
             kept = f"; finished: {', '.join(results)}, in {written}" if results and written else ""
-            sys.exit(f"error: {task}: {data.first_line(e)}{kept}")
+            sys.exit(f"error: {task}: {first_line(e)}{kept}")
         write_results(args.out, args.log_samples, {**results, "meta": meta}, samples)
     if args.harness:  # lm-eval fetches its tasks' data: offline, a one-line error after its retries
         try:

@@ -28,9 +28,8 @@ import tempfile
 import numpy as np
 import torch
 
-from checkpoint import write_json
 from data import QWEN2_PATTERN
-from model import Qwen2, Qwen2Config, check_tensors
+from model import Qwen2, Qwen2Config, check_tensors, write_json
 
 # GGUF tensor names -> Hub names (per block: blk.{i}.NAME -> model.layers.{i}.NAME)
 TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",

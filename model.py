@@ -34,7 +34,146 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------
+# Files: the Hub (the one place this project downloads from it), JSON, and safetensors with each key and shape checked
+
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+             "merges.txt", "*.safetensors", "model.safetensors.index.json"]
+
+
+def first_line(e: Exception) -> str:
+    """An exception's message, its first line (huggingface_hub's run to several)."""
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
+
+
+def hub_download(repo: str, what: str, offline: str, **kw) -> str:
+    """huggingface_hub.snapshot_download(repo, **kw) (a model's files here, a dataset's for data.py): the local folder
+    of the files, fetched or taken from the cache; where they cannot be had, a FileNotFoundError naming `what` and
+    what to do offline."""
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(repo, **kw)
+    except Exception as e:  # offline without a cache, unknown repo or revision, ...
+        raise FileNotFoundError(f"could not fetch {what} from the Hugging Face Hub ({first_line(e)}); offline, "
+                                f"{offline}") from e
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """'owner/name' as the Hub spells repo ids, and not a local path: no ./, ../, / or ~ in front, nothing of that
+    name on disk, and no local folder called `owner` (so runs/typo is a missing folder, not a repo to fetch)."""
+    owner = name.partition("/")[0]
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) is not None
+            and not os.path.exists(name) and not os.path.isdir(owner))
+
+
+def resolve_model_dir(name_or_path: str, revision: str | None = None) -> str:
+    """A local directory as is; otherwise a Hub repo id, fetched at `revision` (default: the newest) or taken
+    from the cache (config, tokenizer, safetensors only)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if not looks_like_hub_id(name_or_path):
+        raise FileNotFoundError(f"model directory not found: {name_or_path}")
+    at = f" at revision {revision}" if revision else ""
+    return hub_download(name_or_path, f"{name_or_path!r}{at}", "give a local model folder (import_gguf.py makes one "
+                        "from a GGUF file)", revision=revision, allow_patterns=HUB_FILES)
+
+
+def read_json(path: str):
+    """The JSON in path (config.json here; every JSON file of a run elsewhere); a ValueError naming the file if it
+    is not valid JSON (e.g. truncated)."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}): restore or remove it") from e
+
+
+def atomic_write(path: str, write):
+    """Call write(tmp_path), then rename onto path, so a crash never leaves a half-written file. A failure (a full
+    disk, a read-only folder, a writer's own error) is an OSError naming `path`; the temporary file is removed
+    (one that a kill -9 leaves behind is removed by the next checkpoint.remove_temp_files of its folder)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except Exception as e:  # e.g. safetensors' SafetensorError, which names no file
+        raise OSError(f"could not write {path}: {str(e).strip() or type(e).__name__}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj):
+    """Write obj as indented JSON, atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def unreadable(file: str, e: Exception) -> ValueError:
+    """The error for a weights file safetensors cannot read (its own error names no file)."""
+    return ValueError(f"weights file {file} is unreadable (truncated or corrupt?): {e}")
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The weights files of a model folder: model.safetensors, or the shards model.safetensors.index.json names."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        weight_map = read_json(index).get("weight_map")
+        if not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        files = sorted(set(weight_map.values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    for file in (files := [os.path.join(path, name) for name in files]):
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"weights file missing: {file}")
+    return files
+
+
+def load_safetensors_dir(path: str) -> dict:
+    """All tensors of a model folder's weights files (safetensors_files)."""
+    from safetensors.torch import load_file
+    state = {}
+    for file in safetensors_files(path):
+        try:
+            state.update(load_file(file))
+        except Exception as e:
+            raise unreadable(file, e) from e
+    return state
+
+
+def check_tensors(expected: dict, state: dict, where: str, allow_missing: bool = False, ignore=()):
+    """The one check every loader makes: the key set of `state` equals that of `expected` ({name: shape or
+    tensor}; with allow_missing, a subset) and every shape matches; a mismatch is a ValueError naming `where`
+    and the tensor. Names in `ignore` may appear in state."""
+    missing = [] if allow_missing else sorted(set(expected) - set(state))
+    for kind, names in (("missing", missing), ("unexpected", sorted(set(state) - set(expected) - set(ignore)))):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            raise ValueError(f"{where}: {kind} tensor {names[0]}{more}")
+    for k, want in expected.items():
+        want = tuple(getattr(want, "shape", want))
+        if k in state and tuple(state[k].shape) != want:
+            raise ValueError(f"{where}: tensor {k} has shape {tuple(state[k].shape)}, expected {want}")
+
+
+def load_tensors(expected: dict, state: dict, where: str):
+    """Copy `state` into the tensors of `expected` ({name: tensor} sharing storage with a model's parameters, e.g.
+    lora_state_dict(model) or memory.memory_state_dict(model)) once check_tensors passes."""
+    check_tensors(expected, state, where)
+    with torch.no_grad():
+        for k, t in expected.items():
+            t.copy_(state[k])
+
+
+# -----------------------------------------------------------------------------
 # Config
+
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}  # model_type -> Hub class name
 
 
 @dataclass
@@ -110,9 +249,6 @@ class Qwen2Config:
         else:
             d.update(attention_bias=False, mlp_bias=False)
         return d
-
-
-ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}  # model_type -> Hub class name
 
 
 # -----------------------------------------------------------------------------
@@ -239,6 +375,47 @@ class Block(nn.Module):
         return x + (self.mlp(h) + self.memory(h))
 
 
+def chunk_loss(lm_head, h, targets):
+    """Summed cross-entropy of the next-token logits of h (N, C) against targets (N,), in fp32."""
+    return F.cross_entropy(lm_head(h).float(), targets, reduction="sum")
+
+
+def padded_attention(attention_mask, start: int):
+    """
+    From a padding mask (B, S) over all key positions, make the boolean attention mask (B, 1, T, S) for the
+    T newest positions (keys must be real and not in the future) and their RoPE positions (B, T), which count
+    real tokens only. A padding query with no real key before it (left padding) attends to itself alone, so
+    no row is empty (its output is never used); after a real token (right padding) it attends to the real
+    tokens only, as in Hugging Face.
+    """
+    S = attention_mask.shape[1]  # T = S - start new positions
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
+    q_pos = torch.arange(start, S, device=attention_mask.device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=attention_mask.device)[None, :]  # (1, S)
+    mask = (k_pos <= q_pos) & attention_mask[:, None, :]  # (B, T, S)
+    mask = mask | ((k_pos == q_pos) & ~mask.any(-1, keepdim=True))  # never an empty row
+    return mask[:, None], position_ids  # (B, 1, T, S)
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, seen=None, repetition_penalty=1.0):
+    """Pick the next token (B,) from logits (B, vocab)."""
+    if seen is not None and repetition_penalty != 1.0:
+        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:  # keep the smallest set of most likely tokens whose mass reaches top_p (as transformers)
+        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending: the tail's mass is summed first, exactly
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False  # the most likely token always stays
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), num_samples=1).squeeze(1)
+
+
 # -----------------------------------------------------------------------------
 # The model
 
@@ -258,6 +435,11 @@ class Qwen2(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # caches, not weights (in no state_dict, not moved by .to()): RoPE's cos, sin table (rope), the KV caches kept
+        # per (batch, length) for a compiled decode step (setup_cache), that compiled step (compiled_decode_step)
+        self.rope_table = None
+        self.kept_caches = {}
+        self.compiled_decode = None
 
     def init_weights(self, std: float = 0.02):
         """Random init as Hugging Face does (normal(0, 0.02), zero biases, unit norms); for models trained from
@@ -333,13 +515,13 @@ class Qwen2(nn.Module):
         computed once and kept on the model (regrown for a longer n, another device or dtype), so that a forward
         slices it instead of recomputing it (about 15 small kernels per forward)."""
         w = self.model.embed_tokens.weight
-        table = self.__dict__.get("_rope_table")
+        table = self.rope_table
         if table is None or table[0].shape[0] < n or table[0].device != w.device or table[0].dtype != w.dtype:
             n = 1 << (max(n, 1024) - 1).bit_length()  # a power of two: a growing input rebuilds it a few times
             with torch.inference_mode(False), torch.no_grad():  # a plain tensor even if built while generating
                 table = rope_cos_sin(torch.arange(n, device=w.device), self.config.head_dim, self.config.rope_theta,
                                      w.dtype)
-            self.__dict__["_rope_table"] = table
+            self.rope_table = table
         return table
 
     def blocks(self, idx, cos, sin, mask, start: int):
@@ -356,13 +538,12 @@ class Qwen2(nn.Module):
         """A KV cache in every attention layer; keep: the same cache objects on every call with this shape (a
         compiled decode step is specialized to them; what they held before is overwritten or masked out)."""
         p = self.lm_head.weight
-        kept = self.__dict__.setdefault("_kept_caches", {})
-        caches = kept.get((batch_size, max_len)) if keep else None
+        caches = self.kept_caches.get((batch_size, max_len)) if keep else None
         if caches is None:
             caches = [KVCache(batch_size, max_len, b.self_attn.n_kv_head, b.self_attn.head_dim, p.dtype, p.device)
                       for b in self.model.layers]
             if keep:
-                kept[batch_size, max_len] = caches
+                self.kept_caches[batch_size, max_len] = caches
         for block, cache in zip(self.model.layers, caches):
             block.self_attn.kv_cache = cache
 
@@ -446,10 +627,10 @@ class Qwen2(nn.Module):
         return self.lm_head(h[:, -1]).float()
 
     def compiled_decode_step(self):
-        if "_compiled_decode" not in self.__dict__:
+        if self.compiled_decode is None:
             mode = "reduce-overhead" if self.lm_head.weight.is_cuda else None  # CUDA graphs: one launch per token
-            self.__dict__["_compiled_decode"] = torch.compile(self.decode_step, mode=mode, dynamic=False)
-        return self.__dict__["_compiled_decode"]
+            self.compiled_decode = torch.compile(self.decode_step, mode=mode, dynamic=False)
+        return self.compiled_decode
 
     # --- loading and saving -----------------------------------------------------------------------
 
@@ -488,48 +669,6 @@ class Qwen2(nn.Module):
         if self.config.tie_word_embeddings:
             shapes.pop("lm_head.weight", None)
         return shapes
-
-
-
-def chunk_loss(lm_head, h, targets):
-    """Summed cross-entropy of the next-token logits of h (N, C) against targets (N,), in fp32."""
-    return F.cross_entropy(lm_head(h).float(), targets, reduction="sum")
-
-
-def padded_attention(attention_mask, start: int):
-    """
-    From a padding mask (B, S) over all key positions, make the boolean attention mask (B, 1, T, S) for the
-    T newest positions (keys must be real and not in the future) and their RoPE positions (B, T), which count
-    real tokens only. A padding query with no real key before it (left padding) attends to itself alone, so
-    no row is empty (its output is never used); after a real token (right padding) it attends to the real
-    tokens only, as in Hugging Face.
-    """
-    S = attention_mask.shape[1]  # T = S - start new positions
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
-    q_pos = torch.arange(start, S, device=attention_mask.device)[:, None]  # (T, 1)
-    k_pos = torch.arange(S, device=attention_mask.device)[None, :]  # (1, S)
-    mask = (k_pos <= q_pos) & attention_mask[:, None, :]  # (B, T, S)
-    mask = mask | ((k_pos == q_pos) & ~mask.any(-1, keepdim=True))  # never an empty row
-    return mask[:, None], position_ids  # (B, 1, T, S)
-
-
-def sample_next(logits, temperature=0.0, top_k=None, top_p=None, seen=None, repetition_penalty=1.0):
-    """Pick the next token (B,) from logits (B, vocab)."""
-    if seen is not None and repetition_penalty != 1.0:
-        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-        logits = torch.where(seen, penalized, logits)
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:  # keep the smallest set of most likely tokens whose mass reaches top_p (as transformers)
-        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending: the tail's mass is summed first, exactly
-        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
-        drop[:, -1] = False  # the most likely token always stays
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), num_samples=1).squeeze(1)
 
 
 # -----------------------------------------------------------------------------
@@ -603,104 +742,3 @@ def merge_lora(model: nn.Module) -> nn.Module:
             if isinstance(child, LoRALinear):
                 setattr(module, name, child.merged())
     return model
-
-
-# -----------------------------------------------------------------------------
-# Files: the Hub download, safetensors and config.json, each key and shape checked
-
-HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-             "merges.txt", "*.safetensors", "model.safetensors.index.json"]
-
-
-def looks_like_hub_id(name: str) -> bool:
-    """'owner/name' as the Hub spells repo ids, and not a local path: no ./, ../, / or ~ in front, nothing of that
-    name on disk, and no local folder called `owner` (so runs/typo is a missing folder, not a repo to fetch)."""
-    owner = name.partition("/")[0]
-    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) is not None
-            and not os.path.exists(name) and not os.path.isdir(owner))
-
-
-def resolve_model_dir(name_or_path: str, revision: str | None = None) -> str:
-    """A local directory as is; otherwise a Hub repo id, fetched at `revision` (default: the newest) or taken
-    from the cache (config, tokenizer, safetensors only)."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    if not looks_like_hub_id(name_or_path):
-        raise FileNotFoundError(f"model directory not found: {name_or_path}")
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(name_or_path, revision=revision, allow_patterns=HUB_FILES)
-    except Exception as e:  # offline, unknown repo, ...
-        at = f" at revision {revision}" if revision else ""
-        why = (str(e).strip() or type(e).__name__).splitlines()[0]  # huggingface_hub's messages run to several lines
-        raise FileNotFoundError(f"could not fetch {name_or_path!r}{at} from the Hugging Face Hub ({why}); offline, "
-                                "give a local model folder (import_gguf.py makes one from a GGUF file)") from e
-
-
-def safetensors_files(path: str) -> list[str]:
-    """The weights files of a model folder: model.safetensors, or the shards model.safetensors.index.json names."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        weight_map = read_json(index).get("weight_map")
-        if not weight_map:
-            raise ValueError(f"{index} has no weight_map")
-        files = sorted(set(weight_map.values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    for file in (files := [os.path.join(path, name) for name in files]):
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"weights file missing: {file}")
-    return files
-
-
-def load_safetensors_dir(path: str) -> dict:
-    """All tensors of a model folder's weights files (safetensors_files)."""
-    from safetensors.torch import load_file
-    state = {}
-    for file in safetensors_files(path):
-        try:
-            state.update(load_file(file))
-        except Exception as e:
-            raise unreadable(file, e) from e
-    return state
-
-
-def unreadable(file: str, e: Exception) -> ValueError:
-    """The error for a weights file safetensors cannot read (its own error names no file)."""
-    return ValueError(f"weights file {file} is unreadable (truncated or corrupt?): {e}")
-
-
-def check_tensors(expected: dict, state: dict, where: str, allow_missing: bool = False, ignore=()):
-    """The one check every loader makes: the key set of `state` equals that of `expected` ({name: shape or
-    tensor}; with allow_missing, a subset) and every shape matches; a mismatch is a ValueError naming `where`
-    and the tensor. Names in `ignore` may appear in state."""
-    missing = [] if allow_missing else sorted(set(expected) - set(state))
-    for kind, names in (("missing", missing), ("unexpected", sorted(set(state) - set(expected) - set(ignore)))):
-        if names:
-            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
-            raise ValueError(f"{where}: {kind} tensor {names[0]}{more}")
-    for k, want in expected.items():
-        want = tuple(getattr(want, "shape", want))
-        if k in state and tuple(state[k].shape) != want:
-            raise ValueError(f"{where}: tensor {k} has shape {tuple(state[k].shape)}, expected {want}")
-
-
-def load_tensors(expected: dict, state: dict, where: str):
-    """Copy `state` into the tensors of `expected` ({name: tensor} sharing storage with a model's parameters, e.g.
-    lora_state_dict(model) or memory.memory_state_dict(model)) once check_tensors passes."""
-    check_tensors(expected, state, where)
-    with torch.no_grad():
-        for k, t in expected.items():
-            t.copy_(state[k])
-
-
-def read_json(path: str):
-    """The JSON in path (config.json here; every JSON file of a run elsewhere); a ValueError naming the file if it
-    is not valid JSON (e.g. truncated)."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON ({e}): restore or remove it") from e

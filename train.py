@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import data
 import memory
-from checkpoint import (Checkpoint, Lock, append_log, atomic_write, begin_run, begin_stage, check_out_dir,
+from checkpoint import (Checkpoint, Lock, append_log, begin_run, begin_stage, check_out_dir,
                         check_resume, check_resume_weights, export_run, finish_stage, finished_run, hub_revision,
                         is_finished, is_run_dir, lineage, load_model, load_trained, lora_from, memory_run,
                         previous_full_run, read_json, weights_fingerprint)
@@ -43,7 +43,7 @@ from common import (ArgParser, RunError, StepGuard, StopRun, Throughput, add_fla
                     fits_in_memory, micro_batch_size, setup_ranks)
 from data import Tokenizer
 from eval import PROBES, check_tasks, default_batch_size, default_tasks, load_task_rows, run_tasks
-from model import LORA_TARGETS, Qwen2, Qwen2Config, add_lora, lora_state_dict, resolve_model_dir
+from model import LORA_TARGETS, Qwen2, Qwen2Config, add_lora, atomic_write, lora_state_dict, resolve_model_dir
 
 METHODS = ("smf", "retrofit", "lora", "full")
 

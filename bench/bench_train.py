@@ -37,7 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import train  # noqa: E402
-from checkpoint import save_pretrained, write_json  # noqa: E402
+from checkpoint import save_pretrained  # noqa: E402
+from model import write_json  # noqa: E402
 from data import Tokenizer, train_bpe_tokenizer  # noqa: E402
 from model import Qwen2, Qwen2Config  # noqa: E402
 

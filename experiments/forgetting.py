@@ -89,10 +89,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import memory  # noqa: E402
-from checkpoint import load_model, write_json  # noqa: E402
+from checkpoint import load_model  # noqa: E402
 from common import die_with_parent  # noqa: E402
 from data import train_bpe_tokenizer  # noqa: E402
-from model import merge_lora  # noqa: E402
+from model import merge_lora, write_json  # noqa: E402
 from world import (eval_documents_ppl, eval_world_facts, read_overlap, synthetic_world, world_fact_items,  # noqa: E402
                    world_heldout_texts, world_pretrain_texts, world_qa_texts)
 
