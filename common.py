@@ -131,22 +131,23 @@ class ArgParser(argparse.ArgumentParser):
                 self.error(f"{a.option_strings[0]} does not apply to --method {method} "
                            f"({a.hint or 'only to ' + ', '.join(a.methods)})")
         for a in self._actions:
-            low, high, v = getattr(a, "low", None), getattr(a, "at_most", None), getattr(args, a.dest, None)
+            low, high, v = getattr(a, "low", None), getattr(a, "high", None), getattr(args, a.dest, None)
             if low is not None and v is not None and not (math.isfinite(v) and (v > low[0] if low[1] else
                                                                                  v >= low[0])):
                 self.error(f"{a.option_strings[0]} must be a finite number {'>' if low[1] else '>='} {low[0]}, "
                            f"got {v}")
-            if high is not None and v is not None and v > high:
-                self.error(f"{a.option_strings[0]} must be at most {high}, got {v}")
+            if high is not None and v is not None and (v >= high[0] if high[1] else v > high[0]):
+                self.error(f"{a.option_strings[0]} must be {'below' if high[1] else 'at most'} {high[0]}, got {v}")
 
 
-def add_flag(group, *names, at_least=None, above=None, at_most=None, methods=None, hint=None,
+def add_flag(group, *names, at_least=None, above=None, at_most=None, below=None, methods=None, hint=None,
              **kw) -> argparse.Action:
-    """group.add_argument(*names, **kw) with its checks declared beside it (ArgParser.check_flags runs them): the
-    lowest value allowed (at_least, or above: strictly greater; numbers must also be finite), the highest
-    (at_most), and the methods it applies to (hint: what the error says instead of listing them)."""
+    """group.add_argument(*names, **kw) with its checks declared beside it (ArgParser.check_flags runs them; every
+    script's range checks are these): the lowest value allowed (at_least, or above: strictly greater; numbers must
+    also be finite), the highest (at_most, or below: strictly less), and the methods it applies to (hint: what the
+    error says instead of listing them)."""
     action = group.add_argument(*names, **kw)
-    action.at_most = at_most
+    action.high = (at_most, False) if at_most is not None else (below, True) if below is not None else None
     action.low = (at_least, False) if at_least is not None else (above, True) if above is not None else None
     action.methods, action.hint = methods, hint
     return action

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import data
 from checkpoint import (file_problem, first_change, is_eval_output, is_run_dir, load_model,
                         model_problem, read_json, write_json)
-from common import DTYPES, ArgParser
+from common import DTYPES, ArgParser, add_flag
 from model import atomic_write, first_line, looks_like_hub_id, resolve_model_dir
 
 
@@ -518,7 +518,7 @@ def parser() -> ArgParser:
                         "the ones the run was trained on)")
     p.add_argument("--tasks", default=",".join(default_tasks()),
                    help=f"comma-separated probes, from {','.join(PROBES)} (eval.PROBES)")
-    p.add_argument("--limit", type=int, default=1000,
+    add_flag(p, "--limit", at_least=1, type=int, default=1000,
                    help="first N examples per task (MedMCQA: single-answer validation questions; WikiText: "
                         "non-empty rows; TriviaQA: validation questions)")
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
@@ -531,7 +531,7 @@ def parser() -> ArgParser:
                    help="write one JSON line per example (WikiText: per window) with prompt, prediction or "
                         "per-choice scores, target and correctness; rewritten as each task finishes; inside a run or "
                         "model directory only as samples*.jsonl")
-    p.add_argument("--batch-size", type=int, default=None,
+    add_flag(p, "--batch-size", at_least=1, type=int, default=None,
                    help="questions (MedMCQA, 4 sequences each), 1024-token windows (WikiText) or prompts "
                         "(TriviaQA) per forward (default: 64 on a GPU, 16 on the CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -539,7 +539,8 @@ def parser() -> ArgParser:
     p.add_argument("--no-repetition-penalty", action="store_true",
                    help="TriviaQA: greedy decoding without the checkpoint's generation_config repetition_penalty "
                         "(which the paper's Hugging Face generate applied; 1.1 for Qwen2.5-Instruct)")
-    p.add_argument("--seed", type=int, default=0, help="torch seed (the probes are deterministic; for completeness)")
+    add_flag(p, "--seed", at_least=0, at_most=2**32 - 1, type=int, default=0,
+             help="torch seed (the probes are deterministic; for completeness)")
     p.add_argument("--compile", action="store_true",
                    help="TriviaQA: decode with a compiled step over a static KV cache (CUDA graphs on a GPU; the same "
                         "tokens; each batch shape compiles once)")
@@ -551,16 +552,16 @@ def parser() -> ArgParser:
     g.add_argument("--prompt", default=None, help="the user message (in the chat template unless --raw)")
     g.add_argument("--system", default=None, help="system message (default: Qwen's own)")
     g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
+    add_flag(g, "--max-new-tokens", at_least=1, type=int, default=256)
+    add_flag(g, "--temperature", at_least=0, type=float, default=0.0, help="0 = greedy")
+    add_flag(g, "--top-k", at_least=1, type=int, default=None)
+    add_flag(g, "--top-p", above=0, at_most=1, type=float, default=None)
     g = p.add_argument_group("lm-evaluation-harness (optional: pip install -r requirements-harness.txt)")
     g.add_argument("--harness", default=None, metavar="TASKS",
                    help="comma-separated lm-eval tasks, run on this model through its LM interface (eval.HarnessLM) "
                         "after the probes, alone if --tasks is not given; results under \"harness\" in --out")
     g.add_argument("--harness-include", default=None, metavar="DIR", help="a folder of task YAMLs (local tasks)")
-    g.add_argument("--harness-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    add_flag(g, "--harness-fewshot", at_least=0, type=int, default=None, help="few-shot examples (default: each task's own)")
     g.add_argument("--harness-chat-template", action="store_true",
                    help="prompts in the ChatML chat template (off: raw text, as the paper's probes)")
     return p
@@ -569,6 +570,7 @@ def parser() -> ArgParser:
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
+    p.check_flags(args, given=set())  # the ranges declared beside each flag
     if args.prompt is not None:
         return talk(args.model, args.prompt, args.system, args.raw, args.max_new_tokens, args.temperature, args.top_k,
                     args.top_p, 1.0 if args.no_repetition_penalty else None, args.seed, args.device, args.dtype,
@@ -594,10 +596,6 @@ def main(argv=None):
         data_paths = data.parse_data_flags(args.data, PROBES)
     except ValueError as e:
         p.error(str(e))
-    if args.limit < 1:
-        p.error(f"--limit must be at least 1, got {args.limit}")
-    if args.batch_size is not None and args.batch_size < 1:
-        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     for flag, path in (("--out", args.out), ("--log-samples", args.log_samples)):  # refused now, not after a task
         if problem := output_problem(path, "eval" if flag == "--out" else "samples"):
             p.error(f"{flag} {path}: {problem}")

@@ -817,7 +817,7 @@ def add_baseline_flags(p):
     add_flag(g, "--lora-r", at_least=1, methods=("lora",), type=int, default=16, help="adapter rank r")
     add_flag(g, "--lora-alpha", above=0, methods=("lora",), type=float, default=32,
              help="the adapters' output is scaled by alpha / r")
-    add_flag(g, "--lora-dropout", at_least=0, methods=("lora",), type=float, default=0.05,
+    add_flag(g, "--lora-dropout", at_least=0, below=1, methods=("lora",), type=float, default=0.05,
              help="dropout on the adapters' input")
     add_flag(g, "--lora-targets", methods=("lora",), default=",".join(LORA_TARGETS),
              help="the linear layers that get adapters")
@@ -869,8 +869,6 @@ def parse_args(argv=None):
     if args.background_from and (skipped := sorted(given & {"background_batches", "background_subset",
                                                             "background_task"})):
         p.error(f"{p.flag(skipped[0])} acts on the background reads, which --background-from takes as they are")
-    if args.lora_dropout >= 1:
-        p.error(f"--lora-dropout must be below 1, got {args.lora_dropout}")
     for name, value in RECIPES[args.recipe].items():  # the recipe fills every flag left unset
         if getattr(args, name) is None:
             setattr(args, name, value)

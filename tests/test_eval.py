@@ -262,7 +262,7 @@ def test_cli_errors_are_one_line_and_nonzero(tiny_model_dir, data_files, tmp_pat
     code, err = run("--data", "squad=x.jsonl")
     assert code == 2 and "unknown dataset 'squad'" in err
     code, err = run("--tasks", "wikitext", "--data", "wikitext=" + data_files["wikitext"], "--limit", "0")
-    assert code == 2 and "--limit must be at least 1" in err
+    assert code == 2 and "--limit must be a finite number >= 1, got 0" in err  # the range declared beside the flag
     # and as a process: a non-zero exit with the message on stderr
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model", str(tmp_path / "nope"),
                            "--tasks", "wikitext", "--data", "wikitext=" + data_files["wikitext"]],
@@ -327,7 +327,7 @@ def test_local_looking_model_path_is_not_found_without_asking_the_hub(data_files
             ev.main(["--tasks", "wikitext", "--data", "wikitext=" + data_files["wikitext"], "--limit", limit])
         assert e.value.code == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
-        assert last == f"error: --limit must be at least 1, got {limit} (see eval.py --help)"
+        assert last == f"error: --limit must be a finite number >= 1, got {limit} (see eval.py --help)"
 
 
 # --- real rows and the real Qwen2.5 tokenizer ----------------------------------------------------------
