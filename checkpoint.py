@@ -28,7 +28,6 @@ import copy
 import fcntl
 import hashlib
 import json
-import math
 import os
 import platform
 import re
@@ -45,7 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import memory
-from common import RunError, default_dtype, device_name, parse_dtype, resolve_device
+from common import RunError, default_dtype, parse_dtype, resolve_device, stage_cost
 from data import Tokenizer
 from model import (MLP, LoRALinear, Qwen2, Qwen2Config, add_lora, atomic_write, check_tensors, load_safetensors_dir,
                    load_tensors, looks_like_hub_id, lora_state_dict, merge_lora, read_json, resolve_model_dir,
@@ -433,10 +432,8 @@ def is_finished(run_dir) -> bool:
 
 
 def run_cost(out, device, world) -> dict:
-    """What a finished stage cost: the loop's wall time (steps, checkpoints, --eval-every; summed over resumed runs
-    up to the last checkpoint, from its metadata; not loading, background reads or exports), GPU-hours (that time x
-    processes, on a GPU), and from the log the optimizer steps' own time, tokens, tokens/s and the time-weighted
-    mean MFU."""
+    """What a finished stage cost (common.stage_cost) from its log.jsonl and its checkpoint's wall time (summed over
+    resumed runs up to the last checkpoint, in its metadata)."""
     log, ckpt = os.path.join(out, "log.jsonl"), os.path.join(out, "checkpoint.safetensors")
     with open(log) if os.path.exists(log) else nullcontext([]) as f:
         steps = [json.loads(line) for line in f if line.strip()]
@@ -444,15 +441,7 @@ def run_cost(out, device, world) -> dict:
     if os.path.exists(ckpt):
         with safe_open(ckpt, "pt") as f:
             wall = float(f.metadata().get("wall_seconds", "nan"))
-    seconds = sum(r["seconds"] for r in steps)
-    tokens = sum(r.get("input_tokens", 0) for r in steps)
-    mfu = [(r["mfu"], r["seconds"]) for r in steps if "mfu" in r]
-    on_gpu = torch.device(device).type == "cuda"
-    wall = seconds if wall is None or math.isnan(wall) else wall
-    return {"device": device_name(device), "world_size": world, "steps": len(steps), "wall_seconds": round(wall, 2),
-            "step_seconds": round(seconds, 2), "gpu_hours": round(wall * world / 3600, 4) if on_gpu else 0.0,
-            "input_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
-            "mfu": round(sum(m * s for m, s in mfu) / seconds, 5) if mfu and seconds else None}
+    return stage_cost(steps, wall, device, world)
 
 
 # -----------------------------------------------------------------------------

@@ -312,6 +312,11 @@ def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
 
 
+# -----------------------------------------------------------------------------
+# Cost, all of it here: of a step (Throughput: tokens/s, MFU), of a stage (stage_cost, config.json "cost") and of
+# several runs (summed_cost, paper.py's table)
+
+
 class Throughput:
     """Tokens per second and, on a GPU of known peak, the model FLOPs utilisation of each optimizer step, added to
     its log record (input_tokens, tok_s, mfu) and returned for the progress bar. FLOPs as nanochat and PaLM count
@@ -342,6 +347,29 @@ class Throughput:
             record["mfu"] = round(self.flops(lengths) / seconds / (self.peak * self.world), 5)
             shown["mfu"] = f"{record['mfu']:.1%}"
         return shown
+
+
+def stage_cost(steps: list, wall: float | None, device, world) -> dict:
+    """What a finished stage cost: the loop's wall time (`wall`: steps, checkpoints, --eval-every; not loading,
+    background reads or exports; None or NaN: the steps' own time), GPU-hours (that time x processes, on a GPU), and
+    from its log records (`steps`) the optimizer steps' own time, tokens, tokens/s and the time-weighted mean MFU."""
+    seconds = sum(r["seconds"] for r in steps)
+    tokens = sum(r.get("input_tokens", 0) for r in steps)
+    mfu = [(r["mfu"], r["seconds"]) for r in steps if "mfu" in r]
+    on_gpu = torch.device(device).type == "cuda"
+    wall = seconds if wall is None or math.isnan(wall) else wall
+    return {"device": device_name(device), "world_size": world, "steps": len(steps), "wall_seconds": round(wall, 2),
+            "step_seconds": round(seconds, 2), "gpu_hours": round(wall * world / 3600, 4) if on_gpu else 0.0,
+            "input_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+            "mfu": round(sum(m * s for m, s in mfu) / seconds, 5) if mfu and seconds else None}
+
+
+def summed_cost(costs: list) -> dict:
+    """Several runs' stage_cost summed: {"runs", "wall_seconds", "gpu_hours", "unknown" (runs of an older train.py,
+    which recorded none: None in costs)}."""
+    known = [c for c in costs if c is not None]
+    return {"runs": len(costs), "wall_seconds": sum((c["wall_seconds"] for c in known), 0.0),
+            "gpu_hours": sum((c["gpu_hours"] for c in known), 0.0), "unknown": len(costs) - len(known)}
 
 
 class StepGuard:

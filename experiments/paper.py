@@ -47,7 +47,7 @@ sys.path.insert(0, ROOT)
 import eval as ev  # noqa: E402
 from eval import PROBES  # noqa: E402
 from checkpoint import RESUME_FREE, Lock, file_problem, folder_problem, read_json, write_json  # noqa: E402
-from common import ArgParser, RunError, die_with_parent  # noqa: E402
+from common import ArgParser, RunError, die_with_parent, summed_cost  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # The paper's rows, numbers and claims: data in one place, so that a fork can hold its runs against another paper
@@ -676,20 +676,14 @@ def judge(methods, changes=None):
 
 
 def cost(evals) -> dict:
-    """Per row: its training runs' summed wall time and GPU-hours (config.json "cost": the training loops, not
-    loading or evaluation); the retrofits the SMF runs read their memory from are rows of their own, each counted
-    once."""
+    """Per row: its training runs' summed wall time and GPU-hours (common.summed_cost of their config.json "cost": the
+    training loops, not loading or evaluation); the retrofits the SMF runs read their memory from are rows of their
+    own, each counted once."""
     runs = {path: named for e in evals for path, named in e["cost"].items()}
-    out = {}
+    rows = {}
     for name, c in runs.values():
-        row = out.setdefault(name, {"runs": 0, "wall_seconds": 0.0, "gpu_hours": 0.0, "unknown": 0})
-        row["runs"] += 1
-        if c is None:  # a run of an older train.py, which did not record it
-            row["unknown"] += 1
-            continue
-        row["wall_seconds"] += c["wall_seconds"]
-        row["gpu_hours"] += c["gpu_hours"]
-    return dict(sorted(out.items(), key=lambda kv: row_order(kv[0])))
+        rows.setdefault(name, []).append(c)
+    return {name: summed_cost(costs) for name, costs in sorted(rows.items(), key=lambda kv: row_order(kv[0]))}
 
 
 def row_order(name: str):
