@@ -12,7 +12,7 @@ Sparse Memory Finetuning (SMF), everything specific to it, top to bottom:
    the `values` tables (lazy AdamW, plain SGD, or the paper code's dense AdamW with the other rows' gradients zeroed).
 5. Same numbers, faster: the sparse gradient of the values read and the optimizer state of the rows updated only.
 
-One training step of stage 2 (only `values` trainable), as train.py's lines marked "SMF 1. 2. 3." run it. The
+One training step of stage 2 (only `values` trainable), as train.py's smf_step runs it (its lines "SMF 1. 2. 3."). The
 default recipe ("paper") reproduces the paper's code (github.com/prakharg55/SMF-ICML); "clean" is SMF as the method
 describes it; each differs from the other at one labelled branch:
 

@@ -13,9 +13,9 @@ SMF (RECIPES below lists every difference, each also a flag). The run directory 
 runs/<method>-seed<seed>; its files are listed in checkpoint.py) holds only what the method trained; on the CPU a
 run resumed with --resume ends bit-identical to one never interrupted. Evaluate it with `python eval.py --model RUN`.
 
-Read in this order: RECIPES, then train(), the loop shared by every method, where one SMF step is the lines marked
-"SMF 1. reads", "SMF 2. select" and "SMF 3. masked step" (memory.py's docstring shows the same step in eleven lines),
-then the methods' stage builders, main() and the arguments. Only parser(), parse_args() and main() see the argparse
+Read in this order: RECIPES, then train(), the loop shared by every method, and smf_step, one SMF step: the lines
+marked "SMF 1. reads", "SMF 2. select" and "SMF 3. masked step" (memory.py's docstring shows the same step in eleven
+lines; dense_step is LoRA's and full finetuning's), then the methods' stage builders, main() and the arguments. Only parser(), parse_args() and main() see the argparse
 namespace: main() turns it into the frozen settings below (Run, Loop, SMFStep), which the functions take.
 """
 
@@ -549,11 +549,11 @@ def task_examples(task: str, path: str | None, tok, run: Run, limit: int | None,
 # The pipeline
 
 
-def run_stage(stage: Stage, run: Run, flags: dict, loop: Loop, device, tok, ranks, then=None, first=True,
-              on_step=None):
-    """args.json (once the first stage's model and data have loaded), the loop, `then` (exports), finished."""
-    if first:
-        begin_run(run.out, flags, run.resume, ranks, device)
+def run_stage(stage: Stage, loop: Loop, device, tok, ranks, begin=None, then=None, on_step=None):
+    """begin() (the first stage: args.json, once its model and data have loaded), the loop, then() (exports), the
+    stage finished."""
+    if begin is not None:
+        begin()
     train(stage, loop, device, tok, ranks, on_step)
     if then is not None:
         then()
@@ -588,14 +588,15 @@ def main(argv=None, on_step=None):
                        recipe={"name": args.recipe, **{k: flags[k] for k in RECIPES[args.recipe]}})
         torch.manual_seed(args.seed)
         tok = Tokenizer.from_pretrained(args.model)
-        stages = functools.partial(run_stage, run=run, flags=flags, loop=settings(Loop, flags), device=device,
-                                   tok=tok, ranks=ranks, on_step=on_step)
+        begin = functools.partial(begin_run, run.out, flags, run.resume, ranks, device)  # args.json: every flag
+        stages = functools.partial(run_stage, loop=settings(Loop, flags), device=device, tok=tok, ranks=ranks,
+                                   on_step=on_step)
         stage1_data = {"task": args.retrofit_task, "path": args.data.get("oasst1"), "oasst1_format": args.oasst1_format}
         if args.method == "retrofit":  # stage 1 alone takes the shared flags (--lr, --epochs, ...)
             examples = task_examples(args.retrofit_task, args.data.get("oasst1"), tok, run, args.limit,
                                      args.oasst1_format)
             model = stages(retrofit_stage(run, args.out, memory_config(flags), examples, stage1_data, args.lr,
-                                          args.epochs, args.max_steps, device, ranks))
+                                          args.epochs, args.max_steps, device, ranks), begin=begin)
         elif args.method == "smf":  # stage 1 in the sub-run retrofit/ (the --retrofit-* flags), unless --memory-from
             memory_dir = args.memory_from or os.path.join(args.out, "retrofit")
             stage1 = args.memory_from is None and not is_finished(memory_dir)
@@ -604,13 +605,13 @@ def main(argv=None, on_step=None):
                 retro = task_examples(args.retrofit_task, args.data.get("oasst1"), tok, run, args.retrofit_limit,
                                       args.oasst1_format)
                 stages(retrofit_stage(run, memory_dir, memory_config(flags), retro, stage1_data, args.retrofit_lr,
-                                      args.retrofit_epochs, args.retrofit_max_steps, device, ranks))
+                                      args.retrofit_epochs, args.retrofit_max_steps, device, ranks), begin=begin)
             background = {"task": args.background_task, "subset": args.background_subset,
                           "batches": args.background_batches, "from": args.background_from}
             step = settings(SMFStep, flags, memories={}, background=None)  # sparse_stage fills these in
             model = stages(sparse_stage(run, args.task, memory_dir, memory_flags(flags), step, background,
                                         args.train_alpha, examples, args.lr, args.epochs, args.max_steps, device,
-                                        tok, ranks), first=not stage1)
+                                        tok, ranks), begin=None if stage1 else begin)
         else:
             lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
                     "targets": args.lora_targets, "merge_for_eval": args.merge_lora_for_eval}
@@ -623,7 +624,8 @@ def main(argv=None, on_step=None):
                                        memory_dir=args.memory_from, data_of={"task": args.task, "path":
                                                                              args.data.get("medmcqa"),
                                                                              "oasst1_format": None})
-            model = stages(stage, then=functools.partial(export, stage, args.export_peft, args.export_merged, ranks))
+            model = stages(stage, begin=begin,
+                           then=functools.partial(export, stage, args.export_peft, args.export_merged, ranks))
     except StopRun as stop:
         if ranks.main:
             print(stop, file=sys.stderr)
