@@ -98,10 +98,11 @@ def test_wall_time_adds_up_over_a_resumed_run(tmp_path, monkeypatch):
 def test_gpu_hours_count_every_process(tmp_path, monkeypatch):
     """Under torchrun with N processes a stage's GPU-hours are N times its wall hours (on a GPU; 0 on the CPU)."""
     import checkpoint
+    import common
     from safetensors.torch import save_file
     (tmp_path / "log.jsonl").write_text(json.dumps({"step": 1, "seconds": 1.0, "input_tokens": 10}) + "\n")
     save_file({"x": torch.zeros(1)}, str(tmp_path / "checkpoint.safetensors"), metadata={"wall_seconds": "1800"})
-    monkeypatch.setattr(checkpoint, "device_name", lambda device: "a GPU")
+    monkeypatch.setattr(common, "device_name", lambda device: "a GPU")  # common.stage_cost computes the cost
     for world in (1, 2, 4):
         assert checkpoint.run_cost(str(tmp_path), torch.device("cuda"), world)["gpu_hours"] == 0.5 * world
     assert checkpoint.run_cost(str(tmp_path), torch.device("cpu"), 4)["gpu_hours"] == 0.0
