@@ -68,8 +68,8 @@ def test_two_ranks_equal_one_process_with_double_batch(method, setup):
 def test_smf_ranks_select_the_same_rows(setup):
     d, base = setup
     # (--recipe clean: the paper recipe counts padding reads, which depend on how each rank pads its share)
-    run(2, *base, "--method", "retrofit", "--recipe", "clean", "--max-steps", "2", "--micro-batch", "2", *MEM,
-        "--out", str(d / "retrofit2"))
+    run(1, *base, "--method", "retrofit", "--recipe", "clean", "--max-steps", "2", "--micro-batch", "2", *MEM,
+        "--out", str(d / "retrofit2"))  # the memory both stage-2 runs start from (one process: this test is stage 2)
     # stage 2: 2 ranks x batch 2 against 1 process x batch 4, same memory
     extra = ["--method", "smf", "--recipe", "clean", "--memory-from", str(d / "retrofit2"), "--max-steps", "3",
              "--top-t", "5", "--lr", "1e-4", "--log-rows", "--background-batches", "10"]
