@@ -1,8 +1,9 @@
 """
 What is on disk (as nanochat's checkpoint_manager.py): the run directory (what --out may be, its lock, args.json and
 --resume), chains of runs, checkpoints (trained tensors, optimizer state, every rank's RNG state and the step, in one
-safetensors file), the step log and the cost of a stage, the exports (a Hub-format folder, peft's adapter format),
-rebuilding a model from a Hub id, a model folder or a run directory (load_model), and atomic writes.
+safetensors file), the step log and the cost of a stage (read here, computed by common.stage_cost), the exports (a
+Hub-format folder, peft's adapter format), and rebuilding a model from a Hub id, a model folder or a run directory
+(load_model). Files are written with model.py's atomic_write and write_json.
 
 A run directory (train.py --out) holds only files train.py writes, each written atomically (write, then rename):
 

@@ -407,7 +407,7 @@ def select_rows(counts: dict, background: "BackgroundStats | None" = None, rank:
 
     The clean recipe selects once per optimizer step, from the reads of all its micro-batches summed (so at most
     top_t rows change per step). The paper's code re-selects on every micro-batch, so with gradient accumulation
-    up to (micro-batches * top_t) rows change per step; select_per_micro_batch() (at the end) reproduces that.
+    up to (micro-batches * top_t) rows change per step; select_per_micro_batch() (below) reproduces that.
     """
     if rank not in RANKS:
         raise ValueError(f"select_rows: rank {rank!r} is unknown (use one of {', '.join(sorted(RANKS))})")
