@@ -425,7 +425,7 @@ def select_rows(counts: dict, background: "BackgroundStats | None" = None, rank:
 # One step's selection and masked update
 
 
-CALL_IT = "; call it between a micro-batch's forward and its loss.backward()"
+WHEN_TO_CALL = "; call it between a micro-batch's forward and its loss.backward()"
 
 
 def select_per_micro_batch(memories: dict, counts: dict, background: "BackgroundStats | None" = None,
@@ -440,7 +440,7 @@ def select_per_micro_batch(memories: dict, counts: dict, background: "Background
     mine = select_rows(counts, background, rank, top_t)
     for i, mem in memories.items():
         if mem.grad_hook is not None:
-            raise RuntimeError("select_per_micro_batch: the previous micro-batch's backward never ran" + CALL_IT)
+            raise RuntimeError("select_per_micro_batch: the previous micro-batch's backward never ran" + WHEN_TO_CALL)
         keep = torch.zeros(mem.n_slots, dtype=torch.bool, device=mem.values.weight.device)
         keep[mine[i]] = True
 
@@ -449,7 +449,7 @@ def select_per_micro_batch(memories: dict, counts: dict, background: "Background
             mem.grad_hook = None
             if mem.last_indices is not forward_ids:
                 raise RuntimeError("select_per_micro_batch: a new forward ran before the backward it selected for" +
-                                   CALL_IT)
+                                   WHEN_TO_CALL)
             return mask_sparse_grad(grad, keep) if grad.is_sparse else grad * keep[:, None]
         mem.grad_hook = mem.values.weight.register_hook(mask)
     if selected is None:
