@@ -561,7 +561,8 @@ def parser() -> ArgParser:
                    help="comma-separated lm-eval tasks, run on this model through its LM interface (eval.HarnessLM) "
                         "after the probes, alone if --tasks is not given; results under \"harness\" in --out")
     g.add_argument("--harness-include", default=None, metavar="DIR", help="a folder of task YAMLs (local tasks)")
-    add_flag(g, "--harness-fewshot", at_least=0, type=int, default=None, help="few-shot examples (default: each task's own)")
+    add_flag(g, "--harness-fewshot", at_least=0, type=int, default=None,
+             help="few-shot examples (default: each task's own)")
     g.add_argument("--harness-chat-template", action="store_true",
                    help="prompts in the ChatML chat template (off: raw text, as the paper's probes)")
     return p

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 @dataclass
 class MemoryConfig:
-    layers: list[int] | None = None  # the blocks that get a memory (None: L/4, L/2, 3L/4: 6, 12, 18 of Qwen2.5-0.5B's 24)
+    layers: list[int] | None = None  # the blocks with a memory (None: L/4, L/2, 3L/4: 6, 12, 18 of Qwen2.5-0.5B's 24)
     n_keys: int = 128                 # half-keys per half: n_keys^2 slots per layer
     heads: int = 4                    # memory heads
     topk: int = 16                    # slots read per head and token

@@ -15,8 +15,9 @@ run resumed with --resume ends bit-identical to one never interrupted. Evaluate 
 
 Read in this order: RECIPES, then train(), the loop shared by every method, and smf_step, one SMF step: the lines
 marked "SMF 1. reads", "SMF 2. select" and "SMF 3. masked step" (memory.py's docstring shows the same step in eleven
-lines; dense_step is LoRA's and full finetuning's), then the methods' stage builders, main() and the arguments. Only parser(), parse_args() and main() see the argparse
-namespace: main() turns it into the frozen settings below (Run, Loop, SMFStep), which the functions take.
+lines; dense_step is LoRA's and full finetuning's), then the methods' stage builders, main() and the arguments. Only
+parser(), parse_args() and main() see the argparse namespace: main() turns it into the frozen settings below (Run,
+Loop, SMFStep), which the functions take.
 """
 
 import argparse
