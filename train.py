@@ -267,8 +267,9 @@ def dense_step(wrapped, model, batches: list, params: list, grad_clip: float, au
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
     loss_sum, grad_norm = torch.stack([loss_sum, norm.float().to(loss_sum.device)]).tolist()  # one host sync
-    check(loss_sum / max(1, n_tokens), grad_norm)
-    return {"loss": loss_sum / max(1, n_tokens), "grad_norm": grad_norm}
+    loss = loss_sum / max(1, n_tokens)
+    check(loss, grad_norm)
+    return {"loss": loss, "grad_norm": grad_norm}
 
 
 def summed_loss(model, b, pad_reads: bool):
