@@ -435,13 +435,9 @@ def sparse_stage(run: Run, task: str, memory_dir: str, mem_given: dict, step: SM
     mem_run = memory_run(memory_dir, model.config.to_dict(), run.base_model, run.base_fingerprint)
     loaded = memory.MemoryConfig.from_dict(mem_run["memory"])
     mem_cfg = memory.MemoryConfig(**{**loaded.to_dict(), **mem_given})  # the loaded memory, this run's precision
-    resolved = mem_cfg.resolve(len(model.model.layers), model.config.hidden_size)
-    for name, (flag, _, _) in MEMORY_FLAGS.items():  # a flag that contradicts the loaded memory is an error
-        if name not in MEMORY_PER_RUN and getattr(resolved, name) != getattr(loaded, name):
-            raise RunError(f"{flag} {mem_given[name]} contradicts the memory of --memory-from {memory_dir} ({name} "
-                           f"{getattr(loaded, name)}): drop the flag")
-    if train_alpha and loaded.alpha_init is None:
-        raise RunError(f"--train-alpha: the memory of {memory_dir} has no alpha (it was built with --alpha-init none)")
+    if problem := memory_conflict(mem_given, loaded, len(model.model.layers), model.config.hidden_size, train_alpha,
+                                  memory_dir):
+        raise RunError(problem)
     memories = memory.add_memory(model, mem_cfg, load=memory_loader(memory_dir))  # a retrofit's, or the chain's
     background_path = os.path.join(run.out, "background.safetensors")
     if run.resume and os.path.exists(background_path):  # a resumed run keeps the statistics it started with
@@ -534,6 +530,21 @@ def with_memory(model, run: Run, mem_cfg: memory.MemoryConfig | None, memory_dir
     memory.add_memory(model, mem_cfg, load=memory_loader(memory_dir) if memory_dir is not None else None)
     return {"memory": mem_cfg.to_dict(), "stage1_data": data_of,
             **({"memory_from": memory_dir} if memory_dir is not None else {})}
+
+
+def memory_conflict(given: dict, loaded: memory.MemoryConfig, n_layers: int, hidden: int, train_alpha: bool,
+                    memory_dir: str) -> str | None:
+    """Why the memory flags given (memory_flags) or --train-alpha cannot apply to the memory of --memory-from
+    (`loaded`, of a model of n_layers blocks this wide), or None: a flag outside MEMORY_PER_RUN that contradicts it,
+    or --train-alpha on a memory without alpha. parse_args asks before any work, sparse_stage on the loaded model."""
+    resolved = memory.MemoryConfig(**{**loaded.to_dict(), **given}).resolve(n_layers, hidden)
+    for name, (flag, _, _) in MEMORY_FLAGS.items():
+        if name not in MEMORY_PER_RUN and getattr(resolved, name) != getattr(loaded, name):
+            return (f"{flag} {given[name]} contradicts the memory of --memory-from {memory_dir} ({name} "
+                    f"{getattr(loaded, name)}): drop the flag")
+    if train_alpha and loaded.alpha_init is None:
+        return f"--train-alpha: the memory of {memory_dir} has no alpha (it was built with --alpha-init none)"
+    return None
 
 
 def memory_loader(memory_dir: str):
@@ -902,6 +913,14 @@ def parse_args(argv=None):
                 f"--lora-from")
     try:
         memory_config(vars(args))
+        if args.method == "smf" and args.memory_from and is_finished(args.memory_from):  # else a job before makes it
+            run = read_json(os.path.join(args.memory_from, "config.json"))
+            if run.get("memory") and run.get("base_config"):  # checked as sparse_stage will, before any work
+                problem = memory_conflict(memory_flags(vars(args)), memory.MemoryConfig.from_dict(run["memory"]),
+                                          run["base_config"]["num_hidden_layers"], run["base_config"]["hidden_size"],
+                                          args.train_alpha, args.memory_from)
+                if problem:
+                    p.error(problem)
     except ValueError as e:
         p.error(str(e))
     args.lora_targets = [t for t in args.lora_targets.split(",") if t]

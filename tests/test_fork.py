@@ -4,6 +4,7 @@ entry of memory.RANKS (tests/test_memory.py), a probe an entry of eval.PROBES; e
 import functools
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -48,23 +49,31 @@ def test_replacement_memory_can_train_its_alpha(tiny_model_dir, files, tmp_path)
     assert cfg.alpha_init is None and memory.ProductKeyMemory(64, cfg).alpha is None
 
 
-def test_memory_flags_that_contradict_memory_from_are_errors(tiny_model_dir, files, tmp_path):
+def test_memory_flags_that_contradict_memory_from_are_errors(tiny_model_dir, files, tmp_path, capsys):
+    """Refused before any work (train.py --check-flags too), with the same words sparse_stage would use."""
     retro = tmp_path / "retro"
     train.main(common(tiny_model_dir, files, retro, "--method", "retrofit", "--max-steps", "1", *MEM))
     for flag, value in (("--mem-topk", "3"), ("--memory-mode", "replacement"), ("--memory-layers", "0")):
-        with pytest.raises(train.RunError, match=f"{flag} .* contradicts the memory of --memory-from"):
-            train.main(common(tiny_model_dir, files, tmp_path / f"x{flag}", "--method", "smf", "--memory-from",
-                              str(retro), "--max-steps", "1", flag, value))
+        for check in ([], ["--check-flags"]):
+            with pytest.raises(SystemExit):
+                train.main(common(tiny_model_dir, files, tmp_path / f"x{flag}", "--method", "smf", "--memory-from",
+                                  str(retro), "--max-steps", "1", flag, value, *check))
+            assert re.search(f"{flag} .* contradicts the memory of --memory-from", capsys.readouterr().err)
+            assert not (tmp_path / f"x{flag}").exists()
     # the same values as the memory's, and the per-run precision, are fine
     train.main(common(tiny_model_dir, files, tmp_path / "ok", "--method", "smf", "--memory-from", str(retro),
                       "--max-steps", "1", "--mem-topk", "4", "--memory-precision", "bf16", "--background-batches", "2"))
     assert json.load(open(tmp_path / "ok" / "config.json"))["memory"]["precision"] == "bf16"
-    with pytest.raises(train.RunError, match="has no alpha"):
-        none = tmp_path / "none"
-        train.main(common(tiny_model_dir, files, none, "--method", "retrofit", "--max-steps", "1", *MEM,
-                          "--alpha-init", "none"))
+    none = tmp_path / "none"
+    train.main(common(tiny_model_dir, files, none, "--method", "retrofit", "--max-steps", "1", *MEM,
+                      "--alpha-init", "none"))
+    with pytest.raises(SystemExit):
         train.main(common(tiny_model_dir, files, tmp_path / "y", "--method", "smf", "--memory-from", str(none),
                           "--max-steps", "1", "--train-alpha"))
+    assert "has no alpha" in capsys.readouterr().err
+    loaded = memory.MemoryConfig.from_dict(json.load(open(none / "config.json"))["memory"])  # sparse_stage's check
+    assert "has no alpha" in train.memory_conflict({}, loaded, 4, 64, True, str(none))
+    assert "--mem-topk 3 contradicts" in train.memory_conflict({"topk": 3}, loaded, 4, 64, False, str(none))
 
 
 def test_a_registered_probe_is_reachable_from_both_clis(tiny_model_dir, files, tmp_path, monkeypatch, capsys):
