@@ -52,6 +52,9 @@ class MemoryConfig:
     heads: int = 4                    # memory heads
     topk: int = 16                    # slots read per head and token
     k_dim: int = 256                  # query / key size per head (two halves)
+    query_norm: str = "none"          # "layer": each half-query layer-normalised before its keys, without learned
+    #                                   parameters (Lample et al. 2019 normalise the query with batch norm, whose
+    #                                   running statistics a finetune would move); "none" as the paper's memory
     v_dim: int | None = None          # None -> the model's hidden size (896)
     mode: str = "additive"            # additive: x + mlp(h) + alpha * mem(h); replacement: x + mem(h), no MLP
     alpha_init: float | None | str = "auto"  # the learnable output scale at init, None, or auto: 0.01 additive, None
@@ -71,6 +74,8 @@ class MemoryConfig:
             raise ValueError(f"MemoryConfig: alpha_init must be a finite number, auto or none, got {self.alpha_init}")
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ValueError(f"MemoryConfig: layers {self.layers} name a layer twice")
+        if self.query_norm not in ("none", "layer"):
+            raise ValueError(f"MemoryConfig: query_norm {self.query_norm!r} is unknown (use 'none' or 'layer')")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"MemoryConfig: precision {self.precision!r} is unknown (use 'fp32' or 'bf16')")
 
@@ -167,6 +172,8 @@ class ProductKeyMemory(nn.Module):
         h, n, k, half = self.cfg.heads, self.cfg.n_keys, self.cfg.topk, self.cfg.k_dim // 2
         q = F.linear(x, self.query.weight.to(x.dtype), self.query.bias.to(x.dtype))  # (N, h*dk)
         q = q.view(N, h, 2, half)  # (N, h, 2, dk/2): each head's query as two halves
+        if self.cfg.query_norm == "layer":
+            q = F.layer_norm(q, (half,))  # each half: zero mean, unit variance
         keys = self.keys.to(x.dtype)  # (h, 2, n, dk/2)
         s1 = torch.einsum("nhd,hkd->nhk", q[:, :, 0], keys[:, 0])  # (N, h, n): first halves vs first half-keys
         s2 = torch.einsum("nhd,hkd->nhk", q[:, :, 1], keys[:, 1])  # (N, h, n): second halves

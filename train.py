@@ -681,6 +681,8 @@ MEMORY_FLAGS = {
     "heads": ("--mem-heads", "memory heads", {}),
     "topk": ("--mem-topk", "slots read per head and token", {}),
     "k_dim": ("--mem-k-dim", "query / key size per head (two halves)", {}),
+    "query_norm": ("--mem-query-norm", "layer: each half-query layer-normalised (no learned parameters) before "
+                   "it meets its keys; none: as the paper's memory", {"choices": ["none", "layer"]}),
     "mode": ("--memory-mode", "additive: x + mlp(h) + alpha * mem(h); replacement: x + mem(h), no MLP",
              {"choices": ["additive", "replacement"]}),
     "alpha_init": ("--alpha-init", "the memory's learnable output scale at init, or none (auto: 0.01 in additive "

@@ -50,6 +50,25 @@ def test_topk_equals_brute_force_over_all_slots(heads, topk, n_keys):
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-6)
 
 
+def test_query_norm_normalises_each_half_query_before_the_keys():
+    """--mem-query-norm layer: the top-k of the brute force over every slot, on each half-query centred and scaled
+    to unit variance by hand (layer norm's eps 1e-5, no learned parameters); none keeps the raw query."""
+    mem = make_memory(heads=2, topk=4, n_keys=16, query_norm="layer")
+    x = torch.randn(50, 24) * 3 + 1
+    scores, ids = mem.lookup(x)
+    q = mem.query(x).view(50, 2, 2, 8)
+    q = (q - q.mean(-1, keepdim=True)) / torch.sqrt(q.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    s1 = torch.einsum("nhd,hkd->nhk", q[:, :, 0], mem.keys[:, 0])
+    s2 = torch.einsum("nhd,hkd->nhk", q[:, :, 1], mem.keys[:, 1])
+    ref_scores, ref_ids = (s1[..., :, None] + s2[..., None, :]).view(50, 2, 256).topk(4, dim=-1)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-5)
+    mem.cfg = MemoryConfig(**{**mem.cfg.to_dict(), "query_norm": "none"})
+    assert not torch.equal(mem.lookup(x)[1], ids)  # the norm changes which slots are read
+    with pytest.raises(ValueError, match="query_norm 'batch' is unknown"):
+        MemoryConfig(query_norm="batch")
+
+
 def test_forward_is_memory_plus_over_summed_heads():
     mem = make_memory()
     x = torch.randn(2, 3, 24)
