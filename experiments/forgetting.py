@@ -93,15 +93,18 @@ from checkpoint import load_model  # noqa: E402
 from common import die_with_parent  # noqa: E402
 from data import train_bpe_tokenizer  # noqa: E402
 from model import merge_lora, write_json  # noqa: E402
-from world import (eval_documents_ppl, eval_world_facts, read_overlap, synthetic_world, world_fact_items,  # noqa: E402
-                   world_heldout_texts, world_pretrain_texts, world_qa_texts)
+from world import (HELDOUT_QUESTION, QUESTION_TEMPLATES, eval_documents_ppl, eval_world_facts,  # noqa: E402
+                   fact_blind_accuracy, key_usage, read_overlap, reads_on_rows, synthetic_world, world_fact_documents,
+                   world_fact_items, world_heldout_texts, world_pretrain_texts, world_qa_texts)
 
-METHODS = ["smf-clean", "smf-sgd", "smf-paper", "smf-lin-t16", "smf-lin-t64", "lora", "full"]
+METHODS = ["smf-clean", "smf-sgd", "smf-paper", "smf-lin-t16", "smf-lin-t32", "smf-lin-t64", "lora", "full"]
 # what each row is: its optimizer and ranking (the README never says "SMF" for one recipe alone)
 RECIPES = {"smf-clean": "SMF, lazy AdamW, KL ranking, top-t {top_t} (our clean recipe)",
            "smf-sgd": "SMF, SGD, KL ranking, top-t {top_t} (clean recipe)",
            "smf-paper": "SMF, dense AdamW, KL ranking, top-t {top_t} per micro-batch (the paper's code)",
            "smf-lin-t16": "SMF, SGD, TF-IDF ranking, top-t 16, {lin_background} background documents read once "
+                          "(Lin et al. 2025)",
+           "smf-lin-t32": "SMF, SGD, TF-IDF ranking, top-t 32, {lin_background} background documents read once "
                           "(Lin et al. 2025)",
            "smf-lin-t64": "SMF, SGD, TF-IDF ranking, top-t 64, {lin_background} background documents read once "
                           "(Lin et al. 2025)",
@@ -142,6 +145,20 @@ SCALES = {
                           "pretrained": {"smf-clean": [1e-2], "smf-paper": [1e-2], "smf-lin-t16": [1.0],
                                          "lora": [3e-3], "full": [3e-4]}}),
 }
+# --world words: what differs from the syllables world's scale. Every word one token (vocab: an upper bound; the
+# BPE stops when every word is whole); one replacement memory closer to Lin et al.'s (128^2 = 16,384 slots, 2 heads
+# of 16 reads, key dimension 128, the query normalised); Lin et al.'s batches (one fact and its paraphrases per step);
+# their recipe at top-t 32 and 64, SGD on KL's rows, LoRA and full finetuning. The lrs: a first pilot's (seeds 10, 11)
+WORDS = {
+    "full": dict(vocab=4096, pre_n_keys=128, pre_heads=2, pre_topk=16, pre_k_dim=128, query_norm="layer",
+                 ft_batch=1, ft_accum=1, ft_epochs=5,
+                 sweeps={"pretrained": {"smf-lin-t32": [10.0, 100.0, 1e3, 1e4], "smf-lin-t64": [10.0, 100.0, 1e3, 1e4],
+                                        "smf-sgd": [10.0, 100.0, 1e3, 1e4], "lora": [1e-3, 3e-3, 1e-2, 3e-2],
+                                        "full": [1e-4, 3e-4, 1e-3, 3e-3]}}),
+    "quick": dict(vocab=4096, pre_n_keys=16, pre_heads=2, pre_topk=4, pre_k_dim=32, query_norm="layer",
+                  ft_batch=1, ft_accum=1, ft_epochs=1,
+                  sweeps={"pretrained": {"smf-lin-t32": [10.0], "smf-sgd": [10.0], "lora": [3e-3], "full": [3e-4]}}),
+}
 QUICK_NOTE = ("--quick: a SMOKE TEST of the pipeline (a tiny model, a few steps, one lr per method). It checks that "
               "every step runs; it is not expected to learn, and its numbers say nothing about the methods.")
 
@@ -152,9 +169,14 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default runs/forgetting[-quick])")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0-4 (--quick: 0 1)")
     p.add_argument("--jobs", type=int, default=2, help="train.py processes at a time (one thread each)")
-    p.add_argument("--levels", type=float, nargs="+", default=[0.3, 0.5, 0.7],
-                   help="new-fact accuracies at which the methods' old-fact accuracies are compared")
+    p.add_argument("--levels", type=float, nargs="+", default=None,
+                   help="new-fact accuracies at which the methods' old-fact accuracies are compared (default: 0.3 0.5 "
+                        "0.7; --world words 0.5 0.7)")
     p.add_argument("--figure", default=None, help="the PNG (default <out>/forgetting.png; needs matplotlib)")
+    p.add_argument("--world", default="syllables", choices=["syllables", "words"],
+                   help="syllables: names and values in a 512-token BPE (the published setting); words: every word one "
+                        "token, the new facts new attributes of known entities, asked in 5 templates of which one is "
+                        "held out (the learning probe), Lin et al.'s batches and a memory closer to theirs")
     p.add_argument("--facts", default="new-attributes", choices=["new-attributes", "siblings"],
                    help="the new facts: new attributes with new values, or the old entities' attributes (siblings)")
     p.add_argument("--memory", default="pretrained", choices=["pretrained", "retrofit"],
@@ -164,6 +186,10 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a smoke test of the pipeline at a tiny scale (for tests): "
                                                            "not expected to learn")
     args = p.parse_args(argv)
+    if args.world == "words" and (args.facts, args.memory) != ("new-attributes", "pretrained"):
+        p.error("--world words: its new facts are new attributes of known entities, in a pretrained memory (drop "
+                "--facts and --memory)")
+    args.levels = args.levels or ([0.5, 0.7] if args.world == "words" else [0.3, 0.5, 0.7])
     args.out = os.path.abspath(args.out or os.path.join("runs", "forgetting" + ("-quick" if args.quick else "")))
     args.figure = args.figure or os.path.join(args.out, "forgetting.png")
     return args
@@ -174,10 +200,13 @@ def parse_args(argv=None):
 
 
 def write_world(out, scale, seed):
-    world = synthetic_world(seed, scale["n_old"], scale["n_new"], new_attributes=scale["facts"] == "new-attributes")
-    pretrain = world_pretrain_texts(world, seed, scale["docs"], lexicon=scale["facts"] == "new-attributes")
-    files = {"pretrain": pretrain, "new_facts": world_qa_texts(world["new"]),
-             "heldout": world_heldout_texts(world)}
+    words = scale["world"] == "words"
+    world = synthetic_world(seed, scale["n_old"], scale["n_new"], new_attributes=scale["facts"] == "new-attributes",
+                            known=words)
+    pretrain = world_pretrain_texts(world, seed, scale["docs"], lexicon=scale["facts"] == "new-attributes",
+                                    questions=len(QUESTION_TEMPLATES) if words else 1)
+    files = {"pretrain": pretrain, "new_facts": world_fact_documents(world["new"]) if words
+             else world_qa_texts(world["new"]), "heldout": world_heldout_texts(world)}
     wdir = os.path.join(out, "world")
     os.makedirs(wdir, exist_ok=True)
     paths = {}
@@ -188,7 +217,10 @@ def write_world(out, scale, seed):
     write_json(os.path.join(wdir, "world.json"), world)
     # the tokenizer sees all the world's text (names of new entities included), as a real tokenizer would have
     cfg_dir = os.path.join(out, "base_config")
-    n_vocab = train_bpe_tokenizer(pretrain + files["new_facts"] + files["heldout"], cfg_dir, scale["vocab"])
+    texts = pretrain + files["new_facts"] + files["heldout"]
+    n_vocab = train_bpe_tokenizer(texts, cfg_dir, scale["vocab"])
+    if words:
+        check_one_token_per_word(os.path.join(cfg_dir, "tokenizer.json"), texts)
     tok_cfg = json.load(open(os.path.join(cfg_dir, "tokenizer.json")))
     ids = {t["content"]: t["id"] for t in tok_cfg["added_tokens"]}
     write_json(os.path.join(cfg_dir, "config.json"), {
@@ -200,6 +232,17 @@ def write_world(out, scale, seed):
         "rope_theta": 10000.0, "tie_word_embeddings": True, "torch_dtype": "float32", "use_sliding_window": False,
         "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]})
     return world, paths, cfg_dir
+
+
+def check_one_token_per_word(tokenizer_json, texts):
+    """The words world's premise: every word (and punctuation mark) of its texts is one token."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(tokenizer_json)
+    for text in texts:
+        pieces = tok.pre_tokenizer.pre_tokenize_str(text)
+        if len(tok.encode(text).ids) != len(pieces):
+            split = [p for p, _ in pieces if len(tok.encode(p).ids) > 1]
+            raise RuntimeError(f"--world words: {split[:3]} are several tokens (raise the scale's vocab)")
 
 
 # -----------------------------------------------------------------------------
@@ -235,7 +278,7 @@ def train(out, name, flags):
 # the train.py flags that make each finetune what the module docstring says it is
 LIN = ["--recipe", "clean", "--optimizer", "sgd", "--rank", "tfidf"]
 VARIANTS = {"smf-clean": ["--recipe", "clean"], "smf-sgd": ["--recipe", "clean", "--optimizer", "sgd"],
-            "smf-paper": ["--recipe", "paper"], "smf-lin-t16": [*LIN, "--top-t", 16],
+            "smf-paper": ["--recipe", "paper"], "smf-lin-t16": [*LIN, "--top-t", 16], "smf-lin-t32": [*LIN, "--top-t", 32],
             "smf-lin-t64": [*LIN, "--top-t", 64], "lora": ["--recipe", "clean"], "full": ["--recipe", "clean"]}
 
 
@@ -272,19 +315,28 @@ def hub_weights(model):
     return out
 
 
-def measure(run_dir, world, heldout_rows, base_weights=None, ref_memory=None):
+def measure(run_dir, world, heldout_rows, base_weights=None, ref_memory=None, words=False):
+    """A run's probes (words: new-fact accuracy in the held-out question template, the trained first template's
+    as new_seen_acc) and what it changed (SMF: the memory rows, and under words the share of the old questions'
+    reads that land on them)."""
     model, tok, _ = load_model(run_dir, dtype=torch.float32, device="cpu")
-    r = {"new_acc": eval_world_facts(model, tok, world_fact_items(world["new"]))["acc"],
+    new_items = world_fact_items(world["new"], template=HELDOUT_QUESTION if words else 0)
+    r = {"new_acc": eval_world_facts(model, tok, new_items)["acc"],
          "old_acc": eval_world_facts(model, tok, world_fact_items(world["old"]))["acc"],
          "cloze_acc": eval_world_facts(model, tok, world_fact_items(world["old"], cloze=True))["acc"],
          "heldout_ppl": eval_documents_ppl(model, tok, [r["text"] for r in heldout_rows])["ppl"]}
+    if words:
+        r["new_seen_acc"] = eval_world_facts(model, tok, world_fact_items(world["new"]))["acc"]
     mems = memory.memory_layers(model)
     if ref_memory is not None and mems:  # SMF: memory value rows that differ from the retrofit's, compared in the
         # run's memory dtype (bf16 under --recipe paper: the retrofit's values rounded, as stage 2 rounds them)
-        rows = sum(int((mems[i].values.weight != ref_memory[i].to(mems[i].values.weight.dtype)).any(dim=1).sum())
-                   for i in mems)
+        changed = {i: (mems[i].values.weight != ref_memory[i].to(mems[i].values.weight.dtype)).any(dim=1)
+                   .nonzero().flatten() for i in mems}
         total = sum(m.values.weight.shape[0] for m in mems.values())
-        r["changed"] = f"{rows} of {total} memory rows"
+        r["changed"] = f"{sum(map(len, changed.values()))} of {total} memory rows"
+        if words:  # the keys and everything before the memory are the start model's: so are the old reads
+            share = reads_on_rows(model, tok, world["old"], changed)
+            r["old_reads_changed"], r["old_name_reads_changed"] = share["all"], share["name"]
     elif base_weights is not None:
         now = hub_weights(model)
         changed = sum(int((now[k] != v).sum()) for k, v in base_weights.items())
@@ -314,7 +366,8 @@ def memory_flags(scale, pretrained):
     if pretrained:
         return ["--memory-layers", scale["pre_layer"], "--memory-mode", "replacement", "--n-keys",
                 scale["pre_n_keys"], "--mem-heads", scale["pre_heads"], "--mem-topk", scale["pre_topk"],
-                "--mem-k-dim", scale["pre_k_dim"]]
+                "--mem-k-dim", scale["pre_k_dim"], *(["--mem-query-norm", scale["query_norm"]]
+                                                     if scale.get("query_norm") else [])]
     return ["--n-keys", scale["n_keys"], "--mem-heads", scale["mem_heads"], "--mem-topk", scale["mem_topk"],
             "--mem-k-dim", scale["mem_k_dim"]]
 
@@ -336,14 +389,14 @@ def prepare(out, scale, seed, log):
     base_model, tok, _ = load_model(start, dtype=torch.float32, device="cpu")
     base_row = {"seed": seed, "method": "base", "lr": 0.0, "seconds": secs,
                 "trainable": sum(p.numel() for p in base_model.parameters()),  # tied embeddings once
-                **measure(start, world, heldout_rows)}
+                **measure(start, world, heldout_rows, words=scale["world"] == "words")}
     rows = [base_row]
     log(f"seed {seed} base ({secs:.0f} s): old-fact acc {base_row['old_acc']:.3f} (chance 0.10), new-fact acc "
         f"{base_row['new_acc']:.3f}, held-out ppl {base_row['heldout_ppl']:.3f}")
     base_weights = hub_weights(base_model)
     if pretrained:  # what the memory carries: the model without it (hf/, the replaced MLP adding nothing)
         rows.append({"seed": seed, "method": "no-memory", "lr": 0.0, "seconds": 0.0, "trainable": 0,
-                     **measure(base, world, heldout_rows)})
+                     **measure(base, world, heldout_rows, words=scale["world"] == "words")})
         log(f"seed {seed} without its memory: old {rows[-1]['old_acc']:.3f} ppl {rows[-1]['heldout_ppl']:.3f}")
         memory_dir = start
     else:
@@ -358,6 +411,12 @@ def prepare(out, scale, seed, log):
         log(f"seed {seed} retrofit ({secs:.0f} s): old {rows[-1]['old_acc']:.3f} new {rows[-1]['new_acc']:.3f}")
     mem_model = base_model if pretrained else load_model(memory_dir, dtype=torch.float32, device="cpu")[0]
     ref_memory = {i: m.values.weight.detach().clone() for i, m in memory.memory_layers(mem_model).items()}
+    if scale["world"] == "words":  # the share of each layer's slots that 200 pretraining documents read
+        pretrain = [json.loads(line)["text"] for line in open(paths["pretrain"])][:200]
+        base_row["key_usage"] = key_usage(mem_model, tok, pretrain)
+        base_row["blind"] = fact_blind_accuracy(world["new"])
+        log(f"seed {seed} key usage " + ", ".join(f"layer {i} {v:.3f}" for i, v in base_row["key_usage"].items())
+            + f"; a fact-blind answer scores {base_row['blind']:.3f} on the new facts")
     overlap = read_overlap(mem_model, tok, world_fact_items(world["new"]), world_fact_items(world["old"]))
     log(f"seed {seed} read overlap (new questions' answer-position reads on slots the old ones read there): "
         + ", ".join(f"layer {i} {v:.2f}" for i, v in overlap.items()))
@@ -382,7 +441,7 @@ def finetune(out, scale, seed, ctx, method, lr, log):
     r = {"seed": seed, "method": method, "lr": lr, "seconds": secs,
          "trainable": trainable_params(os.path.join(out, name)),
          **measure(os.path.join(out, name), ctx["world"], ctx["heldout_rows"], ctx["base_weights"],
-                   ctx["ref_memory"] if smf else None)}
+                   ctx["ref_memory"] if smf else None, words=scale["world"] == "words")}
     log(f"seed {seed} {name}: new {r['new_acc']:.3f} old {r['old_acc']:.3f} cloze {r['cloze_acc']:.3f} ppl "
         f"{r['heldout_ppl']:.3f} ({secs:.0f} s)")
     return r
@@ -582,16 +641,47 @@ def report(res, seeds, levels):
     return "".join(md)
 
 
+def sweep_check(per_lr) -> str:
+    """The lr rule checked: each method's sweep must run past its best mean new-fact accuracy; one line per method
+    whose best is at its top lr (a lower bound then) or, if none, one line saying so."""
+    late, swept = [], 0
+    for m in METHODS:
+        pts = [r for r in per_lr if r["method"] == m]
+        swept += len(pts) > 1
+        if len(pts) > 1 and max(pts, key=lambda r: r["new_acc"][0]) is pts[-1]:
+            late.append(f"- {m}: its best mean new-fact accuracy ({pts[-1]['new_acc'][0]:.3f}) is at its top lr "
+                        f"{pts[-1]['lr']:g}: the sweep has not turned down, its best is a lower bound\n")
+    if not swept:
+        return "Sweep check: no sweep has 2 lrs to check\n\n"
+    return "Sweep check: " + ("\n" + "".join(late) if late else "every sweep's best mean new-fact accuracy is below "
+                              "its top lr\n") + "\n"
+
+
+def words_measures(rows) -> str:
+    """--world words, per seed: the memory's key usage and the fact-blind answer's accuracy on the new facts."""
+    base = [r for r in rows if r["method"] == "base" and "key_usage" in r]
+    if not base:
+        return ""
+    return ("Per seed: the share of the memory's slots that 200 pretraining documents read (key usage), and the "
+            "accuracy of a fact-blind answer (each new attribute's most common value) on the new facts:\n\n"
+            + table(["seed", "key usage", "fact-blind new-fact acc"],
+                    [[r["seed"], ", ".join(f"layer {i}: {v:.3f}" for i, v in r["key_usage"].items()),
+                      f"{r['blind']:.3f}"] for r in base]) + "\n")
+
+
 def every_run(rows):
-    cols = ["seed", "method", "lr", "new_acc", "old_acc", "cloze_acc", "heldout_ppl", "trainable", "changed",
-            "seconds"]
-    fmt = {"lr": "{:g}".format, "new_acc": "{:.3f}".format, "old_acc": "{:.3f}".format, "cloze_acc": "{:.3f}".format,
-           "heldout_ppl": "{:.3f}".format, "seconds": "{:.0f}".format}
+    cols = ["seed", "method", "lr", "new_acc", "new_seen_acc", "old_acc", "cloze_acc", "heldout_ppl", "trainable",
+            "changed", "old_reads_changed", "old_name_reads_changed", "seconds"]
+    cols = [c for c in cols if any(c in r for r in rows)]  # the words world's columns where it ran
+    three = "{:.3f}".format
+    fmt = {"lr": "{:g}".format, "new_acc": three, "new_seen_acc": three, "old_acc": three, "cloze_acc": three,
+           "heldout_ppl": three, "old_reads_changed": three, "old_name_reads_changed": three,
+           "seconds": "{:.0f}".format}
     return table(cols, [[fmt.get(c, str)(r[c]) if c in r else "" for c in cols] for r in rows])
 
 
 COLOURS = {"smf-clean": "tab:blue", "smf-paper": "tab:cyan", "smf-sgd": "tab:purple", "smf-lin-t16": "tab:green",
-           "smf-lin-t64": "tab:olive", "lora": "tab:orange", "full": "tab:red"}
+           "smf-lin-t32": "tab:brown", "smf-lin-t64": "tab:olive", "lora": "tab:orange", "full": "tab:red"}
 
 
 def figure(res, path, title):
@@ -653,7 +743,9 @@ def figure(res, path, title):
 
 def main(argv=None):
     args = parse_args(argv)
-    scale = scale_of(SCALES["quick" if args.quick else "full"], args.facts, args.memory, args.methods)
+    size = "quick" if args.quick else "full"
+    scale = scale_of({**SCALES[size], **(WORDS[size] if args.world == "words" else {}), "world": args.world},
+                     args.facts, args.memory, args.methods)
     seeds = args.seeds or scale["seeds"]
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
@@ -680,15 +772,19 @@ def main(argv=None):
             f"{args.jobs} processes at a time, wall time {wall / 60:.1f} min, CPU time {cpu / 60:.1f} min; "
             f"chance accuracy 0.10\n\n")
     md = (f"{QUICK_NOTE}\n\n" if args.quick else "") + head + \
-        recipes_and_overlap(scale, scale["sweeps"], overlap) + "\n" + report(res, seeds, args.levels)
+        recipes_and_overlap(scale, scale["sweeps"], overlap) + "\n" + words_measures(rows) + \
+        sweep_check(res["summary"]["per_lr"]) + \
+        report(res, seeds, args.levels)
     title = (f"{'QUICK SMOKE TEST (not expected to learn): ' if args.quick else ''}learning vs forgetting on a "
              f"synthetic world, mean over {len(seeds)} seeds, 95% t-intervals")
-    default = (args.facts, args.memory) == ("new-attributes", "pretrained")
-    command = "python experiments/forgetting.py" + ("" if default else f" --memory {args.memory} --facts {args.facts}")
+    default = (args.world, args.facts, args.memory) == ("syllables", "new-attributes", "pretrained")
+    command = "python experiments/forgetting.py" + ("" if default else " --world words" if args.world == "words"
+                                                    else f" --memory {args.memory} --facts {args.facts}")
     return write_results(args.out, res, md, lambda: figure(res, args.figure, title), args.figure,
                          f"\nEvery run:\n\n{every_run(rows)}", command=command,
                          publish=None if args.quick or args.methods or args.seeds
-                         else "forgetting" + ("" if default else f"-{args.memory}-{args.facts}"))
+                         else "forgetting" + ("" if default else "-words" if args.world == "words"
+                                              else f"-{args.memory}-{args.facts}"))
 
 
 def scale_of(scale, facts, memory_, methods=None) -> dict:

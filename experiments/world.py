@@ -51,16 +51,25 @@ NEW_ATTRIBUTES = {
     "tree": ["oak", "pine", "birch", "maple", "cedar", "willow", "elm", "palm", "ash", "yew"],
 }
 VALUES = {**WORLD_ATTRIBUTES, **NEW_ATTRIBUTES}
-WORLD_QUESTION = "Q: What is the {attr} of {name}? A:"
+# the question's templates: the first is the only one of the "syllables" world; the "words" world (the new facts
+# as new attributes of known entities) pretrains every template on the old facts and finetunes the new facts in all
+# but HELDOUT_QUESTION, in which their learning is asked
+QUESTION_TEMPLATES = ["Q: What is the {attr} of {name}? A:", "Q: Which {attr} does {name} have? A:",
+                      "Q: Tell me the {attr} of {name}. A:", "Q: Name the {attr} of {name}. A:",
+                      "Q: {name} has which {attr}? A:"]
+HELDOUT_QUESTION = len(QUESTION_TEMPLATES) - 1
 WORLD_CLOZE = {a: ts[0].split("{v}")[0].rstrip() for a, ts in WORLD_TEMPLATES.items()}  # "{name} lives in"
 _SYLLABLES = ["ka", "zor", "bin", "mel", "tra", "vu", "qi", "lon", "dre", "sa", "fen", "mox", "pi", "ru", "gal",
               "tek", "ny", "os", "hul", "wen", "jar", "ce", "bo", "xi"]
 
 
-def synthetic_world(seed: int = 0, n_old: int = 60, n_new: int = 30, new_attributes: bool = False) -> dict:
+def synthetic_world(seed: int = 0, n_old: int = 60, n_new: int = 30, new_attributes: bool = False,
+                    known: bool = False) -> dict:
     """{"old": [entity], "new": [entity]}, entity = {"name": str, attribute: value, ...}; distinct names of
     2-3 syllables, values uniform at random, all from the seed. The new entities have WORLD_ATTRIBUTES (sibling
-    facts) or, with new_attributes, NEW_ATTRIBUTES (drawn after everything else, so the old world is the same)."""
+    facts) or, with new_attributes, NEW_ATTRIBUTES (drawn after everything else, so the old world is the same).
+    known (with new_attributes): the new facts are NEW_ATTRIBUTES of the first n_new old entities, entities the
+    pretraining text knows, not of new names."""
     g = torch.Generator().manual_seed(seed)
     pick = lambda n: int(torch.randint(n, (1,), generator=g))  # noqa: E731
     names = []
@@ -70,8 +79,9 @@ def synthetic_world(seed: int = 0, n_old: int = 60, n_new: int = 30, new_attribu
             names.append(name)
     entities = [{"name": n, **{a: vs[pick(len(vs))] for a, vs in WORLD_ATTRIBUTES.items()}} for n in names]
     if new_attributes:
+        about = entities[:n_new] if known else entities[n_old:]
         entities[n_old:] = [{"name": e["name"], **{a: vs[pick(len(vs))] for a, vs in NEW_ATTRIBUTES.items()}}
-                            for e in entities[n_old:]]
+                            for e in about]
     return {"old": entities[:n_old], "new": entities[n_old:]}
 
 
@@ -79,9 +89,9 @@ def attributes(entity: dict) -> list[str]:
     return [a for a in entity if a != "name"]
 
 
-def world_qa(entity: dict, attr: str) -> tuple[str, str]:
-    """(question, answer continuation with its leading space) for one fact."""
-    return WORLD_QUESTION.format(attr=attr, name=entity["name"]), " " + entity[attr]
+def world_qa(entity: dict, attr: str, template: int = 0) -> tuple[str, str]:
+    """(question in QUESTION_TEMPLATES[template], answer continuation with its leading space) for one fact."""
+    return QUESTION_TEMPLATES[template].format(attr=attr, name=entity["name"]), " " + entity[attr]
 
 
 def world_qa_texts(entities: list[dict]) -> list[str]:
@@ -89,15 +99,31 @@ def world_qa_texts(entities: list[dict]) -> list[str]:
     return ["".join(world_qa(e, a)) for e in entities for a in attributes(e)]
 
 
+def world_fact_documents(entities: list[dict]) -> list[str]:
+    """One training document per fact, Lin et al.'s batch (one fact and its paraphrases): its question-answer lines
+    in every template but HELDOUT_QUESTION. (In one document, a later line could copy an earlier line's answer.)"""
+    return ["\n".join("".join(world_qa(e, a, t)) for t in range(len(QUESTION_TEMPLATES)) if t != HELDOUT_QUESTION)
+            for e in entities for a in attributes(e)]
+
+
+def fact_blind_accuracy(entities: list[dict]) -> float:
+    """The accuracy of a fact-blind answer: each attribute's most common value among these facts, always."""
+    hits = [sum(e[a] == v for e in entities) for a in attributes(entities[0])
+            for v in [max(VALUES[a], key=lambda v: sum(e[a] == v for e in entities))]]
+    return sum(hits) / (len(entities) * len(attributes(entities[0])))
+
+
 def world_heldout_template(i: int, attr: str) -> int:
     """The template of attribute attr that no pretraining text uses for the i-th old entity (others' texts do)."""
     return (i + list(WORLD_ATTRIBUTES).index(attr)) % len(WORLD_TEMPLATES[attr])
 
 
-def world_pretrain_texts(world: dict, seed: int = 0, n_docs: int = 2000, lexicon: bool = False) -> list[str]:
+def world_pretrain_texts(world: dict, seed: int = 0, n_docs: int = 2000, lexicon: bool = False,
+                         questions: int = 1) -> list[str]:
     """Pretraining documents about the old entities: each is one entity's attributes in a random order, each in a
     random template other than its held-out one, followed by the question-answer lines of a random half of its
-    attributes (so the question format is known before any finetune). Entities are drawn round-robin. lexicon: then
+    attributes (so the question format is known before any finetune), each in one of the first `questions` of
+    QUESTION_TEMPLATES (at random). Entities are drawn round-robin. lexicon: then
     n_docs / 20 documents that name the values of NEW_ATTRIBUTES ("One instrument is the harp."), so that the words
     of the new facts are known (as a real model knows its vocabulary) though no fact about an entity uses them."""
     g = torch.Generator().manual_seed(seed + 1)
@@ -111,7 +137,8 @@ def world_pretrain_texts(world: dict, seed: int = 0, n_docs: int = 2000, lexicon
         for a in order:
             allowed = [t for k, t in enumerate(WORLD_TEMPLATES[a]) if k != world_heldout_template(i, a)]
             sents.append(allowed[int(torch.randint(len(allowed), (1,), generator=g))].format(name=e["name"], v=e[a]))
-        qa = ["".join(world_qa(e, a)) for a in order[:len(order) // 2]]
+        qa = ["".join(world_qa(e, a, int(torch.randint(questions, (1,), generator=g)) if questions > 1 else 0))
+              for a in order[:len(order) // 2]]
         docs.append(" ".join(sents) + "\n" + "\n".join(qa))
     for d in range(n_docs // 20 if lexicon else 0):
         attr = list(NEW_ATTRIBUTES)[d % len(NEW_ATTRIBUTES)]
@@ -127,13 +154,14 @@ def world_heldout_texts(world: dict) -> list[str]:
                      for a in WORLD_ATTRIBUTES) for i, e in enumerate(world["old"])]
 
 
-def world_fact_items(entities: list[dict], cloze: bool = False) -> list[tuple[str, list[str], int]]:
+def world_fact_items(entities: list[dict], cloze: bool = False, template: int = 0) -> list[tuple[str, list[str], int]]:
     """Multiple-choice probe items (question, [" value" for every value of the attribute], index of the true one);
-    chance is 1 / len(VALUES[attr]). cloze: the prose prompt of WORLD_CLOZE instead of the question."""
+    chance is 1 / len(VALUES[attr]). cloze: the prose prompt of WORLD_CLOZE instead of the question; else the
+    question in QUESTION_TEMPLATES[template]."""
     items = []
     for e in entities:
         for a in attributes(e):
-            q = WORLD_CLOZE[a].format(name=e["name"]) if cloze else world_qa(e, a)[0]
+            q = WORLD_CLOZE[a].format(name=e["name"]) if cloze else world_qa(e, a, template)[0]
             items.append((q, [" " + v for v in VALUES[a]], VALUES[a].index(e[a])))
     return items
 
@@ -198,3 +226,39 @@ def read_overlap(model, tok, new_items, old_items) -> dict:
         return {i: torch.cat(r) for i, r in reads.items()}
     new, old = answer_reads(new_items), answer_reads(old_items)
     return {i: float(torch.isin(new[i], old[i]).float().mean()) for i in new}
+
+
+@torch.inference_mode()
+def key_usage(model, tok, texts: list[str]) -> dict:
+    """Per memory layer: the share of its slots that some token of `texts` reads (any head's top-k)."""
+    device, layers = model_device(model), memory.memory_layers(model)
+    read = {i: torch.zeros(mem.n_slots, dtype=torch.bool) for i, mem in layers.items()}
+    for text in texts:
+        model(torch.tensor([tok.encode(text)], device=device))
+        for i, mem in layers.items():
+            read[i][mem.last_indices.flatten().cpu()] = True
+    return {i: float(r.float().mean()) for i, r in read.items()}
+
+
+@torch.inference_mode()
+def reads_on_rows(model, tok, entities: list[dict], rows: dict, template: int = 0) -> dict:
+    """The share of the memory reads of the entities' questions (QUESTION_TEMPLATES[template]; every head's top-k,
+    counted with multiplicity, all memory layers) that land on `rows` ({layer: slot ids}, e.g. the rows a finetune
+    changed): {"all": at every position, "name": at the name's token (one token: the words world)}."""
+    device, layers = model_device(model), memory.memory_layers(model)
+    hit = {"all": 0, "name": 0}
+    total = {"all": 0, "name": 0}
+    for e in entities:
+        name_id = tok.encode(" " + e["name"])
+        for a in attributes(e):
+            ids = tok.encode(world_qa(e, a, template)[0])
+            model(torch.tensor([ids], device=device))
+            at_name = [t for t, x in enumerate(ids) if [x] == name_id]
+            for i, mem in layers.items():
+                reads = mem.last_indices[0].cpu()  # (T, h*k)
+                on = torch.isin(reads, torch.as_tensor(rows.get(i, []), dtype=reads.dtype))
+                hit["all"] += int(on.sum())
+                total["all"] += on.numel()
+                hit["name"] += int(on[at_name].sum())
+                total["name"] += on[at_name].numel()
+    return {k: hit[k] / total[k] if total[k] else float("nan") for k in hit}

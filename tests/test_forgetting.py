@@ -361,7 +361,8 @@ def test_each_row_trains_with_its_own_recipe():
     scale = forgetting.SCALES["full"]
     want = {"smf-clean": ("clean", None, "kl", scale["top_t"]), "smf-sgd": ("clean", "sgd", "kl", scale["top_t"]),
             "smf-paper": ("paper", None, "kl", scale["top_t"]), "smf-lin-t16": ("clean", "sgd", "tfidf", 16),
-            "smf-lin-t64": ("clean", "sgd", "tfidf", 64), "lora": ("clean", None, None, None),
+            "smf-lin-t32": ("clean", "sgd", "tfidf", 32), "smf-lin-t64": ("clean", "sgd", "tfidf", 64),
+            "lora": ("clean", None, None, None),
             "full": ("clean", None, None, None)}
     assert sorted(want) == sorted(forgetting.METHODS)
     for method in forgetting.METHODS:  # every row of the full run, not only --quick's
@@ -415,3 +416,126 @@ def test_a_job_dies_with_its_script(tiny_model_dir, files, tmp_path):
             except OSError:
                 assert time.time() < deadline, "train.py outlived its killed script"
                 time.sleep(0.05)
+
+
+# -----------------------------------------------------------------------------
+# --world words: every word one token, new attributes of known entities, a held-out question template
+
+
+def test_words_world_asks_new_facts_about_known_entities_in_a_held_out_template():
+    old = world.synthetic_world(5, 12, 6, new_attributes=True)
+    w = world.synthetic_world(5, 12, 6, new_attributes=True, known=True)
+    assert w["old"] == old["old"]  # the old world is the same
+    assert [e["name"] for e in w["new"]] == [e["name"] for e in w["old"][:6]]  # entities the pretraining knows
+    assert all(world.attributes(e) == list(world.NEW_ATTRIBUTES) for e in w["new"])
+    pretrain = "\n".join(world.world_pretrain_texts(w, 5, 120, lexicon=True, questions=len(world.QUESTION_TEMPLATES)))
+    for e in w["new"]:  # the name is known, its new facts are not
+        assert f" {e['name']} " in pretrain
+        assert not any("".join(world.world_qa(e, a, t)) in pretrain for a in world.NEW_ATTRIBUTES
+                       for t in range(len(world.QUESTION_TEMPLATES)))
+    for t in range(len(world.QUESTION_TEMPLATES)):  # every template is a known question format (old facts)
+        assert any(world.world_qa(e, a, t)[0] in pretrain for e in w["old"] for a in world.WORLD_ATTRIBUTES)
+    docs = world.world_fact_documents(w["new"])
+    assert len(docs) == 6 * len(world.NEW_ATTRIBUTES)
+    for doc, (e, a) in zip(docs, [(e, a) for e in w["new"] for a in world.NEW_ATTRIBUTES]):
+        lines = doc.split("\n")  # one fact and its paraphrases: every template but the held-out one
+        assert lines == ["".join(world.world_qa(e, a, t)) for t in range(len(world.QUESTION_TEMPLATES) - 1)]
+    held = [q for q, _, _ in world.world_fact_items(w["new"], template=world.HELDOUT_QUESTION)]
+    assert not any(q in "\n".join(docs) for q in held)  # learning is asked in a template no finetune trains
+    values = [v for vs in world.VALUES.values() for v in vs]
+    assert len(values) == len(set(values))  # no value is another attribute's: a one-token answer is the whole one
+
+
+def test_fact_blind_accuracy_is_the_most_common_value_of_each_attribute():
+    facts = [{"name": "A", "food": "rice", "tree": "oak"}, {"name": "B", "food": "rice", "tree": "elm"},
+             {"name": "C", "food": "soup", "tree": "yew"}, {"name": "D", "food": "rice", "tree": "elm"}]
+    assert world.fact_blind_accuracy(facts) == (3 + 2) / 8
+
+
+def test_words_world_makes_every_word_one_token(tmp_path):
+    import forgetting
+    from data import train_bpe_tokenizer
+    w = world.synthetic_world(0, 12, 6, new_attributes=True, known=True)
+    texts = world.world_pretrain_texts(w, 0, 150, lexicon=True, questions=5) + world.world_fact_documents(w["new"])
+    train_bpe_tokenizer(texts, str(tmp_path / "words"), 4096)
+    forgetting.check_one_token_per_word(str(tmp_path / "words" / "tokenizer.json"), texts)  # passes
+    train_bpe_tokenizer(texts, str(tmp_path / "small"), 300)
+    with pytest.raises(RuntimeError, match="are several tokens"):
+        forgetting.check_one_token_per_word(str(tmp_path / "small" / "tokenizer.json"), texts)
+
+
+def test_key_usage_and_reads_on_rows_equal_a_hand_count(tiny_model_dir, tmp_path):
+    from data import Tokenizer, train_bpe_tokenizer
+    from memory import MemoryConfig, add_memory, memory_layers
+    from model import Qwen2
+    model = Qwen2.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    add_memory(model, MemoryConfig(n_keys=8, heads=2, topk=2, k_dim=16, layers=[1, 2]))
+    ents = [{"name": "Zorbin", "food": "rice"}, {"name": "Kamel", "food": "soup"}]
+    # a words-world tokenizer (every word one token) small enough for the tiny model's embedding
+    corpus = ["".join(world.world_qa(e, "food")) for e in ents] * 3
+    assert train_bpe_tokenizer(corpus, str(tmp_path / "tok"), 340) <= model.config.vocab_size
+    tok = Tokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert len(tok.encode(" Zorbin")) == 1
+    texts = ["Zorbin lives in Lima.", "Kamel eats rice."]
+    reads = {i: [] for i in memory_layers(model)}
+    for t in texts:
+        model(torch.tensor([tok.encode(t)]))
+        for i, m in memory_layers(model).items():
+            reads[i] += m.last_indices.flatten().tolist()
+    assert world.key_usage(model, tok, texts) == {i: len(set(r)) / 64 for i, r in reads.items()}
+    everything = {i: list(range(64)) for i in reads}
+    assert world.reads_on_rows(model, tok, ents, everything) == {"all": 1.0, "name": 1.0}
+    assert world.reads_on_rows(model, tok, ents, {}) == {"all": 0.0, "name": 0.0}
+    rows = {1: [3, 5, 7]}
+    hit = total = hit_name = total_name = 0
+    for e in ents:
+        ids = tok.encode(world.world_qa(e, "food")[0])
+        name = tok.encode(" " + e["name"])
+        model(torch.tensor([ids]))
+        for i, m in memory_layers(model).items():
+            for t, slots in enumerate(m.last_indices[0].tolist()):
+                on = sum(s in rows.get(i, []) for s in slots)
+                hit, total = hit + on, total + len(slots)
+                if [ids[t]] == name:
+                    hit_name, total_name = hit_name + on, total_name + len(slots)
+    got = world.reads_on_rows(model, tok, ents, rows)
+    assert got["all"] == hit / total
+    assert total_name and got["name"] == hit_name / total_name
+
+
+def test_sweep_check_flags_a_sweep_whose_best_is_its_top_lr():
+    import forgetting
+    pt = lambda m, lr, acc: {"method": m, "lr": lr, "new_acc": (acc, None)}  # noqa: E731
+    per_lr = [pt("lora", 1e-3, 0.2), pt("lora", 3e-3, 0.6), pt("lora", 1e-2, 0.5),
+              pt("full", 1e-4, 0.2), pt("full", 3e-4, 0.4), pt("full", 1e-3, 0.7)]
+    text = forgetting.sweep_check(per_lr)
+    assert "- full: its best mean new-fact accuracy (0.700) is at its top lr 0.001" in text and "lora" not in text
+    assert "below its top lr" in forgetting.sweep_check(per_lr[:3])
+    assert "no sweep has 2 lrs" in forgetting.sweep_check(per_lr[:1])
+
+
+def test_words_world_refuses_another_memory_or_facts(capsys):
+    import forgetting
+    with pytest.raises(SystemExit) as e:
+        forgetting.parse_args(["--world", "words", "--memory", "retrofit"])
+    assert e.value.code == 2 and "--world words: its new facts are new attributes" in capsys.readouterr().err
+    assert forgetting.parse_args(["--world", "words"]).levels == [0.5, 0.7]
+
+
+def test_words_quick_runs_lin_et_al_batches_and_measures_reads(tmp_path):
+    """--world words --quick, Lin et al.'s rows alone: each finetune step is one fact's document, the memory is
+    read with its query normalised, and the run's measures are written."""
+    import forgetting
+    out = str(tmp_path / "words")
+    res, _ = without_matplotlib(forgetting.main, ["--world", "words", "--quick", "--out", out, "--methods",
+                                                  "smf-lin-t32"])
+    base = next(r for r in res["runs"] if r["method"] == "base")
+    assert 0 < base["key_usage"][1] <= 1 and 0 < base["blind"] < 1
+    run = next(r for r in res["runs"] if r["method"] == "smf-lin-t32")
+    assert 0 <= run["old_reads_changed"] <= 1 and "new_seen_acc" in run
+    cfg, args, log = run_files(out, 0, "smf-lin-t32-lr10")
+    assert (args["batch_size"], args["rank"], args["top_t"]) == (1, "tfidf", 32)
+    assert cfg["memory"]["query_norm"] == "layer" and cfg["memory"]["n_keys"] == 16
+    docs = [json.loads(line)["text"] for line in open(os.path.join(out, "seed0", "world", "new_facts.jsonl"))]
+    assert len(log) == len(docs) * forgetting.WORDS["quick"]["ft_epochs"]  # one document (fact) per step
