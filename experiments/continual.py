@@ -95,10 +95,10 @@ def parse_args(argv=None):
 def scale_of(args) -> dict:
     """forgetting.py's scale with K * PER_SET new entities, and this run's seeds and lrs ({method: [lr, ...]})."""
     if args.quick:
-        scale = {**forgetting.scale_of(forgetting.SCALES["quick"], args.facts, args.memory, METHODS), **QUICK,
+        scale = {**forgetting.scale_of("quick", args.facts, args.memory, METHODS), **QUICK,
                  "n_new": QUICK["k"] * QUICK["per_set"], "lrs": {m: [lr] for m, lr in QUICK["lrs"].items()}}
     else:
-        full = forgetting.scale_of(forgetting.SCALES["full"], args.facts, args.memory, METHODS)
+        full = forgetting.scale_of("full", args.facts, args.memory, METHODS)
         lrs = full["sweeps"] if args.pilot else {m: [lr] for m, lr in LRS[args.memory].items()}
         scale = {**full, "n_new": K * PER_SET, "k": K, "per_set": PER_SET, "lrs": lrs}
     scale["seeds"] = args.seeds or ([10, 11] if args.pilot else [0] if args.quick else scale["seeds"])

@@ -743,9 +743,7 @@ def figure(res, path, title):
 
 def main(argv=None):
     args = parse_args(argv)
-    size = "quick" if args.quick else "full"
-    scale = scale_of({**SCALES[size], **(WORDS[size] if args.world == "words" else {}), "world": args.world},
-                     args.facts, args.memory, args.methods)
+    scale = scale_of("quick" if args.quick else "full", args.facts, args.memory, args.methods, args.world)
     seeds = args.seeds or scale["seeds"]
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
@@ -787,8 +785,10 @@ def main(argv=None):
                                               else f"-{args.memory}-{args.facts}"))
 
 
-def scale_of(scale, facts, memory_, methods=None) -> dict:
-    """A scale with the world's facts, the memory, and the sweeps of that memory (of `methods` only, if given)."""
+def scale_of(size, facts, memory_, methods=None, world="syllables") -> dict:
+    """SCALES[size] (with WORDS[size] for --world words) with the world's facts, the memory, and the sweeps of that
+    memory (of `methods` only, if given)."""
+    scale = {**SCALES[size], **(WORDS[size] if world == "words" else {}), "world": world}
     sweeps = {m: lrs for m, lrs in scale["sweeps"][memory_].items() if methods is None or m in methods}
     return {**scale, "facts": facts, "memory": memory_, "sweeps": sweeps}
 

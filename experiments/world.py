@@ -69,14 +69,24 @@ def synthetic_world(seed: int = 0, n_old: int = 60, n_new: int = 30, new_attribu
     2-3 syllables, values uniform at random, all from the seed. The new entities have WORLD_ATTRIBUTES (sibling
     facts) or, with new_attributes, NEW_ATTRIBUTES (drawn after everything else, so the old world is the same).
     known (with new_attributes): the new facts are NEW_ATTRIBUTES of the first n_new old entities, entities the
-    pretraining text knows, not of new names."""
+    pretraining text knows, and every name is two words (a first and a last name, each shared by several entities:
+    in a world of one token per word, no single token's embedding can hold an entity's facts)."""
     g = torch.Generator().manual_seed(seed)
     pick = lambda n: int(torch.randint(n, (1,), generator=g))  # noqa: E731
-    names = []
-    while len(names) < n_old + n_new:
-        name = "".join(_SYLLABLES[pick(len(_SYLLABLES))] for _ in range(2 + pick(2))).capitalize()
-        if name not in names:
-            names.append(name)
+
+    def distinct(n, draw):
+        out = []
+        while len(out) < n:
+            if (x := draw()) not in out:
+                out.append(x)
+        return out
+    word = lambda: "".join(_SYLLABLES[pick(len(_SYLLABLES))] for _ in range(2 + pick(2))).capitalize()  # noqa: E731
+    if known:
+        pool = math.isqrt(n_old) + 2  # first and last names: about sqrt(n_old) of each, distinct pairs
+        first, last = distinct(pool, word), distinct(pool, word)
+        names = distinct(n_old, lambda: f"{first[pick(pool)]} {last[pick(pool)]}")
+    else:
+        names = distinct(n_old + n_new, word)
     entities = [{"name": n, **{a: vs[pick(len(vs))] for a, vs in WORLD_ATTRIBUTES.items()}} for n in names]
     if new_attributes:
         about = entities[:n_new] if known else entities[n_old:]
@@ -244,16 +254,16 @@ def key_usage(model, tok, texts: list[str]) -> dict:
 def reads_on_rows(model, tok, entities: list[dict], rows: dict, template: int = 0) -> dict:
     """The share of the memory reads of the entities' questions (QUESTION_TEMPLATES[template]; every head's top-k,
     counted with multiplicity, all memory layers) that land on `rows` ({layer: slot ids}, e.g. the rows a finetune
-    changed): {"all": at every position, "name": at the name's token (one token: the words world)}."""
+    changed): {"all": at every position, "name": at the name's tokens (a token of the name, wherever it is)}."""
     device, layers = model_device(model), memory.memory_layers(model)
     hit = {"all": 0, "name": 0}
     total = {"all": 0, "name": 0}
     for e in entities:
-        name_id = tok.encode(" " + e["name"])
+        name_ids = set(tok.encode(" " + e["name"]))
         for a in attributes(e):
             ids = tok.encode(world_qa(e, a, template)[0])
             model(torch.tensor([ids], device=device))
-            at_name = [t for t, x in enumerate(ids) if [x] == name_id]
+            at_name = [t for t, x in enumerate(ids) if x in name_ids]
             for i, mem in layers.items():
                 reads = mem.last_indices[0].cpu()  # (T, h*k)
                 on = torch.isin(reads, torch.as_tensor(rows.get(i, []), dtype=reads.dtype))
