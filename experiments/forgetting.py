@@ -175,10 +175,13 @@ def parse_args(argv=None):
     p.add_argument("--figure", default=None, help="the PNG (default <out>/forgetting.png; needs matplotlib)")
     p.add_argument("--world", default="syllables", choices=["syllables", "words"],
                    help="syllables: names and values in a 512-token BPE (the published setting); words: every word one "
-                        "token, the new facts new attributes of known entities, asked in 5 templates of which one is "
-                        "held out (the learning probe), Lin et al.'s batches and a memory closer to theirs")
-    p.add_argument("--facts", default="new-attributes", choices=["new-attributes", "siblings"],
-                   help="the new facts: new attributes with new values, or the old entities' attributes (siblings)")
+                        "token, two-word names, the new facts those of entities the pretraining names without facts, "
+                        "asked in 5 templates of which one is held out (the learning probe), Lin et al.'s batches and "
+                        "a memory closer to theirs")
+    p.add_argument("--facts", default=None, choices=["new-attributes", "siblings", "roster"],
+                   help="the new facts: new attributes with new values, or the old entities' attributes (siblings), "
+                        "or (--world words) the old attributes of entities the pretraining text names in rosters "
+                        "(default: new-attributes; --world words: roster)")
     p.add_argument("--memory", default="pretrained", choices=["pretrained", "retrofit"],
                    help="SMF's memory: pretrained with the model (one replacement memory in the middle layer, as Lin "
                         "et al.'s), or retrofitted after pretraining (3 additive layers, as the paper's)")
@@ -186,9 +189,10 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a smoke test of the pipeline at a tiny scale (for tests): "
                                                            "not expected to learn")
     args = p.parse_args(argv)
-    if args.world == "words" and (args.facts, args.memory) != ("new-attributes", "pretrained"):
-        p.error("--world words: its new facts are new attributes of known entities, in a pretrained memory (drop "
-                "--facts and --memory)")
+    args.facts = args.facts or ("roster" if args.world == "words" else "new-attributes")
+    if (args.world == "words") != (args.facts == "roster") or (args.world == "words" and args.memory != "pretrained"):
+        p.error("--world words goes with --facts roster and --memory pretrained, and --facts roster with --world "
+                "words (drop --facts and --memory)")
     args.levels = args.levels or ([0.5, 0.7] if args.world == "words" else [0.3, 0.5, 0.7])
     args.out = os.path.abspath(args.out or os.path.join("runs", "forgetting" + ("-quick" if args.quick else "")))
     args.figure = args.figure or os.path.join(args.out, "forgetting.png")
@@ -202,9 +206,9 @@ def parse_args(argv=None):
 def write_world(out, scale, seed):
     words = scale["world"] == "words"
     world = synthetic_world(seed, scale["n_old"], scale["n_new"], new_attributes=scale["facts"] == "new-attributes",
-                            known=words)
+                            two_word_names=words)
     pretrain = world_pretrain_texts(world, seed, scale["docs"], lexicon=scale["facts"] == "new-attributes",
-                                    questions=len(QUESTION_TEMPLATES) if words else 1)
+                                    questions=len(QUESTION_TEMPLATES) if words else 1, roster=words)
     files = {"pretrain": pretrain, "new_facts": world_fact_documents(world["new"]) if words
              else world_qa_texts(world["new"]), "heldout": world_heldout_texts(world)}
     wdir = os.path.join(out, "world")

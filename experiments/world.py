@@ -51,9 +51,8 @@ NEW_ATTRIBUTES = {
     "tree": ["oak", "pine", "birch", "maple", "cedar", "willow", "elm", "palm", "ash", "yew"],
 }
 VALUES = {**WORLD_ATTRIBUTES, **NEW_ATTRIBUTES}
-# the question's templates: the first is the only one of the "syllables" world; the "words" world (the new facts
-# as new attributes of known entities) pretrains every template on the old facts and finetunes the new facts in all
-# but HELDOUT_QUESTION, in which their learning is asked
+# the question's templates: the first is the only one of the "syllables" world; the "words" world pretrains every
+# template on the old facts and finetunes the new facts in all but HELDOUT_QUESTION, in which their learning is asked
 QUESTION_TEMPLATES = ["Q: What is the {attr} of {name}? A:", "Q: Which {attr} does {name} have? A:",
                       "Q: Tell me the {attr} of {name}. A:", "Q: Name the {attr} of {name}. A:",
                       "Q: {name} has which {attr}? A:"]
@@ -64,13 +63,12 @@ _SYLLABLES = ["ka", "zor", "bin", "mel", "tra", "vu", "qi", "lon", "dre", "sa", 
 
 
 def synthetic_world(seed: int = 0, n_old: int = 60, n_new: int = 30, new_attributes: bool = False,
-                    known: bool = False) -> dict:
+                    two_word_names: bool = False) -> dict:
     """{"old": [entity], "new": [entity]}, entity = {"name": str, attribute: value, ...}; distinct names of
     2-3 syllables, values uniform at random, all from the seed. The new entities have WORLD_ATTRIBUTES (sibling
     facts) or, with new_attributes, NEW_ATTRIBUTES (drawn after everything else, so the old world is the same).
-    known (with new_attributes): the new facts are NEW_ATTRIBUTES of the first n_new old entities, entities the
-    pretraining text knows, and every name is two words (a first and a last name, each shared by several entities:
-    in a world of one token per word, no single token's embedding can hold an entity's facts)."""
+    two_word_names (the words world): every name is a first and a last name, each shared by several entities, so
+    that in a world of one token per word no single token's embedding can hold an entity's facts."""
     g = torch.Generator().manual_seed(seed)
     pick = lambda n: int(torch.randint(n, (1,), generator=g))  # noqa: E731
 
@@ -81,17 +79,16 @@ def synthetic_world(seed: int = 0, n_old: int = 60, n_new: int = 30, new_attribu
                 out.append(x)
         return out
     word = lambda: "".join(_SYLLABLES[pick(len(_SYLLABLES))] for _ in range(2 + pick(2))).capitalize()  # noqa: E731
-    if known:
-        pool = math.isqrt(n_old) + 2  # first and last names: about sqrt(n_old) of each, distinct pairs
+    if two_word_names:
+        pool = math.isqrt(n_old + n_new) + 2  # about sqrt(n) first and last names: enough distinct pairs
         first, last = distinct(pool, word), distinct(pool, word)
-        names = distinct(n_old, lambda: f"{first[pick(pool)]} {last[pick(pool)]}")
+        names = distinct(n_old + n_new, lambda: f"{first[pick(pool)]} {last[pick(pool)]}")
     else:
         names = distinct(n_old + n_new, word)
     entities = [{"name": n, **{a: vs[pick(len(vs))] for a, vs in WORLD_ATTRIBUTES.items()}} for n in names]
     if new_attributes:
-        about = entities[:n_new] if known else entities[n_old:]
         entities[n_old:] = [{"name": e["name"], **{a: vs[pick(len(vs))] for a, vs in NEW_ATTRIBUTES.items()}}
-                            for e in about]
+                            for e in entities[n_old:]]
     return {"old": entities[:n_old], "new": entities[n_old:]}
 
 
@@ -129,13 +126,15 @@ def world_heldout_template(i: int, attr: str) -> int:
 
 
 def world_pretrain_texts(world: dict, seed: int = 0, n_docs: int = 2000, lexicon: bool = False,
-                         questions: int = 1) -> list[str]:
+                         questions: int = 1, roster: bool = False) -> list[str]:
     """Pretraining documents about the old entities: each is one entity's attributes in a random order, each in a
     random template other than its held-out one, followed by the question-answer lines of a random half of its
     attributes (so the question format is known before any finetune), each in one of the first `questions` of
     QUESTION_TEMPLATES (at random). Entities are drawn round-robin. lexicon: then
     n_docs / 20 documents that name the values of NEW_ATTRIBUTES ("One instrument is the harp."), so that the words
-    of the new facts are known (as a real model knows its vocabulary) though no fact about an entity uses them."""
+    of the new facts are known (as a real model knows its vocabulary) though no fact about an entity uses them.
+    roster: then n_docs / 20 documents that list 5 of the new entities' names each ("Among the members are ..."),
+    round-robin, so that every new entity is known by name though no fact about it is in the text."""
     g = torch.Generator().manual_seed(seed + 1)
     attrs = list(WORLD_ATTRIBUTES)
     docs = []
@@ -154,6 +153,10 @@ def world_pretrain_texts(world: dict, seed: int = 0, n_docs: int = 2000, lexicon
         attr = list(NEW_ATTRIBUTES)[d % len(NEW_ATTRIBUTES)]
         values = [NEW_ATTRIBUTES[attr][k] for k in torch.randperm(len(NEW_ATTRIBUTES[attr]), generator=g).tolist()]
         docs.append(" ".join(f"One {attr} is the {v}." for v in values))
+    new = [e["name"] for e in world["new"]]
+    for d in range(n_docs // 20 if roster else 0):
+        listed = [new[(5 * d + k) % len(new)] for k in range(5)]
+        docs.append(f"Among the members are {', '.join(listed[:-1])} and {listed[-1]}.")
     return docs
 
 

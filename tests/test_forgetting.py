@@ -422,24 +422,23 @@ def test_a_job_dies_with_its_script(tiny_model_dir, files, tmp_path):
 # --world words: every word one token, new attributes of known entities, a held-out question template
 
 
-def test_words_world_asks_new_facts_about_known_entities_in_a_held_out_template():
-    w = world.synthetic_world(5, 12, 6, new_attributes=True, known=True)
-    names = [e["name"].split(" ") for e in w["old"]]
-    assert all(len(n) == 2 for n in names) and len({tuple(n) for n in names}) == 12  # two words, distinct pairs
+def test_words_world_asks_facts_of_named_entities_in_a_held_out_template():
+    w = world.synthetic_world(5, 12, 6, two_word_names=True)
+    names = [e["name"].split(" ") for e in w["old"] + w["new"]]
+    assert all(len(n) == 2 for n in names) and len({tuple(n) for n in names}) == 18  # two words, distinct pairs
     for part in (0, 1):  # each word of a name is shared: no one token stands for one entity
-        assert len({n[part] for n in names}) < 12
-    assert [e["name"] for e in w["new"]] == [e["name"] for e in w["old"][:6]]  # entities the pretraining knows
-    assert all(world.attributes(e) == list(world.NEW_ATTRIBUTES) for e in w["new"])
-    pretrain = "\n".join(world.world_pretrain_texts(w, 5, 120, lexicon=True, questions=len(world.QUESTION_TEMPLATES)))
-    for e in w["new"]:  # the name is known, its new facts are not
-        assert f" {e['name']} " in pretrain
-        assert not any("".join(world.world_qa(e, a, t)) in pretrain for a in world.NEW_ATTRIBUTES
-                       for t in range(len(world.QUESTION_TEMPLATES)))
+        assert len({n[part] for n in names}) < 18
+    assert all(world.attributes(e) == list(world.WORLD_ATTRIBUTES) for e in w["new"])  # attributes it can read out
+    docs = world.world_pretrain_texts(w, 5, 120, questions=len(world.QUESTION_TEMPLATES), roster=True)
+    pretrain = "\n".join(docs)
+    for e in w["new"]:  # the name is known, from rosters alone: none of its facts is in the text
+        assert f" {e['name']}" in pretrain
+        assert all(d.startswith("Among the members are ") for d in docs if e["name"] in d)
     for t in range(len(world.QUESTION_TEMPLATES)):  # every template is a known question format (old facts)
         assert any(world.world_qa(e, a, t)[0] in pretrain for e in w["old"] for a in world.WORLD_ATTRIBUTES)
     docs = world.world_fact_documents(w["new"])
-    assert len(docs) == 6 * len(world.NEW_ATTRIBUTES)
-    for doc, (e, a) in zip(docs, [(e, a) for e in w["new"] for a in world.NEW_ATTRIBUTES]):
+    assert len(docs) == 6 * len(world.WORLD_ATTRIBUTES)
+    for doc, (e, a) in zip(docs, [(e, a) for e in w["new"] for a in world.WORLD_ATTRIBUTES]):
         lines = doc.split("\n")  # one fact and its paraphrases: every template but the held-out one
         assert lines == ["".join(world.world_qa(e, a, t)) for t in range(len(world.QUESTION_TEMPLATES) - 1)]
     held = [q for q, _, _ in world.world_fact_items(w["new"], template=world.HELDOUT_QUESTION)]
@@ -457,8 +456,8 @@ def test_fact_blind_accuracy_is_the_most_common_value_of_each_attribute():
 def test_words_world_makes_every_word_one_token(tmp_path):
     import forgetting
     from data import train_bpe_tokenizer
-    w = world.synthetic_world(0, 12, 6, new_attributes=True, known=True)
-    texts = world.world_pretrain_texts(w, 0, 150, lexicon=True, questions=5) + world.world_fact_documents(w["new"])
+    w = world.synthetic_world(0, 12, 6, two_word_names=True)
+    texts = world.world_pretrain_texts(w, 0, 150, questions=5, roster=True) + world.world_fact_documents(w["new"])
     train_bpe_tokenizer(texts, str(tmp_path / "words"), 4096)
     forgetting.check_one_token_per_word(str(tmp_path / "words" / "tokenizer.json"), texts)  # passes
     train_bpe_tokenizer(texts, str(tmp_path / "small"), 300)
@@ -521,8 +520,11 @@ def test_words_world_refuses_another_memory_or_facts(capsys):
     import forgetting
     with pytest.raises(SystemExit) as e:
         forgetting.parse_args(["--world", "words", "--memory", "retrofit"])
-    assert e.value.code == 2 and "--world words: its new facts are new attributes" in capsys.readouterr().err
-    assert forgetting.parse_args(["--world", "words"]).levels == [0.5, 0.7]
+    assert e.value.code == 2 and "--world words goes with --facts roster" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        forgetting.parse_args(["--facts", "roster"])
+    words = forgetting.parse_args(["--world", "words"])
+    assert (words.levels, words.facts) == ([0.5, 0.7], "roster")
 
 
 def test_words_quick_runs_lin_et_al_batches_and_measures_reads(tmp_path):
