@@ -187,7 +187,7 @@ def forgetting_quick(tmp_path_factory):
     """forgetting.main at the --quick scale with matplotlib unimportable (as where it is not installed)."""
     import forgetting
     out = str(tmp_path_factory.mktemp("forgetting"))
-    return (out, *without_matplotlib(forgetting.main, ["--quick", "--out", out, "--jobs", "2"]))
+    return (out, *without_matplotlib(forgetting.main, ["--world", "syllables", "--quick", "--out", out, "--jobs", "2"]))
 
 
 def run_files(out, seed, name):
@@ -522,9 +522,9 @@ def test_words_world_refuses_another_memory_or_facts(capsys):
         forgetting.parse_args(["--world", "words", "--memory", "retrofit"])
     assert e.value.code == 2 and "--world words goes with --facts roster" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        forgetting.parse_args(["--facts", "roster"])
+        forgetting.parse_args(["--world", "syllables", "--facts", "roster"])
     words = forgetting.parse_args(["--world", "words"])
-    assert (words.levels, words.facts) == ([0.5, 0.7], "roster")
+    assert (words.levels, words.facts) == ([0.4, 0.5, 0.7], "roster")
 
 
 def test_words_quick_runs_lin_et_al_batches_and_measures_reads(tmp_path):
