@@ -294,7 +294,8 @@ def train(out, name, flags):
 # the train.py flags that make each finetune what the module docstring says it is
 LIN = ["--recipe", "clean", "--optimizer", "sgd", "--rank", "tfidf"]
 VARIANTS = {"smf-clean": ["--recipe", "clean"], "smf-sgd": ["--recipe", "clean", "--optimizer", "sgd"],
-            "smf-paper": ["--recipe", "paper"], "smf-lin-t16": [*LIN, "--top-t", 16], "smf-lin-t32": [*LIN, "--top-t", 32],
+            "smf-paper": ["--recipe", "paper"], "smf-lin-t16": [*LIN, "--top-t", 16],
+            "smf-lin-t32": [*LIN, "--top-t", 32],
             "smf-lin-t64": [*LIN, "--top-t", 64], "lora": ["--recipe", "clean"], "full": ["--recipe", "clean"]}
 
 
@@ -680,7 +681,7 @@ def words_measures(rows) -> str:
     if not base:
         return ""
     return ("Per seed: the share of the memory's slots that 200 pretraining documents read (key usage), and the "
-            "accuracy of a fact-blind answer (each new attribute's most common value) on the new facts:\n\n"
+            "accuracy of a fact-blind answer (each attribute's most common value among the new facts) on them:\n\n"
             + table(["seed", "key usage", "fact-blind new-fact acc"],
                     [[r["seed"], ", ".join(f"layer {i}: {v:.3f}" for i, v in r["key_usage"].items()),
                       f"{r['blind']:.3f}"] for r in base]) + "\n")
