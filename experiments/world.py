@@ -4,11 +4,14 @@ knowledge", and its probes. Fictional entities with made-up names, each with one
 are written as prose and question-answer lines for pretraining; new entities only as question-answer lines, the facts
 a finetune must learn: either sibling facts (the old entities' attributes: the worst case for interference, as the
 same question asks for both) or facts of new attributes with new values (NEW_ATTRIBUTES: new knowledge that need not
-share the old facts' memory slots). Held-out prose renders the old entities with templates that no training text
+share the old facts' memory slots). The words world (forgetting.py's default) names its entities with two words
+(two_word_names), names the new entities in rosters without facts (world_pretrain_texts' roster), asks every fact in
+QUESTION_TEMPLATES and trains each new fact as one document of its paraphrases (world_fact_documents), one template
+held out. Held-out prose renders the old entities with templates that no training text
 uses, for perplexity; a cloze probe asks the old facts in prose form. Everything is a function of the seed; nothing
 is downloaded.
 
-    question  "Q: What is the colour of Zorbin? A:"     answer  " teal"  (one of WORLD_ATTRIBUTES["colour"])
+    question  "Q: What is the colour of Zorbin? A:"     answer  " pink"  (one of WORLD_ATTRIBUTES["colour"])
     cloze     "Zorbin lives in"                          answer  " Lima"  (WORLD_CLOZE: another format, same facts)
 """
 
