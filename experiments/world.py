@@ -18,6 +18,7 @@ is downloaded.
 import math
 import os
 import sys
+from collections import Counter
 
 import torch
 
@@ -118,9 +119,9 @@ def world_fact_documents(entities: list[dict]) -> list[str]:
 
 def fact_blind_accuracy(entities: list[dict]) -> float:
     """The accuracy of a fact-blind answer: each attribute's most common value among these facts, always."""
-    hits = [sum(e[a] == v for e in entities) for a in attributes(entities[0])
-            for v in [max(VALUES[a], key=lambda v: sum(e[a] == v for e in entities))]]
-    return sum(hits) / (len(entities) * len(attributes(entities[0])))
+    attrs = attributes(entities[0])
+    hits = sum(Counter(e[a] for e in entities).most_common(1)[0][1] for a in attrs)
+    return hits / (len(entities) * len(attrs))
 
 
 def world_heldout_template(i: int, attr: str) -> int:
@@ -262,6 +263,7 @@ def reads_on_rows(model, tok, entities: list[dict], rows: dict, template: int = 
     counted with multiplicity, all memory layers) that land on `rows` ({layer: slot ids}, e.g. the rows a finetune
     changed): {"all": at every position, "name": at the name's tokens (a token of the name, wherever it is)}."""
     device, layers = model_device(model), memory.memory_layers(model)
+    rows = {i: torch.as_tensor(rows.get(i, []), dtype=torch.long) for i in layers}  # once, not per question
     hit = {"all": 0, "name": 0}
     total = {"all": 0, "name": 0}
     for e in entities:
@@ -272,7 +274,7 @@ def reads_on_rows(model, tok, entities: list[dict], rows: dict, template: int = 
             at_name = [t for t, x in enumerate(ids) if x in name_ids]
             for i, mem in layers.items():
                 reads = mem.last_indices[0].cpu()  # (T, h*k)
-                on = torch.isin(reads, torch.as_tensor(rows.get(i, []), dtype=reads.dtype))
+                on = torch.isin(reads, rows[i])
                 hit["all"] += int(on.sum())
                 total["all"] += on.numel()
                 hit["name"] += int(on[at_name].sum())
