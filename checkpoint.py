@@ -477,6 +477,11 @@ class Checkpoint:
             out.update({f"rng.{k}.{r}": s.cpu() for r, s in enumerate(seen)})
         return out
 
+    def dense_names(self) -> list[str]:
+        """The names of dense_opt's parameters in the order of its state_dict's indices (group by group)."""
+        name = {id(p): n for n, p in self.dense.items()}
+        return [name[id(p)] for group in self.dense_opt.param_groups for p in group["params"]]
+
     def dense_state(self):
         """AdamW's state as {"adamw.<parameter name>.<step|exp_avg|exp_avg_sq>": full tensor} (a collective under
         FSDP, where rank 0 alone receives it)."""
@@ -486,7 +491,7 @@ class Checkpoint:
             state = get_optimizer_state_dict(self.model, self.dense_opt, options=StateDictOptions(
                 full_state_dict=True, cpu_offload=True)).get("state", {})
         else:
-            names = list(self.dense)
+            names = self.dense_names()
             state = {names[i]: s for i, s in self.dense_opt.state_dict()["state"].items()}
         return {f"adamw.{name}.{k}": torch.as_tensor(v).detach().cpu().contiguous()
                 for name, s in state.items() for k, v in s.items()}
@@ -573,7 +578,7 @@ class Checkpoint:
             set_optimizer_state_dict(self.model, self.dense_opt, sd, options=StateDictOptions(
                 full_state_dict=True, broadcast_from_rank0=True))
             return
-        index = {name: i for i, name in enumerate(self.dense)}
+        index = {name: i for i, name in enumerate(self.dense_names())}
         sd = self.dense_opt.state_dict()
         sd["state"] = {index[name]: s for name, s in state.items()}
         self.dense_opt.load_state_dict(sd)

@@ -723,23 +723,29 @@ class MicroBatches:
     holds `batch_size` examples (all ranks together; an epoch's remainder of fewer is skipped, so a step never
     spans two epochs), split into micro-batches of `micro` examples on each rank: micro-batch j of the step holds
     its examples j * micro * world, ..., and rank r takes the r-th `micro` of them. However it is split, a step
-    trains on the same examples.
+    trains on the same examples. group: consecutive examples in groups of this size stay together, in their order
+    (the shuffle moves whole groups; a step holds whole groups): e.g. one fact and its paraphrases per step.
     """
 
     def __init__(self, examples, batch_size: int, micro: int, seed: int, pad_id: int, device, rank: int = 0,
-                 world: int = 1, multiple: int = 1):
+                 world: int = 1, multiple: int = 1, group: int = 1):
         if batch_size % (micro * world):
             raise ValueError(f"batch size {batch_size} is not a multiple of micro-batch {micro} x {world} ranks")
+        if batch_size % group or len(examples) % group:
+            raise ValueError(f"--group-size {group}: the batch size ({batch_size}) and the number of training "
+                             f"examples ({len(examples)}) must both be multiples of it")
         if len(examples) < batch_size and world > 1:
             raise ValueError(f"{len(examples)} training examples are fewer than one batch across ranks ({batch_size})")
         self.ex, self.batch_size, self.micro, self.seed, self.pad_id = examples, batch_size, micro, seed, pad_id
         self.device, self.rank, self.world, self.multiple = device, rank, world, multiple  # multiple: padded lengths
+        self.group = group
         self.accum = batch_size // (micro * world)  # micro-batches per step
         self.per_epoch = max(1, len(examples) // batch_size)  # optimizer steps per epoch
 
     @functools.lru_cache(maxsize=2)  # one shuffle per epoch, not one per step
     def order(self, epoch):
-        return epoch_order(len(self.ex), self.seed, epoch)
+        groups = epoch_order(len(self.ex) // self.group, self.seed, epoch)  # group 1: the examples' own shuffle
+        return [g * self.group + j for g in groups for j in range(self.group)]
 
     def step_ids(self, s) -> list:
         """The examples of optimizer step s, all ranks together."""

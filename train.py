@@ -96,6 +96,7 @@ class Loop:
     save_every: int
     stop_at_step: int | None
     compile: bool
+    values_lr_scale: float
     seed: int
     resume: bool
     eval_every: int
@@ -133,6 +134,7 @@ class Stage:
     smf: SMFStep | None = None    # SMF stage 2
     repetition_penalty: float = 1.0
     fsdp: bool = False            # the model is sharded with fully_shard (full finetuning, --fsdp)
+    group: int = 1                # consecutive examples that always share a step (--group-size, the task's data)
 
 
 def settings(cls, flags: dict, **values):
@@ -153,12 +155,12 @@ def train(stage: Stage, loop: Loop, device, tok, ranks, on_step=None):
         block.compile()  # --compile: every block without a memory layer, in place (parameter names unchanged)
     stage.config["micro_batch"] = micro = micro_batch(stage, loop, device, tok, ranks)
     stream = data.MicroBatches(stage.examples, loop.batch_size, micro, loop.seed, tok.pad_id, device, ranks.rank,
-                               ranks.world, multiple=64 if loop.compile and not pad_reads else 1)
+                               ranks.world, multiple=64 if loop.compile and not pad_reads else 1, group=stage.group)
     total = stage.max_steps or max(1, int(stage.epochs * stream.per_epoch))
     warn_short_schedule(total, loop.warmup, loop.warmup_from_zero, ranks)
     autocast = bf16_autocast(device)
     guard, meter = StepGuard(stage.out), Throughput(model, device, ranks.world, stream)
-    adamw, smf_opt = make_optimizers(stage, loop.weight_decay, device, ranks, guard)
+    adamw, smf_opt = make_optimizers(stage, loop.weight_decay, loop.values_lr_scale, device, ranks, guard)
     optimizers = [o for o in (adamw, smf_opt) if o is not None]
     saver = Checkpoint(stage.out, model, stage.trained, stage.adamw_params, adamw, smf_opt, ranks, stage.fsdp)
     step = saver.load(device)  # weights, optimizer state and every rank's RNG state, if there is a checkpoint
@@ -176,7 +178,7 @@ def train(stage: Stage, loop: Loop, device, tok, ranks, on_step=None):
         t0 = time.time()
         lr = lr_at(step, total, stage.lr, loop.warmup, loop.warmup_from_zero)
         for group in (g for opt in optimizers for g in opt.param_groups):
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # lr_scale: the memory values' (--values-lr-scale)
         batches = stream.step(step)  # [(micro-batch, its loss tokens on all ranks)]
         check = functools.partial(guard.check, step + 1)  # a non-finite loss or gradient norm stops the run here
         record = {"step": step + 1, "loss": None, "lr": lr, "tokens": sum(n for _, n in batches)}
@@ -296,13 +298,17 @@ def lr_at(step, total, peak, warmup, from_zero=False):
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizers(stage, weight_decay, device, ranks, guard):
-    """torch's AdamW for stage.adamw_params (None if empty), and SMF's SparseMemoryOptimizer for the values (its
-    reduction across ranks, alpha's joint clipping and the non-finite check configured here, once)."""
+def make_optimizers(stage, weight_decay, values_lr_scale, device, ranks, guard):
+    """torch's AdamW for stage.adamw_params (None if empty; the memory values in a group of their own, its lr scaled
+    by values_lr_scale, where that is not 1), and SMF's SparseMemoryOptimizer for the values (its reduction across
+    ranks, alpha's joint clipping and the non-finite check configured here, once)."""
     adamw = smf_opt = None
     if stage.adamw_params:
         fused = device.type == "cuda" and not stage.fsdp  # as the paper's Trainer (optim "adamw_torch_fused")
-        adamw = torch.optim.AdamW(list(stage.adamw_params.values()), lr=stage.lr, betas=(0.9, 0.999), eps=1e-8,
+        is_values = {k: k.endswith(".memory.values.weight") and values_lr_scale != 1 for k in stage.adamw_params}
+        groups = [{"params": [p for k, p in stage.adamw_params.items() if not is_values[k]]},
+                  {"params": [p for k, p in stage.adamw_params.items() if is_values[k]], "lr_scale": values_lr_scale}]
+        adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=weight_decay, fused=fused or None)
     if stage.smf is not None:  # alpha (--train-alpha) is outside DDP: summed across ranks and clipped with the rows
         smf_opt = memory.SparseMemoryOptimizer(stage.smf.memories, lr=stage.lr, weight_decay=weight_decay,
@@ -622,9 +628,9 @@ def main(argv=None, on_step=None):
             background = {"task": args.background_task, "subset": args.background_subset,
                           "batches": args.background_batches, "from": args.background_from}
             step = settings(SMFStep, flags, memories={}, background=None)  # sparse_stage fills these in
-            model = stages(sparse_stage(run, args.task, memory_dir, memory_flags(flags), step, background,
-                                        args.train_alpha, examples, args.lr, args.epochs, args.max_steps, device,
-                                        tok, ranks), begin=None if stage1 else begin)
+            stage = sparse_stage(run, args.task, memory_dir, memory_flags(flags), step, background, args.train_alpha,
+                                 examples, args.lr, args.epochs, args.max_steps, device, tok, ranks)
+            model = stages(replace(stage, group=args.group_size), begin=None if stage1 else begin)
         else:
             lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
                     "targets": args.lora_targets, "merge_for_eval": args.merge_lora_for_eval}
@@ -637,6 +643,7 @@ def main(argv=None, on_step=None):
                                        memory_dir=args.memory_from, data_of={"task": args.task, "path":
                                                                              args.data.get("medmcqa"),
                                                                              "oasst1_format": None})
+            stage = replace(stage, group=args.group_size)
             model = stages(stage, begin=begin,
                            then=functools.partial(export, stage, args.export_peft, args.export_merged, ranks))
     except StopRun as stop:
@@ -750,6 +757,10 @@ def parser():
     add_flag(g, "--weight-decay", at_least=0, type=float, default=0.0, help="AdamW's decoupled weight decay")
     add_flag(g, "--grad-clip", at_least=0, type=float, default=1.0, help="max gradient norm (0: off)")
     add_flag(g, "--max-len", at_least=2, type=int, default=1024, help="tokens per example (longer ones are truncated)")
+    add_flag(g, "--group-size", at_least=1, methods=("smf", "lora", "full"), type=int, default=1,
+             help="the --task data's consecutive examples in groups of N that always share a step (the shuffle moves "
+                  "whole groups; --batch-size a multiple of N): e.g. Lin et al. 2025's batches, one fact and its "
+                  "paraphrases per step, from a text file that lists each fact's paraphrases on N consecutive lines")
     add_flag(g, "--limit", at_least=1, type=int, default=None,
                    help="a seeded random N of the training examples, as the paper's code draws them (all of them, "
                         "in order, if there are no more than N; default: medmcqa 60000; retrofit --retrofit-limit; "
@@ -786,6 +797,11 @@ def add_smf_flags(p):
         kw = {"type": f.type if f.type in (int, float) else str, **kw}
         shown = "" if "(default" in help or name in MEMORY_PER_RUN else f" (default: {f.default})"
         add_flag(g, flag, methods=("smf", "retrofit", "full"), default=None, help=help + shown, **kw)
+    add_flag(g, "--values-lr-scale", above=0, methods=("full", "retrofit"), type=float, default=1.0,
+             help="the memory values' lr is --lr times this, where the values train densely (a model pretrained with "
+                  "memory layers, a retrofit): values are read sparsely, a few rows per token, and product-key "
+                  "memories train them at a higher lr than the rest (lucidrains/product-key-memory: 1e-2 against "
+                  "1e-3)")
     add_flag(g, "--retrofit-task", methods=("smf", "retrofit"), default="oasst1",
                    help="stage-1 and background data: oasst1 (see --oasst1-format) or text:PATH")
     add_flag(g, "--oasst1-format", methods=("smf", "retrofit"), default=None, choices=["replies", "chat"],
@@ -900,6 +916,8 @@ def parse_args(argv=None):
         p.error(f"--eval-tasks: {e}")
     args.lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
     args.epochs = (args.retrofit_epochs if args.method == "retrofit" else 3) if args.epochs is None else args.epochs
+    if args.group_size > 1 and (problem := group_problem(args.task, args.limit, args.batch_size, args.group_size)):
+        p.error(f"--group-size {args.group_size}: {problem}")
     if args.limit is None:  # the paper: a seeded random 60k of the single-answer MedMCQA train questions
         args.limit = args.retrofit_limit if args.method == "retrofit" else 60000 if args.task == "medmcqa" else None
     args.out = os.path.abspath(args.out or os.path.join("runs", f"{args.method}-seed{args.seed}"))
@@ -962,6 +980,17 @@ def parse_args(argv=None):
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         p.error("--fsdp needs torchrun with 2 or more processes (torchrun --nproc_per_node=N train.py ...)")
     return args
+
+
+def group_problem(task: str, limit: int | None, batch_size: int, group: int) -> str | None:
+    """Why the task's data cannot keep groups of `group` consecutive examples together (None: it can)."""
+    if not task.startswith("text:"):
+        return "groups are consecutive lines of a text:PATH --task"
+    if limit is not None:
+        return "--limit draws a random subset of the lines, which would split the groups: drop it"
+    if batch_size % group:
+        return f"--batch-size {batch_size} is not a multiple of it (a step holds whole groups)"
+    return None
 
 
 def cli(argv=None):

@@ -4,12 +4,13 @@ knowledge", and its probes. Fictional entities with made-up names, each with one
 are written as prose and question-answer lines for pretraining; new entities only as question-answer lines, the facts
 a finetune must learn: either sibling facts (the old entities' attributes: the worst case for interference, as the
 same question asks for both) or facts of new attributes with new values (NEW_ATTRIBUTES: new knowledge that need not
-share the old facts' memory slots). The words world (forgetting.py's default) names its entities with two words
-(two_word_names), names the new entities in rosters without facts (world_pretrain_texts' roster), asks every fact in
-QUESTION_TEMPLATES and trains each new fact as one document of its paraphrases (world_fact_documents), one template
-held out. Held-out prose renders the old entities with templates that no training text
-uses, for perplexity; a cloze probe asks the old facts in prose form. Everything is a function of the seed; nothing
-is downloaded.
+share the old facts' memory slots). The words world (forgetting.py's default) names its entities with every pair of
+10 first and 10 last names, each attribute a Latin square over them (synthetic_world's grid: no name word alone
+tells a fact), names the new entities in rosters without facts (world_pretrain_texts' roster), adds general text of
+a made-up lexicon (world_general_texts), asks every fact in QUESTION_TEMPLATES and trains each new fact as one step
+of its paraphrases (world_fact_paraphrases), one template held out. Held-out prose renders the old entities with
+templates that no training text uses, for perplexity; a cloze probe asks the old facts in prose form. Everything is
+a function of the seed; nothing is downloaded.
 
     question  "Q: What is the colour of Zorbin? A:"     answer  " pink"  (one of WORLD_ATTRIBUTES["colour"])
     cloze     "Zorbin lives in"                          answer  " Lima"  (WORLD_CLOZE: another format, same facts)
@@ -67,12 +68,14 @@ _SYLLABLES = ["ka", "zor", "bin", "mel", "tra", "vu", "qi", "lon", "dre", "sa", 
 
 
 def synthetic_world(seed: int = 0, n_old: int = 60, n_new: int = 30, new_attributes: bool = False,
-                    two_word_names: bool = False) -> dict:
+                    grid: bool = False) -> dict:
     """{"old": [entity], "new": [entity]}, entity = {"name": str, attribute: value, ...}; distinct names of
     2-3 syllables, values uniform at random, all from the seed. The new entities have WORLD_ATTRIBUTES (sibling
     facts) or, with new_attributes, NEW_ATTRIBUTES (drawn after everything else, so the old world is the same).
-    two_word_names (the words world): every name is a first and a last name, each shared by several entities, so
-    that in a world of one token per word no single token's embedding can hold an entity's facts."""
+    grid (the words world): n_old + n_new = P^2 entities with P = 10 (the values per attribute), named by every pair
+    of P first and P last names, each attribute's values a random Latin square over them (latin_square): a first or
+    last name alone says nothing about a fact (each comes with every value once), so a model cannot sum what it
+    knows of the two words; it must know the pair. The new entities are a random n_new of the cells."""
     g = torch.Generator().manual_seed(seed)
     pick = lambda n: int(torch.randint(n, (1,), generator=g))  # noqa: E731
 
@@ -83,17 +86,45 @@ def synthetic_world(seed: int = 0, n_old: int = 60, n_new: int = 30, new_attribu
                 out.append(x)
         return out
     word = lambda: "".join(_SYLLABLES[pick(len(_SYLLABLES))] for _ in range(2 + pick(2))).capitalize()  # noqa: E731
-    if two_word_names:
-        pool = math.isqrt(n_old + n_new) + 2  # about sqrt(n) first and last names: enough distinct pairs
-        first, last = distinct(pool, word), distinct(pool, word)
-        names = distinct(n_old + n_new, lambda: f"{first[pick(pool)]} {last[pick(pool)]}")
-    else:
-        names = distinct(n_old + n_new, word)
+    if grid:
+        side = math.isqrt(n_old + n_new)
+        if side * side != n_old + n_new or side > len(next(iter(WORLD_ATTRIBUTES.values()))):
+            raise ValueError(f"a grid world has P^2 entities (n_old + n_new) with P at most 10, not {n_old + n_new}")
+        first, last = distinct(side, word), distinct(side, word)
+        squares = {a: latin_square(side, g) for a in WORLD_ATTRIBUTES}  # P of each attribute's values
+        entities = [{"name": f"{first[i]} {last[j]}", **{a: vs[squares[a][i][j]] for a, vs in WORLD_ATTRIBUTES.items()}}
+                    for i in range(side) for j in range(side)]
+        entities = [entities[k] for k in torch.randperm(len(entities), generator=g).tolist()]
+        return {"old": entities[:n_old], "new": entities[n_old:]}
+    names = distinct(n_old + n_new, word)
     entities = [{"name": n, **{a: vs[pick(len(vs))] for a, vs in WORLD_ATTRIBUTES.items()}} for n in names]
     if new_attributes:
         entities[n_old:] = [{"name": e["name"], **{a: vs[pick(len(vs))] for a, vs in NEW_ATTRIBUTES.items()}}
                             for e in entities[n_old:]]
     return {"old": entities[:n_old], "new": entities[n_old:]}
+
+
+def latin_square(n: int, g: torch.Generator) -> list[list[int]]:
+    """A random n x n Latin square (every symbol 0..n-1 once in each row and each column), row by row, each row a
+    random order searched depth first among the symbols its columns have not used (no modular rule behind it, so
+    that some cells do not give away the others)."""
+    rows = []
+    while len(rows) < n:
+        used = [{r[c] for r in rows} for c in range(n)]
+        row = _latin_row(n, used, [], g)
+        if row is not None:  # a dead end (rare for small n): draw this row again
+            rows.append(row)
+    return rows
+
+
+def _latin_row(n, used, row, g):
+    c = len(row)
+    if c == n:
+        return row
+    for s in torch.randperm(n, generator=g).tolist():
+        if s not in used[c] and s not in row and (done := _latin_row(n, used, row + [s], g)) is not None:
+            return done
+    return None
 
 
 def attributes(entity: dict) -> list[str]:
@@ -110,11 +141,12 @@ def world_qa_texts(entities: list[dict]) -> list[str]:
     return ["".join(world_qa(e, a)) for e in entities for a in attributes(e)]
 
 
-def world_fact_documents(entities: list[dict]) -> list[str]:
-    """One training document per fact, Lin et al.'s batch (one fact and its paraphrases): its question-answer lines
-    in every template but HELDOUT_QUESTION. (In one document, a later line could copy an earlier line's answer.)"""
-    return ["\n".join("".join(world_qa(e, a, t)) for t in range(len(QUESTION_TEMPLATES)) if t != HELDOUT_QUESTION)
-            for e in entities for a in attributes(e)]
+def world_fact_paraphrases(entities: list[dict]) -> list[str]:
+    """Lin et al.'s training data for the new facts: each fact's question-answer lines in every template but
+    HELDOUT_QUESTION, one line each, a fact's lines consecutive (len(QUESTION_TEMPLATES) - 1 of them: train.py's
+    --group-size keeps them in one step). Separate sequences: no line can copy another's answer in context."""
+    return ["".join(world_qa(e, a, t)) for e in entities for a in attributes(e)
+            for t in range(len(QUESTION_TEMPLATES)) if t != HELDOUT_QUESTION]
 
 
 def fact_blind_accuracy(entities: list[dict]) -> float:
@@ -130,7 +162,7 @@ def world_heldout_template(i: int, attr: str) -> int:
 
 
 def world_pretrain_texts(world: dict, seed: int = 0, n_docs: int = 2000, lexicon: bool = False,
-                         questions: int = 1, roster: bool = False) -> list[str]:
+                         questions: int = 1, roster: bool = False, qa_apart: bool = False) -> list[str]:
     """Pretraining documents about the old entities: each is one entity's attributes in a random order, each in a
     random template other than its held-out one, followed by the question-answer lines of a random half of its
     attributes (so the question format is known before any finetune), each in one of the first `questions` of
@@ -138,7 +170,9 @@ def world_pretrain_texts(world: dict, seed: int = 0, n_docs: int = 2000, lexicon
     n_docs / 20 documents that name the values of NEW_ATTRIBUTES ("One instrument is the harp."), so that the words
     of the new facts are known (as a real model knows its vocabulary) though no fact about an entity uses them.
     roster: then n_docs / 20 documents that list 5 of the new entities' names each ("Among the members are ..."),
-    round-robin, so that every new entity is known by name though no fact about it is in the text."""
+    round-robin, so that every new entity is known by name though no fact about it is in the text. qa_apart: the
+    question-answer lines (of all the attributes, in a random order) are a document of their own after the prose
+    one, so that a question must be answered from what the model knows, not copied from the prose before it."""
     g = torch.Generator().manual_seed(seed + 1)
     attrs = list(WORLD_ATTRIBUTES)
     docs = []
@@ -150,9 +184,11 @@ def world_pretrain_texts(world: dict, seed: int = 0, n_docs: int = 2000, lexicon
         for a in order:
             allowed = [t for k, t in enumerate(WORLD_TEMPLATES[a]) if k != world_heldout_template(i, a)]
             sents.append(allowed[int(torch.randint(len(allowed), (1,), generator=g))].format(name=e["name"], v=e[a]))
+        asked = [attrs[k] for k in torch.randperm(len(attrs), generator=g).tolist()] if qa_apart \
+            else order[:len(order) // 2]
         qa = ["".join(world_qa(e, a, int(torch.randint(questions, (1,), generator=g)) if questions > 1 else 0))
-              for a in order[:len(order) // 2]]
-        docs.append(" ".join(sents) + "\n" + "\n".join(qa))
+              for a in asked]
+        docs += [" ".join(sents), "\n".join(qa)] if qa_apart else [" ".join(sents) + "\n" + "\n".join(qa)]
     for d in range(n_docs // 20 if lexicon else 0):
         attr = list(NEW_ATTRIBUTES)[d % len(NEW_ATTRIBUTES)]
         values = [NEW_ATTRIBUTES[attr][k] for k in torch.randperm(len(NEW_ATTRIBUTES[attr]), generator=g).tolist()]
@@ -162,6 +198,29 @@ def world_pretrain_texts(world: dict, seed: int = 0, n_docs: int = 2000, lexicon
         listed = [new[(5 * d + k) % len(new)] for k in range(5)]
         docs.append(f"Among the members are {', '.join(listed[:-1])} and {listed[-1]}.")
     return docs
+
+
+def world_general_texts(seed: int = 0, n_docs: int = 400, n_words: int = 1000) -> list[str]:
+    """General text, about no entity: n_docs documents of 3 sentences ("The {adjective} {noun} {verb} a {noun}.")
+    over a made-up lowercase lexicon of n_words words (nouns, verbs, adjectives 2:1:1; 2-4 syllables each), each
+    word class drawn in rounds of a random order (so that 84 documents or more use every word), all from the seed.
+    It gives the words world a vocabulary of over a thousand words, and its pretraining (so the background reads and
+    TF-IDF's document counts) text that holds no fact."""
+    g = torch.Generator().manual_seed(seed + 2)
+    lexicon = []
+    while len(lexicon) < n_words:
+        n = 2 + int(torch.randint(3, (1,), generator=g))
+        w = "".join(_SYLLABLES[k] for k in torch.randint(len(_SYLLABLES), (n,), generator=g).tolist())
+        if w not in lexicon:
+            lexicon.append(w)
+
+    def rounds(words):  # endless: every word once in a random order, again and again
+        while True:
+            yield from (words[k] for k in torch.randperm(len(words), generator=g).tolist())
+    nouns, verbs = rounds(lexicon[:n_words // 2]), rounds(lexicon[n_words // 2:3 * n_words // 4])
+    adjectives = rounds(lexicon[3 * n_words // 4:])
+    return [" ".join(f"The {next(adjectives)} {next(nouns)} {next(verbs)} a {next(nouns)}." for _ in range(3))
+            for _ in range(n_docs)]
 
 
 def world_heldout_texts(world: dict) -> list[str]:

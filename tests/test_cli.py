@@ -416,6 +416,11 @@ def test_eval_never_writes_over_a_runs_files(tiny_model_dir, medmcqa, tmp_path):
     ("lora", ["--lora-alpha", "nan"], "--lora-alpha must be a finite number > 0, got nan"),
     ("lora", ["--lora-dropout", "1"], "--lora-dropout must be below 1"),
     ("smf", ["--alpha-init", "nan"], "alpha_init must be a finite number"),
+    ("retrofit", ["--group-size", "4"], "--group-size does not apply to --method retrofit"),
+    ("lora", ["--group-size", "4"], "--group-size 4: groups are consecutive lines of a text:PATH --task"),
+    ("full", ["--task", "text:x.jsonl", "--group-size", "4", "--limit", "8"], "--group-size 4: --limit draws"),
+    ("full", ["--task", "text:x.jsonl", "--group-size", "4", "--batch-size", "6"],
+     "--group-size 4: --batch-size 6 is not a multiple of it"),
 ])
 def test_flags_for_another_method_and_values_out_of_range_are_errors(method, flags, needle, tiny_model_dir, medmcqa,
                                                                      tmp_path, capsys):

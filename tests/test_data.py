@@ -312,6 +312,21 @@ def test_micro_batches_never_span_two_epochs():
                                              for k in (0, 2)]
 
 
+def test_micro_batches_keep_groups_together_and_shuffle_them():
+    """12 examples in groups of 3, steps of 6: each step holds two whole groups, each in its own order; the epoch
+    shuffles the groups (epoch_order over the 4 groups); group 1 is the examples' own shuffle, as before."""
+    examples = [([100 + i, 1], [1, 1]) for i in range(12)]
+    stream = data.MicroBatches(examples, batch_size=6, micro=3, seed=5, pad_id=0, device="cpu", group=3)
+    for s in range(4):
+        epoch, i = divmod(s, 2)
+        groups = data.epoch_order(4, 5, epoch)[2 * i:2 * i + 2]
+        got = [t - 100 for b, _ in stream.step(s) for t in b["idx"][:, 0].tolist()]
+        assert got == [3 * g + j for g in groups for j in range(3)]
+    assert data.MicroBatches(examples, 6, 3, 5, 0, "cpu").order(0) == data.epoch_order(12, 5, 0)
+    with pytest.raises(ValueError, match=r"--group-size 5: .*\(12\)"):  # 12 examples are not groups of 5
+        data.MicroBatches(examples, 10, 10, 5, 0, "cpu", group=5)
+
+
 def test_training_examples_drop_those_with_nothing_to_predict(tok, tmp_path, capsys):
     """A one-token text has a loss mask on its first token only, which predicts nothing: dropped, and said."""
     one = next(w for w in ("a", "the", "x") if len(tok.encode(w)) == 1)

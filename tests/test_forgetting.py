@@ -423,28 +423,45 @@ def test_a_job_dies_with_its_script(tiny_model_dir, files, tmp_path):
 
 
 def test_words_world_asks_facts_of_named_entities_in_a_held_out_template():
-    w = world.synthetic_world(5, 12, 6, two_word_names=True)
-    names = [e["name"].split(" ") for e in w["old"] + w["new"]]
-    assert all(len(n) == 2 for n in names) and len({tuple(n) for n in names}) == 18  # two words, distinct pairs
-    for part in (0, 1):  # each word of a name is shared: no one token stands for one entity
-        assert len({n[part] for n in names}) < 18
+    w = world.synthetic_world(5, 12, 4, grid=True)  # a 4 x 4 grid: 16 entities, 4 values per attribute
+    ents = w["old"] + w["new"]
+    names = [tuple(e["name"].split(" ")) for e in ents]
+    first, last = sorted({n[0] for n in names}), sorted({n[1] for n in names})
+    assert sorted(names) == [(f, la) for f in first for la in last]  # every pair of 4 first and 4 last names
+    for a, values in world.WORLD_ATTRIBUTES.items():  # a Latin square: no name word alone tells a fact
+        for part, words in ((0, first), (1, last)):
+            for word in words:
+                assert sorted(e[a] for e, n in zip(ents, names) if n[part] == word) == sorted(values[:4])
     assert all(world.attributes(e) == list(world.WORLD_ATTRIBUTES) for e in w["new"])  # attributes it can read out
-    docs = world.world_pretrain_texts(w, 5, 120, questions=len(world.QUESTION_TEMPLATES), roster=True)
+    with pytest.raises(ValueError, match="P\\^2 entities"):
+        world.synthetic_world(0, 12, 5, grid=True)
+    docs = world.world_pretrain_texts(w, 5, 120, questions=len(world.QUESTION_TEMPLATES), roster=True, qa_apart=True)
     pretrain = "\n".join(docs)
     for e in w["new"]:  # the name is known, from rosters alone: none of its facts is in the text
         assert f" {e['name']}" in pretrain
         assert all(d.startswith("Among the members are ") for d in docs if e["name"] in d)
     for t in range(len(world.QUESTION_TEMPLATES)):  # every template is a known question format (old facts)
         assert any(world.world_qa(e, a, t)[0] in pretrain for e in w["old"] for a in world.WORLD_ATTRIBUTES)
-    docs = world.world_fact_documents(w["new"])
-    assert len(docs) == 6 * len(world.WORLD_ATTRIBUTES)
-    for doc, (e, a) in zip(docs, [(e, a) for e in w["new"] for a in world.WORLD_ATTRIBUTES]):
-        lines = doc.split("\n")  # one fact and its paraphrases: every template but the held-out one
-        assert lines == ["".join(world.world_qa(e, a, t)) for t in range(len(world.QUESTION_TEMPLATES) - 1)]
+    for doc in docs:  # qa_apart: no question shares a document with the prose it could copy its answer from
+        assert all(line.startswith("Q: ") for line in doc.split("\n")) or "Q: " not in doc
+    lines = world.world_fact_paraphrases(w["new"])
+    k = len(world.QUESTION_TEMPLATES) - 1  # one fact's lines, consecutive: every template but the held-out one
+    assert lines == ["".join(world.world_qa(e, a, t)) for e in w["new"] for a in world.WORLD_ATTRIBUTES
+                     for t in range(k)]
     held = [q for q, _, _ in world.world_fact_items(w["new"], template=world.HELDOUT_QUESTION)]
-    assert not any(q in "\n".join(docs) for q in held)  # learning is asked in a template no finetune trains
+    assert not any(q in "\n".join(lines) for q in held)  # learning is asked in a template no finetune trains
     values = [v for vs in world.VALUES.values() for v in vs]
     assert len(values) == len(set(values))  # no value is another attribute's: a one-token answer is the whole one
+
+
+def test_latin_square_and_general_text():
+    square = world.latin_square(10, torch.Generator().manual_seed(0))
+    assert all(sorted(row) == list(range(10)) for row in square)
+    assert all(sorted(col) == list(range(10)) for col in zip(*square))
+    general = world.world_general_texts(3, 84)  # enough documents for every word of the lexicon
+    words = {w.strip(".") for d in general for w in d.split(" ")}
+    assert len(words) == 1000 + 2  # the lexicon, "The" and "a"
+    assert general == world.world_general_texts(3, 84) and general != world.world_general_texts(4, 84)
 
 
 def test_fact_blind_accuracy_is_the_most_common_value_of_each_attribute():
@@ -456,8 +473,9 @@ def test_fact_blind_accuracy_is_the_most_common_value_of_each_attribute():
 def test_words_world_makes_every_word_one_token(tmp_path):
     import forgetting
     from data import train_bpe_tokenizer
-    w = world.synthetic_world(0, 12, 6, two_word_names=True)
-    texts = world.world_pretrain_texts(w, 0, 150, questions=5, roster=True) + world.world_fact_documents(w["new"])
+    w = world.synthetic_world(0, 12, 4, grid=True)
+    texts = world.world_pretrain_texts(w, 0, 150, questions=5, roster=True, qa_apart=True) + \
+        world.world_fact_paraphrases(w["new"]) + world.world_general_texts(0, 20, 60)
     train_bpe_tokenizer(texts, str(tmp_path / "words"), 4096)
     forgetting.check_one_token_per_word(str(tmp_path / "words" / "tokenizer.json"), texts)  # passes
     train_bpe_tokenizer(texts, str(tmp_path / "small"), 300)

@@ -129,6 +129,28 @@ def test_smf_changes_only_selected_value_rows(retrofit_run, tiny_model_dir, file
             assert log[step]["rows"][layer] == len(changed)
 
 
+@pytest.mark.parametrize("method", ["lora", "smf"])
+def test_group_size_trains_each_group_in_one_step(method, retrofit_run, tiny_model_dir, files, tmp_path, monkeypatch):
+    """--group-size 4 with --batch-size 4: each step trains one whole group of 4 consecutive lines (Lin et al.'s one
+    fact and its paraphrases), in the stage of either kind (sparse, dense)."""
+    import data
+    text = write_jsonl(str(tmp_path / "facts.jsonl"),
+                       [{"text": f"fact {k} said the {j} way"} for k in range(3) for j in range(4)])
+    steps_seen = []
+
+    class Recording(data.MicroBatches):
+        def step(self, s):
+            steps_seen.append(self.step_ids(s))
+            return super().step(s)
+    monkeypatch.setattr(data, "MicroBatches", Recording)
+    smf = ["--memory-from", retrofit_run, "--background-batches", "2"] if method == "smf" else []
+    train.main(common(tiny_model_dir, files, tmp_path / method, "--method", method, "--recipe", "clean", "--task",
+                      f"text:{text}", "--group-size", "4", "--max-steps", "6", *smf))
+    assert len(steps_seen) == 6
+    assert all(ids == list(range(ids[0], ids[0] + 4)) and ids[0] % 4 == 0 for ids in steps_seen), steps_seen
+    assert len({ids[0] for ids in steps_seen[:3]}) == 3  # an epoch: each group once, in a shuffled order
+
+
 def test_smf_full_pipeline_loss_goes_down_and_evaluates(tiny_model_dir, files, tmp_path):
     out = tmp_path / "smf"
     model = train.main(common(tiny_model_dir, files, out, "--method", "smf", "--retrofit-max-steps", "2",
@@ -280,6 +302,42 @@ def test_pretrain_from_random_init_then_finetune_on_text(tiny_model_dir, tmp_pat
     assert log[-1]["loss"] < log[0]["loss"] - 1.0
     reloaded, _, info = load_model(str(out / "hf"))
     assert info["method"] is None and reloaded.config.hidden_size == 64
+
+
+def test_values_lr_scale_steps_the_memory_values_alone_at_a_higher_lr(tiny_model_dir, tmp_path):
+    """--values-lr-scale 10 on full finetuning of a model with memory layers: every other tensor takes exactly the
+    step it takes without it; the values' first AdamW step, lr * g / (sqrt(g^2) + eps), is 10 times as large (its
+    size is the lr: the rounding of p - step is the only difference); a resumed run continues exactly (the values'
+    moments found by name in their own param group)."""
+    text = write_jsonl(str(tmp_path / "text.jsonl"), [{"text": f"the {i} apple is red"} for i in range(8)])
+    flags = ["--method", "full", "--model", tiny_model_dir, "--task", f"text:{text}", "--device", "cpu", "--recipe",
+             "clean", "--batch-size", "4", "--warmup", "1", "--lr", "1e-3", *MEM]
+    runs = {}
+    for scale in ("1", "10"):
+        train.main(flags + ["--out", str(tmp_path / scale), "--max-steps", "1", "--values-lr-scale", scale])
+        runs[scale] = load_file(str(tmp_path / scale / "model.safetensors"))
+    start = Qwen2.from_pretrained(tiny_model_dir).state_dict()
+    values = [k for k in runs["1"] if k.endswith(".memory.values.weight")]
+    assert values and set(runs["1"]) == set(runs["10"])
+    for k in runs["1"]:
+        if k not in values:
+            assert torch.equal(runs["1"][k], runs["10"][k]), k
+    # the memory's fresh values (the same seed draws them in every run): a step at lr 0 leaves them as they are
+    model = train.main(flags + ["--out", str(tmp_path / "0"), "--max-steps", "1", "--lr", "0"])
+    fresh = {k: v for k, v in model.state_dict().items() if k in values}
+    for k in values:
+        moved1, moved10 = runs["1"][k] - fresh[k], runs["10"][k] - fresh[k]
+        assert moved1.abs().max() > 0
+        torch.testing.assert_close(moved10, 10 * moved1, rtol=1e-3, atol=1e-7)  # fp32 rounding of p (|p| < 1)
+    assert not any(torch.equal(start[k], runs["1"][k]) for k in start if k in runs["1"] and "layers.0" in k)
+    a = flags + ["--max-steps", "4", "--values-lr-scale", "10"]
+    train.main(a + ["--out", str(tmp_path / "a")])
+    with pytest.raises(train.StopRun):
+        train.main(a + ["--out", str(tmp_path / "b"), "--stop-at-step", "2"])
+    train.main(a + ["--out", str(tmp_path / "b"), "--resume"])
+    for name in ("model.safetensors", "checkpoint.safetensors"):
+        x, y = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
+        assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x), name
 
 
 def test_hub_revision_is_recorded_from_snapshot_paths():
