@@ -169,9 +169,9 @@ SCALES = {
 WORDS = {
     "full": dict(n_old=48, n_new=16, pretrain_steps=1500, values_lr_scale=10, general_docs=400, vocab=4096, pre_n_keys=128, pre_heads=2, pre_topk=16, pre_k_dim=128, query_norm="layer",
                  ft_batch=4, ft_accum=1, ft_group=4, ft_epochs=5,
-                 sweeps={"pretrained": {"smf-lin-t32": [1.0, 3.0, 10.0, 100.0, 1e3, 1e4],
-                                        "smf-sgd": [1.0, 3.0, 10.0, 100.0, 1e3, 1e4], "lora": [1e-3, 3e-3, 1e-2, 3e-2],
-                                        "full": [3e-4, 1e-3, 3e-3, 1e-2]}}),
+                 sweeps={"pretrained": {"smf-lin-t32": [10.0, 100.0, 300.0, 1e3, 3e3, 1e4, 1e5],
+                                        "smf-sgd": [10.0, 30.0, 100.0, 300.0, 1e3, 1e4, 1e5],
+                                        "lora": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "full": [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]}}),
     "quick": dict(n_old=12, n_new=4, values_lr_scale=10, general_docs=40, vocab=4096, pre_n_keys=16, pre_heads=2, pre_topk=4, pre_k_dim=32, query_norm="layer",
                   ft_batch=4, ft_accum=1, ft_group=4, ft_epochs=1,
                   sweeps={"pretrained": {"smf-lin-t32": [10.0], "smf-sgd": [10.0], "lora": [3e-3], "full": [3e-4]}}),
@@ -188,7 +188,7 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="train.py processes at a time (one thread each)")
     p.add_argument("--levels", type=float, nargs="+", default=None,
                    help="new-fact accuracies at which the methods' old-fact accuracies are compared (default: 0.3 0.5 "
-                        "0.7; --world words 0.4 0.5 0.7)")
+                        "0.7; --world words 0.3 0.4 0.5)")
     p.add_argument("--figure", default=None, help="the PNG (default <out>/forgetting.png; needs matplotlib)")
     p.add_argument("--world", default="words", choices=["syllables", "words"],
                    help="syllables: names and values in a 512-token BPE (the earlier setting); words: every word one "
@@ -210,7 +210,7 @@ def parse_args(argv=None):
     if (args.world == "words") != (args.facts == "roster") or (args.world == "words" and args.memory != "pretrained"):
         p.error("--world words goes with --facts roster and --memory pretrained, and --facts roster with --world "
                 "words (drop --facts and --memory)")
-    args.levels = args.levels or ([0.4, 0.5, 0.7] if args.world == "words" else [0.3, 0.5, 0.7])
+    args.levels = args.levels or ([0.3, 0.4, 0.5] if args.world == "words" else [0.3, 0.5, 0.7])
     args.out = os.path.abspath(args.out or os.path.join("runs", "forgetting" + ("-quick" if args.quick else "")))
     args.figure = args.figure or os.path.join(args.out, "forgetting.png")
     return args

@@ -542,12 +542,13 @@ def test_words_world_refuses_another_memory_or_facts(capsys):
     with pytest.raises(SystemExit):
         forgetting.parse_args(["--world", "syllables", "--facts", "roster"])
     words = forgetting.parse_args(["--world", "words"])
-    assert (words.levels, words.facts) == ([0.4, 0.5, 0.7], "roster")
+    assert (words.levels, words.facts) == ([0.3, 0.4, 0.5], "roster")
 
 
 def test_words_quick_runs_lin_et_al_batches_and_measures_reads(tmp_path):
-    """--world words --quick, Lin et al.'s rows alone: each finetune step is one fact's document, the memory is
-    read with its query normalised, and the run's measures are written."""
+    """--world words --quick, Lin et al.'s rows alone: each finetune step is one fact's 4 paraphrases (separate
+    sequences), the memory is pretrained with its values at 10 times the lr and read with its query normalised, and
+    the run's measures are written."""
     import forgetting
     out = str(tmp_path / "words")
     res, _ = without_matplotlib(forgetting.main, ["--world", "words", "--quick", "--out", out, "--methods",
@@ -557,7 +558,8 @@ def test_words_quick_runs_lin_et_al_batches_and_measures_reads(tmp_path):
     run = next(r for r in res["runs"] if r["method"] == "smf-lin-t32")
     assert 0 <= run["old_reads_changed"] <= 1 and "new_seen_acc" in run
     cfg, args, log = run_files(out, 0, "smf-lin-t32-lr10")
-    assert (args["batch_size"], args["rank"], args["top_t"]) == (1, "tfidf", 32)
+    assert (args["batch_size"], args["group_size"], args["rank"], args["top_t"]) == (4, 4, "tfidf", 32)
     assert cfg["memory"]["query_norm"] == "layer" and cfg["memory"]["n_keys"] == 16
-    docs = [json.loads(line)["text"] for line in open(os.path.join(out, "seed0", "world", "new_facts.jsonl"))]
-    assert len(log) == len(docs) * forgetting.WORDS["quick"]["ft_epochs"]  # one document (fact) per step
+    assert json.load(open(os.path.join(out, "seed0", "pretrain", "args.json")))["values_lr_scale"] == 10
+    lines = [json.loads(line)["text"] for line in open(os.path.join(out, "seed0", "world", "new_facts.jsonl"))]
+    assert len(log) == len(lines) // 4 * forgetting.WORDS["quick"]["ft_epochs"]  # one fact per step
