@@ -916,6 +916,8 @@ def parse_args(argv=None):
         p.error(f"--eval-tasks: {e}")
     args.lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
     args.epochs = (args.retrofit_epochs if args.method == "retrofit" else 3) if args.epochs is None else args.epochs
+    if args.values_lr_scale != 1 and args.method == "full" and args.memory_layers is None and not args.memory_from:
+        p.error("--values-lr-scale: the model has no memory layers (give --memory-layers or --memory-from)")
     if args.group_size > 1 and (problem := group_problem(args.task, args.limit, args.batch_size, args.group_size)):
         p.error(f"--group-size {args.group_size}: {problem}")
     if args.limit is None:  # the paper: a seeded random 60k of the single-answer MedMCQA train questions

@@ -416,6 +416,8 @@ def test_eval_never_writes_over_a_runs_files(tiny_model_dir, medmcqa, tmp_path):
     ("lora", ["--lora-alpha", "nan"], "--lora-alpha must be a finite number > 0, got nan"),
     ("lora", ["--lora-dropout", "1"], "--lora-dropout must be below 1"),
     ("smf", ["--alpha-init", "nan"], "alpha_init must be a finite number"),
+    ("full", ["--values-lr-scale", "10"], "--values-lr-scale: the model has no memory layers"),
+    ("lora", ["--values-lr-scale", "10"], "--values-lr-scale does not apply to --method lora"),
     ("retrofit", ["--group-size", "4"], "--group-size does not apply to --method retrofit"),
     ("lora", ["--group-size", "4"], "--group-size 4: groups are consecutive lines of a text:PATH --task"),
     ("full", ["--task", "text:x.jsonl", "--group-size", "4", "--limit", "8"], "--group-size 4: --limit draws"),

@@ -470,6 +470,16 @@ def test_fact_blind_accuracy_is_the_most_common_value_of_each_attribute():
     assert world.fact_blind_accuracy(facts) == (3 + 2) / 8
 
 
+def test_name_vote_accuracy_counts_what_each_name_word_says():
+    facts = [{"name": "A X", "pet": "cat"}, {"name": "A Y", "pet": "dog"}, {"name": "B X", "pet": "cat"},
+             {"name": "B Y", "pet": "cat"}]
+    # A X: A's cat, dog + X's cat, cat -> cat 3, dog 1: right. A Y: A's cat, dog + Y's dog, cat -> a tie: 1/2.
+    # B X: B's cat, cat + X's cat, cat -> right. B Y: B's cat, cat + Y's dog, cat -> cat 3, dog 1: right
+    assert world.name_vote_accuracy(facts) == (1 + 0.5 + 1 + 1) / 4
+    grid = world.synthetic_world(0, 48, 16, grid=True)
+    assert world.name_vote_accuracy(grid["old"] + grid["new"]) == 1 / 8  # every value ties in a full Latin grid
+
+
 def test_words_world_makes_every_word_one_token(tmp_path):
     import forgetting
     from data import train_bpe_tokenizer
