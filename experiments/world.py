@@ -5,7 +5,7 @@ are written as prose and question-answer lines for pretraining; new entities onl
 a finetune must learn: either sibling facts (the old entities' attributes: the worst case for interference, as the
 same question asks for both) or facts of new attributes with new values (NEW_ATTRIBUTES: new knowledge that need not
 share the old facts' memory slots). The words world (forgetting.py's default) names its entities with every pair of
-10 first and 10 last names, each attribute a Latin square over them (synthetic_world's grid: no name word alone
+P first and P last names, each attribute a Latin square over them (synthetic_world's grid: no name word alone
 tells a fact), names the new entities in rosters without facts (world_pretrain_texts' roster), adds general text of
 a made-up lexicon (world_general_texts), asks every fact in QUESTION_TEMPLATES and trains each new fact as one step
 of its paraphrases (world_fact_paraphrases), one template held out. Held-out prose renders the old entities with
@@ -72,10 +72,11 @@ def synthetic_world(seed: int = 0, n_old: int = 60, n_new: int = 30, new_attribu
     """{"old": [entity], "new": [entity]}, entity = {"name": str, attribute: value, ...}; distinct names of
     2-3 syllables, values uniform at random, all from the seed. The new entities have WORLD_ATTRIBUTES (sibling
     facts) or, with new_attributes, NEW_ATTRIBUTES (drawn after everything else, so the old world is the same).
-    grid (the words world): n_old + n_new = P^2 entities with P = 10 (the values per attribute), named by every pair
-    of P first and P last names, each attribute's values a random Latin square over them (latin_square): a first or
-    last name alone says nothing about a fact (each comes with every value once), so a model cannot sum what it
-    knows of the two words; it must know the pair. The new entities are a random n_new of the cells."""
+    grid (the words world): n_old + n_new = P^2 entities (P at most 10), named by every pair of P first and P last
+    names, each attribute's first P values a random Latin square over them (latin_square): a first or last name
+    alone says nothing about a fact (each comes with every value once), so a model cannot sum what it knows of the
+    two words (name_vote_accuracy); it must know the pair. The new entities are a random n_new of the cells. (The
+    probes still offer all 10 values of an attribute.)"""
     g = torch.Generator().manual_seed(seed)
     pick = lambda n: int(torch.randint(n, (1,), generator=g))  # noqa: E731
 
@@ -92,7 +93,8 @@ def synthetic_world(seed: int = 0, n_old: int = 60, n_new: int = 30, new_attribu
             raise ValueError(f"a grid world has P^2 entities (n_old + n_new) with P at most 10, not {n_old + n_new}")
         first, last = distinct(side, word), distinct(side, word)
         squares = {a: latin_square(side, g) for a in WORLD_ATTRIBUTES}  # P of each attribute's values
-        entities = [{"name": f"{first[i]} {last[j]}", **{a: vs[squares[a][i][j]] for a, vs in WORLD_ATTRIBUTES.items()}}
+        entities = [{"name": f"{first[i]} {last[j]}",
+                     **{a: vs[squares[a][i][j]] for a, vs in WORLD_ATTRIBUTES.items()}}
                     for i in range(side) for j in range(side)]
         entities = [entities[k] for k in torch.randperm(len(entities), generator=g).tolist()]
         return {"old": entities[:n_old], "new": entities[n_old:]}
