@@ -183,8 +183,8 @@ WORDS = {
                                         "smf-sgd": [10.0, 30.0, 100.0, 300.0, 1e3, 1e4, 1e5],
                                         "lora": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
                                         "full": [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]}}),
-    "quick": dict(n_old=12, n_new=4, values_lr_scale=10, general_docs=40, vocab=4096, pre_n_keys=16, pre_heads=2,
-                  pre_topk=4, pre_k_dim=32, query_norm="layer",
+    "quick": dict(n_old=12, n_new=4, pretrain_steps=30, values_lr_scale=10, general_docs=40, vocab=4096,
+                  pre_n_keys=16, pre_heads=2, pre_topk=4, pre_k_dim=32, query_norm="layer",
                   ft_batch=4, ft_accum=1, ft_group=4, ft_epochs=1,
                   sweeps={"pretrained": {"smf-lin-t32": [10.0], "smf-sgd": [10.0], "lora": [3e-3], "full": [3e-4]}}),
 }
