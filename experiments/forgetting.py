@@ -12,13 +12,13 @@ Sparse Memory Finetuning", arXiv 2510.15103): every word one token (checked; ove
 text of a made-up lexicon); 64 entities named by every pair of 8 first and 8 last names, each attribute a Latin
 square over them, so that no name word alone tells a fact and a model must know the pair; a memory pretrained with
 the model that carries the facts (one replacement memory, 16,384 slots, 2 heads of 16 reads, key dimension 128, the
-query normalised, its values at 10 times the lr; the questions in documents of their own, so that they are answered
-from memory, not copied from prose in context; the no-memory row says how much it carries); new facts about
+query normalised, its values at 10 times the lr; the questions in documents of their own, so that no prose before
+them holds their answers; the no-memory row says how much it carries); new facts about
 entities the pretraining text names only in rosters (--facts roster: the old attributes, whose read-out the model
 has learnt), each fact one step of its 4 paraphrases (separate sequences, train.py --group-size) in 4 question
 templates and asked in a fifth (new-fact accuracy: the held-out template; the trained first one is new_seen_acc; a
 fact-blind answer, each attribute's most common value, is printed beside it); Lin et al.'s recipe (top-t 32), SGD on
-KL's rows, LoRA and full finetuning (WORDS: what differs from the scale below); levels 0.4, 0.5, 0.7; also measured:
+KL's rows, LoRA and full finetuning (WORDS: what differs from the scale below); levels 0.3, 0.4, 0.5; also measured:
 the memory's key usage and the share of the old questions' reads (all positions; name tokens) on the rows each SMF
 run changed.
 The steps below are those of --world syllables, the earlier world; the words world runs the same steps with the

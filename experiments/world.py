@@ -190,7 +190,7 @@ def world_pretrain_texts(world: dict, seed: int = 0, n_docs: int = 2000, lexicon
     roster: then n_docs / 20 documents that list 5 of the new entities' names each ("Among the members are ..."),
     round-robin, so that every new entity is known by name though no fact about it is in the text. qa_apart: the
     question-answer lines (of all the attributes, in a random order) are a document of their own after the prose
-    one, so that a question must be answered from what the model knows, not copied from the prose before it."""
+    one, so that a question must be answered from what the model knows, not from the prose before it."""
     g = torch.Generator().manual_seed(seed + 1)
     attrs = list(WORLD_ATTRIBUTES)
     docs = []
