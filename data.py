@@ -717,6 +717,13 @@ def at_least_a_batch(examples: list, batch_size: int, what: str) -> list:
     return examples
 
 
+def check_groups(n_examples: int, batch_size: int, group: int):
+    """A ValueError unless groups of `group` consecutive examples fill the data and each step whole (--group-size)."""
+    if batch_size % group or n_examples % group:
+        raise ValueError(f"--group-size {group}: the batch size ({batch_size}) and the number of training "
+                         f"examples ({n_examples}) must both be multiples of it")
+
+
 class MicroBatches:
     """
     The endless stream of optimizer steps over `examples`, epoch by epoch in a seeded shuffle. Step s of an epoch
@@ -731,9 +738,7 @@ class MicroBatches:
                  world: int = 1, multiple: int = 1, group: int = 1):
         if batch_size % (micro * world):
             raise ValueError(f"batch size {batch_size} is not a multiple of micro-batch {micro} x {world} ranks")
-        if batch_size % group or len(examples) % group:
-            raise ValueError(f"--group-size {group}: the batch size ({batch_size}) and the number of training "
-                             f"examples ({len(examples)}) must both be multiples of it")
+        check_groups(len(examples), batch_size, group)
         if len(examples) < batch_size and world > 1:
             raise ValueError(f"{len(examples)} training examples are fewer than one batch across ranks ({batch_size})")
         self.ex, self.batch_size, self.micro, self.seed, self.pad_id = examples, batch_size, micro, seed, pad_id

@@ -558,9 +558,12 @@ def memory_loader(memory_dir: str):
     return functools.partial(load_trained, run_dir=memory_dir, flag="--memory-from")
 
 
-def task_examples(task: str, path: str | None, tok, run: Run, limit: int | None, oasst1_format: str | None = None):
-    """The examples of a stage's data (a seeded random `limit` of them), at least a batch of them."""
+def task_examples(task: str, path: str | None, tok, run: Run, limit: int | None, oasst1_format: str | None = None,
+                  group: int = 1):
+    """The examples of a stage's data (a seeded random `limit` of them), at least a batch of them, in whole groups
+    of `group` (--group-size: checked here, before any stage trains)."""
     examples = data.training_examples(task, tok, run.max_len, run.seed, limit, path, oasst1_format)
+    data.check_groups(len(examples), run.batch_size, group)
     return data.at_least_a_batch(examples, run.batch_size, task)
 
 
@@ -619,7 +622,8 @@ def main(argv=None, on_step=None):
         elif args.method == "smf":  # stage 1 in the sub-run retrofit/ (the --retrofit-* flags), unless --memory-from
             memory_dir = args.memory_from or os.path.join(args.out, "retrofit")
             stage1 = args.memory_from is None and not is_finished(memory_dir)
-            examples = task_examples(args.task, args.data.get("medmcqa"), tok, run, args.limit)  # before stage 1
+            examples = task_examples(args.task, args.data.get("medmcqa"), tok, run, args.limit,  # before stage 1
+                                     group=args.group_size)
             if stage1:
                 retro = task_examples(args.retrofit_task, args.data.get("oasst1"), tok, run, args.retrofit_limit,
                                       args.oasst1_format)
@@ -634,7 +638,7 @@ def main(argv=None, on_step=None):
         else:
             lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
                     "targets": args.lora_targets, "merge_for_eval": args.merge_lora_for_eval}
-            examples = task_examples(args.task, args.data.get("medmcqa"), tok, run, args.limit)
+            examples = task_examples(args.task, args.data.get("medmcqa"), tok, run, args.limit, group=args.group_size)
             fresh = args.memory_layers is not None  # full only (parse_args)
             stage = lora_or_full_stage(run, args.method, args.task, examples, args.lr, args.epochs, args.max_steps,
                                        device, ranks, lora=lora if args.method == "lora" else None,

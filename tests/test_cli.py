@@ -454,6 +454,13 @@ def test_unusable_data_stops_before_any_stage_trains(tiny_model_dir, medmcqa, tm
                   "--retrofit-max-steps", "2")
     one_line_error(r, "medmcqa")
     assert not (tmp_path / "c" / "retrofit").exists()
+    # 6 lines do not split into groups of 4: said before stage 1 trains, not when stage 2 starts
+    six = write_jsonl(str(tmp_path / "six.jsonl"), [{"text": f"fact {i} is a fact"} for i in range(6)])
+    r = train_cli(tiny_model_dir, medmcqa, tmp_path / "d", "--method", "smf", "--data", f"oasst1={oasst}", *MEM,
+                  "--retrofit-max-steps", "2", "--task", f"text:{six}", "--group-size", "4", "--batch-size", "4",
+                  "--recipe", "clean")
+    one_line_error(r, "--group-size 4: the batch size (4) and the number of training examples (6)")
+    assert not (tmp_path / "d" / "retrofit").exists()
 
 
 def test_a_truncated_base_is_one_line(tiny_model_dir, medmcqa, tmp_path):
