@@ -109,13 +109,12 @@ def synthetic_world(seed: int = 0, n_old: int = 60, n_new: int = 30, new_attribu
 def latin_square(n: int, g: torch.Generator) -> list[list[int]]:
     """A random n x n Latin square (every symbol 0..n-1 once in each row and each column), row by row, each row a
     random order searched depth first among the symbols its columns have not used (no modular rule behind it, so
-    that some cells do not give away the others)."""
+    that some cells do not give away the others). The search always finds a row: a Latin rectangle always extends
+    by one (Hall's marriage theorem)."""
     rows = []
-    while len(rows) < n:
+    for _ in range(n):
         used = [{r[c] for r in rows} for c in range(n)]
-        row = _latin_row(n, used, [], g)
-        if row is not None:  # a dead end (rare for small n): draw this row again
-            rows.append(row)
+        rows.append(_latin_row(n, used, [], g))
     return rows
 
 
